@@ -1,0 +1,335 @@
+//! Configuration: TOML, `deny_unknown_fields`, every default written out in the annotated
+//! reference config `systemd/warden.toml`. Secrets (PINs, auth values) appear only by
+//! reference: a file path or a systemd credential name.
+//!
+//! Errors name the file, the key and the reason in one line.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::keys::{KeyRef, TokenSelector};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Key backends; at most one of each type.
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub server: Option<ServerConfig>,
+    #[serde(default)]
+    pub ca: Option<CaConfig>,
+}
+
+/// A key backend, chosen by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum BackendConfig {
+    Pkcs11(Pkcs11Config),
+    Tpm(TpmConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 module (shared library).
+    pub module: PathBuf,
+    /// Token label (CKA_LABEL of the token, as set at C_InitToken).
+    #[serde(default)]
+    pub token_label: Option<String>,
+    /// Token serial number.
+    #[serde(default)]
+    pub token_serial: Option<String>,
+    /// The user PIN, by reference.
+    pub pin: SecretSource,
+    /// Sessions kept open; must stay below the token's maximum. Callers wait when all are
+    /// busy.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// First delay of the re-initialize ladder step, doubling up to `reinit_backoff_max_ms`.
+    #[serde(default = "default_reinit_backoff_ms")]
+    pub reinit_backoff_ms: u64,
+    #[serde(default = "default_reinit_backoff_max_ms")]
+    pub reinit_backoff_max_ms: u64,
+    /// How many times one operation climbs the recovery ladder before it fails as
+    /// unavailable.
+    #[serde(default = "default_recovery_attempts")]
+    pub recovery_attempts: u32,
+}
+
+impl Pkcs11Config {
+    pub fn token(&self) -> TokenSelector {
+        TokenSelector {
+            label: self.token_label.clone(),
+            serial: self.token_serial.clone(),
+        }
+    }
+}
+
+fn default_pool_size() -> usize {
+    4
+}
+fn default_reinit_backoff_ms() -> u64 {
+    100
+}
+fn default_reinit_backoff_max_ms() -> u64 {
+    5_000
+}
+fn default_recovery_attempts() -> u32 {
+    4
+}
+
+/// TPM 2.0 backend. Handles are documented in `tpm/HANDLES.md`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmConfig {
+    /// TCTI: `device:/dev/tpmrm0`, `swtpm:path=/run/swtpm.sock`,
+    /// `swtpm:host=127.0.0.1,port=2321`, or `tabrmd`.
+    #[serde(default = "default_tcti")]
+    pub tcti: String,
+    /// Persistent handle of the ECC P-256 storage primary key under the owner hierarchy
+    /// (TCG's SRK handle). Reused when present; created and persisted when absent.
+    #[serde(default = "default_storage_primary_handle", with = "hex_handle")]
+    pub storage_primary_handle: u32,
+    /// Range of persistent handles in which signing keys are placed.
+    #[serde(default = "default_key_handle_first", with = "hex_handle")]
+    pub key_handle_first: u32,
+    #[serde(default = "default_key_handle_last", with = "hex_handle")]
+    pub key_handle_last: u32,
+    /// Owner hierarchy authorization, by reference; absent means the empty auth (the
+    /// agent never takes ownership nor changes hierarchy auth).
+    #[serde(default)]
+    pub owner_auth: Option<SecretSource>,
+    /// How many times one command reconnects to the TPM before it fails as unavailable.
+    #[serde(default = "default_recovery_attempts")]
+    pub recovery_attempts: u32,
+}
+
+fn default_tcti() -> String {
+    "device:/dev/tpmrm0".to_string()
+}
+fn default_storage_primary_handle() -> u32 {
+    0x8100_0001
+}
+fn default_key_handle_first() -> u32 {
+    0x8100_0100
+}
+fn default_key_handle_last() -> u32 {
+    0x8100_01ff
+}
+
+mod hex_handle {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let text = String::deserialize(d)?;
+        let hex = text
+            .strip_prefix("0x")
+            .or_else(|| text.strip_prefix("0X"))
+            .ok_or_else(|| serde::de::Error::custom(format!("'{text}' is not a 0x... handle")))?;
+        u32::from_str_radix(hex, 16)
+            .map_err(|_| serde::de::Error::custom(format!("'{text}' is not a hex handle")))
+    }
+}
+
+/// Where a secret comes from. Never inline.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum SecretSource {
+    /// A file holding the secret (trailing newline stripped). Should be mode 0400/0600.
+    File(PathBuf),
+    /// A systemd credential name, read from `$CREDENTIALS_DIRECTORY/<name>`
+    /// (`LoadCredential=` in the unit).
+    Credential(String),
+}
+
+impl SecretSource {
+    /// Read the secret. A missing, unreadable or empty secret is an error, never "".
+    pub fn read(&self) -> Result<SecretString, String> {
+        let path = match self {
+            SecretSource::File(path) => path.clone(),
+            SecretSource::Credential(name) => {
+                if name.contains('/') || name.is_empty() {
+                    return Err(format!("credential name '{name}' is not a plain name"));
+                }
+                let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                    format!(
+                        "credential '{name}': CREDENTIALS_DIRECTORY is not set \
+                         (LoadCredential= missing from the unit?)"
+                    )
+                })?;
+                Path::new(&dir).join(name)
+            }
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+        let secret = text.trim_end_matches(['\n', '\r']);
+        if secret.is_empty() {
+            return Err(format!("secret file {} is empty", path.display()));
+        }
+        Ok(SecretString::from(secret.to_string()))
+    }
+}
+
+impl fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::File(path) => write!(f, "file {}", path.display()),
+            SecretSource::Credential(name) => write!(f, "credential {name}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// redb database file.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: default_store_path(),
+        }
+    }
+}
+
+fn default_store_path() -> PathBuf {
+    PathBuf::from("/var/lib/warden/warden.redb")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// HTTPS listen address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The agent's TLS key, held in the HSM or TPM.
+    pub tls_key: KeyRef,
+    /// PEM certificate chain for `tls_key`, leaf first.
+    pub tls_certificate: PathBuf,
+    /// How long SIGTERM waits for in-flight requests before closing connections.
+    #[serde(default = "default_drain_seconds")]
+    pub drain_seconds: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+fn default_drain_seconds() -> u64 {
+    10
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    /// The CA signing key, held in the HSM or TPM.
+    pub key: KeyRef,
+    /// The CA certificate (PEM).
+    pub certificate: PathBuf,
+    /// The chain above the CA certificate up to the root (PEM), when the root is external.
+    #[serde(default)]
+    pub chain: Option<PathBuf>,
+}
+
+/// A configuration error: file, key and reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub reason: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let err = |reason: String| ConfigError {
+            file: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        Config::parse(&text).map_err(err)
+    }
+
+    /// Parse and check; the error is one line naming the key.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| one_line_toml_error(&e))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let pkcs11 = self.pkcs11_backends().count();
+        let tpm = self.tpm_backends().count();
+        if pkcs11 > 1 || tpm > 1 {
+            return Err("backend: at most one backend of each type".to_string());
+        }
+        for backend in &self.backends {
+            match backend {
+                BackendConfig::Pkcs11(p) => {
+                    if p.token_label.is_none() && p.token_serial.is_none() {
+                        return Err(
+                            "backend (pkcs11): token_label or token_serial is required".into()
+                        );
+                    }
+                    if p.pool_size == 0 {
+                        return Err("backend (pkcs11).pool_size: must be at least 1".into());
+                    }
+                }
+                BackendConfig::Tpm(t) => {
+                    if t.storage_primary_handle >> 24 != 0x81
+                        || t.key_handle_first >> 24 != 0x81
+                        || t.key_handle_last >> 24 != 0x81
+                    {
+                        return Err("backend (tpm): handles must be persistent (0x81xxxxxx)".into());
+                    }
+                    if t.key_handle_first > t.key_handle_last {
+                        return Err(
+                            "backend (tpm).key_handle_first: greater than key_handle_last".into(),
+                        );
+                    }
+                    if (t.key_handle_first..=t.key_handle_last)
+                        .contains(&t.storage_primary_handle)
+                    {
+                        return Err(
+                            "backend (tpm).storage_primary_handle: inside the key handle range"
+                                .into(),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pkcs11_backends(&self) -> impl Iterator<Item = &Pkcs11Config> {
+        self.backends.iter().filter_map(|b| match b {
+            BackendConfig::Pkcs11(p) => Some(p),
+            BackendConfig::Tpm(_) => None,
+        })
+    }
+
+    pub fn tpm_backends(&self) -> impl Iterator<Item = &TpmConfig> {
+        self.backends.iter().filter_map(|b| match b {
+            BackendConfig::Tpm(t) => Some(t),
+            BackendConfig::Pkcs11(_) => None,
+        })
+    }
+}
+
+/// toml's errors span several lines with a source excerpt; keep the key and reason.
+fn one_line_toml_error(error: &toml::de::Error) -> String {
+    let message = error.message().trim().replace('\n', " ");
+    match error.span() {
+        Some(span) => format!("{message} (at byte {})", span.start),
+        None => message,
+    }
+}
