@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# nfv-warden quick start on a fresh Debian 12 machine (README, command 1).
+#
+# Installs the system packages, builds warden, creates a SoftHSM token, a PIN file, a store
+# and a config under ./state (or $WARDEN_STATE), makes the CA key and root and the agent's
+# TLS key and certificate inside the token, checks everything, then runs `warden serve` on
+# https://127.0.0.1:8443 until Ctrl-C. Idempotent: a second run reuses what exists.
+#
+# WARDEN_TPM=1 also starts a private swtpm (Unix socket under the state dir, stopped by PID
+# on exit) and adds it as the TPM backend. WARDEN_LISTEN=addr:port changes the address.
+set -euo pipefail
+cd "$(dirname "$0")"
+here=$(pwd)
+state=${WARDEN_STATE:-$here/state}
+listen=${WARDEN_LISTEN:-127.0.0.1:8443}
+
+need_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=$(grep -v '^#' .ci/packages | while read -r p; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+if [ -n "$missing" ]; then
+  echo "== installing: $missing"
+  need_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  # shellcheck disable=SC2086
+  need_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+
+echo "== building warden (release)"
+cargo build --release --locked --bin warden
+warden="$here/target/release/warden"
+
+echo "== SoftHSM token under $state"
+eval "$(hsm/softhsm-init.sh "$state" warden)"
+
+tpm_backend=""
+if [ "${WARDEN_TPM:-0}" = 1 ]; then
+  tcti=$(tpm/swtpm-start.sh "$state/swtpm")
+  trap 'tpm/swtpm-stop.sh "$state/swtpm"' EXIT
+  tpm_backend=$(printf '\n[[backend]]\ntype = "tpm"\ntcti = "%s"\n' "$tcti")
+fi
+
+config="$state/warden.toml"
+cat >"$config" <<CONF
+# Written by quickstart.sh; see systemd/warden.toml for every key and its default.
+[[backend]]
+type = "pkcs11"
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "warden"
+pin = { file = "$state/user.pin" }
+$tpm_backend
+[store]
+path = "$state/warden.redb"
+
+[server]
+listen = "$listen"
+tls_key = "pkcs11:token=warden;object=warden-tls"
+tls_certificate = "$state/tls-chain.pem"
+
+[ca]
+key = "pkcs11:token=warden;object=warden-ca"
+certificate = "$state/ca.pem"
+CONF
+
+if [ ! -f "$state/ca.pem" ]; then
+  "$warden" --config "$config" ca init --subject "CN=nfv-warden quickstart CA,O=nfv-warden"
+fi
+if [ ! -f "$state/tls-chain.pem" ]; then
+  "$warden" --config "$config" tls init --san localhost --san 127.0.0.1
+fi
+"$warden" --config "$config" check
+
+echo "== warden serve (Ctrl-C stops it); try:"
+echo "   curl --cacert $state/ca.pem https://localhost:${listen##*:}/healthz"
+"$warden" --config "$config" serve
