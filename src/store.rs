@@ -652,6 +652,13 @@ impl ReadTx {
             .transpose()
     }
 
+    pub fn contains<V>(&self, table: &Table<V>, key: &str) -> Result<bool, StoreError> {
+        let Some(handle) = self.open(table)? else {
+            return Ok(false);
+        };
+        Ok(handle.get(key).map_err(storage(table.name))?.is_some())
+    }
+
     /// Every entry whose key starts with `prefix` (`""` for all), in key order.
     pub fn list<V: DeserializeOwned>(
         &self,
