@@ -195,7 +195,8 @@ impl AuditEvent {
 /// 32 zero bytes. Tampering with an entry breaks its own hash and every later link.
 /// Truncating the tail is caught by `meta.audit_head`. The chain is tamper-evident against
 /// edits of the file, not against someone who rewrites the chain and the head together: that
-/// needs an external anchor (see the module notes in the final report).
+/// needs an external anchor, e.g. the head signed with an HSM key or shipped to a remote
+/// log (not done yet).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub seq: u64,
