@@ -49,7 +49,7 @@ use sha2::{Digest, Sha256};
 
 use crate::keys::{BackendKind, ErasureRecord, KeyAlgorithm, KeyRef};
 
-/// The schema this build writes. Bump it together with an entry in [`MIGRATIONS`].
+/// The schema this build writes. Bump it together with a new step in `MIGRATIONS`.
 pub const SCHEMA_VERSION: u64 = 1;
 
 /// Name of the table holding `schema_version` and `audit_head`.
