@@ -5,3 +5,5 @@ pub mod ca;
 pub mod config;
 pub mod keys;
 pub mod pki;
+pub mod api;
+pub mod store;
