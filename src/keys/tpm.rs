@@ -375,7 +375,11 @@ impl Worker {
                     Ok(connection) => self.connection = Some(connection),
                     Err(e) => {
                         tracing::warn!(tcti = %self.tcti_text, attempt, error = %e, "TPM connect failed");
-                        reason = format!("cannot connect to TPM '{}': {e}", self.tcti_text);
+                        reason = format!(
+                            "cannot connect to TPM '{}': {}",
+                            self.tcti_text,
+                            explain(&e)
+                        );
                         continue;
                     }
                 }
@@ -386,7 +390,7 @@ impl Worker {
             match command(connection, &self.layout) {
                 Err(e) if is_connection_error(&e) => {
                     tracing::warn!(tcti = %self.tcti_text, attempt, error = %e, "TPM connection lost; reconnecting");
-                    reason = e.to_string();
+                    reason = explain(&e);
                     self.connection = None;
                 }
                 other => return other,
@@ -583,6 +587,11 @@ fn sign(
     let tpm_scheme = if scheme.is_ecdsa() {
         TpmSignatureScheme::EcDsa { hash_scheme }
     } else if scheme.is_pss() {
+        // PSS salt: TPM2_Sign takes no salt length. libtpms (swtpm) uses salt = hash length,
+        // as TLS 1.3 requires (RFC 8446 4.2.3); tests/tpm.rs checks that a verifier fixed to
+        // the hash length accepts and one expecting another length rejects. Some older TPM
+        // firmware used the largest possible salt (TPM 2.0 Part 1 before rev 1.38 allowed it):
+        // such signatures are valid PSS but strict TLS 1.3 peers reject them.
         TpmSignatureScheme::RsaPss { hash_scheme }
     } else {
         TpmSignatureScheme::RsaSsa { hash_scheme }
@@ -1150,6 +1159,21 @@ fn response_code(error: &tss_esapi::Error) -> Option<u32> {
     };
     let hex = text.rsplit("0x").next()?;
     u32::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// An error for a log line or an `Unavailable` reason, with the raw TSS2_RC: tss-esapi
+/// renders TCTI-layer codes as "response code not recognized".
+fn explain(error: &KeyError) -> String {
+    match error {
+        KeyError::Tpm { command, source } => match response_code(source) {
+            Some(rc) if rc >> 16 == TCTI_LAYER => format!(
+                "{command}: TCTI error 0x{rc:08x} (connection to the TPM failed or was lost)"
+            ),
+            Some(rc) => format!("{error} (TSS2_RC 0x{rc:08x})"),
+            None => error.to_string(),
+        },
+        other => other.to_string(),
+    }
 }
 
 fn ascii(value: u32) -> String {
