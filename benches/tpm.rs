@@ -60,7 +60,9 @@ fn main() {
             });
             let elapsed = started.elapsed().as_secs_f64();
             println!(
-                "{algorithm:<9} {scheme:<17} {threads} thread(s): {total:>6} signs in {elapsed:.1} s = {:>7.0} signs/s ({:.3} ms/sign)",
+                "{:<9} {:<17} {threads} thread(s): {total:>6} signs in {elapsed:.1} s = {:>7.0} signs/s ({:.3} ms/sign)",
+                algorithm.as_str(),
+                scheme.as_str(),
                 total as f64 / elapsed,
                 elapsed * 1000.0 / total as f64
             );

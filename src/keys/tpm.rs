@@ -23,6 +23,11 @@
 //! command; when every try fails the command returns [`KeyError::Unavailable`]. TPM response
 //! codes (bad handle, bad scheme, ...) are permanent and returned at once as [`KeyError::Tpm`]
 //! naming the TPM command.
+//!
+//! Limits, knowingly accepted: a `generate` whose connection drops after TPM2_EvictControl
+//! succeeded but before the answer arrived is retried and leaves one extra key in the range
+//! (visible in `list`); a TPM that hangs without closing the connection (a stopped swtpm)
+//! blocks the owner thread, as the ESAPI default TCTI timeout is "block".
 
 use std::collections::HashMap;
 use std::str::FromStr;
