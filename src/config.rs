@@ -296,7 +296,8 @@ impl Config {
                             "backend (tpm).key_handle_first: greater than key_handle_last".into(),
                         );
                     }
-                    if (t.key_handle_first..=t.key_handle_last).contains(&t.storage_primary_handle)
+                    if (t.key_handle_first..=t.key_handle_last)
+                        .contains(&t.storage_primary_handle)
                     {
                         return Err(
                             "backend (tpm).storage_primary_handle: inside the key handle range"

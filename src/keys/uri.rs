@@ -147,10 +147,7 @@ impl FromStr for Pkcs11Uri {
                         "slots are not stable names: select the token by token= or serial=",
                     ))
                 }
-                "manufacturer"
-                | "model"
-                | "library-manufacturer"
-                | "library-description"
+                "manufacturer" | "model" | "library-manufacturer" | "library-description"
                 | "library-version" => continue,
                 other => return Err(bad(&format!("unknown attribute '{other}'"))),
             };
