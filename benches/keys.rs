@@ -28,12 +28,24 @@ fn main() {
     let conf = dir.path().join("softhsm2.conf");
     std::fs::write(
         &conf,
-        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
     )
     .expect("conf");
     let status = Command::new("softhsm2-util")
         .env("SOFTHSM2_CONF", &conf)
-        .args(["--init-token", "--free", "--label", "bench", "--pin", "1234", "--so-pin", "5678"])
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "bench",
+            "--pin",
+            "1234",
+            "--so-pin",
+            "5678",
+        ])
         .stdout(std::process::Stdio::null())
         .status()
         .expect("softhsm2-util");
@@ -59,7 +71,10 @@ fn main() {
     ] {
         let label = format!("bench-{algorithm}");
         let key = store
-            .generate(&KeySpec { label: label.clone(), algorithm })
+            .generate(&KeySpec {
+                label: label.clone(),
+                algorithm,
+            })
             .expect("generate")
             .reference;
         for threads in [1usize, 2] {
@@ -90,9 +105,13 @@ fn main() {
                     Box::new(move |msg: &[u8]| {
                         if scheme.is_ecdsa() {
                             let digest = HashAlgorithm::Sha256.digest(msg);
-                            session.sign(&Mechanism::Ecdsa, handle, &digest).expect("C_Sign");
+                            session
+                                .sign(&Mechanism::Ecdsa, handle, &digest)
+                                .expect("C_Sign");
                         } else {
-                            session.sign(&Mechanism::Sha256RsaPkcs, handle, msg).expect("C_Sign");
+                            session
+                                .sign(&Mechanism::Sha256RsaPkcs, handle, msg)
+                                .expect("C_Sign");
                         }
                     })
                 }
@@ -108,7 +127,11 @@ fn main() {
 type SignFn = Box<dyn FnMut(&[u8]) + Send>;
 
 /// Signs per second with `threads` threads, each with the signer `make` builds for it.
-fn rate(threads: usize, run: Duration, make: impl Fn(usize) -> SignFn + Send + Sync + 'static) -> f64 {
+fn rate(
+    threads: usize,
+    run: Duration,
+    make: impl Fn(usize) -> SignFn + Send + Sync + 'static,
+) -> f64 {
     let make = Arc::new(make);
     let barrier = Arc::new(std::sync::Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
@@ -130,5 +153,8 @@ fn rate(threads: usize, run: Duration, make: impl Fn(usize) -> SignFn + Send + S
             })
         })
         .collect();
-    handles.into_iter().map(|h| h.join().expect("bench thread")).sum()
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("bench thread"))
+        .sum()
 }

@@ -1,9 +1,9 @@
 //! nfv-warden: ETSI GS NFV-IFA 033 Security Manager (Sc-Or, Sc-Vi) and Certificate
 //! Management Function (Cm-Vnfm), with every key held in a PKCS#11 HSM or a TPM 2.0.
 
+pub mod api;
 pub mod ca;
 pub mod config;
 pub mod keys;
 pub mod pki;
-pub mod api;
 pub mod store;

@@ -13,17 +13,25 @@ use der::Encode;
 use nfv_warden::config::{Config, SecretSource};
 use nfv_warden::keys::backends::Backends;
 use nfv_warden::keys::signer::HardwareKey;
-use nfv_warden::keys::{
-    BackendKind, KeyAlgorithm, KeyRef, KeySpec, KeyStore, SignatureScheme,
-};
+use nfv_warden::keys::{BackendKind, KeyAlgorithm, KeyRef, KeySpec, KeyStore, SignatureScheme};
 use nfv_warden::store::{self, AuditEvent, ErasureEntry, KeyPurpose, KeyRecord, Store};
 use nfv_warden::{ca, pki};
 
 #[derive(Parser)]
-#[command(name = "warden", version, about = "ETSI NFV-IFA 033 Security Manager and Certificate Management Function")]
+#[command(
+    name = "warden",
+    version,
+    about = "ETSI NFV-IFA 033 Security Manager and Certificate Management Function"
+)]
 struct Cli {
     /// Configuration file.
-    #[arg(short, long, env = "WARDEN_CONFIG", default_value = "/etc/warden/warden.toml", global = true)]
+    #[arg(
+        short,
+        long,
+        env = "WARDEN_CONFIG",
+        default_value = "/etc/warden/warden.toml",
+        global = true
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -188,7 +196,10 @@ fn open_backends(config: &Config) -> Result<Backends, Failure> {
 }
 
 fn actor() -> String {
-    format!("cli:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()))
+    format!(
+        "cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+    )
 }
 
 fn record_key(
@@ -230,13 +241,21 @@ fn keys(cmd: KeysCommand, config: &Config) -> Result<ExitCode, Failure> {
             let kind = match backend.as_str() {
                 "pkcs11" => BackendKind::Pkcs11,
                 "tpm" => BackendKind::Tpm,
-                other => return Err(Failure(format!("--backend '{other}': expected pkcs11 or tpm"))),
+                other => {
+                    return Err(Failure(format!(
+                        "--backend '{other}': expected pkcs11 or tpm"
+                    )))
+                }
             };
             let algorithm: KeyAlgorithm = algorithm.parse()?;
-            let purpose: KeyPurpose =
-                serde_json::from_value(serde_json::Value::String(purpose.clone())).map_err(|_| {
-                    Failure(format!("--purpose '{purpose}': expected ca, tls, sm-assoc or vnf"))
-                })?;
+            let purpose: KeyPurpose = serde_json::from_value(serde_json::Value::String(
+                purpose.clone(),
+            ))
+            .map_err(|_| {
+                Failure(format!(
+                    "--purpose '{purpose}': expected ca, tls, sm-assoc or vnf"
+                ))
+            })?;
             let store = open_store(config)?;
             let info = backends.by_kind(kind)?.generate(&KeySpec {
                 label: label.clone(),
@@ -348,10 +367,18 @@ fn ca_init(args: CaInit, config: &Config) -> Result<ExitCode, Failure> {
             Failure("config: ca.chain must name where the imported chain goes".into())
         })?;
         write_atomically(chain_file, rest.as_bytes())?;
-        audit(&store, "ca.import-chain", &ca.key.to_string(), serde_json::json!({
-            "certificates": chain.len(),
-        }))?;
-        println!("imported: CA certificate and {} chain certificate(s)", chain.len() - 1);
+        audit(
+            &store,
+            "ca.import-chain",
+            &ca.key.to_string(),
+            serde_json::json!({
+                "certificates": chain.len(),
+            }),
+        )?;
+        println!(
+            "imported: CA certificate and {} chain certificate(s)",
+            chain.len() - 1
+        );
         return Ok(ExitCode::SUCCESS);
     }
     if ca.certificate.exists() && args.csr_out.is_none() {
@@ -362,21 +389,35 @@ fn ca_init(args: CaInit, config: &Config) -> Result<ExitCode, Failure> {
     }
     let (info, created) = backends.ensure(&ca.key, algorithm)?;
     if created {
-        record_key(&store, &ca.key, &ca.key.to_string(), info.public_key.algorithm, KeyPurpose::Ca)?;
+        record_key(
+            &store,
+            &ca.key,
+            &ca.key.to_string(),
+            info.public_key.algorithm,
+            KeyPurpose::Ca,
+        )?;
     }
     let key = HardwareKey::new(backends.for_key(&ca.key)?, ca.key.clone())?;
     if let Some(out) = &args.csr_out {
         let csr = ca::ca_csr(&key, &args.subject)?;
-        write_atomically(out, pki::to_pem("CERTIFICATE REQUEST", &csr.to_der()?)?.as_bytes())?;
+        write_atomically(
+            out,
+            pki::to_pem("CERTIFICATE REQUEST", &csr.to_der()?)?.as_bytes(),
+        )?;
         println!("CSR for {} written to {}", ca.key, out.display());
         return Ok(ExitCode::SUCCESS);
     }
     let root = ca::self_signed_root(&key, &args.subject, args.days)?;
     write_atomically(&ca.certificate, pki::certificate_pem(&root)?.as_bytes())?;
-    audit(&store, "ca.init", &ca.key.to_string(), serde_json::json!({
-        "subject": args.subject,
-        "serial": hex::encode(root.tbs_certificate().serial_number().as_bytes()),
-    }))?;
+    audit(
+        &store,
+        "ca.init",
+        &ca.key.to_string(),
+        serde_json::json!({
+            "subject": args.subject,
+            "serial": hex::encode(root.tbs_certificate().serial_number().as_bytes()),
+        }),
+    )?;
     println!(
         "CA {} ({}) self-signed root written to {}",
         ca.key,
@@ -386,33 +427,52 @@ fn ca_init(args: CaInit, config: &Config) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn tls_init(sans: &[String], algorithm: &str, days: u32, config: &Config) -> Result<ExitCode, Failure> {
+fn tls_init(
+    sans: &[String],
+    algorithm: &str,
+    days: u32,
+    config: &Config,
+) -> Result<ExitCode, Failure> {
     let server = config
         .server
         .as_ref()
         .ok_or_else(|| Failure("config: no [server] section".into()))?;
-    let ca = config
-        .ca
-        .as_ref()
-        .ok_or_else(|| Failure("config: no [ca] section: the TLS certificate is issued by the CA".into()))?;
+    let ca = config.ca.as_ref().ok_or_else(|| {
+        Failure("config: no [ca] section: the TLS certificate is issued by the CA".into())
+    })?;
     let backends = open_backends(config)?;
     let store = open_store(config)?;
     let algorithm: KeyAlgorithm = algorithm.parse()?;
     let (info, created) = backends.ensure(&server.tls_key, algorithm)?;
     if created {
-        record_key(&store, &server.tls_key, &server.tls_key.to_string(), info.public_key.algorithm, KeyPurpose::Tls)?;
+        record_key(
+            &store,
+            &server.tls_key,
+            &server.tls_key.to_string(),
+            info.public_key.algorithm,
+            KeyPurpose::Tls,
+        )?;
     }
     let ca_key = HardwareKey::new(backends.for_key(&ca.key)?, ca.key.clone())?;
-    let ca_pem = std::fs::read_to_string(&ca.certificate)
-        .map_err(|e| Failure(format!("{}: {e} (run `warden ca init` first)", ca.certificate.display())))?;
+    let ca_pem = std::fs::read_to_string(&ca.certificate).map_err(|e| {
+        Failure(format!(
+            "{}: {e} (run `warden ca init` first)",
+            ca.certificate.display()
+        ))
+    })?;
     let ca_cert = pki::certificates_from_pem(&ca_pem)?.remove(0);
-    let subject = format!("CN={}", sans.first().map(String::as_str).unwrap_or("warden"));
+    let subject = format!(
+        "CN={}",
+        sans.first().map(String::as_str).unwrap_or("warden")
+    );
     let leaf = ca::issue(
         &ca_key,
         &ca_cert,
         &subject,
         &info.public_key.spki_der,
-        ca::Profile::TlsServer { sans: sans.to_vec() },
+        ca::Profile::TlsServer {
+            sans: sans.to_vec(),
+        },
         days,
     )?;
     let mut chain = pki::certificate_pem(&leaf)?;
@@ -423,10 +483,15 @@ fn tls_init(sans: &[String], algorithm: &str, days: u32, config: &Config) -> Res
         }
     }
     write_atomically(&server.tls_certificate, chain.as_bytes())?;
-    audit(&store, "tls.issue", &server.tls_key.to_string(), serde_json::json!({
-        "sans": sans,
-        "serial": hex::encode(leaf.tbs_certificate().serial_number().as_bytes()),
-    }))?;
+    audit(
+        &store,
+        "tls.issue",
+        &server.tls_key.to_string(),
+        serde_json::json!({
+            "sans": sans,
+            "serial": hex::encode(leaf.tbs_certificate().serial_number().as_bytes()),
+        }),
+    )?;
     println!(
         "TLS certificate for {} ({}) written to {}",
         server.tls_key,
@@ -436,7 +501,12 @@ fn tls_init(sans: &[String], algorithm: &str, days: u32, config: &Config) -> Res
     Ok(ExitCode::SUCCESS)
 }
 
-fn audit(store: &Store, action: &str, subject: &str, detail: serde_json::Value) -> Result<(), Failure> {
+fn audit(
+    store: &Store,
+    action: &str,
+    subject: &str,
+    detail: serde_json::Value,
+) -> Result<(), Failure> {
     store.write(|tx| {
         tx.audit(AuditEvent::new(actor(), action, subject).with_detail(detail));
         Ok(())
@@ -483,7 +553,7 @@ fn serve(config: &Config) -> Result<ExitCode, Failure> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, tls_key = %server.tls_key, "serving HTTPS");
         // Type=notify: systemd starts dependants only once we listen.
-        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         println!("listening on https://{addr}");
         let app = nfv_warden::api::router(nfv_warden::api::AppState { backends, store });
         nfv_warden::api::serve(
@@ -493,7 +563,7 @@ fn serve(config: &Config) -> Result<ExitCode, Failure> {
             Duration::from_secs(server.drain_seconds),
             async {
                 nfv_warden::api::termination_signal().await;
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
             },
         )
         .await;
@@ -521,8 +591,17 @@ fn check(path: &Path) -> Result<ExitCode, Failure> {
     };
     match Store::open(&config.store.path) {
         Ok(store) => match store.verify_audit_chain() {
-            Ok(n) => line(true, format!("store {} (audit chain of {n} entries verified)", config.store.path.display())),
-            Err(e) => line(false, format!("store {}: audit chain: {e}", config.store.path.display())),
+            Ok(n) => line(
+                true,
+                format!(
+                    "store {} (audit chain of {n} entries verified)",
+                    config.store.path.display()
+                ),
+            ),
+            Err(e) => line(
+                false,
+                format!("store {}: audit chain: {e}", config.store.path.display()),
+            ),
         },
         Err(e) => line(false, format!("store {}: {e}", config.store.path.display())),
     }
@@ -552,7 +631,11 @@ fn check(path: &Path) -> Result<ExitCode, Failure> {
         }
         match nfv_warden::keys::tpm::TpmKeyStore::open(t) {
             Ok(s) => {
-                let software = if s.is_software_tpm() { " — SOFTWARE TPM, not for production keys" } else { "" };
+                let software = if s.is_software_tpm() {
+                    " — SOFTWARE TPM, not for production keys"
+                } else {
+                    ""
+                };
                 line(true, format!("TPM {} ({}){software}", t.tcti, s.device()));
                 backends.tpm = Some(Arc::new(s));
             }
@@ -577,34 +660,71 @@ fn check(path: &Path) -> Result<ExitCode, Failure> {
             Ok((public, scheme, sig)) => {
                 let verified = nfv_warden::keys::signer::signature_algorithm_identifier(scheme)
                     .map_err(|e| e.to_string())
-                    .and_then(|id| pki::verify_signature(&public.spki_der, &id, b"warden check", &sig).map_err(|e| e.to_string()));
+                    .and_then(|id| {
+                        pki::verify_signature(&public.spki_der, &id, b"warden check", &sig)
+                            .map_err(|e| e.to_string())
+                    });
                 match verified {
                     Ok(()) => line(true, format!("{what} {key} ({}) signs", public.algorithm)),
-                    Err(e) => line(false, format!("{what} {key}: signature does not verify: {e}")),
+                    Err(e) => line(
+                        false,
+                        format!("{what} {key}: signature does not verify: {e}"),
+                    ),
                 }
             }
             Err(e) => line(false, format!("{what} {key}: {e}")),
         }
     }
     if let Some(ca) = &config.ca {
-        match std::fs::read_to_string(&ca.certificate).map_err(|e| e.to_string()).and_then(|p| pki::certificates_from_pem(&p)) {
+        match std::fs::read_to_string(&ca.certificate)
+            .map_err(|e| e.to_string())
+            .and_then(|p| pki::certificates_from_pem(&p))
+        {
             Ok(certs) => {
-                let spki = certs[0].tbs_certificate().subject_public_key_info().to_der().unwrap_or_default();
+                let spki = certs[0]
+                    .tbs_certificate()
+                    .subject_public_key_info()
+                    .to_der()
+                    .unwrap_or_default();
                 let matches = backends
                     .for_key(&ca.key)
                     .and_then(|s| s.public_key(&ca.key))
                     .map(|p| p.spki_der == spki)
                     .unwrap_or(false);
-                line(matches, format!("CA certificate {}{}", ca.certificate.display(), if matches { " matches the CA key" } else { ": not for the CA key" }));
+                line(
+                    matches,
+                    format!(
+                        "CA certificate {}{}",
+                        ca.certificate.display(),
+                        if matches {
+                            " matches the CA key"
+                        } else {
+                            ": not for the CA key"
+                        }
+                    ),
+                );
             }
-            Err(e) => line(false, format!("CA certificate {}: {e}", ca.certificate.display())),
+            Err(e) => line(
+                false,
+                format!("CA certificate {}: {e}", ca.certificate.display()),
+            ),
         }
     }
     if let Some(server) = &config.server {
         match nfv_warden::api::tls_config(server, &backends) {
-            Ok(_) => line(true, format!("TLS certificate {} matches the TLS key", server.tls_certificate.display())),
+            Ok(_) => line(
+                true,
+                format!(
+                    "TLS certificate {} matches the TLS key",
+                    server.tls_certificate.display()
+                ),
+            ),
             Err(e) => line(false, e.to_string()),
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

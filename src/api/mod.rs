@@ -67,12 +67,9 @@ pub fn tls_config(
     let store = backends.for_key(&config.tls_key)?;
     let key = HardwareKey::new(store, config.tls_key.clone())?;
     let certified = Arc::new(rustls::sign::CertifiedKey::new(chain, key.into_rustls()));
-    certified.keys_match().map_err(|e| {
-        cert_err(format!(
-            "does not match the key {}: {e}",
-            config.tls_key
-        ))
-    })?;
+    certified
+        .keys_match()
+        .map_err(|e| cert_err(format!("does not match the key {}: {e}", config.tls_key)))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -33,9 +33,7 @@ impl Backends {
             BackendKind::Pkcs11 => self.pkcs11.clone().map(|s| s as Arc<dyn KeyStore>),
             BackendKind::Tpm => self.tpm.clone().map(|s| s as Arc<dyn KeyStore>),
         };
-        store.ok_or_else(|| {
-            KeyError::InvalidArgument(format!("no {kind} backend is configured"))
-        })
+        store.ok_or_else(|| KeyError::InvalidArgument(format!("no {kind} backend is configured")))
     }
 
     /// The backend that holds `key`.

@@ -9,6 +9,7 @@
 //! Calls are blocking: a PKCS#11 or TPM operation holds a session or the TPM for its whole
 //! duration. Async callers go through `tokio::task::spawn_blocking`.
 
+pub mod backends;
 pub mod pkcs11;
 pub mod signer;
 pub mod tpm;

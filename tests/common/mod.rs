@@ -1,3 +1,4 @@
 #![allow(dead_code)]
 pub mod softhsm;
 pub mod suite;
+pub mod swtpm;

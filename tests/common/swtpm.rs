@@ -1,0 +1,185 @@
+//! A private swtpm per test.
+//!
+//! Each [`Swtpm`] runs its own `swtpm socket --tpm2` child (not `--daemon`, so it is reaped
+//! with `wait` and never lingers as a zombie) on a state directory in a [`TempDir`], so tests
+//! run in parallel and never share TPM state.
+//!
+//! Transport: TCP on 127.0.0.1, server port P and control port P+1, with P picked at random
+//! below 32768 (ephemeral ports are handed to outgoing connections) and retried when taken.
+//! A Unix socket would be nicer, but tss-esapi 7.7's `TctiNameConf` drops `path=` from
+//! `swtpm:path=...` and would connect to localhost:2321 instead (fixed in tss-esapi 8).
+#![allow(dead_code)]
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub struct Swtpm {
+    dir: TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Swtpm {
+    /// Start a fresh (unmanufactured, empty-auth) TPM.
+    pub fn start() -> Swtpm {
+        let dir = tempfile::Builder::new()
+            .prefix("swtpm-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("tpm")).expect("state dir");
+        let mut last_error = String::new();
+        for _ in 0..40 {
+            let port = random_port();
+            if !port_free(port) || !port_free(port + 1) {
+                continue;
+            }
+            match spawn(dir.path(), port) {
+                Ok(child) => {
+                    return Swtpm {
+                        dir,
+                        port,
+                        child: Some(child),
+                    }
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("could not start swtpm: {last_error}");
+    }
+
+    /// TCTI string for tss-esapi.
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("tpm")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL our swtpm (by its own PID) and reap it: the TPM vanishes mid-flight.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start swtpm again on the same state and port (after `kill`): persistent objects and
+    /// NV survive, transient objects and sessions do not.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match spawn(self.dir.path(), self.port) {
+                Ok(child) => {
+                    self.child = Some(child);
+                    return;
+                }
+                Err(e) if Instant::now() > deadline => panic!("swtpm restart failed: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGTERM by PID (swtpm stops in ~10 ms), SIGKILL if it does not.
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: plain kill(2) on the PID of a child we have not reaped yet.
+                unsafe {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }
+    }
+}
+
+fn spawn(dir: &Path, port: u16) -> Result<Child, String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("swtpm.log"))
+        .map_err(|e| format!("log file: {e}"))?;
+    let mut child = Command::new("swtpm")
+        .arg("socket")
+        .arg("--tpm2")
+        .arg("--tpmstate")
+        .arg(format!("dir={}", dir.join("tpm").display()))
+        .arg("--server")
+        .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+        .arg("--ctrl")
+        .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+        .arg("--flags")
+        .arg("not-need-init,startup-clear")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot run swtpm: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("swtpm exited early ({status}), port {port} taken?"));
+        }
+        let up = |p: u16| TcpStream::connect(("127.0.0.1", p)).is_ok();
+        if up(port) && up(port + 1) {
+            // Still ours? A swtpm that lost the bind race exits within milliseconds.
+            std::thread::sleep(Duration::from_millis(5));
+            if let Ok(None) = child.try_wait() {
+                return Ok(child);
+            }
+            continue;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("swtpm did not listen on port {port} within 10 s"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn random_port() -> u16 {
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    // Even ports in 20000..32000, so P+1 stays below 32768.
+    20_000 + (hasher.finish() % 6_000) as u16 * 2
+}
+
+fn port_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
