@@ -10,9 +10,6 @@ use nfv_warden::keys::tpm::TpmKeyStore;
 use nfv_warden::keys::{
     KeyAlgorithm, KeyError, KeyRef, KeySpec, KeyStore, PublicKey, SignatureScheme, TpmHandle,
 };
-use p256::pkcs8::DecodePublicKey;
-use signature::hazmat::PrehashVerifier;
-use signature::Verifier;
 
 const MESSAGE: &[u8] = b"nfv-warden TPM test message";
 
@@ -43,62 +40,22 @@ fn generate(store: &TpmKeyStore, algorithm: KeyAlgorithm) -> (KeyRef, PublicKey)
     (info.reference, info.public_key)
 }
 
-/// Verify with RustCrypto, the way X.509 and TLS 1.3 peers verify: DER ECDSA; RSA PKCS#1
-/// v1.5; RSA-PSS with MGF1 of the same hash and salt length = hash length (RFC 8446 4.2.3).
+/// Verify with RustCrypto (the shared suite's verifier: DER ECDSA, PKCS#1 v1.5, PSS with
+/// salt length = hash length as TLS 1.3 requires).
 fn verify(public: &PublicKey, scheme: SignatureScheme, message: &[u8], signature: &[u8]) {
-    let spki = public.spki_der.as_slice();
-    let digest = scheme.hash_algorithm().digest(message);
-    match public.algorithm {
-        KeyAlgorithm::EcP256 => {
-            let key = p256::ecdsa::VerifyingKey::from_public_key_der(spki).expect("P-256 SPKI");
-            let sig = p256::ecdsa::Signature::from_der(signature).expect("DER ECDSA");
-            key.verify_prehash(&digest, &sig)
-                .unwrap_or_else(|e| panic!("{scheme} P-256 signature does not verify: {e}"));
-            if scheme == SignatureScheme::EcdsaSha256 {
-                key.verify(message, &sig).expect("P-256 message verify");
-            }
-        }
-        KeyAlgorithm::EcP384 => {
-            let key = p384::ecdsa::VerifyingKey::from_public_key_der(spki).expect("P-384 SPKI");
-            let sig = p384::ecdsa::Signature::from_der(signature).expect("DER ECDSA");
-            key.verify_prehash(&digest, &sig)
-                .unwrap_or_else(|e| panic!("{scheme} P-384 signature does not verify: {e}"));
-            if scheme == SignatureScheme::EcdsaSha384 {
-                key.verify(message, &sig).expect("P-384 message verify");
-            }
-        }
-        KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 => {
-            let key = rsa::PublicKey::from_public_key_der(spki).expect("RSA SPKI");
-            let bits = public.algorithm.rsa_bits().unwrap() as usize;
-            assert_eq!(signature.len(), bits / 8, "RSA signature length");
-            let result = match scheme {
-                SignatureScheme::RsaPkcs1Sha256 => {
-                    let sig = rsa::pkcs1v15::Signature::try_from(signature).unwrap();
-                    rsa::pkcs1v15::VerifyingKey::<sha2::Sha256>::new(key).verify(message, &sig)
-                }
-                SignatureScheme::RsaPkcs1Sha384 => {
-                    let sig = rsa::pkcs1v15::Signature::try_from(signature).unwrap();
-                    rsa::pkcs1v15::VerifyingKey::<sha2::Sha384>::new(key).verify(message, &sig)
-                }
-                // `new` fixes the salt length to the hash length.
-                SignatureScheme::RsaPssSha256 => {
-                    let sig = rsa::pss::Signature::try_from(signature).unwrap();
-                    // The salt is exactly the hash length (swtpm/libtpms), not the maximum:
-                    // a verifier expecting another length rejects the signature.
-                    let other =
-                        rsa::pss::VerifyingKey::<sha2::Sha256>::new_with_salt_len(key.clone(), 64);
-                    assert!(other.verify(message, &sig).is_err(), "PSS salt is not 32");
-                    rsa::pss::VerifyingKey::<sha2::Sha256>::new(key).verify(message, &sig)
-                }
-                SignatureScheme::RsaPssSha384 => {
-                    let sig = rsa::pss::Signature::try_from(signature).unwrap();
-                    rsa::pss::VerifyingKey::<sha2::Sha384>::new(key).verify(message, &sig)
-                }
-                other => panic!("{other} is not an RSA scheme"),
-            };
-            result.unwrap_or_else(|e| panic!("{scheme} {} signature: {e}", public.algorithm));
-        }
-    }
+    common::suite::verify(&public.spki_der, scheme, message, signature);
+}
+
+#[test]
+fn behaviour_suite() {
+    let tpm = Swtpm::start();
+    let store = open(&tpm);
+    let refs = common::suite::generate_sign_verify_list_destroy(&store, "suite");
+    drop(store);
+    // The "agent restart": a new store on the same TPM.
+    let store = open(&tpm);
+    common::suite::still_there(&store, &refs);
+    assert_eq!(store.transient_handle_count().unwrap(), 0);
 }
 
 fn handles(keys: &[nfv_warden::keys::KeyInfo]) -> Vec<KeyRef> {
