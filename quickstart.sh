@@ -33,7 +33,7 @@ eval "$(hsm/softhsm-init.sh "$state" warden)"
 
 tpm_backend=""
 if [ "${WARDEN_TPM:-0}" = 1 ]; then
-  tcti=$(tpm/swtpm-start.sh "$state/swtpm")
+  tcti=$(tpm/swtpm-start.sh "$state/swtpm" "${WARDEN_TPM_PORT:-2321}")
   trap 'tpm/swtpm-stop.sh "$state/swtpm"' EXIT
   tpm_backend=$(printf '\n[[backend]]\ntype = "tpm"\ntcti = "%s"\n' "$tcti")
 fi

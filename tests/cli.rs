@@ -1,0 +1,356 @@
+//! The `warden` binary end to end, each test with a SoftHSM token directory of its own
+//! (SOFTHSM2_CONF is per process, and every command is a fresh process: an agent restart).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::softhsm::TokenDir;
+use common::swtpm::Swtpm;
+
+struct Agent {
+    tokens: TokenDir,
+    config: PathBuf,
+}
+
+impl Agent {
+    /// A token "warden" with PIN 1234, and a config using it; `extra` is appended.
+    fn new(extra: &str) -> Agent {
+        let tokens = TokenDir::new();
+        let pin = tokens.init_token("warden", "1234");
+        let dir = tokens.path().to_path_buf();
+        let config = dir.join("warden.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[[backend]]
+type = "pkcs11"
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "warden"
+pin = {{ file = "{pin}" }}
+pool_size = 2
+
+[store]
+path = "{dir}/warden.redb"
+
+[server]
+listen = "127.0.0.1:0"
+tls_key = "pkcs11:token=warden;object=warden-tls"
+tls_certificate = "{dir}/tls-chain.pem"
+drain_seconds = 5
+
+[ca]
+key = "pkcs11:token=warden;object=warden-ca"
+certificate = "{dir}/ca.pem"
+chain = "{dir}/ca-chain.pem"
+{extra}
+"#,
+                pin = pin.display(),
+                dir = dir.display(),
+            ),
+        )
+        .expect("config");
+        Agent { tokens, config }
+    }
+
+    fn dir(&self) -> &Path {
+        self.tokens.path()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_warden"));
+        cmd.env("SOFTHSM2_CONF", &self.tokens.conf)
+            .env("RUST_LOG", "warn")
+            .env("TSS2_LOG", "all+NONE")
+            .arg("--config")
+            .arg(&self.config)
+            .args(args);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("warden runs")
+    }
+
+    /// Run and require success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "warden {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run and require failure with exactly one line on stderr starting "warden: ".
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "warden {args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("warden: "))
+            .collect();
+        assert_eq!(lines.len(), 1, "one-line error expected, got: {stderr}");
+        lines[0].to_string()
+    }
+}
+
+#[test]
+fn ca_tls_check_serve_healthz_then_sigterm() {
+    let agent = Agent::new("");
+    let out = agent.ok(&["ca", "init", "--subject", "CN=cli test CA,O=nfv-warden"]);
+    assert!(out.contains("self-signed root"), "{out}");
+    // A second init does not replace the CA.
+    let err = agent.fails(&["ca", "init"]);
+    assert!(err.contains("exists already"), "{err}");
+    agent.ok(&["tls", "init", "--san", "localhost", "--san", "127.0.0.1"]);
+    let check = agent.ok(&["check"]);
+    assert!(!check.contains("FAIL"), "{check}");
+    assert!(
+        check.contains("CA key pkcs11:token=warden;object=warden-ca (ec-p256) signs"),
+        "{check}"
+    );
+
+    // openssl agrees with the chain.
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile", "ca.pem", "tls-chain.pem"])
+        .current_dir(agent.dir())
+        .output()
+        .expect("openssl");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    let (mut child, addr) = serve(&agent);
+    let port = addr.rsplit(':').next().expect("port").to_string();
+    let body = curl_healthz(agent.dir(), &port);
+    let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["backends"][0]["type"], "pkcs11");
+
+    // SIGTERM: stop accepting, drain, exit 0.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status =
+        wait_with_timeout(&mut child, Duration::from_secs(15)).expect("exits after SIGTERM");
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}");
+}
+
+#[test]
+fn keys_commands_on_both_backends_and_across_restarts() {
+    let tpm = Swtpm::start();
+    let agent = Agent::new(&format!(
+        "\n[[backend]]\ntype = \"tpm\"\ntcti = \"{}\"\n",
+        tpm.tcti()
+    ));
+    for backend in ["pkcs11", "tpm"] {
+        let out = agent.ok(&[
+            "keys",
+            "generate",
+            "--backend",
+            backend,
+            "--label",
+            "vnf-a",
+            "--algorithm",
+            "ec-p384",
+        ]);
+        let reference = out
+            .split_whitespace()
+            .next()
+            .expect("reference")
+            .to_string();
+        // Every command is a new process: the key is still there after the "restart".
+        let list = agent.ok(&["keys", "list"]);
+        assert!(list.contains(&reference), "{list}");
+        let show = agent.ok(&["keys", "show", &reference]);
+        assert!(
+            show.contains("ec-p384") && show.contains("BEGIN PUBLIC KEY"),
+            "{show}"
+        );
+        if backend == "pkcs11" {
+            assert!(
+                show.contains("extractable=false sensitive=true never_extractable=true"),
+                "{show}"
+            );
+        }
+        let test = agent.ok(&["keys", "sign-test", &reference, "--count", "5"]);
+        assert!(test.starts_with("ok "), "{test}");
+        let erased = agent.ok(&["keys", "destroy", &reference, "--vnf-instance", "vnf-1"]);
+        let record: serde_json::Value = serde_json::from_str(&erased).expect("erasure JSON");
+        assert_eq!(record["verified"], true);
+        assert_eq!(record["object"], reference.as_str());
+        assert!(!agent.ok(&["keys", "list"]).contains(&reference));
+        let err = agent.fails(&["keys", "show", &reference]);
+        assert!(err.contains("not found"), "{err}");
+    }
+}
+
+#[test]
+fn external_root_csr_and_chain_import() {
+    let agent = Agent::new("");
+    let dir = agent.dir();
+    let csr = dir.join("ca.csr");
+    agent.ok(&[
+        "ca",
+        "init",
+        "--csr-out",
+        csr.to_str().unwrap(),
+        "--subject",
+        "CN=warden issuing CA",
+    ]);
+    // An external root (openssl) signs the CSR.
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(dir.join("ext.cnf"), "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n").unwrap();
+    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout root.key -out root.pem -subj /CN=external-root -days 30 2>/dev/null");
+    sh("openssl x509 -req -in ca.csr -CA root.pem -CAkey root.key -CAcreateserial -days 30 -extfile ext.cnf -out ca-signed.pem 2>/dev/null");
+    sh("cat ca-signed.pem root.pem > import.pem");
+    let import = dir.join("import.pem");
+    let out = agent.ok(&["ca", "init", "--import-chain", import.to_str().unwrap()]);
+    assert!(out.contains("1 chain certificate"), "{out}");
+    agent.ok(&["tls", "init"]);
+    let check = agent.ok(&["check"]);
+    assert!(!check.contains("FAIL"), "{check}");
+    // The TLS chain now reaches the external root.
+    let out = Command::new("openssl")
+        .args([
+            "verify",
+            "-CAfile",
+            "root.pem",
+            "-untrusted",
+            "ca.pem",
+            "tls-chain.pem",
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A chain that is not for the CA key is refused.
+    let root = dir.join("root.pem");
+    let err = agent.fails(&["ca", "init", "--import-chain", root.to_str().unwrap()]);
+    assert!(err.contains("not for the CA key"), "{err}");
+}
+
+#[test]
+fn bad_input_gets_one_line_errors() {
+    let agent = Agent::new("");
+    // Malformed config: unknown key.
+    let bad = agent.dir().join("bad.toml");
+    std::fs::write(&bad, "[store]\npath = \"/tmp/x\"\ncolour = \"blue\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_warden"))
+        .args(["--config", bad.to_str().unwrap(), "keys", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("warden: config ")
+            && stderr.contains("bad.toml")
+            && stderr.contains("colour"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    // Unknown key reference, and a slot number where a URI belongs.
+    let err = agent.fails(&["keys", "show", "pkcs11:token=warden;object=nope"]);
+    assert!(err.contains("not found"), "{err}");
+    let err = agent.fails(&["keys", "show", "pkcs11:slot-id=0;object=x"]);
+    assert!(err.contains("slots are not stable names"), "{err}");
+    let err = agent.fails(&["keys", "generate", "--backend", "hsm", "--label", "x"]);
+    assert!(err.contains("expected pkcs11 or tpm"), "{err}");
+
+    // Missing PIN file.
+    let pin = agent.dir().join("warden.pin");
+    std::fs::rename(&pin, agent.dir().join("moved.pin")).unwrap();
+    let err = agent.fails(&["keys", "list"]);
+    assert!(err.contains("warden.pin"), "{err}");
+    let check = agent.run(&["check"]);
+    assert!(!check.status.success());
+    assert!(
+        String::from_utf8_lossy(&check.stdout).contains("FAIL PIN"),
+        "{check:?}"
+    );
+
+    // Wrong PIN: a clear error, one login attempt per run, and the token is not locked.
+    std::fs::write(&pin, "9999\n").unwrap();
+    for _ in 0..3 {
+        let err = agent.fails(&["keys", "list"]);
+        assert!(err.contains("PIN rejected"), "{err}");
+    }
+    std::fs::rename(agent.dir().join("moved.pin"), &pin).unwrap();
+    agent.ok(&["keys", "list"]);
+}
+
+/// Start `warden serve`; returns the child and the address it printed.
+fn serve(agent: &Agent) -> (Child, String) {
+    let mut child = agent
+        .command(&["serve"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("listening line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on https://")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
+        .to_string();
+    (child, addr)
+}
+
+fn curl_healthz(dir: &Path, port: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--cacert", "ca.pem"])
+        .arg(format!("https://localhost:{port}/healthz"))
+        .arg("--resolve")
+        .arg(format!("localhost:{port}:127.0.0.1"))
+        .current_dir(dir)
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_with_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
