@@ -8,8 +8,19 @@ use common::suite;
 use nfv_warden::keys::pkcs11::Pkcs11KeyStore;
 use nfv_warden::keys::{KeyAlgorithm, KeyError, KeySpec, KeyStore, SignatureScheme};
 
+/// These tests pull the library out from under the agent (C_Finalize, C_Logout from another
+/// handle). Doing that while another test of this process is inside a PKCS#11 call is
+/// undefined behaviour, which the agent's own re-initialization avoids with its call gate;
+/// the tests, acting as the outside world, take turns instead.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn token_reinitialized_under_a_running_agent() {
+    let _turn = one_at_a_time();
     let tokens = process_tokens();
     let label = "test-token-0";
     let config = config_for(label, tokens.dir.path().join(format!("{label}.pin")), 2);
@@ -55,4 +66,82 @@ fn token_reinitialized_under_a_running_agent() {
         &sig,
     );
     eprintln!("recovery: {:?}", store.recovery_stats());
+}
+
+#[test]
+fn library_finalized_under_the_agent_is_reinitialized() {
+    let _turn = one_at_a_time();
+    let tokens = process_tokens();
+    let label = "test-token-1";
+    let config = config_for(label, tokens.dir.path().join(format!("{label}.pin")), 2);
+    let store = Pkcs11KeyStore::open(&config).expect("open");
+    let spec = KeySpec {
+        label: "k".into(),
+        algorithm: KeyAlgorithm::EcP256,
+    };
+    let key = store.generate(&spec).expect("generate");
+    // Finalize the module behind the agent's back: every call now fails with
+    // CKR_CRYPTOKI_NOT_INITIALIZED, the third rung of the ladder.
+    unsafe {
+        let raw = cryptoki_sys::Pkcs11::new(common::softhsm::MODULE).expect("dlopen");
+        assert_eq!(raw.C_Finalize(std::ptr::null_mut()), cryptoki_sys::CKR_OK);
+    }
+    let sig = store
+        .sign(
+            &key.reference,
+            SignatureScheme::EcdsaSha256,
+            b"after finalize",
+        )
+        .expect("the library is re-initialized and the sign goes through");
+    suite::verify(
+        &key.public_key.spki_der,
+        SignatureScheme::EcdsaSha256,
+        b"after finalize",
+        &sig,
+    );
+    let stats = store.recovery_stats();
+    assert!(stats.reinitializations >= 1, "{stats:?}");
+}
+
+#[test]
+fn logged_out_under_the_agent_logs_in_again() {
+    let _turn = one_at_a_time();
+    let tokens = process_tokens();
+    let label = "test-token-2";
+    let config = config_for(label, tokens.dir.path().join(format!("{label}.pin")), 2);
+    let store = Pkcs11KeyStore::open(&config).expect("open");
+    let spec = KeySpec {
+        label: "k".into(),
+        algorithm: KeyAlgorithm::Rsa2048,
+    };
+    let key = store.generate(&spec).expect("generate");
+    let slot = store.slot_id().expect("slot");
+    // Log the application out from another session on the same library.
+    unsafe {
+        let raw = cryptoki_sys::Pkcs11::new(common::softhsm::MODULE).expect("dlopen");
+        let mut session: cryptoki_sys::CK_SESSION_HANDLE = 0;
+        let flags = cryptoki_sys::CKF_SERIAL_SESSION | cryptoki_sys::CKF_RW_SESSION;
+        let rv = raw.C_OpenSession(slot.id(), flags, std::ptr::null_mut(), None, &mut session);
+        assert_eq!(rv, cryptoki_sys::CKR_OK);
+        assert_eq!(raw.C_Logout(session), cryptoki_sys::CKR_OK);
+        assert_eq!(raw.C_CloseSession(session), cryptoki_sys::CKR_OK);
+    }
+    let sig = store
+        .sign(
+            &key.reference,
+            SignatureScheme::RsaPkcs1Sha256,
+            b"after logout",
+        )
+        .expect("logs in again and signs");
+    suite::verify(
+        &key.public_key.spki_der,
+        SignatureScheme::RsaPkcs1Sha256,
+        b"after logout",
+        &sig,
+    );
+    assert!(
+        store.recovery_stats().logins >= 1,
+        "{:?}",
+        store.recovery_stats()
+    );
 }

@@ -699,6 +699,8 @@ impl Pkcs11KeyStore {
                 return Ok(*cached);
             }
         }
+        // Private objects are invisible to a logged-out session: "not found" would be a lie.
+        ensure_logged_in(session)?;
         let mut template = vec![Attribute::Class(ObjectClass::PRIVATE_KEY)];
         template.extend(object_selector(uri));
         let found = session.find_objects(&template)?;
@@ -738,6 +740,24 @@ impl Pkcs11KeyStore {
             Some(label.to_string()),
             Some(id.to_vec()),
         ))
+    }
+}
+
+impl Drop for Pkcs11KeyStore {
+    fn drop(&mut self) {
+        // Close our idle sessions (lent ones cannot exist: a lease borrows the store). The
+        // login state is the application's, shared with other stores on the token: no logout.
+        let current = self.library.context().1;
+        let _gate = self.library.calls.read().unwrap_or_else(|p| p.into_inner());
+        let mut pool = lock(&self.pool);
+        for pooled in pool.idle.drain(..) {
+            if pooled.generation == current {
+                let _ = pooled.session.close();
+            } else {
+                std::mem::forget(pooled.session);
+            }
+        }
+        pool.open = 0;
     }
 }
 
@@ -787,6 +807,21 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Fail with CKR_USER_NOT_LOGGED_IN (the ladder's second rung) when the session cannot see
+/// private objects, e.g. after another part of the process called C_Logout.
+fn ensure_logged_in(session: &Session) -> Result<(), OpError> {
+    use cryptoki::session::SessionState;
+    let state = session.get_session_info()?.session_state();
+    if matches!(state, SessionState::RwUser | SessionState::RoUser) {
+        Ok(())
+    } else {
+        Err(OpError::Ck(CkError::Pkcs11(
+            RvError::UserNotLoggedIn,
+            Function::GetSessionInfo,
+        )))
+    }
 }
 
 fn object_selector(uri: &Pkcs11Uri) -> Vec<Attribute> {
@@ -1081,6 +1116,8 @@ impl KeyStore for Pkcs11KeyStore {
         let selector = object_selector(uri);
         let device = self.device();
         let record = self.with_session("C_DestroyObject", |session, _| {
+            // Logged out, the private key would be invisible and "verified gone" a lie.
+            ensure_logged_in(session)?;
             let objects = session.find_objects(&selector)?;
             if objects.is_empty() {
                 return Err(OpError::Key(KeyError::NotFound(uri.to_string())));
@@ -1122,6 +1159,7 @@ impl KeyStore for Pkcs11KeyStore {
 
     fn list(&self) -> Result<Vec<KeyInfo>, KeyError> {
         self.with_session("C_FindObjects", |session, _| {
+            ensure_logged_in(session)?;
             let privates = session.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])?;
             let mut keys = Vec::with_capacity(privates.len());
             for private in privates {
