@@ -119,6 +119,8 @@ pub struct Library {
     /// re-initialization: C_Finalize while another thread is inside a call is undefined
     /// behaviour (PKCS#11 2.40 5.4), and in SoftHSM a use-after-free.
     calls: RwLock<()>,
+    /// Mirror of `LibraryState::generation`, read on every call without taking the lock.
+    generation: AtomicU64,
 }
 
 struct LibraryState {
@@ -149,6 +151,7 @@ impl Library {
                 initialized: false,
             }),
             calls: RwLock::new(()),
+            generation: AtomicU64::new(1),
         });
         library.initialize()?;
         libraries.insert(module.to_path_buf(), library.clone());
@@ -159,6 +162,11 @@ impl Library {
     pub fn context(&self) -> (Pkcs11, u64) {
         let state = lock(&self.state);
         (state.pkcs11.clone(), state.generation)
+    }
+
+    /// The current generation (bumped by every re-initialization).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn module(&self) -> &Path {
@@ -201,6 +209,7 @@ impl Library {
             state.initialized = false;
         }
         state.generation += 1;
+        self.generation.store(state.generation, Ordering::Release);
         match state
             .pkcs11
             .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
@@ -317,7 +326,7 @@ impl Drop for SessionLease<'_> {
         let Some(pooled) = self.session.take() else {
             return;
         };
-        let current = self.store.library.context().1;
+        let current = self.store.library.generation();
         let mut pool = lock(&self.store.pool);
         if pooled.generation == current {
             pool.idle.push(pooled);
@@ -446,12 +455,15 @@ impl Pkcs11KeyStore {
     fn own_uri<'k>(&self, key: &'k KeyRef) -> Result<&'k Pkcs11Uri, KeyError> {
         match key {
             KeyRef::Pkcs11(uri) => {
-                let (_, _, serial) = self.slot()?;
                 let label_ok = match (&uri.token.label, &self.token.label) {
                     (Some(a), Some(b)) => a == b,
                     _ => true,
                 };
-                let serial_ok = uri.token.serial.as_deref().is_none_or(|s| s == serial);
+                // The serial is only looked up when the reference names one (hot path).
+                let serial_ok = match uri.token.serial.as_deref() {
+                    None => true,
+                    Some(s) => s == self.slot()?.2,
+                };
                 if label_ok && serial_ok {
                     Ok(uri)
                 } else {
@@ -505,7 +517,7 @@ impl Pkcs11KeyStore {
                 function: "C_Login",
             });
         }
-        let generation = self.library.context().1;
+        let generation = self.library.generation();
         {
             let mut pool = lock(&self.pool);
             loop {
@@ -614,7 +626,7 @@ impl Pkcs11KeyStore {
                     std::thread::sleep(self.backoff.delay(reinit_attempt));
                     reinit_attempt += 1;
                     self.stats.reinitializations.fetch_add(1, Ordering::Relaxed);
-                    let generation = self.library.context().1;
+                    let generation = self.library.generation();
                     if let Err(e2) = self.library.reinitialize(generation) {
                         last = Some(e2);
                     } else {
@@ -747,7 +759,7 @@ impl Drop for Pkcs11KeyStore {
     fn drop(&mut self) {
         // Close our idle sessions (lent ones cannot exist: a lease borrows the store). The
         // login state is the application's, shared with other stores on the token: no logout.
-        let current = self.library.context().1;
+        let current = self.library.generation();
         let _gate = self.library.calls.read().unwrap_or_else(|p| p.into_inner());
         let mut pool = lock(&self.pool);
         for pooled in pool.idle.drain(..) {
