@@ -10,18 +10,23 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use der::asn1::{Ia5String, OctetString};
+use der::flagset::FlagSet;
 use der::{Decode, Encode};
-use spki::SubjectPublicKeyInfoOwned;
+use spki::{ObjectIdentifier, SubjectPublicKeyInfoOwned};
 use x509_cert::builder::profile::BuilderProfile;
 use x509_cert::builder::{Builder, CertificateBuilder, RequestBuilder};
+use x509_cert::ext::pkix::certpolicy::PolicyInformation;
+use x509_cert::ext::pkix::crl::dp::DistributionPoint;
+use x509_cert::ext::pkix::name::DistributionPointName;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
-    SubjectAltName, SubjectKeyIdentifier,
+    AuthorityKeyIdentifier, BasicConstraints, CertificatePolicies, CrlDistributionPoints,
+    ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName, SubjectKeyIdentifier,
 };
 use x509_cert::ext::{Extension, ToExtension};
 use x509_cert::name::Name;
 use x509_cert::request::CertReq;
+use x509_cert::serial_number::SerialNumber;
 use x509_cert::time::Validity;
 use x509_cert::{Certificate, TbsCertificate};
 
@@ -45,8 +50,39 @@ pub enum CaError {
 pub enum Profile {
     /// A self-signed root: CA, keyCertSign + cRLSign.
     Root,
-    /// A TLS server certificate for the agent itself.
-    TlsServer { sans: Vec<String> },
+    /// An end-entity certificate (the agent's TLS certificate, VNFCI and VNF OAM
+    /// certificates): CA:FALSE and the profile's usages and names.
+    Leaf(LeafProfile),
+}
+
+/// Extensions of an end-entity certificate (RFC 5280 4.2).
+#[derive(Clone, Debug)]
+pub struct LeafProfile {
+    pub key_usage: FlagSet<KeyUsages>,
+    pub extended_key_usage: Vec<ObjectIdentifier>,
+    pub subject_alt_names: Vec<GeneralName>,
+    pub crl_distribution_point: Option<String>,
+    /// certificatePolicies, e.g. the TCG key-provenance OIDs after a verified attestation.
+    pub policies: Vec<ObjectIdentifier>,
+}
+
+impl LeafProfile {
+    /// The agent's own TLS server certificate (also usable as a TLS client).
+    pub fn tls_server(sans: &[String]) -> Result<LeafProfile, CaError> {
+        Ok(LeafProfile {
+            key_usage: KeyUsages::DigitalSignature.into(),
+            extended_key_usage: vec![
+                const_oid::db::rfc5280::ID_KP_SERVER_AUTH,
+                const_oid::db::rfc5280::ID_KP_CLIENT_AUTH,
+            ],
+            subject_alt_names: sans
+                .iter()
+                .map(|s| general_name(s))
+                .collect::<Result<_, _>>()?,
+            crl_distribution_point: None,
+            policies: Vec::new(),
+        })
+    }
 }
 
 struct Issuing {
@@ -102,7 +138,7 @@ impl BuilderProfile for Issuing {
                         .to_extension(tbs.subject(), &extensions)?,
                 );
             }
-            Profile::TlsServer { sans } => {
+            Profile::Leaf(leaf) => {
                 extensions.push(
                     BasicConstraints {
                         ca: false,
@@ -110,27 +146,45 @@ impl BuilderProfile for Issuing {
                     }
                     .to_extension(tbs.subject(), &extensions)?,
                 );
-                extensions.push(
-                    KeyUsage(KeyUsages::DigitalSignature.into())
-                        .to_extension(tbs.subject(), &extensions)?,
-                );
-                extensions.push(
-                    ExtendedKeyUsage(vec![
-                        const_oid::db::rfc5280::ID_KP_SERVER_AUTH,
-                        const_oid::db::rfc5280::ID_KP_CLIENT_AUTH,
-                    ])
-                    .to_extension(tbs.subject(), &extensions)?,
-                );
-                let names = sans
-                    .iter()
-                    .map(|s| general_name(s))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| {
-                        der::Error::from(der::ErrorKind::Value {
-                            tag: der::Tag::Ia5String,
+                extensions.push(KeyUsage(leaf.key_usage).to_extension(tbs.subject(), &extensions)?);
+                if !leaf.extended_key_usage.is_empty() {
+                    extensions.push(
+                        ExtendedKeyUsage(leaf.extended_key_usage.clone())
+                            .to_extension(tbs.subject(), &extensions)?,
+                    );
+                }
+                if !leaf.subject_alt_names.is_empty() {
+                    extensions.push(
+                        SubjectAltName(leaf.subject_alt_names.clone())
+                            .to_extension(tbs.subject(), &extensions)?,
+                    );
+                }
+                if let Some(uri) = &leaf.crl_distribution_point {
+                    let point = DistributionPoint {
+                        distribution_point: Some(DistributionPointName::FullName(vec![
+                            GeneralName::UniformResourceIdentifier(Ia5String::new(uri)?),
+                        ])),
+                        reasons: None,
+                        crl_issuer: None,
+                    };
+                    extensions.push(
+                        CrlDistributionPoints(vec![point])
+                            .to_extension(tbs.subject(), &extensions)?,
+                    );
+                }
+                if !leaf.policies.is_empty() {
+                    let policies = leaf
+                        .policies
+                        .iter()
+                        .map(|oid| PolicyInformation {
+                            policy_identifier: *oid,
+                            policy_qualifiers: None,
                         })
-                    })?;
-                extensions.push(SubjectAltName(names).to_extension(tbs.subject(), &extensions)?);
+                        .collect();
+                    extensions.push(
+                        CertificatePolicies(policies).to_extension(tbs.subject(), &extensions)?,
+                    );
+                }
             }
         }
         extensions.push(ski.to_extension(tbs.subject(), &extensions)?);
@@ -138,7 +192,7 @@ impl BuilderProfile for Issuing {
     }
 }
 
-fn general_name(text: &str) -> Result<GeneralName, CaError> {
+pub fn general_name(text: &str) -> Result<GeneralName, CaError> {
     if let Ok(ip) = IpAddr::from_str(text) {
         let bytes = match ip {
             IpAddr::V4(v4) => v4.octets().to_vec(),
@@ -204,7 +258,66 @@ pub fn ca_csr(key: &HardwareKey, subject: &str) -> Result<CertReq, CaError> {
         .map_err(|e| CaError::Build(e.to_string()))
 }
 
-/// Issue a certificate for `subject_spki` signed by the CA key, with `ca_cert` as issuer.
+/// A CA key with its certificate, checked to belong together once.
+#[derive(Clone, Debug)]
+pub struct Issuer {
+    key: HardwareKey,
+    certificate: Certificate,
+    spki_der: Vec<u8>,
+}
+
+impl Issuer {
+    pub fn new(key: HardwareKey, certificate: Certificate) -> Result<Issuer, CaError> {
+        let spki_der = certificate
+            .tbs_certificate()
+            .subject_public_key_info()
+            .to_der()
+            .map_err(|e| CaError::Build(e.to_string()))?;
+        if spki_der != key.public_key().spki_der {
+            return Err(CaError::Chain(
+                "the CA certificate is not for the configured CA key".into(),
+            ));
+        }
+        Ok(Issuer {
+            key,
+            certificate,
+            spki_der,
+        })
+    }
+
+    pub fn certificate(&self) -> &Certificate {
+        &self.certificate
+    }
+
+    pub fn key(&self) -> &HardwareKey {
+        &self.key
+    }
+
+    /// Issue a certificate for `spki`, signed by the CA key through the key layer.
+    pub fn issue(
+        &self,
+        subject: Name,
+        spki: SubjectPublicKeyInfoOwned,
+        profile: Profile,
+        serial: SerialNumber,
+        validity: Validity,
+    ) -> Result<Certificate, CaError> {
+        let profile = Issuing {
+            subject,
+            issuer: Some(self.certificate.tbs_certificate().subject().clone()),
+            issuer_spki: Some(self.spki_der.clone()),
+            profile,
+        };
+        let builder = CertificateBuilder::new(profile, serial, validity, spki)
+            .map_err(|e| CaError::Build(e.to_string()))?;
+        builder
+            .build::<_, HardwareSignature>(&self.key)
+            .map_err(|e| CaError::Build(e.to_string()))
+    }
+}
+
+/// Issue a certificate for `subject_spki` signed by the CA key, with `ca_cert` as issuer,
+/// valid from now for `days`.
 pub fn issue(
     ca_key: &HardwareKey,
     ca_cert: &Certificate,
@@ -213,26 +326,13 @@ pub fn issue(
     profile: Profile,
     days: u32,
 ) -> Result<Certificate, CaError> {
-    let subject = parse_name(subject)?;
+    let issuer = Issuer::new(ca_key.clone(), ca_cert.clone())?;
     let spki = SubjectPublicKeyInfoOwned::from_der(subject_spki)
         .map_err(|e| CaError::Build(format!("subject public key: {e}")))?;
-    let issuer_spki = ca_cert
-        .tbs_certificate()
-        .subject_public_key_info()
-        .to_der()
+    let serial = pki::random_serial().map_err(CaError::Build)?;
+    let validity = Validity::from_now(Duration::from_secs(u64::from(days) * 86_400))
         .map_err(|e| CaError::Build(e.to_string()))?;
-    if issuer_spki != ca_key.public_key().spki_der {
-        return Err(CaError::Chain(
-            "the CA certificate is not for the configured CA key".into(),
-        ));
-    }
-    let profile = Issuing {
-        subject,
-        issuer: Some(ca_cert.tbs_certificate().subject().clone()),
-        issuer_spki: Some(issuer_spki),
-        profile,
-    };
-    build(profile, spki, days, ca_key)
+    issuer.issue(parse_name(subject)?, spki, profile, serial, validity)
 }
 
 fn spki_of(key: &HardwareKey) -> Result<SubjectPublicKeyInfoOwned, CaError> {

@@ -26,6 +26,9 @@ pub struct Config {
     pub server: Option<ServerConfig>,
     #[serde(default)]
     pub ca: Option<CaConfig>,
+    /// The Certificate Management Function (IFA 033 clause 11); absent = not served.
+    #[serde(default)]
+    pub cmf: Option<CmfConfig>,
 }
 
 /// A key backend, chosen by `type`.
@@ -239,6 +242,120 @@ pub struct CaConfig {
     /// The chain above the CA certificate up to the root (PEM), when the root is external.
     #[serde(default)]
     pub chain: Option<PathBuf>,
+}
+
+/// The CMF: who may call it, which CAs issue what, and the certificate profiles.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CmfConfig {
+    /// PEM roots that issue the consumers' (VNFMs') TLS client certificates. Mutual TLS is
+    /// required on every CMF resource.
+    pub client_ca: PathBuf,
+    /// Consumers, by the identity in their client certificate (first DNS SAN, else CN).
+    #[serde(default, rename = "consumer")]
+    pub consumers: Vec<ConsumerConfig>,
+    /// CAs the CMF may choose; empty = the top-level `[ca]`, id "default", for every type.
+    #[serde(default, rename = "ca")]
+    pub cas: Vec<CmfCaConfig>,
+    /// Largest accepted request body.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// What to do when a registered attester's attestation fails (IFA 033 11.2.1 local
+    /// policy): "refuse" (422, nothing issued) or "issue" (issued and recorded un-attested).
+    #[serde(default)]
+    pub unattested: UnattestedPolicy,
+    /// Aliases of attestation format OIDs: OID -> "tpm2-certify" | "x509-key-certificate".
+    #[serde(default)]
+    pub attestation_formats: std::collections::BTreeMap<String, String>,
+    /// Certificate profiles by certType; defaults apply to a type not listed.
+    #[serde(default)]
+    pub profile: std::collections::BTreeMap<String, ProfileConfig>,
+    /// Writes batched into one durable commit at most (group commit).
+    #[serde(default = "default_group_commit")]
+    pub group_commit_max: usize,
+}
+
+fn default_max_body_bytes() -> usize {
+    64 * 1024
+}
+fn default_group_commit() -> usize {
+    64
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnattestedPolicy {
+    #[default]
+    Refuse,
+    Issue,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// The identity in the client certificate.
+    pub id: String,
+    /// Consumers of different trust domains never see each other's registrations.
+    pub trust_domain: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CmfCaConfig {
+    pub id: String,
+    pub key: KeyRef,
+    pub certificate: PathBuf,
+    #[serde(default)]
+    pub chain: Option<PathBuf>,
+    /// Which certTypes this CA issues: MANO_CERT, VNFCI_CERT, VNF_OAM_CERT.
+    pub cert_types: Vec<String>,
+}
+
+/// A certificate profile (per certType).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    #[serde(default = "default_validity_days")]
+    pub validity_days: u32,
+    /// digitalSignature, keyEncipherment, keyAgreement, nonRepudiation.
+    #[serde(default = "default_key_usage")]
+    pub key_usage: Vec<String>,
+    /// serverAuth, clientAuth, or dotted OIDs.
+    #[serde(default = "default_eku")]
+    pub extended_key_usage: Vec<String>,
+    /// Optional CRL distribution point URI.
+    #[serde(default)]
+    pub crl_distribution_point: Option<String>,
+    /// Key types accepted in CSRs: ec-p256, ec-p384, rsa-2048, rsa-3072, rsa-4096.
+    #[serde(default = "default_key_types")]
+    pub key_types: Vec<String>,
+}
+
+impl Default for ProfileConfig {
+    fn default() -> Self {
+        ProfileConfig {
+            validity_days: default_validity_days(),
+            key_usage: default_key_usage(),
+            extended_key_usage: default_eku(),
+            crl_distribution_point: None,
+            key_types: default_key_types(),
+        }
+    }
+}
+
+fn default_validity_days() -> u32 {
+    365
+}
+fn default_key_usage() -> Vec<String> {
+    vec!["digitalSignature".into(), "keyEncipherment".into()]
+}
+fn default_eku() -> Vec<String> {
+    vec!["serverAuth".into(), "clientAuth".into()]
+}
+fn default_key_types() -> Vec<String> {
+    ["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096"]
+        .map(String::from)
+        .to_vec()
 }
 
 /// A configuration error: file, key and reason.

@@ -470,9 +470,7 @@ fn tls_init(
         &ca_cert,
         &subject,
         &info.public_key.spki_der,
-        ca::Profile::TlsServer {
-            sans: sans.to_vec(),
-        },
+        ca::Profile::Leaf(ca::LeafProfile::tls_server(sans)?),
         days,
     )?;
     let mut chain = pki::certificate_pem(&leaf)?;

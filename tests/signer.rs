@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::softhsm::fresh_token;
-use nfv_warden::ca::{self, Profile};
+use nfv_warden::ca::{self, LeafProfile, Profile};
 use nfv_warden::keys::pkcs11::Pkcs11KeyStore;
 use nfv_warden::keys::signer::HardwareKey;
 use nfv_warden::keys::{KeyAlgorithm, KeySpec, KeyStore, SignatureScheme};
@@ -60,9 +60,9 @@ fn root_and_server_certificates_verify_with_openssl() {
             &root,
             "CN=warden.example",
             &tls_info.public_key.spki_der,
-            Profile::TlsServer {
-                sans: vec!["localhost".into(), "127.0.0.1".into()],
-            },
+            Profile::Leaf(
+                LeafProfile::tls_server(&["localhost".into(), "127.0.0.1".into()]).unwrap(),
+            ),
             7,
         )
         .expect("leaf");
@@ -152,9 +152,7 @@ async fn tls_handshake_with_a_hardware_key() {
             &root,
             "CN=localhost",
             &tls_info.public_key.spki_der,
-            Profile::TlsServer {
-                sans: vec!["localhost".into()],
-            },
+            Profile::Leaf(LeafProfile::tls_server(&["localhost".into()]).unwrap()),
             1,
         )
         .unwrap();
