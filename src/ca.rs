@@ -41,6 +41,8 @@ pub enum CaError {
     Build(String),
     #[error("chain: {0}")]
     Chain(String),
+    #[error("signing with the CA key: {reason}")]
+    Signing { transient: bool, reason: String },
     #[error("subject alternative name '{0}': not a DNS name or IP address")]
     SubjectAltName(String),
 }
@@ -312,7 +314,22 @@ impl Issuer {
             .map_err(|e| CaError::Build(e.to_string()))?;
         builder
             .build::<_, HardwareSignature>(&self.key)
-            .map_err(|e| CaError::Build(e.to_string()))
+            .map_err(signing_error)
+    }
+}
+
+/// Keep whether a signing failure was the device being unavailable (retry later) or not.
+fn signing_error(error: x509_cert::builder::Error) -> CaError {
+    match &error {
+        x509_cert::builder::Error::Signature(signature) => {
+            let key_error = std::error::Error::source(signature)
+                .and_then(|s| s.downcast_ref::<crate::keys::KeyError>());
+            CaError::Signing {
+                transient: key_error.is_some_and(|k| k.is_transient()),
+                reason: key_error.map_or_else(|| error.to_string(), |k| k.to_string()),
+            }
+        }
+        _ => CaError::Build(error.to_string()),
     }
 }
 

@@ -539,7 +539,14 @@ fn serve(config: &Config) -> Result<ExitCode, Failure> {
         .ok_or_else(|| Failure("config: no [server] section".into()))?;
     let backends = open_backends(config)?;
     let store = open_store(config)?;
-    let tls = nfv_warden::api::tls_config(&server, &backends)?;
+    let client_roots = config.cmf.as_ref().map(|c| c.client_ca.as_path());
+    let tls = nfv_warden::api::tls_config(&server, &backends, client_roots)?;
+    let cmf = match &config.cmf {
+        Some(_) => Some(Arc::new(
+            nfv_warden::cmf::Cmf::new(config, &backends, store.clone()).map_err(Failure)?,
+        )),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -553,7 +560,11 @@ fn serve(config: &Config) -> Result<ExitCode, Failure> {
         // Type=notify: systemd starts dependants only once we listen.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         println!("listening on https://{addr}");
-        let app = nfv_warden::api::router(nfv_warden::api::AppState { backends, store });
+        let app = nfv_warden::api::router(nfv_warden::api::AppState {
+            backends,
+            store,
+            cmf,
+        });
         nfv_warden::api::serve(
             listener,
             tls,
@@ -709,7 +720,8 @@ fn check(path: &Path) -> Result<ExitCode, Failure> {
         }
     }
     if let Some(server) = &config.server {
-        match nfv_warden::api::tls_config(server, &backends) {
+        let client_roots = config.cmf.as_ref().map(|c| c.client_ca.as_path());
+        match nfv_warden::api::tls_config(server, &backends, client_roots) {
             Ok(_) => line(
                 true,
                 format!(

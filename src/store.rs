@@ -289,6 +289,25 @@ pub enum StoreError {
     GroupCommit(#[source] Arc<StoreError>),
 }
 
+impl StoreError {
+    /// Refuse a write for a reason of the caller's domain (nothing of the closure lands).
+    pub fn rejected<E: std::error::Error + Send + Sync + 'static>(error: E) -> StoreError {
+        StoreError::Rejected(Box::new(error))
+    }
+
+    /// The caller's own error back from [`StoreError::Rejected`], or `self` when it is a
+    /// store failure or another type.
+    pub fn into_rejected<E: std::error::Error + 'static>(self) -> Result<E, StoreError> {
+        match self {
+            StoreError::Rejected(inner) => match inner.downcast::<E>() {
+                Ok(e) => Ok(*e),
+                Err(other) => Err(StoreError::Rejected(other)),
+            },
+            other => Err(other),
+        }
+    }
+}
+
 /// The durable store. Share it through an `Arc`; it is `Send + Sync`.
 pub struct Store {
     db: redb::Database,

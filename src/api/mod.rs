@@ -1,5 +1,9 @@
 //! HTTPS server: hyper + rustls with the agent's TLS key in the HSM/TPM, routing, health,
-//! readiness notification and draining on SIGTERM.
+//! readiness notification and draining on SIGTERM. Client certificates are requested (and
+//! verified against the configured consumer roots) when the CMF is served; the identity in
+//! a verified client certificate reaches handlers as [`ClientIdentity`].
+
+pub mod cmf;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +31,39 @@ use crate::store::Store;
 pub struct AppState {
     pub backends: Backends,
     pub store: Arc<Store>,
+    pub cmf: Option<Arc<crate::cmf::Cmf>>,
+}
+
+/// The identity of the TLS client: the first DNS name of its verified certificate's
+/// subjectAltName, else its subject commonName; `None` without a client certificate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientIdentity(pub Option<String>);
+
+impl ClientIdentity {
+    pub fn from_certificate(der: &[u8]) -> ClientIdentity {
+        use der::Decode;
+        let Ok(cert) = x509_cert::Certificate::from_der(der) else {
+            return ClientIdentity(None);
+        };
+        if let Ok(Some((_, san))) = cert
+            .tbs_certificate()
+            .get_extension::<x509_cert::ext::pkix::SubjectAltName>()
+        {
+            for name in san.0 {
+                if let x509_cert::ext::pkix::name::GeneralName::DnsName(dns) = name {
+                    return ClientIdentity(Some(dns.to_string()));
+                }
+            }
+        }
+        let cn = cert
+            .tbs_certificate()
+            .subject()
+            .common_name()
+            .ok()
+            .flatten()
+            .map(|cn| cn.value().into_owned());
+        ClientIdentity(cn)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +87,7 @@ pub enum ServeError {
 pub fn tls_config(
     config: &ServerConfig,
     backends: &Backends,
+    client_roots: Option<&std::path::Path>,
 ) -> Result<Arc<rustls::ServerConfig>, ServeError> {
     let path = config.tls_certificate.display().to_string();
     let cert_err = |reason: String| ServeError::Certificate {
@@ -71,11 +109,37 @@ pub fn tls_config(
         .keys_match()
         .map_err(|e| cert_err(format!("does not match the key {}: {e}", config.tls_key)))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ServeError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(FixedCert(certified)));
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let roots_err = |reason: String| ServeError::Certificate {
+                path: path.display().to_string(),
+                reason,
+            };
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| roots_err(format!("cannot read: {e}")))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in crate::pki::certificates_from_pem(&pem).map_err(roots_err)? {
+                let der = der::Encode::to_der(&cert).map_err(|e| roots_err(e.to_string()))?;
+                roots
+                    .add(CertificateDer::from(der))
+                    .map_err(|e| roots_err(e.to_string()))?;
+            }
+            // Unauthenticated clients may still reach /healthz; the CMF answers them 401.
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut tls = builder.with_cert_resolver(Arc::new(FixedCert(certified)));
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(tls))
 }
@@ -94,9 +158,20 @@ impl rustls::server::ResolvesServerCert for FixedCert {
 
 /// The routes. Later issues add the CMF and SM APIs here.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/healthz", get(healthz))
-        .with_state(state)
+        .with_state(state.clone());
+    if let Some(cmf) = &state.cmf {
+        router = router.merge(cmf::routes(cmf.clone()));
+    }
+    router.fallback(not_found)
+}
+
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    cmf::problem_response(&crate::cmf::CmfError::NotFound(format!(
+        "no resource at {}",
+        uri.path()
+    )))
 }
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
@@ -153,6 +228,8 @@ pub async fn serve(
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let service = TowerToHyperService::new(app.clone());
+                #[allow(unused_imports)]
+                use hyper::service::Service as _;
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
@@ -168,6 +245,17 @@ pub async fn serve(
                             return;
                         }
                     };
+                    let identity = ClientIdentity(None);
+                    let identity = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map_or(identity, |leaf| ClientIdentity::from_certificate(leaf));
+                    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                        request.extensions_mut().insert(identity.clone());
+                        service.call(request)
+                    });
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service).into_owned();
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");

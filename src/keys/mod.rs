@@ -214,6 +214,21 @@ impl HashAlgorithm {
 ///   or `serial`, the object by `object` label and/or `id`);
 /// - `tpm:handle=0x81000100` for a persistent TPM key, `tpm:handle=0x01500000` for an NV
 ///   index (erasure only).
+///
+/// ```
+/// use nfv_warden::keys::{BackendKind, KeyRef};
+///
+/// let ca: KeyRef = "pkcs11:token=warden;object=issuing%20ca".parse().unwrap();
+/// assert_eq!(ca.backend(), BackendKind::Pkcs11);
+/// assert_eq!(ca.to_string(), "pkcs11:token=warden;object=issuing%20ca");
+///
+/// let tls: KeyRef = "tpm:handle=0x81000100".parse().unwrap();
+/// assert_eq!(tls.backend(), BackendKind::Tpm);
+///
+/// // Slot numbers are not stable names, and a PIN never goes in a URI.
+/// assert!("pkcs11:slot-id=0;object=ca".parse::<KeyRef>().is_err());
+/// assert!("pkcs11:token=warden;object=ca?pin-value=1234".parse::<KeyRef>().is_err());
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum KeyRef {
     Pkcs11(Pkcs11Uri),

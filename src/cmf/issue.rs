@@ -1,0 +1,478 @@
+//! Certificate Signing Request (IFA 033 11.2.3): from a verified CSR and the consumer's
+//! registration to a certificate signed by the CA key in the HSM/TPM, recorded durably
+//! before it is returned.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use der::asn1::Ia5String;
+use der::{Decode, Encode};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use spki::{ObjectIdentifier, SubjectPublicKeyInfoOwned};
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::KeyUsages;
+use x509_cert::name::Name;
+use x509_cert::time::Validity;
+
+use super::attest::{self, Attester};
+use super::csr::{self, VerifiedCsr};
+use super::register::{normalize, owned_by, rejected_or, subject_key};
+use super::{
+    CertType, Cmf, CmfError, Consumer, IssuedRecord, Registration, CERTIFICATES, REGISTRATIONS,
+    SUBJECTS,
+};
+use crate::ca::{Issuer, LeafProfile, Profile};
+use crate::config::{ProfileConfig, UnattestedPolicy};
+use crate::keys::backends::Backends;
+use crate::keys::signer::HardwareKey;
+use crate::keys::KeyRef;
+use crate::pki;
+use crate::store::{AuditEvent, StoreError};
+
+/// TCG key provenance policies (TCG EK Credential Profile / CSR attestation draft):
+/// the key was verified resident in a TPM, and fixed to it.
+const TCG_VERIFIED_TPM_RESIDENCY: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("2.23.133.11.1.1");
+const TCG_VERIFIED_TPM_FIXED: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.23.133.11.1.2");
+
+/// A CA the CMF issues from: its key (in the HSM/TPM), certificate and chain.
+#[derive(Clone, Debug)]
+pub struct IssuingCa {
+    pub id: String,
+    pub issuer: Issuer,
+    pub cert_types: Vec<CertType>,
+    /// PEM certificates from this CA up to the root (11.2.3.3 certificateChain).
+    pub chain_pem: Vec<String>,
+    /// The same, DER (EST cacerts).
+    pub chain_der: Vec<Vec<u8>>,
+}
+
+impl IssuingCa {
+    pub fn load(
+        id: &str,
+        key: &KeyRef,
+        certificate: &Path,
+        chain: Option<&Path>,
+        cert_types: Vec<CertType>,
+        backends: &Backends,
+    ) -> Result<IssuingCa, String> {
+        let store = backends
+            .for_key(key)
+            .map_err(|e| format!("CA '{id}': {e}"))?;
+        let hardware = HardwareKey::new(store, key.clone())
+            .map_err(|e| format!("CA '{id}' key {key}: {e}"))?;
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|e| format!("CA '{id}': {}: {e}", path.display()))
+        };
+        let mut certs = pki::certificates_from_pem(&read(certificate)?)
+            .map_err(|e| format!("CA '{id}': {}: {e}", certificate.display()))?;
+        let ca_cert = certs.remove(0);
+        let mut chain_certs = vec![ca_cert.clone()];
+        if let Some(path) = chain {
+            chain_certs.extend(
+                pki::certificates_from_pem(&read(path)?)
+                    .map_err(|e| format!("CA '{id}': {}: {e}", path.display()))?,
+            );
+        }
+        crate::ca::check_chain(&hardware, &chain_certs).map_err(|e| format!("CA '{id}': {e}"))?;
+        let issuer = Issuer::new(hardware, ca_cert).map_err(|e| format!("CA '{id}': {e}"))?;
+        let chain_pem = chain_certs
+            .iter()
+            .map(pki::certificate_pem)
+            .collect::<Result<Vec<_>, _>>()?;
+        let chain_der = chain_certs
+            .iter()
+            .map(|c| c.to_der().map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(IssuingCa {
+            id: id.to_string(),
+            issuer,
+            cert_types,
+            chain_pem,
+            chain_der,
+        })
+    }
+}
+
+/// `POST /certmgmt/v1/certificate_signing_requests` body (11.2.3.2).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CsrRequest {
+    #[serde(default)]
+    pub vnfc_id: Option<String>,
+    pub cert_type: String,
+    pub cert_chain_request: bool,
+    pub csr: String,
+}
+
+/// 11.2.3.3 output, plus what a VNFM needs to track the certificate.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CsrResponse {
+    pub certificate: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate_chain: Option<Vec<String>>,
+    pub serial_number: String,
+    pub registration_id: String,
+    pub attestation: String,
+}
+
+/// Check a configured profile once, at start.
+pub fn check_profile(profile: &ProfileConfig) -> Result<(), String> {
+    key_usages(&profile.key_usage)?;
+    extended_key_usages(&profile.extended_key_usage)?;
+    if profile.validity_days == 0 || profile.validity_days > 3650 {
+        return Err("validity_days: 1 to 3650".into());
+    }
+    for key_type in &profile.key_types {
+        if !["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096"].contains(&key_type.as_str())
+        {
+            return Err(format!("key_types: unknown '{key_type}'"));
+        }
+    }
+    if let Some(uri) = &profile.crl_distribution_point {
+        Ia5String::new(uri).map_err(|_| "crl_distribution_point: not an IA5 URI".to_string())?;
+    }
+    Ok(())
+}
+
+fn key_usages(names: &[String]) -> Result<der::flagset::FlagSet<KeyUsages>, String> {
+    let mut set = der::flagset::FlagSet::<KeyUsages>::default();
+    for name in names {
+        set |= match name.as_str() {
+            "digitalSignature" => KeyUsages::DigitalSignature,
+            "nonRepudiation" | "contentCommitment" => KeyUsages::NonRepudiation,
+            "keyEncipherment" => KeyUsages::KeyEncipherment,
+            "dataEncipherment" => KeyUsages::DataEncipherment,
+            "keyAgreement" => KeyUsages::KeyAgreement,
+            other => return Err(format!("key_usage: unknown '{other}'")),
+        };
+    }
+    Ok(set)
+}
+
+fn extended_key_usages(names: &[String]) -> Result<Vec<ObjectIdentifier>, String> {
+    names
+        .iter()
+        .map(|name| match name.as_str() {
+            "serverAuth" => Ok(const_oid::db::rfc5280::ID_KP_SERVER_AUTH),
+            "clientAuth" => Ok(const_oid::db::rfc5280::ID_KP_CLIENT_AUTH),
+            "codeSigning" => Ok(const_oid::db::rfc5280::ID_KP_CODE_SIGNING),
+            "emailProtection" => Ok(const_oid::db::rfc5280::ID_KP_EMAIL_PROTECTION),
+            other => ObjectIdentifier::new(other)
+                .map_err(|_| format!("extended_key_usage: unknown '{other}'")),
+        })
+        .collect()
+}
+
+impl Cmf {
+    /// The whole CSR operation for `consumer`.
+    pub async fn sign_csr(
+        &self,
+        consumer: &Consumer,
+        request: CsrRequest,
+    ) -> Result<CsrResponse, CmfError> {
+        let cert_type = match CertType::parse(&request.cert_type) {
+            Some(t @ (CertType::VnfciCert | CertType::VnfOamCert)) => t,
+            Some(CertType::ManoCert) => {
+                return Err(CmfError::Unprocessable(
+                    "certType MANO_CERT: the CSR operation applies to VNFCI_CERT and \
+                     VNF_OAM_CERT (IFA 033 11.2.3.1)"
+                        .into(),
+                ))
+            }
+            None => {
+                return Err(CmfError::BadRequest(format!(
+                    "certType '{}': expected VNFCI_CERT or VNF_OAM_CERT",
+                    request.cert_type
+                )))
+            }
+        };
+        if cert_type == CertType::VnfciCert && request.vnfc_id.is_none() {
+            return Err(CmfError::BadRequest(
+                "vnfcId is required for VNFCI_CERT (IFA 033 11.2.3.2)".into(),
+            ));
+        }
+        // 1. Decode and proof of possession (CPU work, off the async threads).
+        let der = csr::csr_der_from_text(&request.csr)?;
+        let verified = tokio::task::spawn_blocking(move || csr::verify(&der))
+            .await
+            .map_err(|e| CmfError::Internal(format!("CSR check: {e}")))??;
+        // 2. The caller's registration.
+        let registration =
+            self.registration_for(consumer, cert_type, request.vnfc_id.as_deref(), &verified)?;
+        let names = verified.requested_names();
+        for name in &names {
+            if !registration.subject_ids.contains(&normalize(name)) {
+                return Err(CmfError::Unprocessable(format!(
+                    "csr: '{name}' is not among the subjects registered in registration {}",
+                    registration.id
+                )));
+            }
+        }
+        // 3. Key policy of the profile.
+        let profile = self.profile(cert_type);
+        let key_type = verified.key_type.name();
+        if !profile.key_types.contains(&key_type) {
+            return Err(CmfError::Unprocessable(format!(
+                "csr: key type {key_type} is not allowed for {cert_type} (allowed: {})",
+                profile.key_types.join(", ")
+            )));
+        }
+        // 4. Key attestation against the registered attester.
+        let (attestation, attestation_format, policies) =
+            self.check_attestation(&registration, &verified).await?;
+        // 5. Issue.
+        let ca = self
+            .ca(&registration.ca_id)
+            .ok_or_else(|| {
+                CmfError::Internal(format!(
+                    "CA '{}' of the registration is no longer configured",
+                    registration.ca_id
+                ))
+            })?
+            .clone();
+        let leaf = leaf_profile(&profile, verified.key_type.is_rsa(), &names, policies)
+            .map_err(CmfError::Internal)?;
+        let subject = subject_name(&verified, &names)?;
+        let spki = SubjectPublicKeyInfoOwned::from_der(&verified.spki_der)
+            .map_err(|e| CmfError::BadRequest(format!("csr: public key: {e}")))?;
+        let spki_sha256 = hex::encode(sha2::Sha256::digest(&verified.spki_der));
+        let days = profile.validity_days;
+        let issuer = ca.issuer.clone();
+        // Serial collisions at 126 random bits are practically impossible; the store still
+        // enforces uniqueness per issuer and a collision is retried with a new serial.
+        for _attempt in 0..3 {
+            let serial = pki::random_serial().map_err(CmfError::Internal)?;
+            let serial_hex = hex::encode(serial.as_bytes());
+            let (issuer, subject, spki, leaf) =
+                (issuer.clone(), subject.clone(), spki.clone(), leaf.clone());
+            let certificate = tokio::task::spawn_blocking(move || {
+                let validity = Validity::from_now(Duration::from_secs(u64::from(days) * 86_400))
+                    .map_err(|e| CmfError::Internal(e.to_string()))?;
+                issuer
+                    .issue(subject, spki, Profile::Leaf(leaf), serial, validity)
+                    .map_err(|e| match e {
+                        crate::ca::CaError::Signing {
+                            transient: true,
+                            reason,
+                        } => CmfError::Unavailable(format!("the CA key is unavailable: {reason}")),
+                        other => CmfError::Internal(format!("issuing: {other}")),
+                    })
+            })
+            .await
+            .map_err(|e| CmfError::Internal(format!("issuing: {e}")))??;
+            let validity = certificate.tbs_certificate().validity();
+            let record = IssuedRecord {
+                serial_number: serial_hex.clone(),
+                ca_id: ca.id.clone(),
+                consumer: consumer.id.clone(),
+                registration_id: registration.id.clone(),
+                cert_type,
+                subjects: names.clone(),
+                spki_sha256: spki_sha256.clone(),
+                attestation: attestation.clone(),
+                attestation_format: attestation_format.clone(),
+                not_before: validity.not_before.to_string(),
+                not_after: validity.not_after.to_string(),
+                issued_at: crate::keys::rfc3339_now(),
+            };
+            let key = format!("{}/{}", ca.id, serial_hex);
+            let consumer_id = consumer.id.clone();
+            let outcome = self
+                .group
+                .write_async(move |tx| {
+                    tx.insert_new(&CERTIFICATES, &key, &record)?;
+                    tx.audit(
+                        AuditEvent::new(&consumer_id, "cmf.issue", &key)
+                            .with_detail(serde_json::to_value(&record).unwrap_or_default()),
+                    );
+                    Ok(())
+                })
+                .await;
+            match outcome {
+                Ok(()) => {
+                    let pem = pki::certificate_pem(&certificate).map_err(CmfError::Internal)?;
+                    return Ok(CsrResponse {
+                        certificate: pem,
+                        certificate_chain: request.cert_chain_request.then(|| ca.chain_pem.clone()),
+                        serial_number: serial_hex,
+                        registration_id: registration.id.clone(),
+                        attestation,
+                    });
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    tracing::warn!(serial = %serial_hex, "serial collision; issuing again");
+                    continue;
+                }
+                Err(e) => return Err(rejected_or(e)),
+            }
+        }
+        Err(CmfError::Internal(
+            "could not find a unique serial number".into(),
+        ))
+    }
+
+    /// The registration that covers this request: by vnfcId, else (VNF OAM) the one of the
+    /// caller's registrations that holds every requested name.
+    fn registration_for(
+        &self,
+        consumer: &Consumer,
+        cert_type: CertType,
+        vnfc_id: Option<&str>,
+        verified: &VerifiedCsr,
+    ) -> Result<Registration, CmfError> {
+        let lookup = match vnfc_id {
+            Some(id) => subject_key(cert_type, id),
+            None => {
+                let first = verified
+                    .requested_names()
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default();
+                subject_key(cert_type, &first)
+            }
+        };
+        let what = vnfc_id.map_or_else(
+            || "the CSR's subject".to_string(),
+            |id| format!("vnfcId '{id}'"),
+        );
+        let registration = self.store.read(|tx| {
+            let Some(id) = tx.get(&SUBJECTS, &lookup)? else {
+                return Ok(None);
+            };
+            tx.get(&REGISTRATIONS, &id)
+        })?;
+        let registration = registration.ok_or_else(|| {
+            CmfError::Unprocessable(format!("{what} is not registered for {cert_type}"))
+        })?;
+        owned_by(&registration, consumer)
+            .map_err(|_| CmfError::Forbidden(format!("{what} is managed by another consumer")))?;
+        Ok(registration)
+    }
+
+    /// The attestation verdict: ("verified" | "not-requested" | "unattested: why", format,
+    /// certificate policies to add).
+    async fn check_attestation(
+        &self,
+        registration: &Registration,
+        verified: &VerifiedCsr,
+    ) -> Result<(String, Option<String>, Vec<ObjectIdentifier>), CmfError> {
+        let Some(registered) = &registration.key_attestation else {
+            return Ok(("not-requested".into(), None, Vec::new()));
+        };
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let attester = Attester {
+            public_key_spki_der: b64
+                .decode(&registered.attester_public_key)
+                .map_err(|e| CmfError::Internal(format!("stored attester key: {e}")))?,
+            format: registered
+                .format_oid
+                .parse()
+                .map_err(|e| CmfError::Internal(format!("stored format OID: {e}")))?,
+            expected_qualifying_data: registered
+                .expected_qualifying_data
+                .as_ref()
+                .map(|q| b64.decode(q))
+                .transpose()
+                .map_err(|e| CmfError::Internal(format!("stored qualifying data: {e}")))?,
+        };
+        let formats = self.formats.clone();
+        let attributes = verified.request.info.attributes.clone();
+        let spki = verified.spki_der.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            attest::verify_csr_attestation(&formats, &attributes, &spki, &attester)
+        })
+        .await
+        .map_err(|e| CmfError::Internal(format!("attestation check: {e}")))?;
+        match outcome {
+            Ok(v) => {
+                let mut policies = Vec::new();
+                if v.tpm_residency {
+                    policies.push(TCG_VERIFIED_TPM_RESIDENCY);
+                }
+                if v.tpm_fixed {
+                    policies.push(TCG_VERIFIED_TPM_FIXED);
+                }
+                Ok((
+                    "verified".into(),
+                    Some(registered.format_oid.clone()),
+                    policies,
+                ))
+            }
+            Err(e) if self.unattested == UnattestedPolicy::Issue => {
+                tracing::warn!(registration = %registration.id, reason = %e, "issuing un-attested by local policy");
+                Ok((
+                    format!("unattested: {e}"),
+                    Some(registered.format_oid.clone()),
+                    Vec::new(),
+                ))
+            }
+            Err(e) => Err(CmfError::Unprocessable(format!("key attestation: {e}"))),
+        }
+    }
+}
+
+fn leaf_profile(
+    profile: &ProfileConfig,
+    rsa: bool,
+    names: &[String],
+    policies: Vec<ObjectIdentifier>,
+) -> Result<LeafProfile, String> {
+    let mut key_usage = key_usages(&profile.key_usage)?;
+    if !rsa {
+        // keyEncipherment is meaningless for EC keys (RFC 5480 3).
+        key_usage -= KeyUsages::KeyEncipherment;
+    }
+    let subject_alt_names = names
+        .iter()
+        .map(|name| {
+            if name.contains(':') {
+                Ia5String::new(name)
+                    .map(GeneralName::UniformResourceIdentifier)
+                    .map_err(|e| e.to_string())
+            } else {
+                crate::ca::general_name(name).map_err(|e| e.to_string())
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(LeafProfile {
+        key_usage,
+        extended_key_usage: extended_key_usages(&profile.extended_key_usage)?,
+        subject_alt_names,
+        crl_distribution_point: profile.crl_distribution_point.clone(),
+        policies,
+    })
+}
+
+/// The issued subject: the CSR's commonName if it has one, else the first requested name.
+/// Only validated names go into the certificate; other subject attributes are not vouched
+/// for and are dropped.
+fn subject_name(verified: &VerifiedCsr, names: &[String]) -> Result<Name, CmfError> {
+    let cn = verified
+        .common_names
+        .first()
+        .cloned()
+        .or_else(|| names.first().cloned())
+        .unwrap_or_default();
+    let escaped: String = cn
+        .chars()
+        .flat_map(|c| {
+            let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=');
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
+        })
+        .collect();
+    crate::ca::parse_name(&format!("CN={escaped}"))
+        .map_err(|e| CmfError::Unprocessable(format!("csr: subject: {e}")))
+}
+
+/// The issued certificate's DER and PEM are also served for `cacerts`; this helper gives the
+/// chain of the CA that issues `cert_type` first.
+pub fn chain_for(cmf: &Cmf, cert_type: CertType) -> Option<&IssuingCa> {
+    cmf.cas.iter().find(|ca| ca.cert_types.contains(&cert_type))
+}
