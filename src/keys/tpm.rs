@@ -17,6 +17,10 @@
 //! created here (the primary while it is being persisted, a freshly loaded key) is flushed on
 //! every path, errors included, by [`with_transient`].
 //!
+//! Attestation ([`KeyAttestation`]): attestation keys are restricted signing keys in the
+//! same key range; TPM2_Certify authorizes both the certified key and the AK, so it runs
+//! with two password sessions (one session per authorization handle, never more).
+//!
 //! Recovery: a TCTI-layer error (connection refused or reset: the TPM or swtpm went away) is
 //! transient. The owner thread then drops the context, re-creates it from the TCTI with
 //! backoff (50 ms doubling up to 2 s, `recovery_attempts` tries per command) and retries the
