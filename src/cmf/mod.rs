@@ -297,9 +297,20 @@ impl Cmf {
         }
         let mut formats = attest::Formats::default();
         for (oid, kind) in &cmf.attestation_formats {
-            formats = formats
-                .with_alias_named(oid, kind)
+            let format: attest::FormatOid = oid
+                .parse()
                 .map_err(|e| format!("cmf.attestation_formats.\"{oid}\": {e}"))?;
+            let kind = match kind.as_str() {
+                "tpm2-certify" => attest::VerifierKind::Tpm2Certify,
+                "x509-key-certificate" => attest::VerifierKind::X509KeyCertificate,
+                other => {
+                    return Err(format!(
+                        "cmf.attestation_formats.\"{oid}\": '{other}' (expected tpm2-certify \
+                         or x509-key-certificate)"
+                    ))
+                }
+            };
+            formats = formats.with_alias(format, kind);
         }
         let group = store
             .group_commit(cmf.group_commit_max)

@@ -423,6 +423,37 @@ pub trait KeyStore: Send + Sync {
     fn list(&self) -> Result<Vec<KeyInfo>, KeyError>;
 }
 
+/// TPM2_Certify evidence: the TPM's statement that it holds a key, signed by an attestation
+/// key. The byte strings are exactly what a tcg-attest-tpm-certify statement carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertifyEvidence {
+    /// TPMS_ATTEST (type TPM_ST_ATTEST_CERTIFY), as signed.
+    pub attest: Vec<u8>,
+    /// TPMT_SIGNATURE, marshalled.
+    pub signature: Vec<u8>,
+    /// TPMT_PUBLIC of the certified key, marshalled (no TPM2B size prefix).
+    pub public_area: Vec<u8>,
+}
+
+/// Key attestation: a capability of backends that can prove a key is theirs (a TPM). Not
+/// part of [`KeyStore`]: a PKCS#11 token has no standard equivalent.
+pub trait KeyAttestation: Send + Sync {
+    /// Create an attestation key (AK): a restricted signing key (fixedTPM, fixedParent,
+    /// sensitiveDataOrigin, userWithAuth, restricted, sign) with a fixed scheme (EC P-256:
+    /// ECDSA-SHA256; RSA-2048: RSASSA-SHA256), persisted like any other key. A restricted
+    /// key signs only TPM-generated structures, so it cannot be used to forge an attestation.
+    fn create_attestation_key(&self, spec: &KeySpec) -> Result<KeyInfo, KeyError>;
+
+    /// TPM2_Certify `key` with `attestation_key`, binding `qualifying_data` (a nonce; at
+    /// most 64 octets) into the evidence's extraData.
+    fn certify(
+        &self,
+        key: &KeyRef,
+        attestation_key: &KeyRef,
+        qualifying_data: &[u8],
+    ) -> Result<CertifyEvidence, KeyError>;
+}
+
 /// Errors of the key layer. Device errors carry the PKCS#11 function or TPM command that
 /// failed and its source.
 #[derive(Debug, thiserror::Error)]

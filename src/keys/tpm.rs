@@ -17,6 +17,10 @@
 //! created here (the primary while it is being persisted, a freshly loaded key) is flushed on
 //! every path, errors included, by [`with_transient`].
 //!
+//! Attestation ([`KeyAttestation`]): attestation keys are restricted signing keys in the
+//! same key range; TPM2_Certify authorizes both the certified key and the AK, so it runs
+//! with two password sessions (one session per authorization handle, never more).
+//!
 //! Recovery: a TCTI-layer error (connection refused or reset: the TPM or swtpm went away) is
 //! transient. The owner thread then drops the context, re-creates it from the TCTI with
 //! backoff (50 ms doubling up to 2 s, `recovery_attempts` tries per command) and retries the
@@ -50,18 +54,19 @@ use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth, Provision};
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
-    Auth, CapabilityData, Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket,
+    Auth, CapabilityData, Data, Digest, EccPoint, EccScheme, HashScheme, HashcheckTicket,
     KeyDerivationFunctionScheme, MaxNvBuffer, NvPublicBuilder, Public, PublicEccParameters,
     PublicKeyRsa, PublicRsaParameters, RsaExponent, RsaScheme, Signature,
     SignatureScheme as TpmSignatureScheme, SymmetricDefinitionObject,
 };
+use tss_esapi::traits::Marshall;
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::{Context, TctiNameConf};
 
 use crate::config::TpmConfig;
 use crate::keys::{
-    ecdsa_raw_to_der, BackendKind, ErasureRecord, KeyAlgorithm, KeyError, KeyInfo, KeyRef, KeySpec,
-    KeyStore, PublicKey, SignatureScheme, TpmHandle,
+    ecdsa_raw_to_der, BackendKind, CertifyEvidence, ErasureRecord, KeyAlgorithm, KeyAttestation,
+    KeyError, KeyInfo, KeyRef, KeySpec, KeyStore, PublicKey, SignatureScheme, TpmHandle,
 };
 
 /// A key store backed by a TPM 2.0 (or swtpm), driven by one owner thread.
@@ -193,7 +198,28 @@ impl TpmKeyStore {
     /// can name a key before it exists (`ca.key = "tpm:handle=0x81000110"`).
     pub fn generate_at(&self, handle: TpmHandle, spec: &KeySpec) -> Result<KeyInfo, KeyError> {
         let spec = spec.clone();
-        self.call(move |w| w.run("TPM2_Create", |c, l| generate(c, l, &spec, Some(handle))))
+        self.call(move |w| {
+            w.run("TPM2_Create", |c, l| {
+                generate(c, l, &spec, Some(handle), Template::Signing)
+            })
+        })
+    }
+
+    /// Generate a signing key with exactly the TPMA_OBJECT bits `object_attributes` (TPM 2.0
+    /// Part 2, 8.3) instead of the backend's fixed set. For test vectors only: a key without
+    /// fixedTPM or sensitiveDataOrigin, which an attestation verifier must refuse. The TPM
+    /// still enforces its own consistency rules (TPM_RC_ATTRIBUTES).
+    pub fn generate_with_attributes(
+        &self,
+        spec: &KeySpec,
+        object_attributes: u32,
+    ) -> Result<KeyInfo, KeyError> {
+        let spec = spec.clone();
+        self.call(move |w| {
+            w.run("TPM2_Create", |c, l| {
+                generate(c, l, &spec, None, Template::Custom(object_attributes))
+            })
+        })
     }
 
     pub fn is_software_tpm(&self) -> bool {
@@ -242,7 +268,11 @@ impl KeyStore for TpmKeyStore {
 
     fn generate(&self, spec: &KeySpec) -> Result<KeyInfo, KeyError> {
         let spec = spec.clone();
-        self.call(move |w| w.run("TPM2_Create", |c, l| generate(c, l, &spec, None)))
+        self.call(move |w| {
+            w.run("TPM2_Create", |c, l| {
+                generate(c, l, &spec, None, Template::Signing)
+            })
+        })
     }
 
     fn public_key(&self, key: &KeyRef) -> Result<PublicKey, KeyError> {
@@ -308,6 +338,39 @@ impl KeyStore for TpmKeyStore {
 
     fn list(&self) -> Result<Vec<KeyInfo>, KeyError> {
         self.call(|w| w.run("TPM2_GetCapability", list))
+    }
+}
+
+impl KeyAttestation for TpmKeyStore {
+    fn create_attestation_key(&self, spec: &KeySpec) -> Result<KeyInfo, KeyError> {
+        if !matches!(spec.algorithm, KeyAlgorithm::EcP256 | KeyAlgorithm::Rsa2048) {
+            return Err(KeyError::Unsupported(format!(
+                "a {} attestation key (ec-p256 or rsa-2048)",
+                spec.algorithm
+            )));
+        }
+        let spec = spec.clone();
+        self.call(move |w| {
+            w.run("TPM2_Create", |c, l| {
+                generate(c, l, &spec, None, Template::Attestation)
+            })
+        })
+    }
+
+    fn certify(
+        &self,
+        key: &KeyRef,
+        attestation_key: &KeyRef,
+        qualifying_data: &[u8],
+    ) -> Result<CertifyEvidence, KeyError> {
+        let key = persistent_handle(key)?;
+        let attestation_key = persistent_handle(attestation_key)?;
+        let qualifying_data = qualifying_data.to_vec();
+        self.call(move |w| {
+            w.run("TPM2_Certify", |c, _| {
+                certify(c, key, attestation_key, &qualifying_data)
+            })
+        })
     }
 }
 
@@ -534,6 +597,7 @@ fn generate(
     layout: &Layout,
     spec: &KeySpec,
     at: Option<TpmHandle>,
+    template: Template,
 ) -> Result<KeyInfo, KeyError> {
     let used = handles_in(&mut c.context, layout.first, layout.last)?;
     let free = match at {
@@ -564,7 +628,7 @@ fn generate(
         .execute_with_session(Some(AuthSession::Password), |ctx| {
             ctx.create(
                 parent,
-                signing_key_template(spec.algorithm)?,
+                template.public(spec.algorithm)?,
                 None,
                 None,
                 None,
@@ -653,6 +717,58 @@ fn sign(
             other.algorithm()
         ))),
     }
+}
+
+/// TPM2_Certify of a persistent key by a persistent AK. Two authorizations (the object and
+/// the signing key), so two password sessions; the AK's own scheme signs (scheme NULL).
+/// Both objects are persistent: nothing transient to flush.
+fn certify(
+    c: &mut Connection,
+    key: TpmHandle,
+    attestation_key: TpmHandle,
+    qualifying_data: &[u8],
+) -> Result<CertifyEvidence, KeyError> {
+    let data = Data::try_from(qualifying_data.to_vec()).map_err(|_| {
+        KeyError::InvalidArgument(format!(
+            "qualifying data of {} octets: at most 64",
+            qualifying_data.len()
+        ))
+    })?;
+    let object = c.esys_handle(key)?;
+    let signer = c.esys_handle(attestation_key)?;
+    let result = c.context.execute_with_sessions(
+        (
+            Some(AuthSession::Password),
+            Some(AuthSession::Password),
+            None,
+        ),
+        |ctx| {
+            ctx.certify(
+                object,
+                KeyHandle::from(signer),
+                data,
+                TpmSignatureScheme::Null,
+            )
+        },
+    );
+    let (attest, signature) = match result {
+        Ok(evidence) => evidence,
+        Err(e) => {
+            c.forget(key);
+            c.forget(attestation_key);
+            return Err(KeyError::Tpm {
+                command: "TPM2_Certify",
+                source: e,
+            });
+        }
+    };
+    let public = c.read_public_of(key)?;
+    let marshal = tpm_error("Tss2_MU_Marshal");
+    Ok(CertifyEvidence {
+        attest: attest.marshall().map_err(&marshal)?,
+        signature: signature.marshall().map_err(&marshal)?,
+        public_area: public.marshall().map_err(&marshal)?,
+    })
 }
 
 fn destroy_persistent(
@@ -928,6 +1044,82 @@ fn signing_key_template(algorithm: KeyAlgorithm) -> tss_esapi::Result<Public> {
             ),
             unique: PublicKeyRsa::default(),
         },
+    })
+}
+
+/// Which template a new key gets.
+#[derive(Clone, Copy, Debug)]
+enum Template {
+    /// [`signing_key_template`]: every key of the key layer.
+    Signing,
+    /// [`attestation_key_template`].
+    Attestation,
+    /// A signing key with these TPMA_OBJECT bits (tests).
+    Custom(u32),
+}
+
+impl Template {
+    fn public(self, algorithm: KeyAlgorithm) -> tss_esapi::Result<Public> {
+        match self {
+            Template::Signing => signing_key_template(algorithm),
+            Template::Attestation => attestation_key_template(algorithm),
+            Template::Custom(bits) => {
+                let mut public = signing_key_template(algorithm)?;
+                let attributes = ObjectAttributes::from(bits);
+                match &mut public {
+                    Public::Rsa {
+                        object_attributes, ..
+                    }
+                    | Public::Ecc {
+                        object_attributes, ..
+                    } => *object_attributes = attributes,
+                    _ => {}
+                }
+                Ok(public)
+            }
+        }
+    }
+}
+
+/// Attestation key (TCG EK Credential Profile / tpm2_createak shape): restricted signing,
+/// fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, with its scheme fixed (a
+/// restricted signing key must name one): ECDSA-SHA256 on P-256, RSASSA-SHA256 on RSA-2048.
+fn attestation_key_template(algorithm: KeyAlgorithm) -> tss_esapi::Result<Public> {
+    let object_attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_restricted(true)
+        .with_sign_encrypt(true)
+        .build()?;
+    let hash_scheme = HashScheme::new(HashingAlgorithm::Sha256);
+    Ok(if algorithm.is_rsa() {
+        Public::Rsa {
+            object_attributes,
+            name_hashing_algorithm: HashingAlgorithm::Sha256,
+            auth_policy: Digest::default(),
+            parameters: PublicRsaParameters::new(
+                SymmetricDefinitionObject::Null,
+                RsaScheme::RsaSsa(hash_scheme),
+                RsaKeyBits::Rsa2048,
+                RsaExponent::default(),
+            ),
+            unique: PublicKeyRsa::default(),
+        }
+    } else {
+        Public::Ecc {
+            object_attributes,
+            name_hashing_algorithm: HashingAlgorithm::Sha256,
+            auth_policy: Digest::default(),
+            parameters: PublicEccParameters::new(
+                SymmetricDefinitionObject::Null,
+                EccScheme::EcDsa(hash_scheme),
+                EccCurve::NistP256,
+                KeyDerivationFunctionScheme::Null,
+            ),
+            unique: EccPoint::default(),
+        }
     })
 }
 

@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+pub mod attest;
 pub mod softhsm;
 pub mod suite;
 pub mod swtpm;
