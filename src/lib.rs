@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod ca;
+pub mod client;
 pub mod cmf;
 pub mod config;
 pub mod keys;

@@ -52,6 +52,71 @@ enum Command {
     /// The agent's own TLS identity.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// As a VNFM: register subjects with a CMF (IFA 033 11.2.2).
+    Register(RegisterArgs),
+    /// As a VNFM: send a CSR to a CMF (IFA 033 11.2.3); prints the certificate (and chain).
+    Csr(CsrArgs),
+}
+
+/// How to reach a CMF as a consumer (mutual TLS).
+#[derive(Args)]
+struct ClientArgs {
+    /// The CMF, https://host:port.
+    #[arg(long, env = "WARDEN_SERVER")]
+    server: String,
+    /// PEM roots for the CMF's server certificate.
+    #[arg(long, env = "WARDEN_CACERT")]
+    cacert: PathBuf,
+    /// The consumer's client certificate (PEM).
+    #[arg(long, env = "WARDEN_CLIENT_CERT")]
+    cert: PathBuf,
+    /// The consumer's client private key (PEM).
+    #[arg(long, env = "WARDEN_CLIENT_KEY")]
+    key: PathBuf,
+}
+
+#[derive(Args)]
+struct RegisterArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// MANO_CERT, VNFCI_CERT or VNF_OAM_CERT.
+    #[arg(long)]
+    cert_type: String,
+    /// A subject identifier (repeat for several).
+    #[arg(long = "subject", required = true)]
+    subjects: Vec<String>,
+    /// DELEGATION_MODE (required for VNFCI_CERT and VNF_OAM_CERT).
+    #[arg(long)]
+    handling: Option<String>,
+    /// The attester's public key (PEM SubjectPublicKeyInfo).
+    #[arg(long, requires = "format_oid")]
+    attester_key: Option<PathBuf>,
+    /// The attestation statement format OID.
+    #[arg(long)]
+    format_oid: Option<String>,
+    /// Expected qualifying data (nonce), hex.
+    #[arg(long)]
+    qualifying_data: Option<String>,
+    #[arg(long)]
+    ca_id: Option<String>,
+}
+
+#[derive(Args)]
+struct CsrArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The VNFC instance the certificate is for.
+    #[arg(long)]
+    vnfc: Option<String>,
+    /// VNFCI_CERT or VNF_OAM_CERT.
+    #[arg(long, default_value = "VNFCI_CERT")]
+    cert_type: String,
+    /// PKCS#10 request, PEM or DER.
+    #[arg(long)]
+    csr: PathBuf,
+    /// Also print the chain up to the root.
+    #[arg(long)]
+    chain: bool,
 }
 
 #[derive(Subcommand)]
@@ -153,6 +218,8 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Check => check(&cli.config),
+        Command::Register(args) => register(args),
+        Command::Csr(args) => csr(args),
         command => load(&cli.config).and_then(|config| run(command, &config)),
     };
     match result {
@@ -164,13 +231,115 @@ fn main() -> ExitCode {
     }
 }
 
+/// Run one request against a CMF as a consumer.
+fn cmf_request(
+    client: &ClientArgs,
+    path: &'static str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, Failure> {
+    let https = nfv_warden::client::HttpsClient::new(
+        &client.server,
+        &client.cacert,
+        Some((&client.cert, &client.key)),
+    )?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let response = runtime.block_on(async move {
+        let mut connection = https.connect().await?;
+        connection.post_json(path, &body).await
+    })?;
+    if response.status != 201 {
+        return Err(Failure(format!(
+            "{} {path}: {}",
+            response.status,
+            response.problem_detail()
+        )));
+    }
+    Ok(response.json()?)
+}
+
+fn register(args: RegisterArgs) -> Result<ExitCode, Failure> {
+    let mut body = serde_json::json!({
+        "certType": args.cert_type,
+        "subjectIds": args.subjects,
+    });
+    if let Some(handling) = &args.handling {
+        body["typeOfVnfcCertHandling"] = handling.clone().into();
+    } else if args.cert_type != "MANO_CERT" {
+        body["typeOfVnfcCertHandling"] = "DELEGATION_MODE".into();
+    }
+    if let Some(path) = &args.attester_key {
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| Failure(format!("{}: {e}", path.display())))?;
+        let mut attestation = serde_json::json!({
+            "attesterPublicKey": pem,
+            "formatOid": args.format_oid.clone().unwrap_or_default(),
+        });
+        if let Some(q) = &args.qualifying_data {
+            use base64::Engine;
+            let bytes = hex::decode(q).map_err(|e| Failure(format!("--qualifying-data: {e}")))?;
+            attestation["expectedQualifyingData"] = base64::engine::general_purpose::STANDARD
+                .encode(bytes)
+                .into();
+        }
+        body["keyAttestation"] = attestation;
+    }
+    if let Some(ca) = &args.ca_id {
+        body["caId"] = ca.clone().into();
+    }
+    let registration = cmf_request(&args.client, "/certmgmt/v1/registrations", body)?;
+    println!("{}", serde_json::to_string_pretty(&registration)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn csr(args: CsrArgs) -> Result<ExitCode, Failure> {
+    let bytes =
+        std::fs::read(&args.csr).map_err(|e| Failure(format!("{}: {e}", args.csr.display())))?;
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(pem) if pem.contains("-----BEGIN") => pem.to_string(),
+        _ => {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(&bytes)
+        }
+    };
+    let mut body = serde_json::json!({
+        "certType": args.cert_type,
+        "certChainRequest": args.chain,
+        "csr": text,
+    });
+    if let Some(vnfc) = &args.vnfc {
+        body["vnfcId"] = vnfc.clone().into();
+    }
+    let issued = cmf_request(
+        &args.client,
+        "/certmgmt/v1/certificate_signing_requests",
+        body,
+    )?;
+    print!("{}", issued["certificate"].as_str().unwrap_or_default());
+    if let Some(chain) = issued["certificateChain"].as_array() {
+        for pem in chain {
+            print!("{}", pem.as_str().unwrap_or_default());
+        }
+    }
+    eprintln!(
+        "serial {} (registration {}, attestation {})",
+        issued["serialNumber"].as_str().unwrap_or_default(),
+        issued["registrationId"].as_str().unwrap_or_default(),
+        issued["attestation"].as_str().unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn load(path: &Path) -> Result<Config, Failure> {
     Config::load(path).map_err(|e| Failure(format!("config {e}")))
 }
 
 fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
     match command {
-        Command::Check => unreachable!("handled before the config is loaded"),
+        Command::Check | Command::Register(_) | Command::Csr(_) => {
+            unreachable!("handled before the config is loaded")
+        }
         Command::Serve => serve(config),
         Command::Keys(cmd) => keys(cmd, config),
         Command::Ca(CaCommand::Init(args)) => ca_init(args, config),

@@ -168,41 +168,57 @@ fn extended_key_usages(names: &[String]) -> Result<Vec<ObjectIdentifier>, String
 }
 
 impl Cmf {
-    /// The whole CSR operation for `consumer`.
+    /// The whole CSR operation for `consumer` (11.2.3), from the JSON request.
     pub async fn sign_csr(
         &self,
         consumer: &Consumer,
         request: CsrRequest,
     ) -> Result<CsrResponse, CmfError> {
-        let cert_type = match CertType::parse(&request.cert_type) {
-            Some(t @ (CertType::VnfciCert | CertType::VnfOamCert)) => t,
-            Some(CertType::ManoCert) => {
-                return Err(CmfError::Unprocessable(
-                    "certType MANO_CERT: the CSR operation applies to VNFCI_CERT and \
-                     VNF_OAM_CERT (IFA 033 11.2.3.1)"
-                        .into(),
-                ))
-            }
-            None => {
-                return Err(CmfError::BadRequest(format!(
-                    "certType '{}': expected VNFCI_CERT or VNF_OAM_CERT",
-                    request.cert_type
-                )))
-            }
-        };
-        if cert_type == CertType::VnfciCert && request.vnfc_id.is_none() {
+        let cert_type = CertType::parse(&request.cert_type).ok_or_else(|| {
+            CmfError::BadRequest(format!(
+                "certType '{}': expected VNFCI_CERT or VNF_OAM_CERT",
+                request.cert_type
+            ))
+        })?;
+        let der = csr::csr_der_from_text(&request.csr)?;
+        self.enroll(
+            consumer,
+            cert_type,
+            request.vnfc_id,
+            der,
+            request.cert_chain_request,
+        )
+        .await
+    }
+
+    /// The CSR pipeline on a DER PKCS#10 request; shared by the REST resource and EST.
+    pub async fn enroll(
+        &self,
+        consumer: &Consumer,
+        cert_type: CertType,
+        vnfc_id: Option<String>,
+        der: Vec<u8>,
+        cert_chain_request: bool,
+    ) -> Result<CsrResponse, CmfError> {
+        if cert_type == CertType::ManoCert {
+            return Err(CmfError::Unprocessable(
+                "certType MANO_CERT: the CSR operation applies to VNFCI_CERT and VNF_OAM_CERT \
+                 (IFA 033 11.2.3.1)"
+                    .into(),
+            ));
+        }
+        if cert_type == CertType::VnfciCert && vnfc_id.is_none() {
             return Err(CmfError::BadRequest(
                 "vnfcId is required for VNFCI_CERT (IFA 033 11.2.3.2)".into(),
             ));
         }
         // 1. Decode and proof of possession (CPU work, off the async threads).
-        let der = csr::csr_der_from_text(&request.csr)?;
         let verified = tokio::task::spawn_blocking(move || csr::verify(&der))
             .await
             .map_err(|e| CmfError::Internal(format!("CSR check: {e}")))??;
         // 2. The caller's registration.
         let registration =
-            self.registration_for(consumer, cert_type, request.vnfc_id.as_deref(), &verified)?;
+            self.registration_for(consumer, cert_type, vnfc_id.as_deref(), &verified)?;
         let names = verified.requested_names();
         for name in &names {
             if !registration.subject_ids.contains(&normalize(name)) {
@@ -297,7 +313,7 @@ impl Cmf {
                     let pem = pki::certificate_pem(&certificate).map_err(CmfError::Internal)?;
                     return Ok(CsrResponse {
                         certificate: pem,
-                        certificate_chain: request.cert_chain_request.then(|| ca.chain_pem.clone()),
+                        certificate_chain: cert_chain_request.then(|| ca.chain_pem.clone()),
                         serial_number: serial_hex,
                         registration_id: registration.id.clone(),
                         attestation,

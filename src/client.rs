@@ -1,0 +1,203 @@
+//! A small HTTPS client with TLS client authentication, for the operator commands that act
+//! as a VNFM (`warden register`, `warden csr`), the tests and the benchmarks. It keeps one
+//! HTTP/1.1 connection alive for many requests.
+//!
+//! The client key is the caller's (a VNFM's test identity from PEM files), not one of the
+//! agent's keys, which never leave the HSM/TPM.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct HttpsClient {
+    connector: tokio_rustls::TlsConnector,
+    server_name: ServerName<'static>,
+    address: String,
+    authority: String,
+}
+
+/// A response, read whole.
+#[derive(Debug, Clone)]
+pub struct ClientResponse {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl ClientResponse {
+    pub fn json(&self) -> Result<serde_json::Value, String> {
+        serde_json::from_slice(&self.body).map_err(|e| format!("response is not JSON: {e}"))
+    }
+
+    /// The ProblemDetails `detail` of an error response, or the body.
+    pub fn problem_detail(&self) -> String {
+        self.json()
+            .ok()
+            .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(String::from))
+            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned())
+    }
+}
+
+impl HttpsClient {
+    /// `base` is `https://host:port`; `ca_pem` the roots that issued the server certificate;
+    /// `identity` an optional client certificate chain and private key (PEM files).
+    pub fn new(
+        base: &str,
+        ca_pem: &Path,
+        identity: Option<(&Path, &Path)>,
+    ) -> Result<HttpsClient, String> {
+        let authority = base
+            .strip_prefix("https://")
+            .ok_or_else(|| format!("'{base}': only https:// URLs are supported"))?
+            .trim_end_matches('/')
+            .to_string();
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                (h.to_string(), p.to_string())
+            }
+            _ => (authority.clone(), "443".to_string()),
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let server_name =
+            ServerName::try_from(host.clone()).map_err(|e| format!("'{host}': {e}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca_pem)
+            .map_err(|e| format!("{}: {e}", ca_pem.display()))?
+        {
+            let cert = cert.map_err(|e| format!("{}: {e}", ca_pem.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", ca_pem.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        let config = match identity {
+            Some((cert_file, key_file)) => {
+                let chain = CertificateDer::pem_file_iter(cert_file)
+                    .map_err(|e| format!("{}: {e}", cert_file.display()))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("{}: {e}", cert_file.display()))?;
+                let key = PrivateKeyDer::from_pem_file(key_file)
+                    .map_err(|e| format!("{}: {e}", key_file.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("client identity: {e}"))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let address = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(HttpsClient {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name,
+            address,
+            authority,
+        })
+    }
+
+    /// Open a keep-alive connection.
+    pub async fn connect(&self) -> Result<Connection, String> {
+        let tcp = tokio::net::TcpStream::connect(&self.address)
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.address))?;
+        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS handshake with {}: {e}", self.address))?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("HTTP handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Connection {
+            sender,
+            authority: self.authority.clone(),
+        })
+    }
+}
+
+/// One HTTP/1.1 connection.
+pub struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    authority: String,
+}
+
+impl Connection {
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<ClientResponse, String> {
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.authority);
+        if let Some(ct) = content_type {
+            builder = builder.header(hyper::header::CONTENT_TYPE, ct);
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection: {e}"))?;
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("{method} {path}: {e}"))?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading the response: {e}"))?
+            .to_bytes();
+        Ok(ClientResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub async fn post_json(
+        &mut self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<ClientResponse, String> {
+        self.request(
+            "POST",
+            path,
+            Some("application/json"),
+            body.to_string().into_bytes(),
+        )
+        .await
+    }
+
+    pub async fn get(&mut self, path: &str) -> Result<ClientResponse, String> {
+        self.request("GET", path, None, Vec::new()).await
+    }
+}
