@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 pub mod attest;
+pub mod cmf;
 pub mod softhsm;
 pub mod suite;
 pub mod swtpm;

@@ -1,0 +1,253 @@
+//! A running `warden serve` with the CMF enabled, its own SoftHSM token directory, a CA in
+//! that token, and VNFM client identities made with openssl (the VNFMs' side).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nfv_warden::client::HttpsClient;
+
+use super::softhsm::TokenDir;
+
+/// Consumers configured: two VNFMs of trust domain "operator-a", one of "operator-b".
+pub const CONSUMERS: [(&str, &str); 3] = [
+    ("vnfm-a", "operator-a"),
+    ("vnfm-b", "operator-a"),
+    ("vnfm-c", "operator-b"),
+];
+
+pub struct CmfAgent {
+    pub tokens: TokenDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl CmfAgent {
+    /// Token, CA, TLS identity, client identities and config; not yet serving.
+    /// `extra` is appended inside the `[cmf]` table.
+    pub fn new(extra: &str) -> CmfAgent {
+        let tokens = TokenDir::new();
+        let pin = tokens.init_token("warden", "1234");
+        let dir = tokens.path().to_path_buf();
+        let config = dir.join("warden.toml");
+        let consumers: String = CONSUMERS
+            .iter()
+            .map(|(id, domain)| {
+                format!("[[cmf.consumer]]\nid = \"{id}\"\ntrust_domain = \"{domain}\"\n")
+            })
+            .collect();
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[[backend]]
+type = "pkcs11"
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "warden"
+pin = {{ file = "{pin}" }}
+pool_size = 2
+
+[store]
+path = "{dir}/warden.redb"
+
+[server]
+listen = "127.0.0.1:0"
+tls_key = "pkcs11:token=warden;object=warden-tls"
+tls_certificate = "{dir}/tls-chain.pem"
+drain_seconds = 5
+
+[ca]
+key = "pkcs11:token=warden;object=warden-ca"
+certificate = "{dir}/ca.pem"
+
+[cmf]
+client_ca = "{dir}/vnfm-root.pem"
+{extra}
+
+{consumers}
+"#,
+                pin = pin.display(),
+                dir = dir.display(),
+            ),
+        )
+        .expect("config");
+        let agent = CmfAgent {
+            tokens,
+            config,
+            child: None,
+            port: 0,
+        };
+        agent.warden(&["ca", "init", "--subject", "CN=warden test CA,O=nfv-warden"]);
+        agent.warden(&["tls", "init", "--san", "localhost", "--san", "127.0.0.1"]);
+        agent.make_client_identities();
+        agent
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.tokens.path()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_warden"));
+        cmd.env("SOFTHSM2_CONF", &self.tokens.conf)
+            .env("RUST_LOG", "warn")
+            .arg("--config")
+            .arg(&self.config)
+            .args(args);
+        cmd
+    }
+
+    pub fn warden(&self, args: &[&str]) -> String {
+        let out = self.command(args).output().expect("warden runs");
+        assert!(
+            out.status.success(),
+            "warden {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A root for VNFM client certificates, and one client identity per consumer plus an
+    /// unknown "vnfm-x" (all with openssl: this is the VNFMs' side).
+    fn make_client_identities(&self) {
+        sh(
+            self.dir(),
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+             -keyout vnfm-root.key -out vnfm-root.pem -subj /CN=vnfm-root -days 30 2>/dev/null",
+        );
+        for id in CONSUMERS.iter().map(|(id, _)| *id).chain(["vnfm-x"]) {
+            std::fs::write(
+                self.dir().join(format!("{id}.ext")),
+                format!("subjectAltName=DNS:{id}\nextendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n"),
+            )
+            .expect("ext");
+            sh(
+                self.dir(),
+                &format!(
+                    "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+                     -keyout {id}.key -out {id}.csr -subj /CN={id} 2>/dev/null && \
+                     openssl x509 -req -in {id}.csr -CA vnfm-root.pem -CAkey vnfm-root.key \
+                     -CAcreateserial -days 30 -extfile {id}.ext -out {id}.pem 2>/dev/null"
+                ),
+            );
+        }
+    }
+
+    /// Start `warden serve` and wait for its address.
+    pub fn start(&mut self) {
+        let mut child = self
+            .command(&["serve"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on https://")
+            .unwrap_or_else(|| panic!("serve did not start: '{line}'"))
+            .to_string();
+        self.port = addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(15) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(status.success(), "warden exited with {status:?}");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("warden did not stop after SIGTERM");
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// A client with the identity of `consumer` (or none).
+    pub fn client(&self, consumer: Option<&str>) -> HttpsClient {
+        let ca = self.dir().join("ca.pem");
+        match consumer {
+            Some(id) => {
+                let cert = self.dir().join(format!("{id}.pem"));
+                let key = self.dir().join(format!("{id}.key"));
+                HttpsClient::new(&self.base(), &ca, Some((&cert, &key))).expect("client")
+            }
+            None => HttpsClient::new(&self.base(), &ca, None).expect("client"),
+        }
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.dir().join("warden.redb")
+    }
+}
+
+impl Drop for CmfAgent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn sh(dir: &Path, script: &str) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An EC P-256 CSR made by openssl in `dir`: (PEM, key file).
+pub fn openssl_csr(dir: &Path, name: &str, subject: &str, sans: &[&str]) -> String {
+    let san = if sans.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " -addext subjectAltName={}",
+            sans.iter()
+                .map(|s| format!("DNS:{s}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    sh(
+        dir,
+        &format!(
+            "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+             -keyout {name}.key -out {name}.csr -subj '{subject}'{san} 2>/dev/null"
+        ),
+    );
+    std::fs::read_to_string(dir.join(format!("{name}.csr"))).expect("csr")
+}
