@@ -41,7 +41,6 @@ pub fn routes(cmf: Arc<Cmf>) -> Router {
         )
         .route("/certmgmt/v1/certificate_signing_requests", post(sign_csr))
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(version_header))
         .with_state(cmf)
 }
 
@@ -90,7 +89,8 @@ pub fn problem_response(error: &CmfError) -> Response {
     response
 }
 
-async fn version_header(request: Request<Body>, next: Next) -> Response {
+/// SOL 013 4.6: the `Version` header on every response.
+pub async fn version_header(request: Request<Body>, next: Next) -> Response {
     let mut response = next.run(request).await;
     response
         .headers_mut()

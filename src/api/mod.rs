@@ -164,7 +164,9 @@ pub fn router(state: AppState) -> Router {
     if let Some(cmf) = &state.cmf {
         router = router.merge(cmf::routes(cmf.clone()));
     }
-    router.fallback(not_found)
+    router
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(cmf::version_header))
 }
 
 async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
