@@ -56,6 +56,30 @@ enum Command {
     Register(RegisterArgs),
     /// As a VNFM: send a CSR to a CMF (IFA 033 11.2.3); prints the certificate (and chain).
     Csr(CsrArgs),
+    /// As a VNF developer: make a key in a TPM, attest it with TPM2_Certify and write a CSR
+    /// signed inside the TPM carrying the attestation, plus the attester (AK) public key.
+    VnfCsr(VnfCsrArgs),
+}
+
+#[derive(Args)]
+struct VnfCsrArgs {
+    /// The VNF's TPM, e.g. swtpm:host=127.0.0.1,port=2321 or device:/dev/tpmrm0.
+    #[arg(long)]
+    tcti: String,
+    /// Subject of the CSR (RFC 4514), e.g. CN=vnfc-1.
+    #[arg(long)]
+    subject: String,
+    /// Qualifying data (the nonce registered as expectedQualifyingData), hex.
+    #[arg(long, default_value = "")]
+    nonce: String,
+    #[arg(long, default_value = "ec-p256")]
+    algorithm: String,
+    /// Where to write the CSR (PEM).
+    #[arg(long)]
+    out: PathBuf,
+    /// Where to write the attestation key's public key (PEM), to register as the attester.
+    #[arg(long)]
+    ak_out: PathBuf,
 }
 
 /// How to reach a CMF as a consumer (mutual TLS).
@@ -220,6 +244,7 @@ fn main() -> ExitCode {
         Command::Check => check(&cli.config),
         Command::Register(args) => register(args),
         Command::Csr(args) => csr(args),
+        Command::VnfCsr(args) => vnf_csr(args),
         command => load(&cli.config).and_then(|config| run(command, &config)),
     };
     match result {
@@ -331,13 +356,59 @@ fn csr(args: CsrArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn vnf_csr(args: VnfCsrArgs) -> Result<ExitCode, Failure> {
+    use nfv_warden::keys::tpm::TpmKeyStore;
+    use nfv_warden::keys::KeyAttestation;
+    let nonce = hex::decode(&args.nonce).map_err(|e| Failure(format!("--nonce: {e}")))?;
+    let algorithm: KeyAlgorithm = args.algorithm.parse()?;
+    let config: nfv_warden::config::TpmConfig = toml::from_str(&format!("tcti = {:?}", args.tcti))
+        .map_err(|e| Failure(format!("--tcti: {e}")))?;
+    let tpm = Arc::new(TpmKeyStore::open(&config)?);
+    let ak = tpm.create_attestation_key(&KeySpec {
+        label: "attestation key".into(),
+        algorithm: KeyAlgorithm::EcP256,
+    })?;
+    let key = tpm.generate(&KeySpec {
+        label: args.subject.clone(),
+        algorithm,
+    })?;
+    let bundle = nfv_warden::cmf::attest::make::tpm_certify_bundle(
+        &tpm,
+        &key.reference,
+        &ak.reference,
+        &nonce,
+    )?;
+    let csr = nfv_warden::cmf::attest::make::csr_with_attestation(
+        tpm.clone(),
+        &key.reference,
+        &args.subject,
+        Some(&bundle),
+    )?;
+    write_atomically(
+        &args.out,
+        pki::to_pem("CERTIFICATE REQUEST", &csr.to_der()?)?.as_bytes(),
+    )?;
+    write_atomically(
+        &args.ak_out,
+        pki::to_pem("PUBLIC KEY", &ak.public_key.spki_der)?.as_bytes(),
+    )?;
+    println!(
+        "key {} ({algorithm}) attested by AK {}; CSR in {}, AK public key in {}",
+        key.reference,
+        ak.reference,
+        args.out.display(),
+        args.ak_out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn load(path: &Path) -> Result<Config, Failure> {
     Config::load(path).map_err(|e| Failure(format!("config {e}")))
 }
 
 fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
     match command {
-        Command::Check | Command::Register(_) | Command::Csr(_) => {
+        Command::Check | Command::Register(_) | Command::Csr(_) | Command::VnfCsr(_) => {
             unreachable!("handled before the config is loaded")
         }
         Command::Serve => serve(config),

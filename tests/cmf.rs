@@ -658,6 +658,63 @@ fn warden_register_and_csr_commands_act_as_a_vnfm() {
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
+    // The README walkthrough with a TPM-attested key: the VNF's TPM is a swtpm.
+    let tpm = common::swtpm::Swtpm::start();
+    let out = client(&[
+        "vnf-csr",
+        "--tcti",
+        &tpm.tcti(),
+        "--subject",
+        "CN=vnfc-tpm",
+        "--nonce",
+        "c0ffee",
+        "--out",
+        "tpm.csr",
+        "--ak-out",
+        "ak.pem",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = client(&[
+        "register",
+        "--cert-type",
+        "VNFCI_CERT",
+        "--subject",
+        "vnfc-tpm",
+        "--attester-key",
+        "ak.pem",
+        "--format-oid",
+        "2.23.133.20.1",
+        "--qualifying-data",
+        "c0ffee",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = client(&["csr", "--vnfc", "vnfc-tpm", "--csr", "tpm.csr", "--chain"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("attestation verified"));
+    std::fs::write(dir.join("tpm-issued.pem"), &out.stdout).unwrap();
+    let verify = Command::new("openssl")
+        .args(["verify", "-CAfile", "ca.pem", "tpm-issued.pem"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
     // A refusal is one line with the status and the reason.
     let out = client(&["csr", "--vnfc", "vnfc-other", "--csr", "cli.csr"]);
     assert!(!out.status.success());

@@ -21,7 +21,7 @@ use x509_cert::builder::profile::BuilderProfile;
 use x509_cert::builder::{Builder, CertificateBuilder};
 use x509_cert::ext::Extension;
 use x509_cert::name::Name;
-use x509_cert::request::{CertReq, RequestBuilder};
+use x509_cert::request::CertReq;
 use x509_cert::time::{Time, Validity};
 use x509_cert::{Certificate, TbsCertificate};
 
@@ -122,16 +122,7 @@ pub fn attested_csr(
     subject: &str,
     attestation: Option<&AttestationBundle>,
 ) -> CertReq {
-    let signer = HardwareKey::new(store, key.clone()).expect("hardware key");
-    let mut builder =
-        RequestBuilder::new(Name::from_str(subject).expect("subject")).expect("builder");
-    if let Some(bundle) = attestation {
-        builder
-            .add_attribute(bundle)
-            .expect("attestation attribute");
-    }
-    builder
-        .build::<_, HardwareSignature>(&signer)
+    nfv_warden::cmf::attest::make::csr_with_attestation(store, key, subject, attestation)
         .expect("CSR signed in the device")
 }
 

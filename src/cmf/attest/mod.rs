@@ -26,6 +26,7 @@
 //! Format OIDs are kept as DER content bytes ([`FormatOid`]): UUID arcs exceed the u32 arcs
 //! of const-oid 0.10, so statement types are never parsed through `ObjectIdentifier`.
 
+pub mod make;
 pub mod tpm;
 pub mod x509;
 
