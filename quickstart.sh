@@ -38,6 +38,19 @@ if [ "${WARDEN_TPM:-0}" = 1 ]; then
   tpm_backend=$(printf '\n[[backend]]\ntype = "tpm"\ntcti = "%s"\n' "$tcti")
 fi
 
+# A demo VNFM identity (the VNFM's side, so openssl and files): a root for VNFM client
+# certificates and one client certificate, consumer "vnfm-demo" of trust domain "demo".
+if [ ! -f "$state/vnfm-demo.pem" ]; then
+  (cd "$state" && umask 077 &&
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout vnfm-root.key \
+      -out vnfm-root.pem -subj /CN=quickstart-vnfm-root -days 365 2>/dev/null &&
+    printf 'subjectAltName=DNS:vnfm-demo\nextendedKeyUsage=clientAuth\n' >vnfm-demo.ext &&
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout vnfm-demo.key \
+      -out vnfm-demo.csr -subj /CN=vnfm-demo 2>/dev/null &&
+    openssl x509 -req -in vnfm-demo.csr -CA vnfm-root.pem -CAkey vnfm-root.key -CAcreateserial \
+      -days 365 -extfile vnfm-demo.ext -out vnfm-demo.pem 2>/dev/null)
+fi
+
 config="$state/warden.toml"
 cat >"$config" <<CONF
 # Written by quickstart.sh; see systemd/warden.toml for every key and its default.
@@ -58,6 +71,13 @@ tls_certificate = "$state/tls-chain.pem"
 [ca]
 key = "pkcs11:token=warden;object=warden-ca"
 certificate = "$state/ca.pem"
+
+[cmf]
+client_ca = "$state/vnfm-root.pem"
+
+[[cmf.consumer]]
+id = "vnfm-demo"
+trust_domain = "demo"
 CONF
 
 if [ ! -f "$state/ca.pem" ]; then
@@ -70,4 +90,10 @@ fi
 
 echo "== warden serve (Ctrl-C stops it); try:"
 echo "   curl --cacert $state/ca.pem https://localhost:${listen##*:}/healthz"
-"$warden" --config "$config" serve
+echo "   and the VNFM walkthrough in README.md (Certificate Management Function)"
+# Run serve as a child and pass Ctrl-C / SIGTERM on to it by its PID, so the EXIT trap
+# (swtpm) runs after warden has drained and stopped.
+"$warden" --config "$config" serve &
+serve_pid=$!
+trap 'kill -TERM "$serve_pid" 2>/dev/null' INT TERM
+wait "$serve_pid" || wait "$serve_pid"

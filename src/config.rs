@@ -449,3 +449,46 @@ fn one_line_toml_error(error: &toml::de::Error) -> String {
         None => message,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The annotated reference config must stay a valid config showing the defaults.
+    #[test]
+    fn reference_config_parses_and_shows_the_defaults() {
+        let config = Config::parse(include_str!("../systemd/warden.toml")).expect("parses");
+        let pkcs11 = config.pkcs11_backends().next().expect("pkcs11 backend");
+        assert_eq!(pkcs11.pool_size, default_pool_size());
+        assert_eq!(pkcs11.reinit_backoff_ms, default_reinit_backoff_ms());
+        let tpm = config.tpm_backends().next().expect("tpm backend");
+        assert_eq!(tpm.storage_primary_handle, default_storage_primary_handle());
+        assert_eq!(tpm.key_handle_first, default_key_handle_first());
+        assert_eq!(tpm.key_handle_last, default_key_handle_last());
+        let cmf = config.cmf.expect("cmf");
+        assert_eq!(cmf.max_body_bytes, default_max_body_bytes());
+        assert_eq!(cmf.group_commit_max, default_group_commit());
+        let profile = &cmf.profile["VNFCI_CERT"];
+        let defaults = ProfileConfig::default();
+        assert_eq!(profile.validity_days, defaults.validity_days);
+        assert_eq!(profile.key_usage, defaults.key_usage);
+        assert_eq!(profile.extended_key_usage, defaults.extended_key_usage);
+        assert_eq!(profile.key_types, defaults.key_types);
+        let server = config.server.expect("server");
+        assert_eq!(server.listen, default_listen());
+        assert_eq!(server.drain_seconds, default_drain_seconds());
+    }
+
+    #[test]
+    fn errors_name_the_key_in_one_line() {
+        let err = Config::parse("[store]\npath = 3\n").unwrap_err();
+        assert!(err.contains("path") && !err.contains('\n'), "{err}");
+        let err = Config::parse("[[backend]]\ntype = \"hsm\"\n").unwrap_err();
+        assert!(err.contains("hsm") && !err.contains('\n'), "{err}");
+        let err = Config::parse(
+            "[[backend]]\ntype = \"pkcs11\"\nmodule = \"/x.so\"\npin = { file = \"/p\" }\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("token_label or token_serial"), "{err}");
+    }
+}

@@ -235,7 +235,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // tss-esapi logs expected lookups of absent handles as errors; our own errors
+                // carry the TPM command that failed.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tss_esapi=off")),
         )
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -838,15 +840,19 @@ fn check(path: &Path) -> Result<ExitCode, Failure> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    let mut opened_store = None;
     match Store::open(&config.store.path) {
         Ok(store) => match store.verify_audit_chain() {
-            Ok(n) => line(
-                true,
-                format!(
-                    "store {} (audit chain of {n} entries verified)",
-                    config.store.path.display()
-                ),
-            ),
+            Ok(n) => {
+                line(
+                    true,
+                    format!(
+                        "store {} (audit chain of {n} entries verified)",
+                        config.store.path.display()
+                    ),
+                );
+                opened_store = Some(Arc::new(store));
+            }
             Err(e) => line(
                 false,
                 format!("store {}: audit chain: {e}", config.store.path.display()),
@@ -970,6 +976,26 @@ fn check(path: &Path) -> Result<ExitCode, Failure> {
                 ),
             ),
             Err(e) => line(false, e.to_string()),
+        }
+    }
+    if let (Some(_), Some(store)) = (&config.cmf, opened_store) {
+        match nfv_warden::cmf::Cmf::new(&config, &backends, store) {
+            Ok(cmf) => {
+                let cas: Vec<String> = cmf
+                    .cas()
+                    .iter()
+                    .map(|ca| format!("{} ({})", ca.id, ca.issuer.key().public_key().algorithm))
+                    .collect();
+                line(
+                    true,
+                    format!(
+                        "CMF: CA {} with chain checked; {} consumer(s)",
+                        cas.join(", "),
+                        config.cmf.as_ref().map_or(0, |c| c.consumers.len())
+                    ),
+                );
+            }
+            Err(e) => line(false, format!("CMF: {e}")),
         }
     }
     Ok(if failed {
