@@ -96,4 +96,10 @@ echo "   and the VNFM walkthrough in README.md (Certificate Management Function)
 "$warden" --config "$config" serve &
 serve_pid=$!
 trap 'kill -TERM "$serve_pid" 2>/dev/null' INT TERM
-wait "$serve_pid" || wait "$serve_pid"
+status=0
+wait "$serve_pid" || status=$?
+if [ "$status" -gt 128 ]; then # interrupted by the trap: wait for warden itself
+  status=0
+  wait "$serve_pid" || status=$?
+fi
+exit "$status"
