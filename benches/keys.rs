@@ -6,9 +6,12 @@
 //! also DER-encodes the signature and goes through the session pool.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "../tests/common/softhsm.rs"]
+#[allow(dead_code)]
+mod softhsm;
 
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectClass};
@@ -22,37 +25,10 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(6);
     let run = Duration::from_secs(seconds);
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir_all(&tokens).expect("tokens");
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .expect("conf");
-    let status = Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", &conf)
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            "bench",
-            "--pin",
-            "1234",
-            "--so-pin",
-            "5678",
-        ])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("softhsm2-util");
-    assert!(status.success());
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let pin = dir.path().join("pin");
-    std::fs::write(&pin, "1234").expect("pin");
+    // SoftHSM reads SOFTHSM2_CONF once, at C_Initialize: the token exists before that.
+    let tokens = softhsm::TokenDir::new();
+    let pin = tokens.init_token("bench", "1234");
+    std::env::set_var("SOFTHSM2_CONF", &tokens.conf);
     let config = Pkcs11Config {
         module: PathBuf::from("/usr/lib/softhsm/libsofthsm2.so"),
         token_label: Some("bench".into()),

@@ -8,7 +8,6 @@ mod swtpm;
 
 use std::time::{Duration, Instant};
 
-use nfv_warden::config::TpmConfig;
 use nfv_warden::keys::tpm::TpmKeyStore;
 use nfv_warden::keys::{KeyAlgorithm, KeySpec, KeyStore, SignatureScheme};
 
@@ -16,15 +15,7 @@ const RUN_FOR: Duration = Duration::from_secs(4);
 
 fn main() {
     let tpm = swtpm::Swtpm::start();
-    let store = TpmKeyStore::open(&TpmConfig {
-        tcti: tpm.tcti(),
-        storage_primary_handle: 0x8100_0001,
-        key_handle_first: 0x8100_0100,
-        key_handle_last: 0x8100_01ff,
-        owner_auth: None,
-        recovery_attempts: 4,
-    })
-    .expect("open TPM key store");
+    let store = TpmKeyStore::open(&swtpm::tpm_config(&tpm.tcti())).expect("open TPM key store");
     println!("device: {}", store.device());
 
     for (algorithm, scheme) in [

@@ -36,7 +36,8 @@ struct Fixture {
 impl Fixture {
     fn new(key: KeyAlgorithm, ak: KeyAlgorithm) -> Fixture {
         let tpm = Swtpm::start();
-        let store = Arc::new(TpmKeyStore::open(&vectors::tpm_config(&tpm.tcti())).expect("open"));
+        let store =
+            Arc::new(TpmKeyStore::open(&common::swtpm::tpm_config(&tpm.tcti())).expect("open"));
         let key = generate(&store, key);
         let ak = store
             .create_attestation_key(&KeySpec {
@@ -184,7 +185,7 @@ fn ietf_sample_statement_verifies() {
 /// then real CSRs signed inside the TPM carrying the attestation.
 fn fresh_vectors(ak_algorithm: KeyAlgorithm) {
     let tpm = Swtpm::start();
-    let store = Arc::new(TpmKeyStore::open(&vectors::tpm_config(&tpm.tcti())).expect("open"));
+    let store = Arc::new(TpmKeyStore::open(&common::swtpm::tpm_config(&tpm.tcti())).expect("open"));
     let ak = store
         .create_attestation_key(&KeySpec {
             label: "ak".to_string(),

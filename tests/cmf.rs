@@ -170,7 +170,8 @@ mod tpm_attested {
     /// (CSR PEM with attestation, CSR PEM without, AK public key PEM)
     fn vectors(algorithm: KeyAlgorithm, nonce: &[u8]) -> (String, String, String) {
         let tpm = Swtpm::start();
-        let store = Arc::new(TpmKeyStore::open(&vectors::tpm_config(&tpm.tcti())).expect("TPM"));
+        let store =
+            Arc::new(TpmKeyStore::open(&common::swtpm::tpm_config(&tpm.tcti())).expect("TPM"));
         let ak = store
             .create_attestation_key(&KeySpec {
                 label: "ak".into(),

@@ -14,14 +14,7 @@ use nfv_warden::keys::{
 const MESSAGE: &[u8] = b"nfv-warden TPM test message";
 
 fn config(tcti: &str) -> TpmConfig {
-    TpmConfig {
-        tcti: tcti.to_string(),
-        storage_primary_handle: 0x8100_0001,
-        key_handle_first: 0x8100_0100,
-        key_handle_last: 0x8100_01ff,
-        owner_auth: None,
-        recovery_attempts: 4,
-    }
+    common::swtpm::tpm_config(tcti)
 }
 
 fn open(tpm: &Swtpm) -> TpmKeyStore {

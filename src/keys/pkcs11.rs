@@ -178,20 +178,10 @@ impl Library {
         if state.initialized {
             return Ok(());
         }
-        // OS locking: without it SoftHSM runs without its own locks.
-        match state
-            .pkcs11
-            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        {
-            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
-                state.initialized = true;
-                Ok(())
-            }
-            Err(e) => Err(KeyError::Module {
-                module: self.module.display().to_string(),
-                reason: format!("C_Initialize: {e}"),
-            }),
-        }
+        initialize_locked(&mut state).map_err(|e| KeyError::Module {
+            module: self.module.display().to_string(),
+            reason: format!("C_Initialize: {e}"),
+        })
     }
 
     /// Step 3 of the ladder: finalize and initialize again, once per generation (callers that
@@ -210,19 +200,25 @@ impl Library {
         }
         state.generation += 1;
         self.generation.store(state.generation, Ordering::Release);
-        match state
-            .pkcs11
-            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        {
-            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
-                state.initialized = true;
-                Ok(())
-            }
-            Err(e) => Err(KeyError::Unavailable {
-                operation: "C_Initialize",
-                reason: e.to_string(),
-            }),
+        initialize_locked(&mut state).map_err(|e| KeyError::Unavailable {
+            operation: "C_Initialize",
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// C_Initialize with OS locking (without it SoftHSM runs without its own locks); a library
+/// someone else in the process initialized already counts as initialized.
+fn initialize_locked(state: &mut LibraryState) -> Result<(), CkError> {
+    match state
+        .pkcs11
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+    {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+            state.initialized = true;
+            Ok(())
         }
+        Err(e) => Err(e),
     }
 }
 

@@ -12,7 +12,6 @@ use nfv_warden::cmf::attest::{
     tpm, x509, AttestationBundle, AttestationStatement, Attester, FormatOid, TPM2_CERTIFY_FORMAT,
     X509_KEY_CERTIFICATE_FORMAT,
 };
-use nfv_warden::config::TpmConfig;
 use nfv_warden::keys::signer::{HardwareKey, HardwareSignature};
 use nfv_warden::keys::tpm::TpmKeyStore;
 use nfv_warden::keys::{CertifyEvidence, KeyAttestation, KeyRef, KeyStore};
@@ -34,17 +33,6 @@ pub enum SignatureEncoding {
     Raw,
     /// ECDSA as r || s (RSA: same as `Raw`).
     RawRs,
-}
-
-pub fn tpm_config(tcti: &str) -> TpmConfig {
-    TpmConfig {
-        tcti: tcti.to_string(),
-        storage_primary_handle: 0x8100_0001,
-        key_handle_first: 0x8100_0100,
-        key_handle_last: 0x8100_01ff,
-        owner_auth: None,
-        recovery_attempts: 4,
-    }
 }
 
 pub fn tpm_format() -> FormatOid {

@@ -183,3 +183,15 @@ fn random_port() -> u16 {
 fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
+
+/// The agent's TPM backend configuration for a swtpm at `tcti`, with the default handles.
+pub fn tpm_config(tcti: &str) -> nfv_warden::config::TpmConfig {
+    nfv_warden::config::TpmConfig {
+        tcti: tcti.to_string(),
+        storage_primary_handle: 0x8100_0001,
+        key_handle_first: 0x8100_0100,
+        key_handle_last: 0x8100_01ff,
+        owner_auth: None,
+        recovery_attempts: 4,
+    }
+}
