@@ -4,103 +4,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::softhsm::TokenDir;
+use common::agent::Agent;
 use common::swtpm::Swtpm;
-
-struct Agent {
-    tokens: TokenDir,
-    config: PathBuf,
-}
-
-impl Agent {
-    /// A token "warden" with PIN 1234, and a config using it; `extra` is appended.
-    fn new(extra: &str) -> Agent {
-        let tokens = TokenDir::new();
-        let pin = tokens.init_token("warden", "1234");
-        let dir = tokens.path().to_path_buf();
-        let config = dir.join("warden.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[[backend]]
-type = "pkcs11"
-module = "/usr/lib/softhsm/libsofthsm2.so"
-token_label = "warden"
-pin = {{ file = "{pin}" }}
-pool_size = 2
-
-[store]
-path = "{dir}/warden.redb"
-
-[server]
-listen = "127.0.0.1:0"
-tls_key = "pkcs11:token=warden;object=warden-tls"
-tls_certificate = "{dir}/tls-chain.pem"
-drain_seconds = 5
-
-[ca]
-key = "pkcs11:token=warden;object=warden-ca"
-certificate = "{dir}/ca.pem"
-chain = "{dir}/ca-chain.pem"
-{extra}
-"#,
-                pin = pin.display(),
-                dir = dir.display(),
-            ),
-        )
-        .expect("config");
-        Agent { tokens, config }
-    }
-
-    fn dir(&self) -> &Path {
-        self.tokens.path()
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_warden"));
-        cmd.env("SOFTHSM2_CONF", &self.tokens.conf)
-            .env("RUST_LOG", "warn")
-            .env("TSS2_LOG", "all+NONE")
-            .arg("--config")
-            .arg(&self.config)
-            .args(args);
-        cmd
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("warden runs")
-    }
-
-    /// Run and require success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "warden {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Run and require failure with exactly one line on stderr starting "warden: ".
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(!out.status.success(), "warden {args:?} should fail");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        let lines: Vec<&str> = stderr
-            .lines()
-            .filter(|l| l.starts_with("warden: "))
-            .collect();
-        assert_eq!(lines.len(), 1, "one-line error expected, got: {stderr}");
-        lines[0].to_string()
-    }
-}
 
 #[test]
 fn ca_tls_check_serve_healthz_then_sigterm() {
@@ -195,7 +104,7 @@ fn keys_commands_on_both_backends_and_across_restarts() {
 
 #[test]
 fn external_root_csr_and_chain_import() {
-    let agent = Agent::new("");
+    let agent = Agent::with_ca_chain("");
     let dir = agent.dir();
     let csr = dir.join("ca.csr");
     agent.ok(&[

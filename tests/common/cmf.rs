@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nfv_warden::client::HttpsClient;
 
-use super::softhsm::TokenDir;
+use super::agent::Agent;
 
 /// Consumers configured: two VNFMs of trust domain "operator-a", one of "operator-b".
 pub const CONSUMERS: [(&str, &str); 3] = [
@@ -18,8 +18,7 @@ pub const CONSUMERS: [(&str, &str); 3] = [
 ];
 
 pub struct CmfAgent {
-    pub tokens: TokenDir,
-    pub config: PathBuf,
+    pub agent: Agent,
     child: Option<Child>,
     pub port: u16,
 }
@@ -28,54 +27,17 @@ impl CmfAgent {
     /// Token, CA, TLS identity, client identities and config; not yet serving.
     /// `extra` is appended inside the `[cmf]` table.
     pub fn new(extra: &str) -> CmfAgent {
-        let tokens = TokenDir::new();
-        let pin = tokens.init_token("warden", "1234");
-        let dir = tokens.path().to_path_buf();
-        let config = dir.join("warden.toml");
         let consumers: String = CONSUMERS
             .iter()
             .map(|(id, domain)| {
                 format!("[[cmf.consumer]]\nid = \"{id}\"\ntrust_domain = \"{domain}\"\n")
             })
             .collect();
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[[backend]]
-type = "pkcs11"
-module = "/usr/lib/softhsm/libsofthsm2.so"
-token_label = "warden"
-pin = {{ file = "{pin}" }}
-pool_size = 2
-
-[store]
-path = "{dir}/warden.redb"
-
-[server]
-listen = "127.0.0.1:0"
-tls_key = "pkcs11:token=warden;object=warden-tls"
-tls_certificate = "{dir}/tls-chain.pem"
-drain_seconds = 5
-
-[ca]
-key = "pkcs11:token=warden;object=warden-ca"
-certificate = "{dir}/ca.pem"
-
-[cmf]
-client_ca = "{dir}/vnfm-root.pem"
-{extra}
-
-{consumers}
-"#,
-                pin = pin.display(),
-                dir = dir.display(),
-            ),
-        )
-        .expect("config");
+        let agent = Agent::new(&format!(
+            "\n[cmf]\nclient_ca = \"{{dir}}/vnfm-root.pem\"\n{extra}\n\n{consumers}"
+        ));
         let agent = CmfAgent {
-            tokens,
-            config,
+            agent,
             child: None,
             port: 0,
         };
@@ -86,27 +48,15 @@ client_ca = "{dir}/vnfm-root.pem"
     }
 
     pub fn dir(&self) -> &Path {
-        self.tokens.path()
+        self.agent.dir()
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_warden"));
-        cmd.env("SOFTHSM2_CONF", &self.tokens.conf)
-            .env("RUST_LOG", "warn")
-            .arg("--config")
-            .arg(&self.config)
-            .args(args);
-        cmd
+        self.agent.command(args)
     }
 
     pub fn warden(&self, args: &[&str]) -> String {
-        let out = self.command(args).output().expect("warden runs");
-        assert!(
-            out.status.success(),
-            "warden {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.agent.ok(args)
     }
 
     /// A root for VNFM client certificates, and one client identity per consumer plus an

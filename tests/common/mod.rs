@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+pub mod agent;
 pub mod attest;
 pub mod cmf;
 pub mod softhsm;
