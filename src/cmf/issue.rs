@@ -3,6 +3,7 @@
 //! before it is returned.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -15,6 +16,7 @@ use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::KeyUsages;
 use x509_cert::name::Name;
 use x509_cert::time::Validity;
+use x509_cert::Certificate;
 
 use super::attest::{self, Attester};
 use super::csr::{self, VerifiedCsr};
@@ -29,7 +31,7 @@ use crate::keys::backends::Backends;
 use crate::keys::signer::HardwareKey;
 use crate::keys::KeyRef;
 use crate::pki;
-use crate::store::{AuditEvent, StoreError};
+use crate::store::{AuditEvent, Store, StoreError};
 
 /// TCG key provenance policies (TCG EK Credential Profile / CSR attestation draft):
 /// the key was verified resident in a TPM, and fixed to it.
@@ -212,74 +214,52 @@ impl Cmf {
                 "vnfcId is required for VNFCI_CERT (IFA 033 11.2.3.2)".into(),
             ));
         }
-        // 1. Decode and proof of possession (CPU work, off the async threads).
-        let verified = tokio::task::spawn_blocking(move || csr::verify(&der))
+        // 1-5 in one hop off the async threads: decoding and proof of possession, the
+        // registration, key policy, attestation and the CA signature are CPU and device work,
+        // and every extra hand-off between threads costs a wake-up on a busy machine.
+        let work = Prepare {
+            store: self.store.clone(),
+            cas: self.cas.clone(),
+            formats: self.formats.clone(),
+            unattested: self.unattested,
+            profile: self.profile(cert_type),
+            consumer: consumer.clone(),
+            cert_type,
+            vnfc_id,
+        };
+        let Prepared {
+            registration,
+            ca_index,
+            names,
+            attestation,
+            attestation_format,
+            leaf,
+            subject,
+            spki,
+            spki_sha256,
+            days,
+            first,
+        } = tokio::task::spawn_blocking(move || work.run(&der))
             .await
-            .map_err(|e| CmfError::Internal(format!("CSR check: {e}")))??;
-        // 2. The caller's registration.
-        let registration =
-            self.registration_for(consumer, cert_type, vnfc_id.as_deref(), &verified)?;
-        let names = verified.requested_names();
-        for name in &names {
-            if !registration.subject_ids.contains(&normalize(name)) {
-                return Err(CmfError::Unprocessable(format!(
-                    "csr: '{name}' is not among the subjects registered in registration {}",
-                    registration.id
-                )));
-            }
-        }
-        // 3. Key policy of the profile.
-        let profile = self.profile(cert_type);
-        let key_type = verified.key_type.name();
-        if !profile.key_types.contains(&key_type) {
-            return Err(CmfError::Unprocessable(format!(
-                "csr: key type {key_type} is not allowed for {cert_type} (allowed: {})",
-                profile.key_types.join(", ")
-            )));
-        }
-        // 4. Key attestation against the registered attester.
-        let (attestation, attestation_format, policies) =
-            self.check_attestation(&registration, &verified).await?;
-        // 5. Issue.
-        let ca = self
-            .ca(&registration.ca_id)
-            .ok_or_else(|| {
-                CmfError::Internal(format!(
-                    "CA '{}' of the registration is no longer configured",
-                    registration.ca_id
-                ))
-            })?
-            .clone();
-        let leaf = leaf_profile(&profile, verified.key_type.is_rsa(), &names, policies)
-            .map_err(CmfError::Internal)?;
-        let subject = subject_name(&verified, &names)?;
-        let spki = SubjectPublicKeyInfoOwned::from_der(&verified.spki_der)
-            .map_err(|e| CmfError::BadRequest(format!("csr: public key: {e}")))?;
-        let spki_sha256 = hex::encode(sha2::Sha256::digest(&verified.spki_der));
-        let days = profile.validity_days;
+            .map_err(|e| CmfError::Internal(format!("CSR pipeline: {e}")))??;
+        let ca = &self.cas[ca_index];
         let issuer = ca.issuer.clone();
+        let mut first = Some(first);
         // Serial collisions at 126 random bits are practically impossible; the store still
         // enforces uniqueness per issuer and a collision is retried with a new serial.
         for _attempt in 0..3 {
-            let serial = pki::random_serial().map_err(CmfError::Internal)?;
-            let serial_hex = hex::encode(serial.as_bytes());
-            let (issuer, subject, spki, leaf) =
-                (issuer.clone(), subject.clone(), spki.clone(), leaf.clone());
-            let certificate = tokio::task::spawn_blocking(move || {
-                let validity = Validity::from_now(Duration::from_secs(u64::from(days) * 86_400))
-                    .map_err(|e| CmfError::Internal(e.to_string()))?;
-                issuer
-                    .issue(subject, spki, Profile::Leaf(leaf), serial, validity)
-                    .map_err(|e| match e {
-                        crate::ca::CaError::Signing {
-                            transient: true,
-                            reason,
-                        } => CmfError::Unavailable(format!("the CA key is unavailable: {reason}")),
-                        other => CmfError::Internal(format!("issuing: {other}")),
+            let (serial_hex, certificate) = match first.take() {
+                Some(issued) => issued,
+                None => {
+                    let (issuer, subject, spki, leaf) =
+                        (issuer.clone(), subject.clone(), spki.clone(), leaf.clone());
+                    tokio::task::spawn_blocking(move || {
+                        issue_leaf(&issuer, subject, spki, leaf, days)
                     })
-            })
-            .await
-            .map_err(|e| CmfError::Internal(format!("issuing: {e}")))??;
+                    .await
+                    .map_err(|e| CmfError::Internal(format!("issuing: {e}")))??
+                }
+            };
             let validity = certificate.tbs_certificate().validity();
             let record = IssuedRecord {
                 serial_number: serial_hex.clone(),
@@ -330,16 +310,109 @@ impl Cmf {
             "could not find a unique serial number".into(),
         ))
     }
+}
+
+/// Everything of the CSR pipeline before the durable record, run on one blocking thread.
+struct Prepare {
+    store: Arc<Store>,
+    cas: Arc<[IssuingCa]>,
+    formats: Arc<attest::Formats>,
+    unattested: UnattestedPolicy,
+    profile: ProfileConfig,
+    consumer: Consumer,
+    cert_type: CertType,
+    vnfc_id: Option<String>,
+}
+
+/// What [`Prepare::run`] hands back: the first certificate, and what a re-issue would need.
+struct Prepared {
+    registration: Registration,
+    ca_index: usize,
+    names: Vec<String>,
+    attestation: String,
+    attestation_format: Option<String>,
+    leaf: LeafProfile,
+    subject: Name,
+    spki: SubjectPublicKeyInfoOwned,
+    spki_sha256: String,
+    days: u32,
+    /// Serial (hex) and certificate.
+    first: (String, Certificate),
+}
+
+impl Prepare {
+    fn run(self, der: &[u8]) -> Result<Prepared, CmfError> {
+        let cert_type = self.cert_type;
+        // 1. Decode and proof of possession.
+        let verified = csr::verify(der)?;
+        // 2. The caller's registration.
+        let registration = self.registration_for(&verified)?;
+        let names = verified.requested_names();
+        for name in &names {
+            if !registration.subject_ids.contains(&normalize(name)) {
+                return Err(CmfError::Unprocessable(format!(
+                    "csr: '{name}' is not among the subjects registered in registration {}",
+                    registration.id
+                )));
+            }
+        }
+        // 3. Key policy of the profile.
+        let profile = &self.profile;
+        let key_type = verified.key_type.name();
+        if !profile.key_types.contains(&key_type) {
+            return Err(CmfError::Unprocessable(format!(
+                "csr: key type {key_type} is not allowed for {cert_type} (allowed: {})",
+                profile.key_types.join(", ")
+            )));
+        }
+        // 4. Key attestation against the registered attester.
+        let (attestation, attestation_format, policies) =
+            self.check_attestation(&registration, &verified)?;
+        // 5. Issue.
+        let ca_index = self
+            .cas
+            .iter()
+            .position(|ca| ca.id == registration.ca_id)
+            .ok_or_else(|| {
+                CmfError::Internal(format!(
+                    "CA '{}' of the registration is no longer configured",
+                    registration.ca_id
+                ))
+            })?;
+        let leaf = leaf_profile(profile, verified.key_type.is_rsa(), &names, policies)
+            .map_err(CmfError::Internal)?;
+        let subject = subject_name(&verified, &names)?;
+        let spki = SubjectPublicKeyInfoOwned::from_der(&verified.spki_der)
+            .map_err(|e| CmfError::BadRequest(format!("csr: public key: {e}")))?;
+        let spki_sha256 = hex::encode(sha2::Sha256::digest(&verified.spki_der));
+        let days = profile.validity_days;
+        let first = issue_leaf(
+            &self.cas[ca_index].issuer,
+            subject.clone(),
+            spki.clone(),
+            leaf.clone(),
+            days,
+        )?;
+        Ok(Prepared {
+            registration,
+            ca_index,
+            names,
+            attestation,
+            attestation_format,
+            leaf,
+            subject,
+            spki,
+            spki_sha256,
+            days,
+            first,
+        })
+    }
 
     /// The registration that covers this request: by vnfcId, else (VNF OAM) the one of the
     /// caller's registrations that holds every requested name.
-    fn registration_for(
-        &self,
-        consumer: &Consumer,
-        cert_type: CertType,
-        vnfc_id: Option<&str>,
-        verified: &VerifiedCsr,
-    ) -> Result<Registration, CmfError> {
+    fn registration_for(&self, verified: &VerifiedCsr) -> Result<Registration, CmfError> {
+        let (consumer, cert_type, vnfc_id) =
+            (&self.consumer, self.cert_type, self.vnfc_id.as_deref());
         let lookup = match vnfc_id {
             Some(id) => subject_key(cert_type, id),
             None => {
@@ -371,7 +444,7 @@ impl Cmf {
 
     /// The attestation verdict: ("verified" | "not-requested" | "unattested: why", format,
     /// certificate policies to add).
-    async fn check_attestation(
+    fn check_attestation(
         &self,
         registration: &Registration,
         verified: &VerifiedCsr,
@@ -395,14 +468,12 @@ impl Cmf {
                 .transpose()
                 .map_err(|e| CmfError::Internal(format!("stored qualifying data: {e}")))?,
         };
-        let formats = self.formats.clone();
-        let attributes = verified.request.info.attributes.clone();
-        let spki = verified.spki_der.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            attest::verify_csr_attestation(&formats, &attributes, &spki, &attester)
-        })
-        .await
-        .map_err(|e| CmfError::Internal(format!("attestation check: {e}")))?;
+        let outcome = attest::verify_csr_attestation(
+            &self.formats,
+            &verified.request.info.attributes,
+            &verified.spki_der,
+            &attester,
+        );
         match outcome {
             Ok(v) => {
                 let mut policies = Vec::new();
@@ -429,6 +500,30 @@ impl Cmf {
             Err(e) => Err(CmfError::Unprocessable(format!("key attestation: {e}"))),
         }
     }
+}
+
+/// Sign a leaf certificate with a fresh serial: (serial hex, certificate).
+fn issue_leaf(
+    issuer: &Issuer,
+    subject: Name,
+    spki: SubjectPublicKeyInfoOwned,
+    leaf: LeafProfile,
+    days: u32,
+) -> Result<(String, Certificate), CmfError> {
+    let serial = pki::random_serial().map_err(CmfError::Internal)?;
+    let serial_hex = hex::encode(serial.as_bytes());
+    let validity = Validity::from_now(Duration::from_secs(u64::from(days) * 86_400))
+        .map_err(|e| CmfError::Internal(e.to_string()))?;
+    let certificate = issuer
+        .issue(subject, spki, Profile::Leaf(leaf), serial, validity)
+        .map_err(|e| match e {
+            crate::ca::CaError::Signing {
+                transient: true,
+                reason,
+            } => CmfError::Unavailable(format!("the CA key is unavailable: {reason}")),
+            other => CmfError::Internal(format!("issuing: {other}")),
+        })?;
+    Ok((serial_hex, certificate))
 }
 
 fn leaf_profile(

@@ -222,7 +222,7 @@ impl From<StoreError> for CmfError {
 /// The CMF service: configuration resolved once, the CAs, the store.
 pub struct Cmf {
     consumers: HashMap<String, String>,
-    cas: Vec<IssuingCa>,
+    cas: Arc<[IssuingCa]>,
     profiles: HashMap<CertType, ProfileConfig>,
     pub(crate) max_body_bytes: usize,
     pub(crate) unattested: UnattestedPolicy,
@@ -317,7 +317,7 @@ impl Cmf {
             .map_err(|e| format!("store group commit: {e}"))?;
         Ok(Cmf {
             consumers,
-            cas,
+            cas: cas.into(),
             profiles,
             max_body_bytes: cmf.max_body_bytes,
             unattested: cmf.unattested,
