@@ -437,7 +437,7 @@ struct Attested {
 /// TPM-resident keys, each with a TPM2_Certify statement by one AK, in CSRs signed in the TPM.
 fn attested_vectors() -> Attested {
     let tpm = swtpm::Swtpm::start();
-    let store = Arc::new(TpmKeyStore::open(&attest::tpm_config(&tpm.tcti())).expect("TPM open"));
+    let store = Arc::new(TpmKeyStore::open(&swtpm::tpm_config(&tpm.tcti())).expect("TPM open"));
     let ak = store
         .create_attestation_key(&KeySpec {
             label: "ak".into(),
