@@ -200,22 +200,23 @@ impl Cmf {
         der: Vec<u8>,
         cert_chain_request: bool,
     ) -> Result<CsrResponse, CmfError> {
-        if cert_type == CertType::ManoCert {
-            return Err(CmfError::Unprocessable(
-                "certType MANO_CERT: the CSR operation applies to VNFCI_CERT and VNF_OAM_CERT \
-                 (IFA 033 11.2.3.1)"
-                    .into(),
-            ));
-        }
-        if cert_type == CertType::VnfciCert && vnfc_id.is_none() {
-            return Err(CmfError::BadRequest(
-                "vnfcId is required for VNFCI_CERT (IFA 033 11.2.3.2)".into(),
-            ));
-        }
+        check_operation(cert_type, vnfc_id.as_deref())?;
         // 1. Decode and proof of possession (CPU work, off the async threads).
-        let verified = tokio::task::spawn_blocking(move || csr::verify(&der))
+        let verified = verify_blocking(der).await?;
+        self.enroll_verified(consumer, cert_type, vnfc_id, verified, cert_chain_request)
             .await
-            .map_err(|e| CmfError::Internal(format!("CSR check: {e}")))??;
+    }
+
+    /// The pipeline from step 2 on, for a front (EST) that needed the decoded CSR first.
+    pub async fn enroll_verified(
+        &self,
+        consumer: &Consumer,
+        cert_type: CertType,
+        vnfc_id: Option<String>,
+        verified: VerifiedCsr,
+        cert_chain_request: bool,
+    ) -> Result<CsrResponse, CmfError> {
+        check_operation(cert_type, vnfc_id.as_deref())?;
         // 2. The caller's registration.
         let registration =
             self.registration_for(consumer, cert_type, vnfc_id.as_deref(), &verified)?;
@@ -429,6 +430,30 @@ impl Cmf {
             Err(e) => Err(CmfError::Unprocessable(format!("key attestation: {e}"))),
         }
     }
+}
+
+/// What the CSR operation applies to (IFA 033 11.2.3.1, 11.2.3.2).
+fn check_operation(cert_type: CertType, vnfc_id: Option<&str>) -> Result<(), CmfError> {
+    if cert_type == CertType::ManoCert {
+        return Err(CmfError::Unprocessable(
+            "certType MANO_CERT: the CSR operation applies to VNFCI_CERT and VNF_OAM_CERT \
+             (IFA 033 11.2.3.1)"
+                .into(),
+        ));
+    }
+    if cert_type == CertType::VnfciCert && vnfc_id.is_none() {
+        return Err(CmfError::BadRequest(
+            "vnfcId is required for VNFCI_CERT (IFA 033 11.2.3.2)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// [`csr::verify`] off the async threads (signature verification is CPU work).
+pub async fn verify_blocking(der: Vec<u8>) -> Result<VerifiedCsr, CmfError> {
+    tokio::task::spawn_blocking(move || csr::verify(&der))
+        .await
+        .map_err(|e| CmfError::Internal(format!("CSR check: {e}")))?
 }
 
 fn leaf_profile(
