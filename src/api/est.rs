@@ -190,8 +190,15 @@ async fn enroll(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Vec<u8>, CmfError> {
-    let consumer = cmf.consumer(identity.0.as_deref())?;
-    let der = pkcs10_body(headers, body, cmf.max_body_bytes()).await?;
+    let consumer = cmf.consumer(identity.0.as_deref());
+    let media_type = check_pkcs10(headers);
+    // The body (bounded) is read before any refusal is sent: over HTTP/2 an answer sent
+    // before the request body is consumed resets the stream, which curl-based EST clients
+    // report as a transport error instead of the status.
+    let body = read_body(headers, body, cmf.max_body_bytes()).await;
+    let consumer = consumer?;
+    media_type?;
+    let der = pkcs10_der(&body?)?;
     let verified = issue::verify_blocking(der).await?;
     let vnfc_id = match label {
         Some(label) => label,
@@ -225,21 +232,25 @@ async fn enroll(
     certs_only(vec![certificate]).map_err(|e| CmfError::Internal(format!("PKCS#7 encoding: {e}")))
 }
 
-/// The CSR of a simple (re)enrollment: `application/pkcs10`, base64 DER (whitespace and line
-/// breaks allowed, RFC 7030 4.2.1 and RFC 2045 6.8).
-async fn pkcs10_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, CmfError> {
+/// A simple (re)enrollment body is `application/pkcs10` (RFC 7030 4.2.1).
+fn check_pkcs10(headers: &HeaderMap) -> Result<(), CmfError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let essence = content_type.split(';').next().unwrap_or("").trim();
-    if !essence.eq_ignore_ascii_case(PKCS10) {
-        return Err(CmfError::UnsupportedMediaType(format!(
+    if essence.eq_ignore_ascii_case(PKCS10) {
+        Ok(())
+    } else {
+        Err(CmfError::UnsupportedMediaType(format!(
             "Content-Type '{content_type}': expected {PKCS10} (RFC 7030 4.2.1)"
-        )));
+        )))
     }
-    let bytes = read_body(headers, body, limit).await?;
-    let compact: Vec<u8> = bytes
+}
+
+/// The CSR DER from a base64 body; whitespace and line breaks are allowed (RFC 2045 6.8).
+fn pkcs10_der(body: &[u8]) -> Result<Vec<u8>, CmfError> {
+    let compact: Vec<u8> = body
         .iter()
         .copied()
         .filter(|b| !b.is_ascii_whitespace())
