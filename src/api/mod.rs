@@ -4,6 +4,7 @@
 //! a verified client certificate reaches handlers as [`ClientIdentity`].
 
 pub mod cmf;
+pub mod est;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -163,6 +164,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state.clone());
     if let Some(cmf) = &state.cmf {
         router = router.merge(cmf::routes(cmf.clone()));
+        router = router.merge(est::routes(cmf.clone()));
     }
     router
         .fallback(not_found)

@@ -202,18 +202,45 @@ impl Cmf {
         der: Vec<u8>,
         cert_chain_request: bool,
     ) -> Result<CsrResponse, CmfError> {
-        if cert_type == CertType::ManoCert {
-            return Err(CmfError::Unprocessable(
-                "certType MANO_CERT: the CSR operation applies to VNFCI_CERT and VNF_OAM_CERT \
-                 (IFA 033 11.2.3.1)"
-                    .into(),
-            ));
-        }
-        if cert_type == CertType::VnfciCert && vnfc_id.is_none() {
-            return Err(CmfError::BadRequest(
-                "vnfcId is required for VNFCI_CERT (IFA 033 11.2.3.2)".into(),
-            ));
-        }
+        check_operation(cert_type, vnfc_id.as_deref())?;
+        self.enroll_input(
+            consumer,
+            cert_type,
+            vnfc_id,
+            CsrInput::Der(der),
+            cert_chain_request,
+        )
+        .await
+    }
+
+    /// The pipeline from step 2 on, for a front (EST) that needed the decoded CSR first.
+    pub async fn enroll_verified(
+        &self,
+        consumer: &Consumer,
+        cert_type: CertType,
+        vnfc_id: Option<String>,
+        verified: VerifiedCsr,
+        cert_chain_request: bool,
+    ) -> Result<CsrResponse, CmfError> {
+        check_operation(cert_type, vnfc_id.as_deref())?;
+        self.enroll_input(
+            consumer,
+            cert_type,
+            vnfc_id,
+            CsrInput::Verified(Box::new(verified)),
+            cert_chain_request,
+        )
+        .await
+    }
+
+    async fn enroll_input(
+        &self,
+        consumer: &Consumer,
+        cert_type: CertType,
+        vnfc_id: Option<String>,
+        input: CsrInput,
+        cert_chain_request: bool,
+    ) -> Result<CsrResponse, CmfError> {
         // 1-5 in one hop off the async threads: decoding and proof of possession, the
         // registration, key policy, attestation and the CA signature are CPU and device work,
         // and every extra hand-off between threads costs a wake-up on a busy machine.
@@ -239,7 +266,7 @@ impl Cmf {
             spki_sha256,
             days,
             first,
-        } = tokio::task::spawn_blocking(move || work.run(&der))
+        } = tokio::task::spawn_blocking(move || work.run(input))
             .await
             .map_err(|e| CmfError::Internal(format!("CSR pipeline: {e}")))??;
         let ca = &self.cas[ca_index];
@@ -312,6 +339,13 @@ impl Cmf {
     }
 }
 
+/// A CSR as it enters the pipeline.
+enum CsrInput {
+    Der(Vec<u8>),
+    /// Decoded and proof of possession checked already.
+    Verified(Box<VerifiedCsr>),
+}
+
 /// Everything of the CSR pipeline before the durable record, run on one blocking thread.
 struct Prepare {
     store: Arc<Store>,
@@ -341,10 +375,13 @@ struct Prepared {
 }
 
 impl Prepare {
-    fn run(self, der: &[u8]) -> Result<Prepared, CmfError> {
+    fn run(self, input: CsrInput) -> Result<Prepared, CmfError> {
         let cert_type = self.cert_type;
-        // 1. Decode and proof of possession.
-        let verified = csr::verify(der)?;
+        // 1. Decode and proof of possession (unless a front did it already).
+        let verified = match input {
+            CsrInput::Der(der) => csr::verify(&der)?,
+            CsrInput::Verified(verified) => *verified,
+        };
         // 2. The caller's registration.
         let registration = self.registration_for(&verified)?;
         let names = verified.requested_names();
@@ -524,6 +561,30 @@ fn issue_leaf(
             other => CmfError::Internal(format!("issuing: {other}")),
         })?;
     Ok((serial_hex, certificate))
+}
+
+/// What the CSR operation applies to (IFA 033 11.2.3.1, 11.2.3.2).
+fn check_operation(cert_type: CertType, vnfc_id: Option<&str>) -> Result<(), CmfError> {
+    if cert_type == CertType::ManoCert {
+        return Err(CmfError::Unprocessable(
+            "certType MANO_CERT: the CSR operation applies to VNFCI_CERT and VNF_OAM_CERT \
+             (IFA 033 11.2.3.1)"
+                .into(),
+        ));
+    }
+    if cert_type == CertType::VnfciCert && vnfc_id.is_none() {
+        return Err(CmfError::BadRequest(
+            "vnfcId is required for VNFCI_CERT (IFA 033 11.2.3.2)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// [`csr::verify`] off the async threads (signature verification is CPU work).
+pub async fn verify_blocking(der: Vec<u8>) -> Result<VerifiedCsr, CmfError> {
+    tokio::task::spawn_blocking(move || csr::verify(&der))
+        .await
+        .map_err(|e| CmfError::Internal(format!("CSR check: {e}")))?
 }
 
 fn leaf_profile(
