@@ -558,8 +558,11 @@ fn der_length(len: usize, out: &mut Vec<u8>) {
         out.push(len as u8);
     } else if len < 0x100 {
         out.extend_from_slice(&[0x81, len as u8]);
-    } else {
+    } else if len < 0x1_0000 {
         out.extend_from_slice(&[0x82, (len >> 8) as u8, len as u8]);
+    } else {
+        // Not reachable for ECDSA signatures; correct all the same.
+        out.extend_from_slice(&[0x83, (len >> 16) as u8, (len >> 8) as u8, len as u8]);
     }
 }
 
@@ -590,6 +593,20 @@ mod tests {
             "pkcs11:token=a;slot-id=1;object=x",
         ] {
             assert!(text.parse::<KeyRef>().is_err(), "{text} accepted");
+        }
+    }
+
+    #[test]
+    fn der_lengths_of_every_size() {
+        for (len, expected) in [
+            (0x7f, vec![0x7f]),
+            (0x80, vec![0x81, 0x80]),
+            (0x1234, vec![0x82, 0x12, 0x34]),
+            (0x1_2345, vec![0x83, 0x01, 0x23, 0x45]),
+        ] {
+            let mut out = Vec::new();
+            der_length(len, &mut out);
+            assert_eq!(out, expected, "{len:#x}");
         }
     }
 
