@@ -143,7 +143,12 @@ fn main() {
 
     // 1. Closed-loop throughput.
     let mut best = (0, 0.0);
-    for c in [8usize, 16, 32] {
+    let connections: Vec<usize> = std::env::var("BENCH_CONNECTIONS")
+        .unwrap_or_else(|_| "16,64,128".into())
+        .split(',')
+        .filter_map(|c| c.trim().parse().ok())
+        .collect();
+    for c in connections {
         let r = runtime.block_on(throughput(&client, &plain, c, seconds, server.pid));
         println!(
             "cmf: https c={c}: {} certs/s ({} errors; CPU: server {:.2} cores, load generator {:.2} cores; load {})",
@@ -266,6 +271,7 @@ certificate = "{d}/ca.pem"
 
 [cmf]
 client_ca = "{d}/vnfm-root.pem"
+group_commit_max = 128
 
 [[cmf.consumer]]
 id = "vnfm-a"
@@ -661,7 +667,8 @@ async fn open_loop(
     }
 }
 
-/// `Cmf::enroll` in process (16 concurrent callers on a 2-thread runtime, as a server has)
+/// `Cmf::enroll` in process (`BENCH_CALLERS`, default 128, concurrent callers on a 2-thread
+/// runtime, as a loaded server has: durable commits are batched across callers)
 /// against raw C_Sign with one thread per token session, in interleaved rounds.
 fn in_process(setup: &Setup, rounds: u32, seconds: u64) {
     // SoftHSM reads SOFTHSM2_CONF at C_Initialize, which has not happened in this process.
@@ -693,7 +700,7 @@ fn in_process(setup: &Setup, rounds: u32, seconds: u64) {
         let pipeline = runtime.block_on(async {
             let stop = Arc::new(AtomicBool::new(false));
             let count = Arc::new(AtomicU64::new(0));
-            let tasks: Vec<_> = (0..16)
+            let tasks: Vec<_> = (0..env_or("BENCH_CALLERS", 128))
                 .map(|t| {
                     let (cmf, consumer, ders, stop, count) = (
                         cmf.clone(),

@@ -789,8 +789,12 @@ fn serve(config: &Config) -> Result<ExitCode, Failure> {
         )),
         None => None,
     };
+    // Blocking threads run the CSR pipeline and key-layer calls: CPU and device work that
+    // more threads than a few per core do not speed up, and each idle thread keeps its own
+    // malloc arena (RSS). Callers beyond this queue.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(16)
         .build()
         .map_err(|e| Failure(format!("tokio runtime: {e}")))?;
     runtime.block_on(async move {
