@@ -3,9 +3,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::agent::Agent;
@@ -39,7 +38,7 @@ fn ca_tls_check_serve_healthz_then_sigterm() {
         String::from_utf8_lossy(&verify.stderr)
     );
 
-    let (mut child, addr) = serve(&agent);
+    let (mut child, addr) = agent.serve();
     let port = addr.rsplit(':').next().expect("port").to_string();
     let body = curl_healthz(agent.dir(), &port);
     let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
@@ -211,27 +210,6 @@ fn bad_input_gets_one_line_errors() {
     }
     std::fs::rename(agent.dir().join("moved.pin"), &pin).unwrap();
     agent.ok(&["keys", "list"]);
-}
-
-/// Start `warden serve`; returns the child and the address it printed.
-fn serve(agent: &Agent) -> (Child, String) {
-    let mut child = agent
-        .command(&["serve"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("serve starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("listening line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on https://")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_string();
-    (child, addr)
 }
 
 fn curl_healthz(dir: &Path, port: &str) -> String {

@@ -1,8 +1,9 @@
 //! A `warden` with a SoftHSM token directory of its own and a config using it: every command
 //! is a fresh process (an agent restart), with its own SOFTHSM2_CONF.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 use super::softhsm::TokenDir;
 
@@ -110,5 +111,26 @@ certificate = "{dir}/ca.pem"
             .collect();
         assert_eq!(lines.len(), 1, "one-line error expected, got: {stderr}");
         lines[0].to_string()
+    }
+
+    /// Start `warden serve`; returns the child and the address it printed on its first line.
+    pub fn serve(&self) -> (Child, String) {
+        let mut child = self
+            .command(&["serve"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("serve starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on https://")
+            .unwrap_or_else(|| panic!("serve did not start: '{line}'"))
+            .to_string();
+        (child, addr)
     }
 }

@@ -1,9 +1,8 @@
 //! A running `warden serve` with the CMF enabled, its own SoftHSM token directory, a CA in
 //! that token, and VNFM client identities made with openssl (the VNFMs' side).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use nfv_warden::client::HttpsClient;
@@ -87,22 +86,7 @@ impl CmfAgent {
 
     /// Start `warden serve` and wait for its address.
     pub fn start(&mut self) {
-        let mut child = self
-            .command(&["serve"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on https://")
-            .unwrap_or_else(|| panic!("serve did not start: '{line}'"))
-            .to_string();
+        let (child, addr) = self.agent.serve();
         self.port = addr
             .rsplit(':')
             .next()
