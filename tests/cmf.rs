@@ -724,3 +724,225 @@ fn warden_register_and_csr_commands_act_as_a_vnfm() {
     assert!(stderr.starts_with("warden: 422 /certmgmt/v1/certificate_signing_requests: vnfcId 'vnfc-other' is not registered"), "{stderr}");
     agent.stop();
 }
+
+/// Every attestation check refused over HTTP with its own reason, and nothing issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attestation_forgeries_over_http_each_refused_with_its_reason() {
+    use base64::Engine;
+    use common::attest::{self as vectors, SignatureEncoding};
+    use common::swtpm::Swtpm;
+    use nfv_warden::cmf::attest::tpm;
+    use nfv_warden::keys::signer::{HardwareKey, HardwareSignature};
+    use nfv_warden::keys::tpm::TpmKeyStore;
+    use nfv_warden::keys::{KeyAlgorithm, KeyAttestation, KeySpec, KeyStore};
+    use std::str::FromStr;
+    use std::sync::Arc;
+    use x509_cert::builder::{Builder, RequestBuilder};
+
+    const NONCE: &[u8] = b"forgery-nonce";
+    let swtpm = Swtpm::start();
+    let store = Arc::new(TpmKeyStore::open(&common::swtpm::tpm_config(&swtpm.tcti())).unwrap());
+    let spec = |label: &str, algorithm| KeySpec {
+        label: label.into(),
+        algorithm,
+    };
+    let ak = store
+        .create_attestation_key(&spec("ak", KeyAlgorithm::EcP256))
+        .unwrap();
+    let other_ak = store
+        .create_attestation_key(&spec("ak2", KeyAlgorithm::EcP256))
+        .unwrap();
+    let key = store.generate(&spec("k", KeyAlgorithm::EcP256)).unwrap();
+    let other = store.generate(&spec("k2", KeyAlgorithm::EcP256)).unwrap();
+    let duplicable = store
+        .generate_with_attributes(
+            &spec("dup", KeyAlgorithm::EcP256),
+            tpm::SENSITIVE_DATA_ORIGIN | 0x40 | tpm::SIGN,
+        )
+        .unwrap();
+    let evidence = store.certify(&key.reference, &ak.reference, NONCE).unwrap();
+    let statement = |attest: &[u8], public: Option<&[u8]>| {
+        tpm::encode_statement(attest, &evidence.signature, public).unwrap()
+    };
+    let csr_pem = |signing_key: &nfv_warden::keys::KeyRef, stmts: &[Vec<u8>]| {
+        let signer = HardwareKey::new(store.clone(), signing_key.clone()).unwrap();
+        let mut builder =
+            RequestBuilder::new(x509_cert::name::Name::from_str("CN=vnfc-f").unwrap()).unwrap();
+        for (i, stmt) in stmts.iter().enumerate() {
+            let mut bundle = vectors::bundle(vectors::tpm_format(), stmt.clone());
+            bundle.statements[0].hint = (i > 0).then(|| format!("copy {i}"));
+            builder.add_attribute(&bundle).unwrap();
+        }
+        let csr = builder.build::<_, HardwareSignature>(&signer).unwrap();
+        nfv_warden::pki::to_pem("CERTIFICATE REQUEST", &csr.to_der().unwrap()).unwrap()
+    };
+    let mut tampered = evidence.attest.clone();
+    *tampered.last_mut().unwrap() ^= 1;
+    let other_evidence = store
+        .certify(&other.reference, &ak.reference, NONCE)
+        .unwrap();
+    let by_other_ak = vectors::tpm_statement(
+        &store,
+        &key.reference,
+        &other_ak.reference,
+        NONCE,
+        SignatureEncoding::Tpmt,
+    );
+    let not_fixed = vectors::tpm_statement(
+        &store,
+        &duplicable.reference,
+        &ak.reference,
+        NONCE,
+        SignatureEncoding::Tpmt,
+    );
+    let good = statement(&evidence.attest, Some(&evidence.public_area));
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "tampered TPMS_ATTEST",
+            csr_pem(
+                &key.reference,
+                &[statement(&tampered, Some(&evidence.public_area))],
+            ),
+            "not signed by the registered attester key",
+        ),
+        (
+            "signed by another AK",
+            csr_pem(&key.reference, &[by_other_ak]),
+            "not signed by the registered attester key",
+        ),
+        (
+            "tpmTPublic of another key",
+            csr_pem(
+                &key.reference,
+                &[statement(
+                    &evidence.attest,
+                    Some(&other_evidence.public_area),
+                )],
+            ),
+            "tpmTPublic is not the certified key",
+        ),
+        (
+            "CSR key differs from the attested key",
+            csr_pem(&other.reference, &[good.clone()]),
+            "not the CSR's subject public key",
+        ),
+        (
+            "key without fixedTPM",
+            csr_pem(&duplicable.reference, &[not_fixed]),
+            "attributes are not acceptable",
+        ),
+        (
+            "missing tpmTPublic",
+            csr_pem(&key.reference, &[statement(&evidence.attest, None)]),
+            "carries no public key",
+        ),
+        (
+            "two attestation attributes",
+            csr_pem(&key.reference, &[good.clone(), good.clone()]),
+            "2 id-aa-attestation attributes",
+        ),
+        (
+            "no attestation",
+            csr_pem(&key.reference, &[]),
+            "carries no key attestation",
+        ),
+    ];
+    let valid = csr_pem(&key.reference, &[good]);
+    let ak_pem = nfv_warden::pki::to_pem("PUBLIC KEY", &ak.public_key.spki_der).unwrap();
+    drop(store);
+
+    let mut agent = CmfAgent::new("");
+    agent.start();
+    let mut vnfm = agent.client(Some("vnfm-a")).connect().await.unwrap();
+    let registration = json!({
+        "certType": "VNFCI_CERT",
+        "subjectIds": ["vnfc-f"],
+        "typeOfVnfcCertHandling": "DELEGATION_MODE",
+        "keyAttestation": {
+            "attesterPublicKey": ak_pem,
+            "formatOid": "2.23.133.20.1",
+            "expectedQualifyingData": base64::engine::general_purpose::STANDARD.encode(NONCE),
+        },
+    });
+    assert_eq!(
+        vnfm.post_json(REGISTRATIONS, &registration)
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+    let body = |csr: &str| json!({ "vnfcId": "vnfc-f", "certType": "VNFCI_CERT", "certChainRequest": false, "csr": csr });
+    for (what, csr, reason) in &cases {
+        let response = vnfm.post_json(CSRS, &body(csr)).await.unwrap();
+        assert_eq!(
+            response.status,
+            422,
+            "{what}: {}",
+            response.problem_detail()
+        );
+        let detail = response.problem_detail();
+        assert!(
+            detail.starts_with("key attestation: ") && detail.contains(reason),
+            "{what}: {detail}"
+        );
+    }
+    agent.stop();
+    assert_eq!(issued_count(&agent), 0, "no forgery was issued");
+    // The genuine one still goes through on the same registration.
+    agent.start();
+    let mut vnfm = agent.client(Some("vnfm-a")).connect().await.unwrap();
+    let issued = vnfm.post_json(CSRS, &body(&valid)).await.unwrap();
+    assert_eq!(issued.status, 201, "{}", issued.problem_detail());
+    agent.stop();
+    assert_eq!(issued_count(&agent), 1);
+}
+
+/// The CA key in a TPM that goes away: 503 with Retry-After, nothing issued, and service
+/// back without a restart once the TPM is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_key_unavailable_is_503_with_retry_after_then_recovers() {
+    let mut swtpm = common::swtpm::Swtpm::start();
+    let mut agent = CmfAgent::with_ca_key("", Some(&swtpm.tcti()));
+    agent.start();
+    let mut vnfm = agent.client(Some("vnfm-a")).connect().await.unwrap();
+    assert_eq!(
+        vnfm.post_json(REGISTRATIONS, &register_body(&["vnfc-u"]))
+            .await
+            .unwrap()
+            .status,
+        201
+    );
+    let csr = openssl_csr(agent.dir(), "u", "/CN=vnfc-u", &[]);
+    let body = json!({ "vnfcId": "vnfc-u", "certType": "VNFCI_CERT", "certChainRequest": false, "csr": csr });
+    assert_eq!(
+        vnfm.post_json(CSRS, &body).await.unwrap().status,
+        201,
+        "CA key in the TPM signs"
+    );
+
+    swtpm.kill();
+    let response = vnfm.post_json(CSRS, &body).await.unwrap();
+    assert_eq!(response.status, 503, "{}", response.problem_detail());
+    assert!(response.headers.contains_key("retry-after"));
+    assert!(
+        response.problem_detail().contains("unavailable"),
+        "{}",
+        response.problem_detail()
+    );
+
+    swtpm.restart();
+    let response = vnfm.post_json(CSRS, &body).await.unwrap();
+    assert_eq!(
+        response.status,
+        201,
+        "service back once the TPM is: {}",
+        response.problem_detail()
+    );
+    drop(vnfm);
+    agent.stop();
+    assert_eq!(
+        issued_count(&agent),
+        2,
+        "the refused request issued nothing"
+    );
+}

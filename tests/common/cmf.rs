@@ -26,6 +26,12 @@ impl CmfAgent {
     /// Token, CA, TLS identity, client identities and config; not yet serving.
     /// `extra` is appended inside the `[cmf]` table.
     pub fn new(extra: &str) -> CmfAgent {
+        CmfAgent::with_ca_key(extra, None)
+    }
+
+    /// The same with the CA key in a TPM at `tcti` (persistent handle 0x81000110) instead of
+    /// the SoftHSM token.
+    pub fn with_ca_key(extra: &str, tpm_tcti: Option<&str>) -> CmfAgent {
         let consumers: String = CONSUMERS
             .iter()
             .map(|(id, domain)| {
@@ -35,6 +41,16 @@ impl CmfAgent {
         let agent = Agent::new(&format!(
             "\n[cmf]\nclient_ca = \"{{dir}}/vnfm-root.pem\"\n{extra}\n\n{consumers}"
         ));
+        if let Some(tcti) = tpm_tcti {
+            let text = std::fs::read_to_string(&agent.config).expect("config");
+            let text = text.replace(
+                "key = \"pkcs11:token=warden;object=warden-ca\"",
+                "key = \"tpm:handle=0x81000110\"",
+            ) + &format!(
+                "\n[[backend]]\ntype = \"tpm\"\ntcti = \"{tcti}\"\nrecovery_attempts = 2\n"
+            );
+            std::fs::write(&agent.config, text).expect("config");
+        }
         let agent = CmfAgent {
             agent,
             child: None,
