@@ -823,7 +823,7 @@ async fn attestation_forgeries_over_http_each_refused_with_its_reason() {
         ),
         (
             "CSR key differs from the attested key",
-            csr_pem(&other.reference, &[good.clone()]),
+            csr_pem(&other.reference, std::slice::from_ref(&good)),
             "not the CSR's subject public key",
         ),
         (
