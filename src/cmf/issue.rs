@@ -270,7 +270,6 @@ impl Cmf {
             .await
             .map_err(|e| CmfError::Internal(format!("CSR pipeline: {e}")))??;
         let ca = &self.cas[ca_index];
-        let issuer = ca.issuer.clone();
         let mut first = Some(first);
         // Serial collisions at 126 random bits are practically impossible; the store still
         // enforces uniqueness per issuer and a collision is retried with a new serial.
@@ -278,8 +277,13 @@ impl Cmf {
             let (serial_hex, certificate) = match first.take() {
                 Some(issued) => issued,
                 None => {
-                    let (issuer, subject, spki, leaf) =
-                        (issuer.clone(), subject.clone(), spki.clone(), leaf.clone());
+                    // Only on a serial collision: the CA certificate is cloned for the worker.
+                    let (issuer, subject, spki, leaf) = (
+                        ca.issuer.clone(),
+                        subject.clone(),
+                        spki.clone(),
+                        leaf.clone(),
+                    );
                     tokio::task::spawn_blocking(move || {
                         issue_leaf(&issuer, subject, spki, leaf, days)
                     })
