@@ -882,11 +882,9 @@ fn check(path: &Path) -> Result<ExitCode, Failure> {
         }
     }
     for t in config.tpm_backends() {
-        if let Some(SecretSource::File(_) | SecretSource::Credential(_)) = &t.owner_auth {
-            if let Some(Err(e)) = t.owner_auth.as_ref().map(SecretSource::read) {
-                line(false, format!("TPM owner auth: {e}"));
-                continue;
-            }
+        if let Some(Err(e)) = t.owner_auth.as_ref().map(SecretSource::read) {
+            line(false, format!("TPM owner auth: {e}"));
+            continue;
         }
         match nfv_warden::keys::tpm::TpmKeyStore::open(t) {
             Ok(s) => {
