@@ -24,7 +24,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{CmfConfig, Config, ProfileConfig, UnattestedPolicy};
 use crate::keys::backends::Backends;
-use crate::keys::signer::HardwareKey;
 use crate::keys::KeyError;
 use crate::store::{GroupCommit, Store, StoreError, Table};
 
@@ -357,11 +356,6 @@ impl Cmf {
 
     fn profile(&self, cert_type: CertType) -> ProfileConfig {
         self.profiles.get(&cert_type).cloned().unwrap_or_default()
-    }
-
-    /// The CA key of `ca_id`, for diagnostics.
-    pub fn ca_key(&self, ca_id: &str) -> Option<&HardwareKey> {
-        self.ca(ca_id).map(|ca| ca.issuer.key())
     }
 }
 

@@ -27,13 +27,6 @@ pub struct TokenSelector {
 }
 
 impl TokenSelector {
-    pub fn by_label(label: impl Into<String>) -> Self {
-        TokenSelector {
-            label: Some(label.into()),
-            serial: None,
-        }
-    }
-
     /// Whether a token with this (blank-padded, as PKCS#11 returns them) label and serial
     /// is the one selected.
     pub fn matches(&self, label: &str, serial: &str) -> bool {
