@@ -22,8 +22,12 @@
 #[allow(dead_code)]
 #[path = "../tests/common/attest.rs"]
 mod attest;
+#[path = "../tests/common/shell.rs"]
+mod shell;
 #[path = "../tests/common/swtpm.rs"]
 mod swtpm;
+
+use shell::sh;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -400,20 +404,6 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
-}
-
-fn sh(dir: &Path, script: &str) {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .expect("sh");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn csr_body(vnfc_id: &str, csr_pem: &str) -> Vec<u8> {

@@ -115,19 +115,7 @@ fn external_root_csr_and_chain_import() {
         "CN=warden issuing CA",
     ]);
     // An external root (openssl) signs the CSR.
-    let sh = |script: &str| {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .current_dir(dir)
-            .output()
-            .expect("sh");
-        assert!(
-            out.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let sh = |script: &str| common::shell::sh(dir, script);
     std::fs::write(dir.join("ext.cnf"), "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n").unwrap();
     sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout root.key -out root.pem -subj /CN=external-root -days 30 2>/dev/null");
     sh("openssl x509 -req -in ca.csr -CA root.pem -CAkey root.key -CAcreateserial -days 30 -extfile ext.cnf -out ca-signed.pem 2>/dev/null");

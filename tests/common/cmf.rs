@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use nfv_warden::client::HttpsClient;
 
 use super::agent::Agent;
+pub use super::shell::sh;
 
 /// Consumers configured: two VNFMs of trust domain "operator-a", one of "operator-b".
 pub const CONSUMERS: [(&str, &str); 3] = [
@@ -163,20 +164,6 @@ impl Drop for CmfAgent {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-pub fn sh(dir: &Path, script: &str) {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .expect("sh");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// An EC P-256 CSR made by openssl in `dir`: (PEM, key file).
