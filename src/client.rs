@@ -2,8 +2,9 @@
 //! as a VNFM (`warden register`, `warden csr`), the tests and the benchmarks. It keeps one
 //! HTTP/1.1 connection alive for many requests.
 //!
-//! The client key is the caller's (a VNFM's test identity from PEM files), not one of the
-//! agent's keys, which never leave the HSM/TPM.
+//! The client key is either the caller's (a VNFM's test identity from PEM files) or one of
+//! the agent's own keys in the HSM/TPM ([`ClientKey::Hardware`], the SM's per-interface
+//! association keys), which sign the TLS handshake in the device and never leave it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -44,6 +45,18 @@ impl ClientResponse {
     }
 }
 
+/// The TLS client identity.
+pub enum ClientKey<'a> {
+    None,
+    /// Certificate chain and private key in PEM files (a VNFM's side, tests).
+    PemFiles(&'a Path, &'a Path),
+    /// A certificate chain and a key held in the HSM/TPM.
+    Hardware {
+        chain: Vec<CertificateDer<'static>>,
+        key: Arc<dyn rustls::sign::SigningKey>,
+    },
+}
+
 impl HttpsClient {
     /// `base` is `https://host:port`; `ca_pem` the roots that issued the server certificate;
     /// `identity` an optional client certificate chain and private key (PEM files).
@@ -52,6 +65,27 @@ impl HttpsClient {
         ca_pem: &Path,
         identity: Option<(&Path, &Path)>,
     ) -> Result<HttpsClient, String> {
+        let key = match identity {
+            Some((cert, key)) => ClientKey::PemFiles(cert, key),
+            None => ClientKey::None,
+        };
+        HttpsClient::with_key(base, ca_pem, key)
+    }
+
+    /// [`Self::new`] with any [`ClientKey`]. `base` may carry a path (an apiRoot); only its
+    /// authority is used here.
+    pub fn with_key(
+        base: &str,
+        ca_pem: &Path,
+        identity: ClientKey<'_>,
+    ) -> Result<HttpsClient, String> {
+        let base = match base.strip_prefix("https://") {
+            Some(rest) => match rest.find('/') {
+                Some(i) => &base[..8 + i],
+                None => base,
+            },
+            None => base,
+        };
         let authority = base
             .strip_prefix("https://")
             .ok_or_else(|| format!("'{base}': only https:// URLs are supported"))?
@@ -84,7 +118,7 @@ impl HttpsClient {
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots);
         let config = match identity {
-            Some((cert_file, key_file)) => {
+            ClientKey::PemFiles(cert_file, key_file) => {
                 let chain = CertificateDer::pem_file_iter(cert_file)
                     .map_err(|e| format!("{}: {e}", cert_file.display()))?
                     .collect::<Result<Vec<_>, _>>()
@@ -95,7 +129,12 @@ impl HttpsClient {
                     .with_client_auth_cert(chain, key)
                     .map_err(|e| format!("client identity: {e}"))?
             }
-            None => builder.with_no_client_auth(),
+            ClientKey::Hardware { chain, key } => {
+                let resolver =
+                    FixedClientCert(Arc::new(rustls::sign::CertifiedKey::new(chain, key)));
+                builder.with_client_cert_resolver(Arc::new(resolver))
+            }
+            ClientKey::None => builder.with_no_client_auth(),
         };
         let address = if host.contains(':') {
             format!("[{host}]:{port}")
@@ -135,6 +174,25 @@ impl HttpsClient {
     }
 }
 
+#[derive(Debug)]
+struct FixedClientCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for FixedClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        // Offer the certificate only when the server accepts our key's scheme.
+        self.0.key.choose_scheme(sigschemes)?;
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// One HTTP/1.1 connection.
 pub struct Connection {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
@@ -149,12 +207,31 @@ impl Connection {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> Result<ClientResponse, String> {
+        let headers: Vec<(&str, String)> = content_type
+            .map(|ct| vec![("content-type", ct.to_string())])
+            .unwrap_or_default();
+        self.request_with(method, path, &headers, body).await
+    }
+
+    /// True once the server closed the connection: do not send on it.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// A request with any headers.
+    pub async fn request_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> Result<ClientResponse, String> {
         let mut builder = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, &self.authority);
-        if let Some(ct) = content_type {
-            builder = builder.header(hyper::header::CONTENT_TYPE, ct);
+        for (name, value) in headers {
+            builder = builder.header(*name, value);
         }
         let request = builder
             .body(Full::new(Bytes::from(body)))

@@ -29,6 +29,9 @@ pub struct Config {
     /// The Certificate Management Function (IFA 033 clause 11); absent = not served.
     #[serde(default)]
     pub cmf: Option<CmfConfig>,
+    /// The Security Manager on Sc-Or (IFA 033 clauses 5 and 6); absent = not run.
+    #[serde(default)]
+    pub sm: Option<SmConfig>,
 }
 
 /// A key backend, chosen by `type`.
@@ -384,6 +387,9 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        if let Some(sm) = &self.sm {
+            sm.check()?;
+        }
         let pkcs11 = self.pkcs11_backends().count();
         let tpm = self.tpm_backends().count();
         if pkcs11 > 1 || tpm > 1 {
@@ -490,5 +496,302 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("token_label or token_serial"), "{err}");
+    }
+}
+
+/// The Security Manager: its mode, the NFVO it watches, how the NFVO authenticates to it,
+/// and the rules that turn events into actions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmConfig {
+    /// This SM's name: its identity towards the NFVO (certificate subjects, the user name of
+    /// BASIC notification authentication, the OAuth2 client of the notification endpoint).
+    pub name: String,
+    /// IFA 033 5.1: PASSIVE records only; SEMI_ACTIVE may terminate VNFs (snapshot and
+    /// replacement options); FULLY_ACTIVE may also disable packages and ask for erasure.
+    pub mode: SmMode,
+    /// The callback URI the NFVO posts notifications to; default
+    /// `https://<server.listen>/sm/v1/notifications`.
+    #[serde(default)]
+    pub callback_uri: Option<String>,
+    /// How often the SM reconciles with the NFVO (Query NS, ns_lcm_op_occs) to recover
+    /// notifications it missed.
+    #[serde(default = "default_reconcile_seconds")]
+    pub reconcile_seconds: u64,
+    /// Largest notification body accepted.
+    #[serde(default = "default_sm_max_body")]
+    pub max_body_bytes: usize,
+    /// Writes batched into one durable commit at most (notification journal).
+    #[serde(default = "default_sm_group_commit")]
+    pub group_commit_max: usize,
+    /// Unix socket of the local admin API (`warden sm ...`); default next to the store.
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
+    /// Destroy the keys the agent holds for a VNF when the VNF terminates (IFA 033 Sc-Or
+    /// SecEnforce.003 erasure, the agent's own share). The agent's own objects only: nothing
+    /// is sent to the NFVO for this.
+    #[serde(default = "default_true")]
+    pub erase_on_termination: bool,
+    pub nfvo: NfvoConfig,
+    pub notifications: NotificationAuthConfig,
+    /// Pinned VNF package checksums: package id -> SHA-256 hex.
+    #[serde(default)]
+    pub pinned_packages: std::collections::BTreeMap<String, String>,
+    /// Event -> action rules; evaluated in order, the first match wins.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+}
+
+fn default_reconcile_seconds() -> u64 {
+    300
+}
+fn default_sm_max_body() -> usize {
+    1024 * 1024
+}
+fn default_sm_group_commit() -> usize {
+    256
+}
+fn default_true() -> bool {
+    true
+}
+
+/// IFA 033 clause 5.1.2 security modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SmMode {
+    Passive,
+    SemiActive,
+    FullyActive,
+}
+
+impl fmt::Display for SmMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SmMode::Passive => "PASSIVE",
+            SmMode::SemiActive => "SEMI_ACTIVE",
+            SmMode::FullyActive => "FULLY_ACTIVE",
+        })
+    }
+}
+
+/// The NFVO (Sc-Or producer).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NfvoConfig {
+    /// apiRoot, `https://host:port[/prefix]`.
+    pub api_root: String,
+    /// PEM roots for the NFVO's server certificate.
+    pub ca: PathBuf,
+    /// How the SM authenticates to the NFVO: "mtls" (a client key per interface, in the
+    /// HSM/TPM) or "oauth2" (client credentials; TLS without a client certificate).
+    pub auth: NfvoAuth,
+    /// OAuth 2.0 client credentials (auth = "oauth2").
+    #[serde(default)]
+    pub oauth2: Option<OAuth2ClientConfig>,
+    /// The four Sc-Or interfaces, each with its own key (IFA 033 Security.001/.006).
+    #[serde(default)]
+    pub interface: InterfacesConfig,
+    /// Per-request timeout.
+    #[serde(default = "default_nfvo_timeout")]
+    pub timeout_seconds: u64,
+    /// Attempts for one request on 5xx, 409, 429 or a connection failure.
+    #[serde(default = "default_nfvo_attempts")]
+    pub attempts: u32,
+}
+
+fn default_nfvo_timeout() -> u64 {
+    10
+}
+fn default_nfvo_attempts() -> u32 {
+    6
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NfvoAuth {
+    Mtls,
+    Oauth2,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2ClientConfig {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: SecretSource,
+}
+
+/// The client key and certificate of each Sc-Or interface.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfacesConfig {
+    pub ns_lcm: Option<InterfaceKeyConfig>,
+    pub status_info: Option<InterfaceKeyConfig>,
+    pub sec_enforce: Option<InterfaceKeyConfig>,
+    pub security_vnf_mgmt: Option<InterfaceKeyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceKeyConfig {
+    /// The interface's own key in the HSM/TPM.
+    pub key: KeyRef,
+    /// Its certificate chain (PEM, leaf first): `warden sm init` issues it from the agent's
+    /// CA or writes a CSR for the operator's PKI.
+    pub certificate: PathBuf,
+}
+
+/// How the NFVO must authenticate its notifications (SOL 013 8.3.4 SubscriptionAuthentication);
+/// the SM asks for it in every subscription and enforces it on the callback endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationAuthConfig {
+    /// BASIC, OAUTH2_CLIENT_CREDENTIALS or TLS_CERT.
+    pub auth: NotificationAuth,
+    /// BASIC: the password given to the NFVO (user name = `sm.name`); OAUTH2: the client
+    /// secret the NFVO uses at the agent's token endpoint.
+    #[serde(default)]
+    pub secret: Option<SecretSource>,
+    /// TLS_CERT: PEM roots of the NFVO's TLS client certificate.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// TLS_CERT: the identity (first DNS SAN, else CN) the NFVO's certificate must carry.
+    #[serde(default)]
+    pub client_identity: Option<String>,
+    /// OAUTH2: lifetime of the access tokens the agent issues.
+    #[serde(default = "default_token_seconds")]
+    pub token_seconds: u64,
+}
+
+fn default_token_seconds() -> u64 {
+    3600
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum NotificationAuth {
+    Basic,
+    Oauth2ClientCredentials,
+    TlsCert,
+}
+
+/// One rule: when `on` happens, do `action` with these options.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub on: RuleEvent,
+    /// "record" (audit only) or "terminate" (remove the VNF from every NS holding it).
+    pub action: RuleAction,
+    /// Snapshot the VNF first (S and F).
+    #[serde(default)]
+    pub snapshot: bool,
+    /// Instantiate a replacement after the removal (S and F).
+    #[serde(default)]
+    pub allow_replacement: bool,
+    /// Disable the VNF package and so its VNFD (F only).
+    #[serde(default)]
+    pub disable_package: bool,
+    /// Ask NFV-MANO to erase the HMEE/TPM/HSM resources of the VNF (F only).
+    #[serde(default)]
+    pub erase: bool,
+}
+
+/// Events the SM derives from notifications and reconciliation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleEvent {
+    /// An LCM operation refused by the NFVO as unauthorized (error status 401/403).
+    UnauthorizedChange,
+    /// A VNF's package checksum differs from the pinned one.
+    PackageChecksumMismatch,
+    /// A VNF instantiated from a package the NFVO does not know.
+    PackageUnknown,
+    /// A VNF instantiated from a disabled package.
+    PackageDisabled,
+    /// Scale, heal, flavour or external connectivity change, or an NsChangeNotification,
+    /// that the SM did not cause.
+    TopologyChange,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    Record,
+    Terminate,
+}
+
+impl SmConfig {
+    fn check(&self) -> Result<(), String> {
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return Err(format!(
+                "sm.name: '{}' must be letters, digits, '-' and '.'",
+                self.name
+            ));
+        }
+        if !self.nfvo.api_root.starts_with("https://") {
+            return Err("sm.nfvo.api_root: must be https://".into());
+        }
+        match self.nfvo.auth {
+            NfvoAuth::Oauth2 if self.nfvo.oauth2.is_none() => {
+                return Err("sm.nfvo.oauth2: required with auth = \"oauth2\"".into())
+            }
+            NfvoAuth::Mtls => {
+                let i = &self.nfvo.interface;
+                let all = [
+                    &i.ns_lcm,
+                    &i.status_info,
+                    &i.sec_enforce,
+                    &i.security_vnf_mgmt,
+                ];
+                if all.iter().any(|k| k.is_none()) {
+                    return Err("sm.nfvo.interface: ns_lcm, status_info, sec_enforce and \
+                                security_vnf_mgmt are all required with auth = \"mtls\""
+                        .into());
+                }
+                let mut keys: Vec<String> = all
+                    .iter()
+                    .filter_map(|k| k.as_ref().map(|k| k.key.to_string()))
+                    .collect();
+                keys.sort();
+                keys.dedup();
+                if keys.len() != 4 {
+                    // IFA 033 Security.001/.006: one independent key per interface.
+                    return Err("sm.nfvo.interface: each interface needs its own key".into());
+                }
+            }
+            NfvoAuth::Oauth2 => {}
+        }
+        let n = &self.notifications;
+        match n.auth {
+            NotificationAuth::Basic | NotificationAuth::Oauth2ClientCredentials
+                if n.secret.is_none() =>
+            {
+                return Err("sm.notifications.secret: required for BASIC and \
+                            OAUTH2_CLIENT_CREDENTIALS"
+                    .into())
+            }
+            NotificationAuth::TlsCert if n.client_ca.is_none() => {
+                return Err("sm.notifications.client_ca: required for TLS_CERT".into())
+            }
+            _ => {}
+        }
+        for (id, hash) in &self.pinned_packages {
+            if hash.len() != 64 || hex::decode(hash).is_err() {
+                return Err(format!(
+                    "sm.pinned_packages.{id}: expected a SHA-256 hex digest"
+                ));
+            }
+        }
+        if let Some(uri) = &self.callback_uri {
+            if !uri.starts_with("https://") {
+                return Err("sm.callback_uri: must be https://".into());
+            }
+        }
+        Ok(())
     }
 }

@@ -8,4 +8,5 @@ pub mod cmf;
 pub mod config;
 pub mod keys;
 pub mod pki;
+pub mod sm;
 pub mod store;

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod sm_cli;
+
 use clap::{Args, Parser, Subcommand};
 use der::Encode;
 use nfv_warden::config::{Config, SecretSource};
@@ -59,6 +61,10 @@ enum Command {
     /// As a VNF developer: make a key in a TPM, attest it with TPM2_Certify and write a CSR
     /// signed inside the TPM carrying the attestation, plus the attester (AK) public key.
     VnfCsr(VnfCsrArgs),
+    /// The Security Manager (Sc-Or): interface keys, status, subscriptions, enforcement,
+    /// erasure reports, security VNFs.
+    #[command(subcommand)]
+    Sm(sm_cli::SmCommand),
 }
 
 #[derive(Args)]
@@ -159,6 +165,10 @@ enum KeysCommand {
         /// ca, tls, sm-assoc or vnf.
         #[arg(long, default_value = "vnf")]
         purpose: String,
+        /// The VNF instance a `vnf` key is held for: the SM erases it when that VNF
+        /// terminates.
+        #[arg(long)]
+        vnf_instance: Option<String>,
     },
     /// List the keys of every configured backend.
     List,
@@ -414,6 +424,7 @@ fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
             unreachable!("handled before the config is loaded")
         }
         Command::Serve => serve(config),
+        Command::Sm(cmd) => sm_cli::run(cmd, config),
         Command::Keys(cmd) => keys(cmd, config),
         Command::Ca(CaCommand::Init(args)) => ca_init(args, config),
         Command::Tls(TlsCommand::Init {
@@ -450,6 +461,7 @@ fn record_key(
     label: &str,
     algorithm: KeyAlgorithm,
     purpose: KeyPurpose,
+    vnf_instance_id: Option<&str>,
 ) -> Result<(), Failure> {
     let record = KeyRecord {
         reference: reference.clone(),
@@ -458,12 +470,13 @@ fn record_key(
         algorithm,
         purpose,
         created: nfv_warden::keys::rfc3339_now(),
+        vnf_instance_id: vnf_instance_id.map(String::from),
     };
     store.write(|tx| {
         tx.put(&store::KEYS, &reference.to_string(), &record)?;
         tx.audit(
             AuditEvent::new(actor(), "key.generate", reference.to_string()).with_detail(
-                serde_json::json!({ "algorithm": algorithm, "purpose": purpose, "label": label }),
+                serde_json::json!({ "algorithm": algorithm, "purpose": purpose, "label": label, "vnfInstanceId": vnf_instance_id }),
             ),
         );
         Ok(())
@@ -479,6 +492,7 @@ fn keys(cmd: KeysCommand, config: &Config) -> Result<ExitCode, Failure> {
             label,
             algorithm,
             purpose,
+            vnf_instance,
         } => {
             let kind = match backend.as_str() {
                 "pkcs11" => BackendKind::Pkcs11,
@@ -503,7 +517,17 @@ fn keys(cmd: KeysCommand, config: &Config) -> Result<ExitCode, Failure> {
                 label: label.clone(),
                 algorithm,
             })?;
-            record_key(&store, &info.reference, &label, algorithm, purpose)?;
+            if purpose != KeyPurpose::Vnf && vnf_instance.is_some() {
+                return Err(Failure("--vnf-instance is only for --purpose vnf".into()));
+            }
+            record_key(
+                &store,
+                &info.reference,
+                &label,
+                algorithm,
+                purpose,
+                vnf_instance.as_deref(),
+            )?;
             println!("{} {}", info.reference, algorithm);
         }
         KeysCommand::List => {
@@ -637,6 +661,7 @@ fn ca_init(args: CaInit, config: &Config) -> Result<ExitCode, Failure> {
             &ca.key.to_string(),
             info.public_key.algorithm,
             KeyPurpose::Ca,
+            None,
         )?;
     }
     let key = HardwareKey::new(backends.for_key(&ca.key)?, ca.key.clone())?;
@@ -693,6 +718,7 @@ fn tls_init(
             &server.tls_key.to_string(),
             info.public_key.algorithm,
             KeyPurpose::Tls,
+            None,
         )?;
     }
     let ca_key = HardwareKey::new(backends.for_key(&ca.key)?, ca.key.clone())?;
@@ -774,6 +800,32 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Client-certificate roots of the HTTPS server: the CMF's consumers and the NFVO's
+/// notification client (TLS_CERT).
+fn client_roots(config: &Config) -> Vec<&Path> {
+    let mut roots: Vec<&Path> = Vec::new();
+    if let Some(cmf) = &config.cmf {
+        roots.push(&cmf.client_ca);
+    }
+    if let Some(ca) = config
+        .sm
+        .as_ref()
+        .and_then(|s| s.notifications.client_ca.as_ref())
+    {
+        roots.push(ca);
+    }
+    roots
+}
+
+/// The SM admin socket: configured, or `warden.sock` next to the store.
+fn admin_socket(config: &Config) -> PathBuf {
+    config
+        .sm
+        .as_ref()
+        .and_then(|s| s.admin_socket.clone())
+        .unwrap_or_else(|| config.store.path.with_file_name("warden.sock"))
+}
+
 fn serve(config: &Config) -> Result<ExitCode, Failure> {
     let server = config
         .server
@@ -781,8 +833,7 @@ fn serve(config: &Config) -> Result<ExitCode, Failure> {
         .ok_or_else(|| Failure("config: no [server] section".into()))?;
     let backends = open_backends(config)?;
     let store = open_store(config)?;
-    let client_roots = config.cmf.as_ref().map(|c| c.client_ca.as_path());
-    let tls = nfv_warden::api::tls_config(&server, &backends, client_roots)?;
+    let tls = nfv_warden::api::tls_config(&server, &backends, &client_roots(config))?;
     let cmf = match &config.cmf {
         Some(_) => Some(Arc::new(
             nfv_warden::cmf::Cmf::new(config, &backends, store.clone()).map_err(Failure)?,
@@ -803,6 +854,24 @@ fn serve(config: &Config) -> Result<ExitCode, Failure> {
             .map_err(|e| Failure(format!("listen on {}: {e}", server.listen)))?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, tls_key = %server.tls_key, "serving HTTPS");
+        let sm = match &config.sm {
+            Some(_) => Some(
+                nfv_warden::sm::Sm::new(config, &backends, store.clone(), addr).map_err(Failure)?,
+            ),
+            None => None,
+        };
+        let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
+        if let Some(sm) = &sm {
+            let socket = admin_socket(config);
+            let sm_admin = sm.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    nfv_warden::api::admin::serve(&socket, sm_admin, admin_stopped).await
+                {
+                    tracing::error!(error = %e, socket = %socket.display(), "admin socket");
+                }
+            });
+        }
         // Type=notify: systemd starts dependants only once we listen.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         println!("listening on https://{addr}");
@@ -810,7 +879,12 @@ fn serve(config: &Config) -> Result<ExitCode, Failure> {
             backends,
             store,
             cmf,
+            sm: sm.clone(),
         });
+        // The callback endpoint is served from here on: subscribe only now (IFA 033 6.2).
+        if let Some(sm) = &sm {
+            sm.start();
+        }
         nfv_warden::api::serve(
             listener,
             tls,
@@ -819,6 +893,7 @@ fn serve(config: &Config) -> Result<ExitCode, Failure> {
             async {
                 nfv_warden::api::termination_signal().await;
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                let _ = stop_admin.send(true);
             },
         )
         .await;
@@ -968,8 +1043,7 @@ fn check(path: &Path) -> Result<ExitCode, Failure> {
         }
     }
     if let Some(server) = &config.server {
-        let client_roots = config.cmf.as_ref().map(|c| c.client_ca.as_path());
-        match nfv_warden::api::tls_config(server, &backends, client_roots) {
+        match nfv_warden::api::tls_config(server, &backends, &client_roots(&config)) {
             Ok(_) => line(
                 true,
                 format!(

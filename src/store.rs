@@ -117,6 +117,9 @@ pub struct KeyRecord {
     pub purpose: KeyPurpose,
     /// RFC 3339 UTC.
     pub created: String,
+    /// The VNF instance this key is held for (purpose `vnf`): erased when the VNF terminates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnf_instance_id: Option<String>,
 }
 
 /// What a key is for. Each SM association key is its own key per SM and interface

@@ -42,6 +42,7 @@ fn ca_key() -> KeyRecord {
         algorithm: KeyAlgorithm::EcP384,
         purpose: KeyPurpose::Ca,
         created: rfc3339_now(),
+        vnf_instance_id: None,
     }
 }
 

@@ -92,9 +92,12 @@ pub fn problem_response(error: &CmfError) -> Response {
 /// SOL 013 4.6: the `Version` header on every response.
 pub async fn version_header(request: Request<Body>, next: Next) -> Response {
     let mut response = next.run(request).await;
-    response
-        .headers_mut()
-        .insert("Version", HeaderValue::from_static(API_VERSION));
+    // Handlers of other APIs (the SM's callback) set their own.
+    if !response.headers().contains_key("Version") {
+        response
+            .headers_mut()
+            .insert("Version", HeaderValue::from_static(API_VERSION));
+    }
     response
 }
 

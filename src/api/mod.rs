@@ -3,8 +3,10 @@
 //! verified against the configured consumer roots) when the CMF is served; the identity in
 //! a verified client certificate reaches handlers as [`ClientIdentity`].
 
+pub mod admin;
 pub mod cmf;
 pub mod est;
+pub mod sm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,7 +35,12 @@ pub struct AppState {
     pub backends: Backends,
     pub store: Arc<Store>,
     pub cmf: Option<Arc<crate::cmf::Cmf>>,
+    pub sm: Option<Arc<crate::sm::Sm>>,
 }
+
+/// The verified TLS client certificate (DER, leaf), when the client presented one.
+#[derive(Clone, Debug, Default)]
+pub struct PeerCertificate(pub Option<Arc<Vec<u8>>>);
 
 /// The identity of the TLS client: the first DNS name of its verified certificate's
 /// subjectAltName, else its subject commonName; `None` without a client certificate.
@@ -88,7 +95,7 @@ pub enum ServeError {
 pub fn tls_config(
     config: &ServerConfig,
     backends: &Backends,
-    client_roots: Option<&std::path::Path>,
+    client_roots: &[&std::path::Path],
 ) -> Result<Arc<rustls::ServerConfig>, ServeError> {
     let path = config.tls_certificate.display().to_string();
     let cert_err = |reason: String| ServeError::Certificate {
@@ -114,20 +121,22 @@ pub fn tls_config(
         .with_safe_default_protocol_versions()
         .map_err(|e| ServeError::Tls(e.to_string()))?;
     let builder = match client_roots {
-        None => builder.with_no_client_auth(),
-        Some(path) => {
-            let roots_err = |reason: String| ServeError::Certificate {
-                path: path.display().to_string(),
-                reason,
-            };
-            let pem = std::fs::read_to_string(path)
-                .map_err(|e| roots_err(format!("cannot read: {e}")))?;
+        [] => builder.with_no_client_auth(),
+        paths => {
             let mut roots = rustls::RootCertStore::empty();
-            for cert in crate::pki::certificates_from_pem(&pem).map_err(roots_err)? {
-                let der = der::Encode::to_der(&cert).map_err(|e| roots_err(e.to_string()))?;
-                roots
-                    .add(CertificateDer::from(der))
-                    .map_err(|e| roots_err(e.to_string()))?;
+            for path in paths {
+                let roots_err = |reason: String| ServeError::Certificate {
+                    path: path.display().to_string(),
+                    reason,
+                };
+                let pem = std::fs::read_to_string(path)
+                    .map_err(|e| roots_err(format!("cannot read: {e}")))?;
+                for cert in crate::pki::certificates_from_pem(&pem).map_err(roots_err)? {
+                    let der = der::Encode::to_der(&cert).map_err(|e| roots_err(e.to_string()))?;
+                    roots
+                        .add(CertificateDer::from(der))
+                        .map_err(|e| roots_err(e.to_string()))?;
+                }
             }
             // Unauthenticated clients may still reach /healthz; the CMF answers them 401.
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -165,6 +174,9 @@ pub fn router(state: AppState) -> Router {
     if let Some(cmf) = &state.cmf {
         router = router.merge(cmf::routes(cmf.clone()));
         router = router.merge(est::routes(cmf.clone()));
+    }
+    if let Some(sm) = &state.sm {
+        router = router.merge(sm::routes(sm.clone()));
     }
     router
         .fallback(not_found)
@@ -249,15 +261,19 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let identity = ClientIdentity(None);
-                    let identity = tls
+                    let leaf = tls
                         .get_ref()
                         .1
                         .peer_certificates()
                         .and_then(|chain| chain.first())
-                        .map_or(identity, |leaf| ClientIdentity::from_certificate(leaf));
+                        .map(|leaf| Arc::new(leaf.to_vec()));
+                    let identity = leaf
+                        .as_ref()
+                        .map_or(ClientIdentity(None), |leaf| ClientIdentity::from_certificate(leaf));
+                    let peer_certificate = PeerCertificate(leaf);
                     let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
                         request.extensions_mut().insert(identity.clone());
+                        request.extensions_mut().insert(peer_certificate.clone());
                         service.call(request)
                     });
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service).into_owned();

@@ -1,0 +1,192 @@
+//! The SM's callback endpoint for the NFVO (SOL 005 6.4.18, SOL 013 8), and the OAuth 2.0
+//! token endpoint the NFVO uses when the subscription asked for OAUTH2_CLIENT_CREDENTIALS.
+//!
+//! ```text
+//! GET  /sm/v1/notifications     test notification endpoint          -> 204
+//! POST /sm/v1/notifications     a notification, journaled durably   -> 204
+//! POST /sm/v1/oauth2/token      RFC 6749 4.4 client credentials     -> 200 token
+//! ```
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Router};
+use serde_json::json;
+
+use super::{ClientIdentity, PeerCertificate};
+use crate::sm::intake::{self, Credentials, Denied, Journaled};
+use crate::sm::Sm;
+
+/// The NS LCM notification interface version we implement (SOL 005 v3.7.1).
+const NOTIFICATION_API_VERSION: &str = "2.3.0";
+
+pub fn routes(sm: Arc<Sm>) -> Router {
+    Router::new()
+        .route(
+            "/sm/v1/notifications",
+            get(test_notification).post(notification),
+        )
+        .route("/sm/v1/oauth2/token", post(token))
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(sm)
+}
+
+/// A ProblemDetails response (SOL 013 6.4).
+pub fn problem(status: u16, detail: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = json!({
+        "type": "about:blank",
+        "title": code.canonical_reason().unwrap_or("Error"),
+        "status": status,
+        "detail": detail,
+    });
+    let mut response = (code, body.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    versioned(response)
+}
+
+fn versioned(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        "Version",
+        HeaderValue::from_static(NOTIFICATION_API_VERSION),
+    );
+    response
+}
+
+fn no_content() -> Response {
+    versioned(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn method_not_allowed() -> Response {
+    problem(405, "this method is not supported on this resource")
+}
+
+fn authenticate(
+    sm: &Sm,
+    headers: &HeaderMap,
+    identity: &ClientIdentity,
+    peer: &PeerCertificate,
+) -> Option<Response> {
+    let credentials = Credentials {
+        authorization: headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+        client_certificate: peer.0.as_deref().map(Vec::as_slice),
+        client_identity: identity.0.as_deref(),
+    };
+    let denied = sm.intake.authenticate(&credentials).err()?;
+    Some(match denied {
+        Denied::Unauthenticated { challenge, detail } => {
+            let mut response = problem(401, &detail);
+            if let Ok(value) = HeaderValue::from_str(&challenge) {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, value);
+            }
+            response
+        }
+        Denied::Forbidden(detail) => problem(403, &detail),
+    })
+}
+
+/// SOL 013 8.3.3: the NFVO tests the endpoint with a GET before it creates a subscription.
+async fn test_notification(
+    State(sm): State<Arc<Sm>>,
+    Extension(identity): Extension<ClientIdentity>,
+    Extension(peer): Extension<PeerCertificate>,
+    headers: HeaderMap,
+) -> Response {
+    authenticate(&sm, &headers, &identity, &peer).unwrap_or_else(no_content)
+}
+
+/// Authenticate, parse, journal durably, answer 204; processing happens after.
+async fn notification(
+    State(sm): State<Arc<Sm>>,
+    Extension(identity): Extension<ClientIdentity>,
+    Extension(peer): Extension<PeerCertificate>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Some(response) = authenticate(&sm, &headers, &identity, &peer) {
+        return response;
+    }
+    let limit = sm.intake.max_body_bytes;
+    let bytes = match super::cmf::read_body(&headers, body, limit).await {
+        Ok(b) => b,
+        Err(_) => {
+            return problem(
+                413,
+                &format!("the notification is larger than {limit} bytes"),
+            )
+        }
+    };
+    let parsed = match intake::parse(&bytes) {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            tracing::debug!("notification of an unknown type ignored");
+            return no_content();
+        }
+        Err(reason) => return problem(400, &reason),
+    };
+    let received = crate::keys::rfc3339_now();
+    let outcome = sm
+        .journal
+        .write_async(move |tx| intake::journal(tx, &parsed, &received))
+        .await;
+    match outcome {
+        Ok(Journaled::New(key)) => {
+            sm.notify_journaled(key);
+            no_content()
+        }
+        Ok(Journaled::Duplicate) | Ok(Journaled::Ignored) => no_content(),
+        Err(e) => {
+            // Not durable: the NFVO must not take it as delivered.
+            tracing::error!(error = %e, "journaling a notification");
+            let mut response = problem(503, "the notification could not be stored; retry");
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
+}
+
+async fn token(State(sm): State<Arc<Sm>>, headers: HeaderMap, body: Body) -> Response {
+    let bytes = match super::cmf::read_body(&headers, body, 4096).await {
+        Ok(b) => b,
+        Err(_) => return problem(413, "token request too large"),
+    };
+    let form = String::from_utf8_lossy(&bytes);
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let (status, body) = match sm.intake.issue_token(authorization, &form) {
+        Ok(token) => (200, token),
+        Err(e) => (e.status, e.body),
+    };
+    let mut response = (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+        body.to_string(),
+    )
+        .into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if status == 401 {
+        h.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"warden-sm\""),
+        );
+    }
+    response
+}

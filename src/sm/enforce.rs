@@ -1,0 +1,658 @@
+//! Idempotent, journaled execution of actions (IFA 033 6.4 and 6.5), and erasure.
+//!
+//! Every step is journaled `SENDING` before its request leaves and `ACCEPTED` with the
+//! operation occurrence id after the 202; the occurrence is then followed through
+//! `ns_lcm_op_occs/{id}` to COMPLETED or FAILED. After a crash (or a request that got no
+//! answer) a `SENDING` step is not sent again blindly: the SM first looks for an operation
+//! occurrence on that NS whose `operationParams` carry the step's marker
+//! (`wardenActionId`) or equal its request, and adopts it. So nothing is sent twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::nfvo::{self, Api, Interface, NfvoError, Repeat};
+use super::{
+    now, path_segment, Action, ActionKind, ActionState, ErasureReport, ManoErasure, Sm, SmError,
+    Step, StepKind, StepState, TerminateOptions, ACTIONS, ERASURES, ERASURE_PARAM, INVENTORY,
+    OWN_OPS,
+};
+use crate::config::SmMode;
+use crate::store::{ErasureEntry, KeyPurpose, KeyRecord, KEYS};
+
+/// How long an NFVO outage may hold up a step before it is retried from the journal.
+const OUTAGE_RETRY: Duration = Duration::from_secs(2);
+
+impl Sm {
+    /// Run an action in its own task (at most one task per action).
+    pub(crate) fn spawn_action(self: &Arc<Self>, action: Action) {
+        if !self.claim(&action.id) {
+            return;
+        }
+        let sm = self.clone();
+        tokio::spawn(async move {
+            let id = action.id.clone();
+            sm.run_action(action).await;
+            sm.release(&id);
+        });
+    }
+
+    /// After a restart: every action still RUNNING continues where its journal says.
+    pub(crate) async fn resume_actions(self: &Arc<Self>) {
+        match self.actions().await {
+            Ok(actions) => {
+                for action in actions
+                    .into_iter()
+                    .filter(|a| a.state == ActionState::Running)
+                {
+                    tracing::info!(action = %action.id, "resuming an unfinished action");
+                    self.spawn_action(action);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reading the enforcement journal"),
+        }
+    }
+
+    async fn run_action(self: &Arc<Self>, mut action: Action) {
+        let mut index = 0;
+        while index < action.steps.len() {
+            match self.run_step(&mut action, index).await {
+                Ok(()) => index += 1,
+                Err(e) => {
+                    // NFVO unreachable or store trouble: the journal has the state; try again.
+                    tracing::warn!(action = %action.id, step = index, error = %e, "step interrupted; retrying");
+                    tokio::time::sleep(OUTAGE_RETRY).await;
+                }
+            }
+        }
+        let failed = action.steps.iter().any(|s| s.state == StepState::Failed);
+        action.state = if failed {
+            ActionState::Failed
+        } else {
+            ActionState::Completed
+        };
+        action.updated = now();
+        let record = action.clone();
+        let verb = if failed {
+            "sm.action.fail"
+        } else {
+            "sm.action.complete"
+        };
+        let outcome = self
+            .journal
+            .write_async(move |tx| {
+                tx.put(&ACTIONS, &record.id, &record)?;
+                tx.audit(
+                    crate::store::AuditEvent::new("warden-sm", verb, record.id.clone())
+                        .with_detail(json!({ "steps": record.steps })),
+                );
+                Ok(())
+            })
+            .await;
+        if let Err(e) = outcome {
+            tracing::error!(action = %action.id, error = %e, "journaling the end of an action");
+        }
+        tracing::info!(action = %action.id, state = ?action.state, "action finished");
+    }
+
+    /// Drive one step to COMPLETED or FAILED. `Err` = interrupted (retry later).
+    async fn run_step(self: &Arc<Self>, action: &mut Action, index: usize) -> Result<(), SmError> {
+        loop {
+            let step = action.steps[index].clone();
+            match (&step.kind, step.state) {
+                (_, StepState::Completed | StepState::Failed) => return Ok(()),
+                (StepKind::EraseLocal, _) => {
+                    let report = self.erase_local(&action.vnf_instance_id).await?;
+                    let detail = format!(
+                        "{} object(s) erased, {} failed",
+                        report.local.len(),
+                        report.local_failed.len()
+                    );
+                    let state = if report.local_failed.is_empty() {
+                        StepState::Completed
+                    } else {
+                        StepState::Failed
+                    };
+                    self.set_step(action, index, state, None, Some(detail))
+                        .await?;
+                }
+                (StepKind::DisablePackage { vnf_pkg_id }, _) => {
+                    let (state, detail) = self.disable_package(vnf_pkg_id).await?;
+                    self.set_step(action, index, state, None, Some(detail))
+                        .await?;
+                }
+                (
+                    StepKind::UpdateNs {
+                        interface,
+                        ns_instance_id,
+                        request,
+                    },
+                    state,
+                ) => {
+                    let (interface, ns, request) =
+                        (*interface, ns_instance_id.clone(), request.clone());
+                    match state {
+                        StepState::Pending => {
+                            action.steps[index].attempts += 1;
+                            self.set_step(action, index, StepState::Sending, None, None)
+                                .await?;
+                            self.send_update(action, index, interface, &ns, &request)
+                                .await?;
+                        }
+                        StepState::Sending => {
+                            // It may have reached the NFVO: look before sending again.
+                            match self.find_operation(interface, &ns, &request).await? {
+                                Some(op) => {
+                                    tracing::info!(action = %action.id, op = %op, "adopting an operation sent before");
+                                    self.accepted(action, index, &op).await?;
+                                }
+                                None => {
+                                    action.steps[index].attempts += 1;
+                                    self.set_step(action, index, StepState::Sending, None, None)
+                                        .await?;
+                                    self.send_update(action, index, interface, &ns, &request)
+                                        .await?;
+                                }
+                            }
+                        }
+                        StepState::Accepted => {
+                            let op = step.op_occ_id.clone().unwrap_or_default();
+                            let (state, detail) = self.follow(interface, &op).await?;
+                            self.set_step(action, index, state, Some(op), Some(detail))
+                                .await?;
+                            if request["updateType"] == "REMOVE_VNF" {
+                                self.record_mano_erasure(action, index).await?;
+                            }
+                        }
+                        StepState::Completed | StepState::Failed => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// POST the UpdateNsRequest; on 202 journal ACCEPTED. A refusal that will not change by
+    /// retrying fails the step; no answer leaves it SENDING (the caller reconciles).
+    async fn send_update(
+        &self,
+        action: &mut Action,
+        index: usize,
+        interface: Interface,
+        ns: &str,
+        request: &Value,
+    ) -> Result<(), SmError> {
+        let path = format!("/ns_instances/{}/update", path_segment(ns)?);
+        let outcome = self
+            .nfvo
+            .call(nfvo::Request {
+                interface,
+                api: Api::NsLcm,
+                method: "POST",
+                path: &path,
+                body: Some(("application/json", request.to_string().into_bytes())),
+                repeat: Repeat::Once,
+            })
+            .await;
+        match outcome {
+            Ok(response) if response.status == 202 => {
+                let op = nfvo::location_id(&response).ok_or_else(|| {
+                    SmError::Nfvo(NfvoError::Invalid {
+                        what: format!("POST {path}"),
+                        reason: "202 without a Location".into(),
+                    })
+                })?;
+                self.accepted(action, index, &op).await
+            }
+            Ok(response) => {
+                let detail = format!("NFVO answered {} instead of 202", response.status);
+                self.set_step(action, index, StepState::Failed, None, Some(detail))
+                    .await
+            }
+            Err(e) if e.is_transient() => {
+                // Not taken (unreachable, 5xx, 409 after every attempt) or unknown (no
+                // answer): stays SENDING, so the next attempt looks first.
+                Err(e.into())
+            }
+            Err(e) => {
+                let detail = e.to_string();
+                self.set_step(action, index, StepState::Failed, None, Some(detail))
+                    .await
+            }
+        }
+    }
+
+    async fn accepted(&self, action: &mut Action, index: usize, op: &str) -> Result<(), SmError> {
+        let op_id = op.to_string();
+        let action_id = action.id.clone();
+        action.steps[index].state = StepState::Accepted;
+        action.steps[index].op_occ_id = Some(op_id.clone());
+        action.updated = now();
+        let record = action.clone();
+        self.journal
+            .write_async(move |tx| {
+                tx.put(&OWN_OPS, &op_id, &action_id)?;
+                tx.put(&ACTIONS, &record.id, &record)?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Look for an operation occurrence on `ns` that is this request.
+    async fn find_operation(
+        &self,
+        interface: Interface,
+        ns: &str,
+        request: &Value,
+    ) -> Result<Option<String>, SmError> {
+        let path = format!(
+            "/ns_lcm_op_occs?filter=(eq,nsInstanceId,{})",
+            path_segment(ns)?
+        );
+        let occs = self.nfvo.get_json(interface, Api::NsLcm, &path).await?;
+        let marker = marker_of(request);
+        for occ in occs.as_array().into_iter().flatten() {
+            let params = &occ["operationParams"];
+            let same = params == request
+                || marker
+                    .as_deref()
+                    .is_some_and(|m| params.to_string().contains(&format!("\"{m}\"")));
+            if same && occ["nsInstanceId"].as_str() == Some(ns) {
+                if let Some(id) = occ["id"].as_str() {
+                    return Ok(Some(id.to_string()));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Poll an operation occurrence until it ends.
+    async fn follow(&self, interface: Interface, op: &str) -> Result<(StepState, String), SmError> {
+        let path = format!("/ns_lcm_op_occs/{}", path_segment(op)?);
+        let mut wait = Duration::from_millis(20);
+        loop {
+            let occ = self.nfvo.get_json(interface, Api::NsLcm, &path).await?;
+            let state = occ["operationState"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            match state.as_str() {
+                "COMPLETED" => return Ok((StepState::Completed, state)),
+                "FAILED" | "FAILED_TEMP" | "ROLLED_BACK" | "PARTIALLY_COMPLETED" => {
+                    let detail = occ["error"]["detail"].as_str().unwrap_or_default();
+                    return Ok((
+                        StepState::Failed,
+                        format!("{state} {detail}").trim().to_string(),
+                    ));
+                }
+                _ => {}
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// IFA 033 6.4 NOTE 3: Update VNF Package Info, operationalState DISABLED. A 409 (already
+    /// disabled) counts as done.
+    async fn disable_package(&self, pkg: &str) -> Result<(StepState, String), SmError> {
+        let path = format!("/vnf_packages/{}", path_segment(pkg)?);
+        let body = json!({ "operationalState": "DISABLED" })
+            .to_string()
+            .into_bytes();
+        let outcome = self
+            .nfvo
+            .call(nfvo::Request {
+                interface: Interface::SecEnforce,
+                api: Api::VnfPkgm,
+                method: "PATCH",
+                path: &path,
+                body: Some(("application/merge-patch+json", body)),
+                repeat: Repeat::Idempotent,
+            })
+            .await;
+        match outcome {
+            Ok(_) => Ok((StepState::Completed, "package disabled".into())),
+            Err(e) if e.status() == Some(409) => {
+                // SOL 005 9.4.3.3.4: 409 when the package is already in that state.
+                let pkg_state = self
+                    .nfvo
+                    .get_json(Interface::StatusInfo, Api::VnfPkgm, &path)
+                    .await?;
+                if pkg_state["operationalState"] == "DISABLED" {
+                    Ok((StepState::Completed, "package was already disabled".into()))
+                } else {
+                    Err(e.into())
+                }
+            }
+            Err(e) if e.is_transient() => Err(e.into()),
+            Err(e) => Ok((StepState::Failed, e.to_string())),
+        }
+    }
+
+    async fn set_step(
+        &self,
+        action: &mut Action,
+        index: usize,
+        state: StepState,
+        op: Option<String>,
+        detail: Option<String>,
+    ) -> Result<(), SmError> {
+        let step = &mut action.steps[index];
+        step.state = state;
+        if op.is_some() {
+            step.op_occ_id = op;
+        }
+        if detail.is_some() {
+            step.detail = detail;
+        }
+        action.updated = now();
+        let record = action.clone();
+        self.journal
+            .write_async(move |tx| {
+                tx.put(&ACTIONS, &record.id, &record)?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Erasure by NFV-MANO was asked for in this REMOVE_VNF step: note its outcome.
+    async fn record_mano_erasure(&self, action: &Action, index: usize) -> Result<(), SmError> {
+        let step = &action.steps[index];
+        let StepKind::UpdateNs {
+            ns_instance_id,
+            request,
+            ..
+        } = &step.kind
+        else {
+            return Ok(());
+        };
+        if request["terminateVnfData"][0]["additionalParams"][ERASURE_PARAM].is_null() {
+            return Ok(());
+        }
+        let entry = ManoErasure {
+            ns_instance_id: ns_instance_id.clone(),
+            requested_in: format!(
+                "UpdateNsRequest.terminateVnfData[0].additionalParams.{ERASURE_PARAM}"
+            ),
+            op_occ_id: step.op_occ_id.clone(),
+            state: match step.state {
+                StepState::Completed => "COMPLETED".into(),
+                StepState::Failed => "FAILED".into(),
+                _ => "PENDING".into(),
+            },
+        };
+        let vnf = action.vnf_instance_id.clone();
+        self.journal
+            .write_async(move |tx| {
+                let mut report = tx.get(&ERASURES, &vnf)?.unwrap_or_else(|| ErasureReport {
+                    vnf_instance_id: vnf.clone(),
+                    ..Default::default()
+                });
+                report
+                    .mano
+                    .retain(|m| m.ns_instance_id != entry.ns_instance_id);
+                report.mano.push(entry);
+                report.updated = now();
+                tx.put(&ERASURES, &vnf, &report)?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Destroy every key the agent holds for `vnf` through the key layer, check each gone,
+    /// and store the report. Idempotent: keys already erased are no longer listed.
+    pub async fn erase_local(&self, vnf: &str) -> Result<ErasureReport, SmError> {
+        let vnf_id = vnf.to_string();
+        let keys: Vec<KeyRecord> = self
+            .read(move |tx| {
+                Ok(tx
+                    .list(&KEYS, "")?
+                    .into_iter()
+                    .map(|(_, k)| k)
+                    .filter(|k: &KeyRecord| {
+                        k.purpose == KeyPurpose::Vnf
+                            && k.vnf_instance_id.as_deref() == Some(&vnf_id)
+                    })
+                    .collect())
+            })
+            .await?;
+        let mut erased = Vec::new();
+        let mut failed = Vec::new();
+        for key in keys {
+            let backends = self.backends.clone();
+            let reference = key.reference.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                backends
+                    .for_key(&reference)
+                    .and_then(|store| store.destroy(&reference))
+            })
+            .await;
+            match outcome {
+                Ok(Ok(record)) if record.verified => erased.push((
+                    key.reference.to_string(),
+                    ErasureEntry::from_record(record, Some(vnf.to_string())),
+                )),
+                Ok(Ok(_)) => failed.push(format!("{}: still present after destroy", key.reference)),
+                Ok(Err(e)) => failed.push(format!("{}: {e}", key.reference)),
+                Err(e) => failed.push(format!("{}: {e}", key.reference)),
+            }
+        }
+        let vnf_id = vnf.to_string();
+        let report = self
+            .journal
+            .write_async(move |tx| {
+                let mut report = tx
+                    .get(&ERASURES, &vnf_id)?
+                    .unwrap_or_else(|| ErasureReport {
+                        vnf_instance_id: vnf_id.clone(),
+                        ..Default::default()
+                    });
+                for (reference, entry) in &erased {
+                    tx.put(
+                        &crate::store::ERASURES,
+                        &format!("{}-{reference}", entry.erased_at),
+                        entry,
+                    )?;
+                    tx.delete(&KEYS, reference)?;
+                    tx.audit(
+                        crate::store::AuditEvent::new("warden-sm", "vnf.erase", vnf_id.clone())
+                            .with_detail(serde_json::to_value(entry).unwrap_or_default()),
+                    );
+                    report.local.push(entry.clone());
+                }
+                report.local_failed = failed;
+                report.updated = now();
+                tx.put(&ERASURES, &vnf_id, &report)?;
+                Ok(report)
+            })
+            .await?;
+        Ok(report)
+    }
+
+    /// An operator's termination request (admin API / `warden sm terminate`).
+    pub async fn terminate(
+        self: &Arc<Self>,
+        vnf: &str,
+        requested: TerminateOptions,
+        actor: &str,
+    ) -> Result<Action, SmError> {
+        path_segment(vnf)?;
+        if self.mode() == SmMode::Passive {
+            self.audit(
+                "sm.action.refuse",
+                vnf,
+                json!({ "reason": "PASSIVE mode", "actor": actor }),
+            )
+            .await?;
+            return Err(SmError::Refused(
+                "this SM is PASSIVE: it records and never enforces (IFA 033 5.1.2)".into(),
+            ));
+        }
+        // Up-to-date NS membership (IFA 033 6.4 NOTE 2).
+        self.refresh(&Default::default(), true).await?;
+        let vnf_id = vnf.to_string();
+        let record = self
+            .read(move |tx| tx.get(&INVENTORY, &vnf_id))
+            .await?
+            .ok_or_else(|| SmError::NotFound(format!("VNF instance {vnf} is in no NS")))?;
+        let (allowed, refused) = super::policy::gate(self.mode(), requested);
+        let id = super::policy::terminate_id(vnf);
+        let created = now();
+        let action = Action {
+            id: id.clone(),
+            kind: ActionKind::Terminate,
+            vnf_instance_id: vnf.to_string(),
+            trigger: "operator".into(),
+            cause: json!({ "actor": actor }),
+            mode: self.mode(),
+            options: allowed,
+            refused,
+            steps: super::policy::terminate_steps(&id, &record, allowed),
+            state: ActionState::Running,
+            created: created.clone(),
+            updated: created,
+        };
+        self.start_new(action, actor).await
+    }
+
+    /// IFA 033 6.5: add, modify or remove a security VNF in an NS with Update NS.
+    pub async fn security_vnf(
+        self: &Arc<Self>,
+        kind: ActionKind,
+        ns: &str,
+        vnf: &str,
+        params: &Value,
+        actor: &str,
+    ) -> Result<Action, SmError> {
+        path_segment(ns)?;
+        path_segment(vnf)?;
+        if self.mode() == SmMode::Passive {
+            self.audit(
+                "sm.action.refuse",
+                vnf,
+                json!({ "reason": "PASSIVE mode", "actor": actor, "kind": kind }),
+            )
+            .await?;
+            return Err(SmError::Refused(
+                "this SM is PASSIVE: security VNF management needs SEMI_ACTIVE or FULLY_ACTIVE \
+                 (IFA 033 Sc-Or.SecurityVnfMgmt.001)"
+                    .into(),
+            ));
+        }
+        let tag = match kind {
+            ActionKind::SecurityVnfAdd => "add",
+            ActionKind::SecurityVnfModify => "modify",
+            ActionKind::SecurityVnfRemove => "remove",
+            ActionKind::Terminate => {
+                return Err(SmError::Invalid("not a security VNF action".into()))
+            }
+        };
+        let mut suffix = [0u8; 6];
+        getrandom::fill(&mut suffix).map_err(|e| SmError::Invalid(e.to_string()))?;
+        let id = format!("security-vnf-{tag}-{}:{vnf}", hex::encode(suffix));
+        let marker = json!({ "wardenActionId": id });
+        let request = match kind {
+            ActionKind::SecurityVnfAdd => {
+                let profile = params["vnfProfileId"]
+                    .as_str()
+                    .ok_or_else(|| SmError::Invalid("vnfProfileId is required".into()))?;
+                // SOL 005 v3.7.1 spells this attribute `addVnfIstance`.
+                json!({ "updateType": "ADD_VNF",
+                        "addVnfIstance": [{ "vnfInstanceId": vnf, "vnfProfileId": profile }] })
+            }
+            ActionKind::SecurityVnfModify => {
+                let mut data = json!({ "vnfInstanceId": vnf, "metadata": marker });
+                for field in ["vnfInstanceName", "vnfInstanceDescription", "vnfdId"] {
+                    if let Some(v) = params[field].as_str() {
+                        data[field] = json!(v);
+                    }
+                }
+                if let Some(m) = params["metadata"].as_object() {
+                    if let Some(d) = data["metadata"].as_object_mut() {
+                        d.extend(m.clone());
+                    }
+                }
+                json!({ "updateType": "MODIFY_VNF_INFORMATION", "modifyVnfInfoData": [data] })
+            }
+            _ => json!({ "updateType": "REMOVE_VNF", "removeVnfInstanceId": [vnf],
+                         "terminateVnfData": [{ "vnfInstanceId": vnf, "additionalParams": marker }] }),
+        };
+        let created = now();
+        let action = Action {
+            id,
+            kind,
+            vnf_instance_id: vnf.to_string(),
+            trigger: "operator".into(),
+            cause: json!({ "actor": actor, "params": params }),
+            mode: self.mode(),
+            options: TerminateOptions::default(),
+            refused: Vec::new(),
+            steps: vec![Step {
+                kind: StepKind::UpdateNs {
+                    interface: Interface::SecurityVnfMgmt,
+                    ns_instance_id: ns.to_string(),
+                    request,
+                },
+                state: StepState::Pending,
+                attempts: 0,
+                op_occ_id: None,
+                detail: None,
+            }],
+            state: ActionState::Running,
+            created: created.clone(),
+            updated: created,
+        };
+        self.start_new(action, actor).await
+    }
+
+    /// Journal a new action (unless one with that id exists) and run it.
+    async fn start_new(self: &Arc<Self>, action: Action, actor: &str) -> Result<Action, SmError> {
+        let record = action.clone();
+        let actor = actor.to_string();
+        let stored = self
+            .journal
+            .write_async(move |tx| {
+                if let Some(existing) = tx.get(&ACTIONS, &record.id)? {
+                    return Ok((existing, false));
+                }
+                tx.put(&ACTIONS, &record.id, &record)?;
+                tx.audit(
+                    crate::store::AuditEvent::new(actor, "sm.action.start", record.id.clone())
+                        .with_detail(json!({ "kind": record.kind, "options": record.options,
+                                             "mode": record.mode })),
+                );
+                for refused in &record.refused {
+                    tx.audit(
+                        crate::store::AuditEvent::new(
+                            "warden-sm",
+                            "sm.action.refuse",
+                            record.id.clone(),
+                        )
+                        .with_detail(json!({ "option": refused, "mode": record.mode })),
+                    );
+                }
+                Ok((record, true))
+            })
+            .await?;
+        let (action, created) = stored;
+        if created || action.state == ActionState::Running {
+            self.spawn_action(action.clone());
+        }
+        Ok(action)
+    }
+}
+
+/// The `wardenActionId` a request carries, wherever its update type puts it.
+fn marker_of(request: &Value) -> Option<String> {
+    [
+        &request["terminateVnfData"][0]["additionalParams"]["wardenActionId"],
+        &request["createSnapshotData"]["userDefinedData"]["wardenActionId"],
+        &request["instantiateVnfData"][0]["metadata"]["wardenActionId"],
+        &request["modifyVnfInfoData"][0]["metadata"]["wardenActionId"],
+    ]
+    .into_iter()
+    .find_map(|v| v.as_str().map(String::from))
+}

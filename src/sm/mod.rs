@@ -1,0 +1,594 @@
+//! The Security Manager on Sc-Or (IFA 033 clauses 5 and 6).
+//!
+//! Flow (ARCHITECTURE.md, "two flows"): the NFVO posts a notification -> [`intake`]
+//! authenticates, parses, de-duplicates and journals it durably, then answers 204 ->
+//! the processor task refreshes its view of the NSs (Query NS), derives events
+//! ([`policy`]) and, per the mode and the rules, journals actions -> [`enforce`] runs each
+//! action's steps (Update NS, package PATCH, erasure) through [`nfvo`], journaling every
+//! step before and after it is sent, so a restart resumes without sending anything twice.
+//!
+//! Store tables (all JSON values, keyed by string):
+//! - `sm_notifications`: every notification by id (dedupe), with its body;
+//! - `sm_pending`: notifications journaled and not yet processed, in arrival order;
+//! - `sm_inventory`: the VNFs last seen, to notice additions, removals and changes;
+//! - `sm_actions`: actions with their steps and states (the enforcement journal);
+//! - `sm_own_ops`: NS LCM operation occurrences the SM started, so their effects are not
+//!   mistaken for someone else's change;
+//! - `sm_erasures`: one erasure report per VNF;
+//! - `sm_seen_failures`: failed operation occurrences already judged (reconciliation).
+
+pub mod enforce;
+pub mod intake;
+pub mod nfvo;
+pub mod policy;
+pub mod status;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::config::{Config, RuleEvent, SmConfig, SmMode};
+use crate::keys::backends::Backends;
+use crate::store::{ErasureEntry, GroupCommit, Store, StoreError, Table};
+use nfvo::{Api, Interface, Nfvo, NfvoError};
+
+pub const NOTIFICATIONS: Table<NotificationRecord> = Table::new("sm_notifications");
+pub const PENDING: Table<String> = Table::new("sm_pending");
+pub const INVENTORY: Table<VnfRecord> = Table::new("sm_inventory");
+pub const ACTIONS: Table<Action> = Table::new("sm_actions");
+pub const OWN_OPS: Table<String> = Table::new("sm_own_ops");
+pub const ERASURES: Table<ErasureReport> = Table::new("sm_erasures");
+pub const SEEN_FAILURES: Table<String> = Table::new("sm_seen_failures");
+
+/// A journaled notification.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NotificationRecord {
+    pub id: String,
+    pub notification_type: String,
+    /// RFC 3339 UTC, when it was journaled.
+    pub received: String,
+    /// When processing finished, if it did.
+    #[serde(default)]
+    pub processed: Option<String>,
+    pub body: Value,
+}
+
+/// What the SM knows about a VNF instance (IFA 033 6.2 NOTE: Sc-Or.NsLcm.006 data).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VnfRecord {
+    pub vnf_instance_id: String,
+    pub ns_instance_ids: BTreeSet<String>,
+    pub vnfd_id: String,
+    pub vnf_pkg_id: String,
+    #[serde(default)]
+    pub vnf_instance_name: Option<String>,
+    #[serde(default)]
+    pub vnf_profile_id: Option<String>,
+    #[serde(default)]
+    pub flavour_id: Option<String>,
+    pub instantiation_state: String,
+    #[serde(default)]
+    pub vnf_state: Option<String>,
+    /// extVirtualLinkInfo ids and their resource ids: the VNF's external connectivity.
+    #[serde(default)]
+    pub ext_virtual_links: BTreeMap<String, String>,
+}
+
+/// One enforcement or security-VNF operation and its steps: the enforcement journal.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Action {
+    pub id: String,
+    pub kind: ActionKind,
+    pub vnf_instance_id: String,
+    /// The rule event, or "operator".
+    pub trigger: String,
+    /// What caused it: notification id, event detail, operator.
+    pub cause: Value,
+    pub mode: SmMode,
+    pub options: TerminateOptions,
+    /// Options the mode does not allow: refused and audited, never sent.
+    pub refused: Vec<String>,
+    pub steps: Vec<Step>,
+    pub state: ActionState,
+    pub created: String,
+    pub updated: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ActionKind {
+    /// IFA 033 6.4: terminate a VNF (remove it from every NS).
+    Terminate,
+    /// IFA 033 6.5: add, modify or remove a security VNF.
+    SecurityVnfAdd,
+    SecurityVnfModify,
+    SecurityVnfRemove,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TerminateOptions {
+    pub snapshot: bool,
+    pub allow_replacement: bool,
+    pub disable_package: bool,
+    pub erase: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ActionState {
+    /// PASSIVE: what would have been done, nothing sent.
+    Recorded,
+    /// Steps remain.
+    Running,
+    Completed,
+    /// Finished, at least one step failed.
+    Failed,
+}
+
+impl ActionState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, ActionState::Running)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Step {
+    pub kind: StepKind,
+    pub state: StepState,
+    /// How many times the request was sent.
+    pub attempts: u32,
+    #[serde(default)]
+    pub op_occ_id: Option<String>,
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum StepKind {
+    /// `POST ns_instances/{id}/update`; the request carries the step's marker.
+    UpdateNs {
+        interface: Interface,
+        ns_instance_id: String,
+        request: Value,
+    },
+    /// `PATCH vnf_packages/{id}` operationalState DISABLED (IFA 033 6.4 NOTE 3).
+    DisablePackage { vnf_pkg_id: String },
+    /// Destroy the keys the agent holds for the VNF, and check them gone.
+    EraseLocal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StepState {
+    Pending,
+    /// Journaled before the request left: after a crash the SM looks for the operation
+    /// before sending again.
+    Sending,
+    /// 202 and an operation occurrence id; waiting for it to finish.
+    Accepted,
+    Completed,
+    Failed,
+}
+
+/// What was erased for one VNF, locally and by NFV-MANO.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErasureReport {
+    pub vnf_instance_id: String,
+    /// Objects the agent held for the VNF, destroyed through the key layer.
+    pub local: Vec<ErasureEntry>,
+    /// Objects that could not be destroyed, with the reason.
+    pub local_failed: Vec<String>,
+    /// Erasure requested from NFV-MANO in the REMOVE_VNF requests, and their outcome.
+    pub mano: Vec<ManoErasure>,
+    pub updated: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManoErasure {
+    pub ns_instance_id: String,
+    /// Where in the request it was asked for.
+    pub requested_in: String,
+    pub op_occ_id: Option<String>,
+    /// PENDING, COMPLETED or FAILED (from the operation occurrence).
+    pub state: String,
+}
+
+/// Where the SM asks NFV-MANO to erase (IFA 033 Sc-Or.SecEnforce.003 last option): the
+/// `additionalParams` of the `terminateVnfData` entry in the REMOVE_VNF UpdateNsRequest.
+pub const ERASURE_PARAM: &str = "etsiNfvSecurityErasure";
+
+/// The SM's shared state.
+pub struct Sm {
+    pub config: SmConfig,
+    pub nfvo: Arc<Nfvo>,
+    pub store: Arc<Store>,
+    pub journal: GroupCommit,
+    pub backends: Backends,
+    pub intake: intake::Intake,
+    /// The callback URI given to the NFVO (with the announced mode).
+    pub callback_uri: String,
+    wake: tokio::sync::mpsc::UnboundedSender<Wake>,
+    wake_rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Wake>>>,
+    running: std::sync::Mutex<BTreeSet<String>>,
+}
+
+/// Work for the processor task.
+#[derive(Debug)]
+pub enum Wake {
+    /// A notification was journaled under this `sm_pending` key.
+    Notification(String),
+    /// Reconcile with the NFVO now.
+    Reconcile,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SmError {
+    #[error(transparent)]
+    Nfvo(#[from] NfvoError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl SmError {
+    /// The HTTP status for the admin API.
+    pub fn status(&self) -> u16 {
+        match self {
+            SmError::Nfvo(e) if e.status().is_some() => 502,
+            SmError::Nfvo(_) => 503,
+            SmError::Store(_) => 500,
+            SmError::Refused(_) => 403,
+            SmError::NotFound(_) => 404,
+            SmError::Invalid(_) => 422,
+        }
+    }
+}
+
+impl Sm {
+    /// Build the SM from the configuration. Nothing is sent yet: see [`Sm::start`].
+    pub fn new(
+        config: &Config,
+        backends: &Backends,
+        store: Arc<Store>,
+        listen: std::net::SocketAddr,
+    ) -> Result<Arc<Sm>, String> {
+        let sm = config
+            .sm
+            .clone()
+            .ok_or_else(|| "config: no [sm] section".to_string())?;
+        let nfvo = Nfvo::new(&sm.nfvo, backends).map_err(|e| format!("sm.nfvo: {e}"))?;
+        let journal = store
+            .group_commit(sm.group_commit_max.max(1))
+            .map_err(|e| format!("store: {e}"))?;
+        let intake = intake::Intake::new(&sm).map_err(|e| format!("sm.notifications: {e}"))?;
+        let base = sm
+            .callback_uri
+            .clone()
+            .unwrap_or_else(|| format!("https://{listen}/sm/v1/notifications"));
+        // IFA 033 Sc-Or.NsLcm.008: the mode is announced to the NFVO with every subscription.
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let callback_uri = format!("{base}{separator}sm={}&mode={}", sm.name, sm.mode);
+        let (wake, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+        Ok(Arc::new(Sm {
+            config: sm,
+            nfvo: Arc::new(nfvo),
+            store,
+            journal,
+            backends: backends.clone(),
+            intake,
+            callback_uri,
+            wake,
+            wake_rx: std::sync::Mutex::new(Some(wake_rx)),
+            running: std::sync::Mutex::new(BTreeSet::new()),
+        }))
+    }
+
+    pub fn mode(&self) -> SmMode {
+        self.config.mode
+    }
+
+    /// Start the background work, once the callback endpoint is up: discover API versions,
+    /// create or reconcile the subscription, resume unfinished actions, process journaled
+    /// notifications, reconcile periodically.
+    pub fn start(self: &Arc<Self>) {
+        let Some(mut wake_rx) = self
+            .wake_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let sm = self.clone();
+        tokio::spawn(async move {
+            sm.connect_until_subscribed().await;
+            sm.resume_actions().await;
+            // Pending notifications journaled before a restart, oldest first.
+            let pending = sm.pending_keys().await;
+            for key in pending {
+                sm.process_pending(&key).await;
+            }
+            let _ = sm.wake.send(Wake::Reconcile);
+            let period = Duration::from_secs(sm.config.reconcile_seconds.max(1));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                tokio::select! {
+                    wake = wake_rx.recv() => match wake {
+                        Some(Wake::Notification(key)) => sm.process_pending(&key).await,
+                        Some(Wake::Reconcile) => sm.reconcile_logged().await,
+                        None => break,
+                    },
+                    _ = tick.tick() => sm.reconcile_logged().await,
+                }
+            }
+        });
+    }
+
+    /// Queue a journaled notification for processing.
+    pub fn notify_journaled(&self, pending_key: String) {
+        let _ = self.wake.send(Wake::Notification(pending_key));
+    }
+
+    async fn connect_until_subscribed(self: &Arc<Self>) {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            let outcome = async {
+                let versions = self.nfvo.discover_versions().await?;
+                tracing::info!(nslcm = %versions.0, vnfpkgm = %versions.1, "NFVO API versions");
+                self.reconcile_subscription().await
+            }
+            .await;
+            match outcome {
+                Ok(id) => {
+                    tracing::info!(subscription = %id, mode = %self.mode(), "subscribed to NS LCM notifications");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "NFVO not ready");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// IFA 033 6.2, SOL 005 6.4.16: keep exactly one subscription with our callback URI
+    /// (and so our mode); delete ours that point elsewhere (an older mode or address).
+    pub async fn reconcile_subscription(&self) -> Result<String, SmError> {
+        let existing = self
+            .nfvo
+            .get_json(Interface::NsLcm, Api::NsLcm, "/subscriptions")
+            .await?;
+        let ours_prefix = format!("sm={}&", self.config.name);
+        let mut keep = None;
+        for sub in existing.as_array().into_iter().flatten() {
+            let (Some(id), Some(uri)) = (sub["id"].as_str(), sub["callbackUri"].as_str()) else {
+                continue;
+            };
+            if uri == self.callback_uri && keep.is_none() {
+                keep = Some(id.to_string());
+            } else if uri.contains(&ours_prefix) {
+                tracing::info!(
+                    subscription = id,
+                    callback = uri,
+                    "deleting a stale subscription of this SM"
+                );
+                self.delete_subscription(id).await?;
+            }
+        }
+        if let Some(id) = keep {
+            return Ok(id);
+        }
+        self.subscribe().await
+    }
+
+    /// `POST /subscriptions`: 201 created, 303 exists already, 422 the NFVO's test GET failed.
+    pub async fn subscribe(&self) -> Result<String, SmError> {
+        let mut authentication = self.intake.subscription_authentication()?;
+        if let Some(params) = authentication.get_mut("paramsOauth2ClientCredentials") {
+            // The agent is the authorization server for its own callback endpoint.
+            params["tokenEndpoint"] = json!(self.token_endpoint());
+        }
+        let request = json!({
+            "callbackUri": self.callback_uri,
+            "authentication": authentication,
+            "verbosity": "FULL",
+        });
+        let response = self
+            .nfvo
+            .call(nfvo::Request {
+                interface: Interface::NsLcm,
+                api: Api::NsLcm,
+                method: "POST",
+                path: "/subscriptions",
+                body: Some(("application/json", request.to_string().into_bytes())),
+                repeat: nfvo::Repeat::Idempotent,
+            })
+            .await?;
+        let id = match response.status {
+            201 => response
+                .json()
+                .ok()
+                .and_then(|v| v["id"].as_str().map(String::from))
+                .or_else(|| nfvo::location_id(&response)),
+            303 => nfvo::location_id(&response),
+            other => {
+                return Err(SmError::Invalid(format!(
+                    "POST /subscriptions answered {other}"
+                )))
+            }
+        }
+        .ok_or_else(|| SmError::Invalid("subscription: no id in the answer".into()))?;
+        self.audit(
+            "sm.subscribe",
+            &id,
+            json!({ "callbackUri": self.callback_uri, "status": response.status }),
+        )
+        .await?;
+        Ok(id)
+    }
+
+    /// `https://<callback authority>/sm/v1/oauth2/token`.
+    pub fn token_endpoint(&self) -> String {
+        let rest = self.callback_uri.trim_start_matches("https://");
+        let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+        format!("https://{authority}/sm/v1/oauth2/token")
+    }
+
+    pub async fn delete_subscription(&self, id: &str) -> Result<(), SmError> {
+        let path = format!("/subscriptions/{}", path_segment(id)?);
+        match self
+            .nfvo
+            .call(nfvo::Request {
+                interface: Interface::NsLcm,
+                api: Api::NsLcm,
+                method: "DELETE",
+                path: &path,
+                body: None,
+                repeat: nfvo::Repeat::Idempotent,
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.audit("sm.unsubscribe", id, Value::Null).await
+    }
+
+    pub async fn subscriptions(&self) -> Result<Value, SmError> {
+        Ok(self
+            .nfvo
+            .get_json(Interface::NsLcm, Api::NsLcm, "/subscriptions")
+            .await?)
+    }
+
+    /// Write one audit event (its own durable commit).
+    pub async fn audit(&self, action: &str, subject: &str, detail: Value) -> Result<(), SmError> {
+        let event = crate::store::AuditEvent::new("warden-sm", action, subject).with_detail(detail);
+        self.journal
+            .write_async(move |tx| {
+                tx.audit(event);
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn pending_keys(&self) -> Vec<String> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            store.read(|tx| {
+                tx.list(&PENDING, "")
+                    .map(|v| v.into_iter().map(|(k, _)| k).collect())
+            })
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+    }
+
+    /// A read on a blocking thread.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, SmError>
+    where
+        F: FnOnce(&crate::store::ReadTx) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.read(f))
+            .await
+            .map_err(|e| {
+                SmError::Store(StoreError::rejected(std::io::Error::other(e.to_string())))
+            })?
+            .map_err(SmError::Store)
+    }
+
+    pub async fn action(&self, id: &str) -> Result<Option<Action>, SmError> {
+        let id = id.to_string();
+        self.read(move |tx| tx.get(&ACTIONS, &id)).await
+    }
+
+    pub async fn actions(&self) -> Result<Vec<Action>, SmError> {
+        self.read(|tx| {
+            tx.list(&ACTIONS, "")
+                .map(|v| v.into_iter().map(|(_, a)| a).collect())
+        })
+        .await
+    }
+
+    pub async fn erasure_report(&self, vnf: &str) -> Result<Option<ErasureReport>, SmError> {
+        let vnf = vnf.to_string();
+        self.read(move |tx| tx.get(&ERASURES, &vnf)).await
+    }
+
+    /// Mark an action as being driven by a task; false if one already is.
+    fn claim(&self, id: &str) -> bool {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string())
+    }
+
+    fn release(&self, id: &str) {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// VNFs with an action in progress: their changes are expected.
+    pub fn busy_vnfs(&self) -> BTreeSet<String> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|id| id.split_once(':').map(|(_, vnf)| vnf.to_string()))
+            .collect()
+    }
+}
+
+/// A path segment from outside: refuse anything that would change the path.
+pub fn path_segment(id: &str) -> Result<&str, SmError> {
+    if id.is_empty()
+        || id.len() > 256
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        return Err(SmError::Invalid(format!(
+            "'{id}' is not a valid identifier"
+        )));
+    }
+    Ok(id)
+}
+
+/// The rule event names as written in TOML.
+pub fn event_name(event: RuleEvent) -> &'static str {
+    match event {
+        RuleEvent::UnauthorizedChange => "unauthorized_change",
+        RuleEvent::PackageChecksumMismatch => "package_checksum_mismatch",
+        RuleEvent::PackageUnknown => "package_unknown",
+        RuleEvent::PackageDisabled => "package_disabled",
+        RuleEvent::TopologyChange => "topology_change",
+    }
+}
+
+pub fn now() -> String {
+    crate::keys::rfc3339_now()
+}

@@ -1,0 +1,615 @@
+//! The SOL 005 client of the NFVO (Sc-Or producer): API version discovery, the `Version`
+//! header, per-interface authentication, retries and the few resources the SM uses.
+//!
+//! Each Sc-Or interface (IFA 033 6.2-6.5) is its own client with its own TLS identity: with
+//! `auth = "mtls"` a key of its own in the HSM/TPM (IFA 033 Security.001/.006); with
+//! `auth = "oauth2"` a Bearer token from the client-credentials grant (RFC 6749 4.4) over
+//! server-authenticated TLS.
+//!
+//! Retries (SOL 013 6.4): 5xx, 429, 409 (another operation in progress) and connection
+//! failures are retried with exponential backoff, honouring `Retry-After`. A request that
+//! changes state and got no answer is never blindly repeated: the caller gets
+//! [`NfvoError::NoAnswer`] and reconciles (looks for the operation occurrence) first.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use rustls::pki_types::CertificateDer;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use crate::client::{ClientKey, ClientResponse, Connection, HttpsClient};
+use crate::config::{NfvoAuth, NfvoConfig};
+use crate::keys::backends::Backends;
+use crate::keys::signer::HardwareKey;
+
+/// The Sc-Or interfaces of IFA 033 clause 6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interface {
+    /// 6.2 NS Lifecycle Management: subscriptions and notifications.
+    NsLcm,
+    /// 6.3 Status Information Management: Query NS (and packages, op occurrences).
+    StatusInfo,
+    /// 6.4 Security Policy Enforcement: Update NS, Update VNF Package Info.
+    SecEnforce,
+    /// 6.5 Security VNF Management: Update NS for security VNFs.
+    SecurityVnfMgmt,
+}
+
+impl Interface {
+    pub const ALL: [Interface; 4] = [
+        Interface::NsLcm,
+        Interface::StatusInfo,
+        Interface::SecEnforce,
+        Interface::SecurityVnfMgmt,
+    ];
+
+    /// The config key and certificate name suffix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Interface::NsLcm => "ns_lcm",
+            Interface::StatusInfo => "status_info",
+            Interface::SecEnforce => "sec_enforce",
+            Interface::SecurityVnfMgmt => "security_vnf_mgmt",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Which SOL 005 API a path belongs to (each has its own version).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    NsLcm,
+    VnfPkgm,
+}
+
+impl Api {
+    fn prefix(self) -> &'static str {
+        match self {
+            Api::NsLcm => "nslcm",
+            Api::VnfPkgm => "vnfpkgm",
+        }
+    }
+}
+
+/// SOL 005 v3.7.1 API versions, used until `api_versions` says otherwise.
+pub const NSLCM_VERSION: &str = "2.3.0";
+pub const VNFPKGM_VERSION: &str = "2.4.0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NfvoError {
+    /// Nothing reached the NFVO.
+    #[error("{what}: NFVO unreachable: {reason}")]
+    Unreachable { what: String, reason: String },
+    /// The request may have reached the NFVO; its outcome is unknown.
+    #[error("{what}: no answer from the NFVO: {reason}")]
+    NoAnswer { what: String, reason: String },
+    /// The NFVO answered with an error (its ProblemDetails detail).
+    #[error("{what}: NFVO answered {status}: {detail}")]
+    Refused {
+        what: String,
+        status: u16,
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+    /// The NFVO's answer is not what SOL 005 says.
+    #[error("{what}: unexpected answer: {reason}")]
+    Invalid { what: String, reason: String },
+    #[error("OAuth2 token from {url}: {reason}")]
+    Token { url: String, reason: String },
+    #[error("interface {0}: {1}")]
+    Setup(&'static str, String),
+}
+
+impl NfvoError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            NfvoError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Worth another attempt later.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            NfvoError::Unreachable { .. } | NfvoError::NoAnswer { .. } => true,
+            NfvoError::Refused { status, .. } => matches!(status, 409 | 429 | 500..=599),
+            NfvoError::Token { .. } => true,
+            NfvoError::Invalid { .. } | NfvoError::Setup(..) => false,
+        }
+    }
+}
+
+/// Whether a request may be repeated after an ambiguous failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Repeat {
+    /// GET, DELETE, PATCH to a target state: repeat freely.
+    Idempotent,
+    /// POST that starts an operation: repeat only when the NFVO surely did not take it.
+    Once,
+}
+
+/// One request to the NFVO.
+pub struct Request<'a> {
+    pub interface: Interface,
+    pub api: Api,
+    pub method: &'a str,
+    /// Path under the API's URI prefix, e.g. `/ns_instances`.
+    pub path: &'a str,
+    pub body: Option<(&'a str, Vec<u8>)>,
+    pub repeat: Repeat,
+}
+
+/// The NFVO client.
+pub struct Nfvo {
+    /// Path part of the apiRoot, without a trailing slash ("" or "/prefix").
+    root_path: String,
+    interfaces: Vec<InterfaceClient>,
+    oauth: Option<OAuth2>,
+    versions: std::sync::Mutex<(String, String)>,
+    timeout: Duration,
+    attempts: u32,
+}
+
+struct InterfaceClient {
+    https: HttpsClient,
+    idle: tokio::sync::Mutex<Vec<Connection>>,
+}
+
+struct OAuth2 {
+    url: String,
+    path: String,
+    client: HttpsClient,
+    client_id: String,
+    secret: SecretString,
+    token: tokio::sync::Mutex<Option<(SecretString, Instant)>>,
+}
+
+impl Nfvo {
+    /// Build the four interface clients; keys are looked up (not created) in the HSM/TPM.
+    pub fn new(config: &NfvoConfig, backends: &Backends) -> Result<Nfvo, NfvoError> {
+        let rest = config
+            .api_root
+            .strip_prefix("https://")
+            .ok_or(NfvoError::Setup("api_root", "must be https://".into()))?;
+        let root_path = rest
+            .find('/')
+            .map(|i| rest[i..].trim_end_matches('/').to_string())
+            .unwrap_or_default();
+        let mut interfaces = Vec::new();
+        for interface in Interface::ALL {
+            let key = match config.auth {
+                NfvoAuth::Oauth2 => ClientKey::None,
+                NfvoAuth::Mtls => {
+                    let entry = match interface {
+                        Interface::NsLcm => &config.interface.ns_lcm,
+                        Interface::StatusInfo => &config.interface.status_info,
+                        Interface::SecEnforce => &config.interface.sec_enforce,
+                        Interface::SecurityVnfMgmt => &config.interface.security_vnf_mgmt,
+                    }
+                    .as_ref()
+                    .ok_or(NfvoError::Setup(interface.name(), "not configured".into()))?;
+                    let setup = |e: String| NfvoError::Setup(interface.name(), e);
+                    let pem = std::fs::read_to_string(&entry.certificate).map_err(|e| {
+                        setup(format!(
+                            "{}: {e} (run `warden sm init`)",
+                            entry.certificate.display()
+                        ))
+                    })?;
+                    let chain: Vec<CertificateDer<'static>> =
+                        crate::pki::certificates_from_pem(&pem)
+                            .map_err(setup)?
+                            .iter()
+                            .map(|c| der::Encode::to_der(c).map(CertificateDer::from))
+                            .collect::<Result<_, _>>()
+                            .map_err(|e| setup(e.to_string()))?;
+                    let store = backends
+                        .for_key(&entry.key)
+                        .map_err(|e| setup(e.to_string()))?;
+                    let key = HardwareKey::new(store, entry.key.clone())
+                        .map_err(|e| setup(e.to_string()))?;
+                    ClientKey::Hardware {
+                        chain,
+                        key: key.into_rustls(),
+                    }
+                }
+            };
+            let https = HttpsClient::with_key(&config.api_root, &config.ca, key)
+                .map_err(|e| NfvoError::Setup(interface.name(), e))?;
+            interfaces.push(InterfaceClient {
+                https,
+                idle: tokio::sync::Mutex::new(Vec::new()),
+            });
+        }
+        let oauth = match (&config.auth, &config.oauth2) {
+            (NfvoAuth::Oauth2, Some(o)) => {
+                let secret = o
+                    .client_secret
+                    .read()
+                    .map_err(|e| NfvoError::Setup("oauth2", e))?;
+                let client = HttpsClient::with_key(&o.token_url, &config.ca, ClientKey::None)
+                    .map_err(|e| NfvoError::Setup("oauth2", e))?;
+                let path = o
+                    .token_url
+                    .strip_prefix("https://")
+                    .and_then(|r| r.find('/').map(|i| r[i..].to_string()))
+                    .unwrap_or_else(|| "/".into());
+                Some(OAuth2 {
+                    url: o.token_url.clone(),
+                    path,
+                    client,
+                    client_id: o.client_id.clone(),
+                    secret,
+                    token: tokio::sync::Mutex::new(None),
+                })
+            }
+            _ => None,
+        };
+        Ok(Nfvo {
+            root_path,
+            interfaces,
+            oauth,
+            versions: std::sync::Mutex::new((NSLCM_VERSION.into(), VNFPKGM_VERSION.into())),
+            timeout: Duration::from_secs(config.timeout_seconds.max(1)),
+            attempts: config.attempts.max(1),
+        })
+    }
+
+    /// SOL 013 9.3: ask each API which versions it supports and use the highest 2.x.
+    pub async fn discover_versions(&self) -> Result<(String, String), NfvoError> {
+        let mut found = Vec::new();
+        for api in [Api::NsLcm, Api::VnfPkgm] {
+            let path = format!("{}/{}/v2/api_versions", self.root_path, api.prefix());
+            let response = self
+                .send(
+                    Interface::StatusInfo,
+                    "GET",
+                    &path,
+                    None,
+                    Repeat::Idempotent,
+                    false,
+                )
+                .await?;
+            let body: Value = parse_json(&path, &response)?;
+            let mut best: Option<(Vec<u64>, String)> = None;
+            for v in body["apiVersions"].as_array().into_iter().flatten() {
+                let Some(text) = v["version"].as_str() else {
+                    continue;
+                };
+                let key: Vec<u64> = text
+                    .split(['.', '-'])
+                    .take(3)
+                    .map(|p| p.parse().unwrap_or(0))
+                    .collect();
+                if key.first() == Some(&2) && best.as_ref().is_none_or(|(b, _)| key > *b) {
+                    best = Some((key, text.to_string()));
+                }
+            }
+            let version = best.map(|(_, v)| v).ok_or_else(|| NfvoError::Invalid {
+                what: format!("GET {path}"),
+                reason: "no 2.x version offered".into(),
+            })?;
+            found.push(version);
+        }
+        let mut versions = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+        *versions = (found[0].clone(), found[1].clone());
+        Ok(versions.clone())
+    }
+
+    /// Send with retries. Success is any status below 400.
+    pub async fn call(&self, request: Request<'_>) -> Result<ClientResponse, NfvoError> {
+        let path = format!(
+            "{}/{}/v2{}",
+            self.root_path,
+            request.api.prefix(),
+            request.path
+        );
+        let version = {
+            let v = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+            match request.api {
+                Api::NsLcm => v.0.clone(),
+                Api::VnfPkgm => v.1.clone(),
+            }
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = self
+                .send(
+                    request.interface,
+                    request.method,
+                    &path,
+                    request
+                        .body
+                        .as_ref()
+                        .map(|(ct, body)| (*ct, body.clone(), version.as_str())),
+                    request.repeat,
+                    true,
+                )
+                .await;
+            let error = match outcome {
+                Ok(response) if response.status < 400 => return Ok(response),
+                Ok(response) => refused(request.method, &path, &response),
+                Err(e) => e,
+            };
+            let again = attempt < self.attempts
+                && error.is_transient()
+                && !(request.repeat == Repeat::Once && matches!(error, NfvoError::NoAnswer { .. }));
+            if !again {
+                return Err(error);
+            }
+            let backoff = Duration::from_millis(100u64 << (attempt - 1).min(6));
+            let wait = match &error {
+                NfvoError::Refused {
+                    retry_after: Some(after),
+                    ..
+                } => (*after).min(Duration::from_secs(60)),
+                _ => backoff,
+            };
+            tracing::debug!(error = %error, attempt, wait_ms = wait.as_millis() as u64, "NFVO request retried");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// GET a JSON document.
+    pub async fn get_json(
+        &self,
+        interface: Interface,
+        api: Api,
+        path: &str,
+    ) -> Result<Value, NfvoError> {
+        let response = self
+            .call(Request {
+                interface,
+                api,
+                method: "GET",
+                path,
+                body: None,
+                repeat: Repeat::Idempotent,
+            })
+            .await?;
+        parse_json(path, &response)
+    }
+
+    /// One attempt on a pooled connection of `interface`.
+    async fn send(
+        &self,
+        interface: Interface,
+        method: &str,
+        path: &str,
+        body: Option<(&str, Vec<u8>, &str)>,
+        repeat: Repeat,
+        versioned: bool,
+    ) -> Result<ClientResponse, NfvoError> {
+        let what = format!("{method} {path}");
+        let mut headers: Vec<(&str, String)> = vec![("accept", "application/json".into())];
+        let (content, version) = match body {
+            Some((ct, bytes, version)) => {
+                headers.push(("content-type", ct.to_string()));
+                (bytes, Some(version.to_string()))
+            }
+            None => (Vec::new(), None),
+        };
+        if versioned {
+            let version = version.unwrap_or_else(|| {
+                let v = self.versions.lock().unwrap_or_else(|p| p.into_inner());
+                if path.contains("/vnfpkgm/") {
+                    v.1.clone()
+                } else {
+                    v.0.clone()
+                }
+            });
+            headers.push(("version", version));
+        }
+        let mut token_refreshed = false;
+        loop {
+            let mut headers = headers.clone();
+            if let Some(oauth) = &self.oauth {
+                let token = oauth.token(self.timeout).await?;
+                headers.push(("authorization", format!("Bearer {}", token.expose_secret())));
+            }
+            let response = self
+                .exchange(
+                    interface,
+                    &what,
+                    method,
+                    path,
+                    &headers,
+                    content.clone(),
+                    repeat,
+                )
+                .await?;
+            if response.status == 401 && self.oauth.is_some() && !token_refreshed {
+                // An expired or revoked token: fetch a new one once.
+                if let Some(oauth) = &self.oauth {
+                    *oauth.token.lock().await = None;
+                }
+                token_refreshed = true;
+                continue;
+            }
+            return Ok(response);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange(
+        &self,
+        interface: Interface,
+        what: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+        repeat: Repeat,
+    ) -> Result<ClientResponse, NfvoError> {
+        let client = &self.interfaces[interface.index()];
+        let pooled = {
+            let mut idle = client.idle.lock().await;
+            let mut found = None;
+            while let Some(conn) = idle.pop() {
+                if !conn.is_closed() {
+                    found = Some(conn);
+                    break;
+                }
+            }
+            found
+        };
+        let reused = pooled.is_some();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => tokio::time::timeout(self.timeout, client.https.connect())
+                .await
+                .map_err(|_| NfvoError::Unreachable {
+                    what: what.to_string(),
+                    reason: "connect timed out".into(),
+                })?
+                .map_err(|reason| NfvoError::Unreachable {
+                    what: what.to_string(),
+                    reason,
+                })?,
+        };
+        let result = tokio::time::timeout(
+            self.timeout,
+            conn.request_with(method, path, headers, body.clone()),
+        )
+        .await;
+        match result {
+            Ok(Ok(response)) => {
+                client.idle.lock().await.push(conn);
+                Ok(response)
+            }
+            Ok(Err(reason)) if reused && repeat == Repeat::Idempotent => {
+                // A kept-alive connection the server had closed: once more on a new one.
+                tracing::debug!(%reason, "stale NFVO connection");
+                let mut conn =
+                    client
+                        .https
+                        .connect()
+                        .await
+                        .map_err(|reason| NfvoError::Unreachable {
+                            what: what.to_string(),
+                            reason,
+                        })?;
+                let response = tokio::time::timeout(
+                    self.timeout,
+                    conn.request_with(method, path, headers, body),
+                )
+                .await
+                .map_err(|_| NfvoError::NoAnswer {
+                    what: what.to_string(),
+                    reason: "timed out".into(),
+                })?
+                .map_err(|reason| NfvoError::NoAnswer {
+                    what: what.to_string(),
+                    reason,
+                })?;
+                client.idle.lock().await.push(conn);
+                Ok(response)
+            }
+            Ok(Err(reason)) => Err(NfvoError::NoAnswer {
+                what: what.to_string(),
+                reason,
+            }),
+            Err(_) => Err(NfvoError::NoAnswer {
+                what: what.to_string(),
+                reason: format!("no answer within {} s", self.timeout.as_secs()),
+            }),
+        }
+    }
+}
+
+impl OAuth2 {
+    async fn token(&self, timeout: Duration) -> Result<SecretString, NfvoError> {
+        let mut cached = self.token.lock().await;
+        if let Some((token, until)) = cached.as_ref() {
+            if Instant::now() < *until {
+                return Ok(token.clone());
+            }
+        }
+        let err = |reason: String| NfvoError::Token {
+            url: self.url.clone(),
+            reason,
+        };
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            self.client_id,
+            self.secret.expose_secret()
+        ));
+        let headers = vec![
+            (
+                "content-type",
+                "application/x-www-form-urlencoded".to_string(),
+            ),
+            ("authorization", format!("Basic {basic}")),
+            ("accept", "application/json".to_string()),
+        ];
+        let exchange = async {
+            let mut conn = self.client.connect().await?;
+            conn.request_with(
+                "POST",
+                &self.path,
+                &headers,
+                b"grant_type=client_credentials".to_vec(),
+            )
+            .await
+        };
+        let response = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| err("timed out".into()))?
+            .map_err(err)?;
+        if response.status != 200 {
+            return Err(err(format!(
+                "{}: {}",
+                response.status,
+                response.problem_detail()
+            )));
+        }
+        let body = response.json().map_err(err)?;
+        let token = body["access_token"]
+            .as_str()
+            .ok_or_else(|| err("no access_token".into()))?;
+        let lifetime = body["expires_in"].as_u64().unwrap_or(300);
+        // Renew a little before the NFVO would refuse it.
+        let until = Instant::now() + Duration::from_secs(lifetime.saturating_sub(30).max(1));
+        let token = SecretString::from(token.to_string());
+        *cached = Some((token.clone(), until));
+        Ok(token)
+    }
+}
+
+fn parse_json(path: &str, response: &ClientResponse) -> Result<Value, NfvoError> {
+    response.json().map_err(|reason| NfvoError::Invalid {
+        what: format!("GET {path}"),
+        reason,
+    })
+}
+
+fn refused(method: &str, path: &str, response: &ClientResponse) -> NfvoError {
+    let retry_after = response
+        .headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    NfvoError::Refused {
+        what: format!("{method} {path}"),
+        status: response.status,
+        detail: response.problem_detail(),
+        retry_after,
+    }
+}
+
+/// The id at the end of a Location header (`.../ns_lcm_op_occs/{id}`).
+pub fn location_id(response: &ClientResponse) -> Option<String> {
+    let location = response.headers.get("location")?.to_str().ok()?;
+    let id = location.trim_end_matches('/').rsplit('/').next()?;
+    (!id.is_empty()).then(|| id.to_string())
+}
+
+/// Shared handle.
+pub type SharedNfvo = Arc<Nfvo>;

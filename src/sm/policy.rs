@@ -1,0 +1,774 @@
+//! Modes and rules (IFA 033 5.1, Sc-Or.NsLcm.008, SecEnforce.002/.003/.005): how journaled
+//! notifications and reconciliation become events, and events become actions.
+//!
+//! Events come from the notification itself (an operation refused as unauthorized, a
+//! topology change) and from comparing the NFVO's current NSs (Query NS) with the inventory
+//! the SM kept (VNFs added, gone, or with other external links). Comparing state rather
+//! than trusting each notification makes duplicated, reordered and lost notifications
+//! harmless: the next notification or the periodic reconciliation sees the same state.
+//!
+//! Mode gate (the S and F option sets): PASSIVE records what it would have done and sends
+//! nothing; SEMI_ACTIVE may terminate with snapshot and replacement; FULLY_ACTIVE may also
+//! disable the package and ask NFV-MANO for erasure. An option the mode does not allow is
+//! refused and audited, never sent.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{json, Value};
+
+use crate::config::{RuleAction, RuleConfig, RuleEvent, SmMode};
+
+use super::nfvo::{Api, Interface};
+use super::{
+    event_name, now, Action, ActionKind, ActionState, Sm, SmError, Step, StepKind, StepState,
+    TerminateOptions, VnfRecord, ACTIONS, ERASURE_PARAM, INVENTORY, NOTIFICATIONS, OWN_OPS,
+    PENDING, SEEN_FAILURES,
+};
+
+/// Something the rules look at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub kind: RuleEvent,
+    pub vnf_instance_id: String,
+    pub detail: Value,
+}
+
+/// The VNFs of the NFVO's NS instances (a `GET /ns_instances` body), by VNF instance id.
+pub fn inventory_from(ns_instances: &Value) -> BTreeMap<String, VnfRecord> {
+    let mut vnfs: BTreeMap<String, VnfRecord> = BTreeMap::new();
+    for ns in ns_instances.as_array().into_iter().flatten() {
+        let Some(ns_id) = ns["id"].as_str() else {
+            continue;
+        };
+        for vnf in ns["vnfInstance"].as_array().into_iter().flatten() {
+            let Some(id) = vnf["id"].as_str() else {
+                continue;
+            };
+            let record = vnfs.entry(id.to_string()).or_insert_with(|| {
+                let info = &vnf["instantiatedVnfInfo"];
+                VnfRecord {
+                    vnf_instance_id: id.to_string(),
+                    ns_instance_ids: BTreeSet::new(),
+                    vnfd_id: vnf["vnfdId"].as_str().unwrap_or_default().to_string(),
+                    vnf_pkg_id: vnf["vnfPkgId"].as_str().unwrap_or_default().to_string(),
+                    vnf_instance_name: vnf["vnfInstanceName"].as_str().map(String::from),
+                    vnf_profile_id: None,
+                    flavour_id: info["flavourId"].as_str().map(String::from),
+                    instantiation_state: vnf["instantiationState"]
+                        .as_str()
+                        .unwrap_or("NOT_INSTANTIATED")
+                        .to_string(),
+                    vnf_state: info["vnfState"].as_str().map(String::from),
+                    ext_virtual_links: info["extVirtualLinkInfo"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|l| {
+                            Some((
+                                l["id"].as_str()?.to_string(),
+                                l["resourceHandle"]["resourceId"]
+                                    .as_str()
+                                    .unwrap_or_default()
+                                    .to_string(),
+                            ))
+                        })
+                        .collect(),
+                }
+            });
+            record.ns_instance_ids.insert(ns_id.to_string());
+        }
+    }
+    vnfs
+}
+
+/// Events carried by one notification (besides what the inventory comparison finds).
+/// `own` = the notification is about an operation occurrence the SM started.
+pub fn notification_events(body: &Value, own: bool) -> (Vec<Event>, BTreeSet<String>) {
+    let mut events = Vec::new();
+    let mut package_checks = BTreeSet::new();
+    if own {
+        return (events, package_checks);
+    }
+    let kind = body["notificationType"].as_str().unwrap_or_default();
+    match kind {
+        "NsLcmOperationOccurrenceNotification" => {
+            if body["notificationStatus"].as_str() != Some("RESULT") {
+                return (events, package_checks);
+            }
+            let state = body["operationState"].as_str().unwrap_or_default();
+            let refused = matches!(state, "FAILED" | "FAILED_TEMP" | "ROLLED_BACK")
+                && matches!(body["error"]["status"].as_u64(), Some(401 | 403));
+            for vnf in body["affectedVnf"].as_array().into_iter().flatten() {
+                let Some(id) = vnf["vnfInstanceId"].as_str() else {
+                    continue;
+                };
+                let change = vnf["changeType"].as_str().unwrap_or_default();
+                let detail = json!({
+                    "notificationId": body["id"], "nsInstanceId": body["nsInstanceId"],
+                    "nsLcmOpOccId": body["nsLcmOpOccId"], "operation": body["operation"],
+                    "changeType": change, "operationState": state,
+                });
+                if refused {
+                    // IFA 033 Sc-Or.NsLcm.003: an unauthorized attempt to change a VNF.
+                    events.push(Event {
+                        kind: RuleEvent::UnauthorizedChange,
+                        vnf_instance_id: id.to_string(),
+                        detail: json!({ "error": body["error"], "cause": detail }),
+                    });
+                    continue;
+                }
+                if vnf["changeResult"].as_str() != Some("COMPLETED") {
+                    continue;
+                }
+                match change {
+                    "INSTANTIATE" | "ADD" | "CHANGE_VNFPKG" => {
+                        package_checks.insert(id.to_string());
+                    }
+                    "SCALE" | "HEAL" | "CHANGE_FLAVOUR" | "CHANGE_EXTERNAL_VNF_CONNECTIVITY" => {
+                        // IFA 033 Sc-Or.NsLcm.004: topology changes.
+                        events.push(Event {
+                            kind: RuleEvent::TopologyChange,
+                            vnf_instance_id: id.to_string(),
+                            detail,
+                        })
+                    }
+                    _ => {}
+                }
+            }
+        }
+        "NsChangeNotification" if body["nsComponentType"].as_str() == Some("VNF") => {
+            if let Some(id) = body["nsComponentId"].as_str() {
+                events.push(Event {
+                    kind: RuleEvent::TopologyChange,
+                    vnf_instance_id: id.to_string(),
+                    detail: json!({
+                        "notificationId": body["id"], "nsInstanceId": body["nsInstanceId"],
+                        "lcmOpNameImpactingNsComponent": body["lcmOpNameImpactingNsComponent"],
+                    }),
+                });
+            }
+        }
+        _ => {}
+    }
+    (events, package_checks)
+}
+
+/// What changed between the inventory the SM kept and the NFVO's current one.
+#[derive(Debug, Default)]
+pub struct Diff {
+    pub added: Vec<String>,
+    pub gone: Vec<String>,
+    pub relinked: Vec<String>,
+}
+
+pub fn diff(before: &BTreeMap<String, VnfRecord>, now: &BTreeMap<String, VnfRecord>) -> Diff {
+    let mut d = Diff::default();
+    for (id, record) in now {
+        match before.get(id) {
+            None => d.added.push(id.clone()),
+            Some(old) if old.ext_virtual_links != record.ext_virtual_links => {
+                d.relinked.push(id.clone())
+            }
+            Some(_) => {}
+        }
+    }
+    for id in before.keys() {
+        if !now.contains_key(id) {
+            d.gone.push(id.clone());
+        }
+    }
+    d
+}
+
+/// The first rule for an event.
+pub fn rule_for(rules: &[RuleConfig], event: RuleEvent) -> Option<&RuleConfig> {
+    rules.iter().find(|r| r.on == event)
+}
+
+/// Split requested options into those the mode allows and those it refuses
+/// (IFA 033 SecEnforce.002 = S, SecEnforce.003 = F).
+pub fn gate(mode: SmMode, requested: TerminateOptions) -> (TerminateOptions, Vec<String>) {
+    let mut allowed = requested;
+    let mut refused = Vec::new();
+    if mode < SmMode::FullyActive {
+        if requested.disable_package {
+            allowed.disable_package = false;
+            refused.push("disablePackage (FULLY_ACTIVE only, IFA 033 Sc-Or.SecEnforce.003)".into());
+        }
+        if requested.erase {
+            allowed.erase = false;
+            refused.push("erase (FULLY_ACTIVE only, IFA 033 Sc-Or.SecEnforce.003)".into());
+        }
+    }
+    (allowed, refused)
+}
+
+/// The steps that terminate `vnf` with `options` (IFA 033 6.4 NOTES 1 and 2): snapshot
+/// first, REMOVE_VNF from every NS that holds it, a replacement, the package, and the
+/// agent's own erasure.
+pub fn terminate_steps(action_id: &str, vnf: &VnfRecord, options: TerminateOptions) -> Vec<Step> {
+    let marker = |step: &str| format!("{action_id}/{step}");
+    let mut steps = Vec::new();
+    let first_ns = vnf.ns_instance_ids.iter().next().cloned();
+    if options.snapshot {
+        if let Some(ns) = &first_ns {
+            steps.push(step(StepKind::UpdateNs {
+                interface: Interface::SecEnforce,
+                ns_instance_id: ns.clone(),
+                request: json!({
+                    "updateType": "CREATE_VNF_SNAPSHOT",
+                    "createSnapshotData": {
+                        "vnfInstanceId": vnf.vnf_instance_id,
+                        "userDefinedData": { "wardenActionId": marker("snapshot"),
+                                             "reason": "security enforcement" },
+                    },
+                }),
+            }));
+        }
+    }
+    for ns in &vnf.ns_instance_ids {
+        let mut params = json!({ "wardenActionId": marker(&format!("remove/{ns}")) });
+        if options.erase {
+            params[ERASURE_PARAM] =
+                json!({ "hmee": true, "tpm": true, "hsm": true, "storage": true });
+        }
+        steps.push(step(StepKind::UpdateNs {
+            interface: Interface::SecEnforce,
+            ns_instance_id: ns.clone(),
+            request: json!({
+                "updateType": "REMOVE_VNF",
+                "removeVnfInstanceId": [vnf.vnf_instance_id],
+                "terminateVnfData": [{
+                    "vnfInstanceId": vnf.vnf_instance_id,
+                    "terminationType": "FORCEFUL",
+                    "additionalParams": params,
+                }],
+            }),
+        }));
+    }
+    if options.allow_replacement {
+        if let Some(ns) = &first_ns {
+            let mut data = json!({
+                "vnfdId": vnf.vnfd_id,
+                "vnfFlavourId": vnf.flavour_id.clone().unwrap_or_else(|| "default".into()),
+                "vnfInstanceName": format!("{}-replacement",
+                    vnf.vnf_instance_name.clone().unwrap_or_else(|| vnf.vnf_instance_id.clone())),
+                "metadata": { "wardenActionId": marker("replace"),
+                              "replaces": vnf.vnf_instance_id },
+            });
+            if let Some(profile) = &vnf.vnf_profile_id {
+                data["vnfProfileId"] = json!(profile);
+            }
+            steps.push(step(StepKind::UpdateNs {
+                interface: Interface::SecEnforce,
+                ns_instance_id: ns.clone(),
+                request: json!({ "updateType": "INSTANTIATE_VNF", "instantiateVnfData": [data] }),
+            }));
+        }
+    }
+    if options.disable_package && !vnf.vnf_pkg_id.is_empty() {
+        steps.push(step(StepKind::DisablePackage {
+            vnf_pkg_id: vnf.vnf_pkg_id.clone(),
+        }));
+    }
+    steps.push(step(StepKind::EraseLocal));
+    steps
+}
+
+fn step(kind: StepKind) -> Step {
+    Step {
+        kind,
+        state: StepState::Pending,
+        attempts: 0,
+        op_occ_id: None,
+        detail: None,
+    }
+}
+
+/// The action id of a termination: one per VNF, so one VNF is never terminated twice.
+pub fn terminate_id(vnf: &str) -> String {
+    format!("terminate:{vnf}")
+}
+
+impl Sm {
+    /// Process one journaled notification: refresh, derive events, decide, journal actions
+    /// and mark the notification processed, all in one durable commit; then run the actions.
+    pub(crate) async fn process_pending(self: &std::sync::Arc<Self>, key: &str) {
+        let key = key.to_string();
+        let id = key
+            .split_once(':')
+            .map(|(_, id)| id.to_string())
+            .unwrap_or_default();
+        let record = {
+            let id = id.clone();
+            self.read(move |tx| tx.get(&NOTIFICATIONS, &id)).await
+        };
+        let record = match record {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                let _ = self
+                    .finish_pending(&key, &id, Vec::new(), Value::Null)
+                    .await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, notification = %id, "reading the journal");
+                return;
+            }
+        };
+        let body = record.body;
+        let op = body["nsLcmOpOccId"].as_str().map(String::from);
+        let own = match &op {
+            Some(op) => {
+                let op = op.clone();
+                self.read(move |tx| tx.contains(&OWN_OPS, &op))
+                    .await
+                    .unwrap_or(false)
+            }
+            None => false,
+        };
+        let (mut events, checks) = notification_events(&body, own);
+        let needs_refresh =
+            body["notificationType"].as_str() != Some("NsLcmCapacityShortageNotification");
+        if needs_refresh {
+            match self.refresh(&checks, own).await {
+                Ok(more) => events.extend(more),
+                Err(e) => {
+                    // The NFVO is not answering: leave it pending; reconciliation retries.
+                    tracing::warn!(error = %e, notification = %id, "refresh failed; notification stays pending");
+                    return;
+                }
+            }
+        }
+        let detail = json!({ "notificationType": body["notificationType"], "nsInstanceId": body["nsInstanceId"], "events": events.len() });
+        let actions = self.decide(events, &id).await;
+        match self.finish_pending(&key, &id, actions, detail).await {
+            Ok(started) => {
+                for action in started {
+                    self.spawn_action(action);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, notification = %id, "journaling the outcome"),
+        }
+    }
+
+    /// Query NS, compare with the inventory, store the new inventory, run the package
+    /// checks; returns the events found.
+    pub(crate) async fn refresh(
+        self: &std::sync::Arc<Self>,
+        checks: &BTreeSet<String>,
+        own: bool,
+    ) -> Result<Vec<Event>, SmError> {
+        let ns = self
+            .nfvo
+            .get_json(Interface::StatusInfo, Api::NsLcm, "/ns_instances")
+            .await?;
+        let mut now = inventory_from(&ns);
+        let before: BTreeMap<String, VnfRecord> = self
+            .read(|tx| tx.list(&INVENTORY, "").map(|v| v.into_iter().collect()))
+            .await?;
+        for (id, record) in now.iter_mut() {
+            if let Some(old) = before.get(id) {
+                if record.vnf_profile_id.is_none() {
+                    record.vnf_profile_id = old.vnf_profile_id.clone();
+                }
+            }
+        }
+        let d = diff(&before, &now);
+        let busy = self.busy_vnfs();
+        let mut events = Vec::new();
+        let mut to_check: BTreeSet<String> = checks.clone();
+        if !own {
+            to_check.extend(d.added.iter().cloned());
+            for id in &d.relinked {
+                if !busy.contains(id) {
+                    events.push(Event {
+                        kind: RuleEvent::TopologyChange,
+                        vnf_instance_id: id.clone(),
+                        detail: json!({ "extVirtualLinkInfo": "changed", "seenBy": "Query NS" }),
+                    });
+                }
+            }
+        }
+        for id in to_check {
+            if let Some(vnf) = now.get(&id) {
+                events.extend(self.package_events(vnf).await?);
+            }
+        }
+        let gone: Vec<String> = d.gone.clone();
+        let now_for_store = now.clone();
+        self.journal
+            .write_async(move |tx| {
+                for id in &gone {
+                    tx.delete(&INVENTORY, id)?;
+                }
+                for (id, record) in &now_for_store {
+                    tx.put(&INVENTORY, id, record)?;
+                }
+                Ok(())
+            })
+            .await?;
+        for id in d.gone {
+            // The VNF left every NS: it is terminated (SOL 005 UpdateNsRequest NOTE 1).
+            if self.config.erase_on_termination {
+                let sm = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = sm.erase_local(&id).await {
+                        tracing::error!(error = %e, vnf = %id, "local erasure");
+                    }
+                });
+            }
+        }
+        Ok(events)
+    }
+
+    /// IFA 033 6.2 NOTE: VnfPkgInfo gives the package checksum and state.
+    async fn package_events(&self, vnf: &VnfRecord) -> Result<Vec<Event>, SmError> {
+        let mut events = Vec::new();
+        if vnf.vnf_pkg_id.is_empty() {
+            return Ok(events);
+        }
+        let path = format!("/vnf_packages/{}", super::path_segment(&vnf.vnf_pkg_id)?);
+        let detail = |extra: Value| {
+            let mut d = json!({ "vnfPkgId": vnf.vnf_pkg_id, "vnfdId": vnf.vnfd_id });
+            if let (Some(d), Some(e)) = (d.as_object_mut(), extra.as_object()) {
+                d.extend(e.clone());
+            }
+            d
+        };
+        let event = |kind, detail| Event {
+            kind,
+            vnf_instance_id: vnf.vnf_instance_id.clone(),
+            detail,
+        };
+        match self
+            .nfvo
+            .get_json(Interface::StatusInfo, Api::VnfPkgm, &path)
+            .await
+        {
+            Err(e) if e.status() == Some(404) => {
+                events.push(event(RuleEvent::PackageUnknown, detail(json!({}))));
+            }
+            Err(e) => return Err(e.into()),
+            Ok(package) => {
+                if package["operationalState"].as_str() == Some("DISABLED") {
+                    events.push(event(RuleEvent::PackageDisabled, detail(json!({}))));
+                }
+                if let Some(pinned) = self.config.pinned_packages.get(&vnf.vnf_pkg_id) {
+                    let actual = package["checksum"]["hash"].as_str().unwrap_or_default();
+                    if !actual.eq_ignore_ascii_case(pinned) {
+                        events.push(event(
+                            RuleEvent::PackageChecksumMismatch,
+                            detail(json!({ "pinned": pinned, "actual": actual,
+                                           "algorithm": package["checksum"]["algorithm"] })),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// Turn events into actions per the rules and the mode (not yet journaled).
+    async fn decide(&self, events: Vec<Event>, notification: &str) -> Vec<(Action, Value)> {
+        let mut actions: Vec<(Action, Value)> = Vec::new();
+        for event in events {
+            let rule = rule_for(&self.config.rules, event.kind).cloned();
+            let audit = json!({ "event": event_name(event.kind), "vnfInstanceId": event.vnf_instance_id,
+                                "detail": event.detail, "notificationId": notification,
+                                "rule": rule, "mode": self.mode() });
+            let Some(rule) = rule.filter(|r| r.action == RuleAction::Terminate) else {
+                actions.push((Action::event_only(&event), audit));
+                continue;
+            };
+            let id = terminate_id(&event.vnf_instance_id);
+            if actions.iter().any(|(a, _)| a.id == id) {
+                continue;
+            }
+            let vnf = {
+                let vnf_id = event.vnf_instance_id.clone();
+                self.read(move |tx| tx.get(&INVENTORY, &vnf_id))
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            let Some(vnf) = vnf else {
+                actions.push((Action::event_only(&event), audit));
+                continue;
+            };
+            let requested = TerminateOptions {
+                snapshot: rule.snapshot,
+                allow_replacement: rule.allow_replacement,
+                disable_package: rule.disable_package,
+                erase: rule.erase,
+            };
+            let (allowed, refused) = gate(self.mode(), requested);
+            let created = now();
+            let action = Action {
+                id: id.clone(),
+                kind: ActionKind::Terminate,
+                vnf_instance_id: vnf.vnf_instance_id.clone(),
+                trigger: event_name(event.kind).to_string(),
+                cause: json!({ "notificationId": notification, "event": event.detail }),
+                mode: self.mode(),
+                options: allowed,
+                refused,
+                steps: terminate_steps(&id, &vnf, allowed),
+                state: if self.mode() == SmMode::Passive {
+                    ActionState::Recorded
+                } else {
+                    ActionState::Running
+                },
+                created: created.clone(),
+                updated: created,
+            };
+            actions.push((action, audit));
+        }
+        actions
+    }
+
+    /// One durable commit: the notification processed, the actions journaled (a termination
+    /// already journaled for that VNF is not created again), the audit entries. Returns the
+    /// actions to run.
+    async fn finish_pending(
+        &self,
+        key: &str,
+        id: &str,
+        actions: Vec<(Action, Value)>,
+        detail: Value,
+    ) -> Result<Vec<Action>, SmError> {
+        let key = key.to_string();
+        let id = id.to_string();
+        let started = self
+            .journal
+            .write_async(move |tx| {
+                tx.delete(&PENDING, &key)?;
+                if let Some(mut record) = tx.get(&NOTIFICATIONS, &id)? {
+                    record.processed = Some(now());
+                    tx.put(&NOTIFICATIONS, &id, &record)?;
+                }
+                tx.audit(
+                    crate::store::AuditEvent::new("nfvo", "sm.notification", id.clone())
+                        .with_detail(detail),
+                );
+                let mut started = Vec::new();
+                for (action, audit) in actions {
+                    let event = audit["event"].as_str().unwrap_or("event").to_string();
+                    tx.audit(
+                        crate::store::AuditEvent::new(
+                            "warden-sm",
+                            format!("sm.event.{event}"),
+                            action.vnf_instance_id.clone(),
+                        )
+                        .with_detail(audit),
+                    );
+                    if action.steps.is_empty() {
+                        continue;
+                    }
+                    if tx.contains(&ACTIONS, &action.id)? {
+                        continue;
+                    }
+                    let verb = match action.state {
+                        ActionState::Recorded => "sm.action.record",
+                        _ => "sm.action.start",
+                    };
+                    tx.audit(
+                        crate::store::AuditEvent::new("warden-sm", verb, action.id.clone())
+                            .with_detail(json!({ "options": action.options, "mode": action.mode,
+                                                 "steps": action.steps.len() })),
+                    );
+                    for refused in &action.refused {
+                        tx.audit(
+                            crate::store::AuditEvent::new(
+                                "warden-sm",
+                                "sm.action.refuse",
+                                action.id.clone(),
+                            )
+                            .with_detail(json!({ "option": refused, "mode": action.mode })),
+                        );
+                    }
+                    tx.put(&ACTIONS, &action.id, &action)?;
+                    if action.state == ActionState::Running {
+                        started.push(action);
+                    }
+                }
+                Ok(started)
+            })
+            .await?;
+        Ok(started)
+    }
+
+    pub(crate) async fn reconcile_logged(self: &std::sync::Arc<Self>) {
+        if let Err(e) = self.reconcile().await {
+            tracing::warn!(error = %e, "reconciliation with the NFVO failed");
+        }
+    }
+
+    /// Recover what lost notifications would have said: the subscription, the NS state
+    /// (Query NS), refused operations (`ns_lcm_op_occs`), and pending notifications.
+    pub async fn reconcile(self: &std::sync::Arc<Self>) -> Result<(), SmError> {
+        self.reconcile_subscription().await?;
+        let mut events = self.refresh(&BTreeSet::new(), false).await?;
+        let occs = self
+            .nfvo
+            .get_json(Interface::StatusInfo, Api::NsLcm, "/ns_lcm_op_occs")
+            .await?;
+        let mut seen = Vec::new();
+        for occ in occs.as_array().into_iter().flatten() {
+            let Some(op) = occ["id"].as_str() else {
+                continue;
+            };
+            let state = occ["operationState"].as_str().unwrap_or_default();
+            if !matches!(state, "FAILED" | "FAILED_TEMP" | "ROLLED_BACK")
+                || !matches!(occ["error"]["status"].as_u64(), Some(401 | 403))
+            {
+                continue;
+            }
+            let op_id = op.to_string();
+            if self
+                .read(move |tx| tx.contains(&SEEN_FAILURES, &op_id))
+                .await?
+            {
+                continue;
+            }
+            seen.push(op.to_string());
+            for vnf in occ["resourceChanges"]["affectedVnfs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if let Some(id) = vnf["vnfInstanceId"].as_str() {
+                    events.push(Event {
+                        kind: RuleEvent::UnauthorizedChange,
+                        vnf_instance_id: id.to_string(),
+                        detail: json!({ "nsLcmOpOccId": op, "error": occ["error"], "seenBy": "ns_lcm_op_occs" }),
+                    });
+                }
+            }
+        }
+        let actions = self.decide(events, "reconciliation").await;
+        let started = self
+            .journal
+            .write_async(move |tx| {
+                for op in &seen {
+                    tx.put(&SEEN_FAILURES, op, &now())?;
+                }
+                let mut started = Vec::new();
+                for (action, audit) in actions {
+                    let event = audit["event"].as_str().unwrap_or("event").to_string();
+                    tx.audit(
+                        crate::store::AuditEvent::new(
+                            "warden-sm",
+                            format!("sm.event.{event}"),
+                            action.vnf_instance_id.clone(),
+                        )
+                        .with_detail(audit),
+                    );
+                    if action.steps.is_empty() || tx.contains(&ACTIONS, &action.id)? {
+                        continue;
+                    }
+                    for refused in &action.refused {
+                        tx.audit(
+                            crate::store::AuditEvent::new(
+                                "warden-sm",
+                                "sm.action.refuse",
+                                action.id.clone(),
+                            )
+                            .with_detail(json!({ "option": refused, "mode": action.mode })),
+                        );
+                    }
+                    tx.put(&ACTIONS, &action.id, &action)?;
+                    if action.state == ActionState::Running {
+                        started.push(action);
+                    }
+                }
+                Ok(started)
+            })
+            .await?;
+        for action in started {
+            self.spawn_action(action);
+        }
+        // Notifications left pending by an NFVO outage.
+        for key in self.pending_keys_public().await {
+            self.process_pending(&key).await;
+        }
+        Ok(())
+    }
+
+    async fn pending_keys_public(&self) -> Vec<String> {
+        self.read(|tx| {
+            tx.list(&PENDING, "")
+                .map(|v| v.into_iter().map(|(k, _)| k).collect())
+        })
+        .await
+        .unwrap_or_default()
+    }
+}
+
+impl Action {
+    /// An event with no action: audited only.
+    fn event_only(event: &Event) -> Action {
+        let created = now();
+        Action {
+            id: String::new(),
+            kind: ActionKind::Terminate,
+            vnf_instance_id: event.vnf_instance_id.clone(),
+            trigger: event_name(event.kind).to_string(),
+            cause: event.detail.clone(),
+            mode: SmMode::Passive,
+            options: TerminateOptions::default(),
+            refused: Vec::new(),
+            steps: Vec::new(),
+            state: ActionState::Recorded,
+            created: created.clone(),
+            updated: created,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn semi_active_refuses_the_fully_active_options() {
+        let all = TerminateOptions {
+            snapshot: true,
+            allow_replacement: true,
+            disable_package: true,
+            erase: true,
+        };
+        let (allowed, refused) = gate(SmMode::SemiActive, all);
+        assert!(allowed.snapshot && allowed.allow_replacement);
+        assert!(!allowed.disable_package && !allowed.erase);
+        assert_eq!(refused.len(), 2);
+        let (allowed, refused) = gate(SmMode::FullyActive, all);
+        assert_eq!(allowed, all);
+        assert!(refused.is_empty());
+    }
+
+    #[test]
+    fn a_vnf_in_two_ns_is_removed_from_both() {
+        let vnf = VnfRecord {
+            vnf_instance_id: "v1".into(),
+            ns_instance_ids: ["ns-a".to_string(), "ns-b".to_string()].into(),
+            vnfd_id: "d".into(),
+            vnf_pkg_id: "p".into(),
+            instantiation_state: "INSTANTIATED".into(),
+            ..Default::default()
+        };
+        let steps = terminate_steps("terminate:v1", &vnf, TerminateOptions::default());
+        let removes: Vec<&str> = steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                StepKind::UpdateNs {
+                    ns_instance_id,
+                    request,
+                    ..
+                } if request["updateType"] == "REMOVE_VNF" => Some(ns_instance_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(removes, ["ns-a", "ns-b"]);
+    }
+}

@@ -1,0 +1,540 @@
+//! `warden sm ...`: the Security Manager's operator commands. `init` works on the HSM/TPM
+//! and the store directly (the agent not running); the rest talk to the running agent's
+//! admin socket, since the agent holds the store.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use nfv_warden::config::{Config, NfvoAuth};
+use nfv_warden::keys::signer::HardwareKey;
+use nfv_warden::keys::KeyAlgorithm;
+use nfv_warden::sm::nfvo::Interface;
+use nfv_warden::store::KeyPurpose;
+use nfv_warden::{ca, pki};
+use serde_json::{json, Value};
+
+use super::{
+    admin_socket, audit, open_backends, open_store, record_key, write_atomically, Failure,
+};
+
+#[derive(Subcommand)]
+pub enum SmCommand {
+    /// Create the four Sc-Or interface keys in the HSM/TPM (one each, IFA 033 Security.001)
+    /// and their client certificates from the agent's CA, or CSRs for the operator's PKI.
+    Init(InitArgs),
+    /// NSs and VNFs as the NFVO reports them: states, package, VNFD, connectivity, integrity.
+    Status {
+        /// Print the JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The NFVO's subscriptions; --delete ID removes one, --reconcile recreates ours.
+    Subscriptions {
+        #[arg(long)]
+        delete: Option<String>,
+        #[arg(long)]
+        reconcile: bool,
+    },
+    /// Reconcile with the NFVO now (recovers lost notifications).
+    Reconcile,
+    /// The enforcement journal, or one action.
+    Actions { id: Option<String> },
+    /// Terminate a VNF: UpdateNS REMOVE_VNF in every NS that holds it.
+    Terminate(TerminateArgs),
+    /// The erasure report of a VNF instance.
+    Erasure { vnf_instance_id: String },
+    /// Security VNFs in an NS (IFA 033 6.5).
+    #[command(subcommand)]
+    SecurityVnf(SecurityVnfCommand),
+}
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// Write CSRs (PEM) into this directory instead of issuing from the agent's CA.
+    #[arg(long)]
+    csr_out: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "ec-p256")]
+    algorithm: String,
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+}
+
+#[derive(Args)]
+pub struct TerminateArgs {
+    vnf_instance_id: String,
+    /// CREATE_VNF_SNAPSHOT first.
+    #[arg(long)]
+    snapshot: bool,
+    /// Instantiate a replacement afterwards.
+    #[arg(long)]
+    allow_replacement: bool,
+    /// Disable the VNF package (FULLY_ACTIVE).
+    #[arg(long)]
+    disable_package: bool,
+    /// Ask NFV-MANO to erase the VNF's HMEE/TPM/HSM resources (FULLY_ACTIVE).
+    #[arg(long)]
+    erase: bool,
+    /// Wait until the action finishes.
+    #[arg(long)]
+    wait: bool,
+}
+
+#[derive(Subcommand)]
+pub enum SecurityVnfCommand {
+    /// UpdateNS ADD_VNF.
+    Add {
+        #[arg(long)]
+        ns: String,
+        #[arg(long)]
+        vnf: String,
+        #[arg(long)]
+        profile: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// UpdateNS MODIFY_VNF_INFORMATION.
+    Modify {
+        #[arg(long)]
+        ns: String,
+        #[arg(long)]
+        vnf: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// UpdateNS REMOVE_VNF.
+    Remove {
+        #[arg(long)]
+        ns: String,
+        #[arg(long)]
+        vnf: String,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+pub fn run(command: SmCommand, config: &Config) -> Result<ExitCode, Failure> {
+    let sm = config
+        .sm
+        .as_ref()
+        .ok_or_else(|| Failure("config: no [sm] section".into()))?;
+    let socket = admin_socket(config);
+    match command {
+        SmCommand::Init(args) => init(args, config),
+        SmCommand::Status { json } => {
+            let status = call(&socket, "GET", "/sm/v1/status", None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SmCommand::Subscriptions { delete, reconcile } => {
+            if let Some(id) = delete {
+                call(
+                    &socket,
+                    "DELETE",
+                    &format!("/sm/v1/subscriptions/{}", segment(&id)?),
+                    None,
+                )?;
+                println!("deleted {id}");
+            } else if reconcile {
+                let v = call(&socket, "POST", "/sm/v1/subscriptions", None)?;
+                println!(
+                    "{}\t{}",
+                    v["id"].as_str().unwrap_or(""),
+                    v["callbackUri"].as_str().unwrap_or("")
+                );
+            } else {
+                let v = call(&socket, "GET", "/sm/v1/subscriptions", None)?;
+                for s in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{}\t{}",
+                        s["id"].as_str().unwrap_or(""),
+                        s["callbackUri"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SmCommand::Reconcile => {
+            call(&socket, "POST", "/sm/v1/reconcile", None)?;
+            println!("reconciled with the NFVO (mode {})", sm.mode);
+            Ok(ExitCode::SUCCESS)
+        }
+        SmCommand::Actions { id } => {
+            match id {
+                Some(id) => {
+                    let v = call(
+                        &socket,
+                        "GET",
+                        &format!("/sm/v1/actions/{}", segment(&id)?),
+                        None,
+                    )?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                None => {
+                    let v = call(&socket, "GET", "/sm/v1/actions", None)?;
+                    for a in v.as_array().into_iter().flatten() {
+                        print_action_line(a);
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SmCommand::Terminate(args) => {
+            let body = json!({
+                "vnfInstanceId": args.vnf_instance_id,
+                "snapshot": args.snapshot,
+                "allowReplacement": args.allow_replacement,
+                "disablePackage": args.disable_package,
+                "erase": args.erase,
+            });
+            let action = call(&socket, "POST", "/sm/v1/terminations", Some(body))?;
+            finish(&socket, action, args.wait)
+        }
+        SmCommand::Erasure { vnf_instance_id } => {
+            let v = call(
+                &socket,
+                "GET",
+                &format!("/sm/v1/erasures/{}", segment(&vnf_instance_id)?),
+                None,
+            )?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        SmCommand::SecurityVnf(cmd) => {
+            let (action, wait) = match cmd {
+                SecurityVnfCommand::Add {
+                    ns,
+                    vnf,
+                    profile,
+                    wait,
+                } => (
+                    call(
+                        &socket,
+                        "POST",
+                        "/sm/v1/security_vnfs",
+                        Some(
+                            json!({ "nsInstanceId": ns, "vnfInstanceId": vnf, "vnfProfileId": profile }),
+                        ),
+                    )?,
+                    wait,
+                ),
+                SecurityVnfCommand::Modify {
+                    ns,
+                    vnf,
+                    name,
+                    description,
+                    wait,
+                } => {
+                    let mut body = json!({ "nsInstanceId": ns });
+                    if let Some(n) = name {
+                        body["vnfInstanceName"] = json!(n);
+                    }
+                    if let Some(d) = description {
+                        body["vnfInstanceDescription"] = json!(d);
+                    }
+                    (
+                        call(
+                            &socket,
+                            "PATCH",
+                            &format!("/sm/v1/security_vnfs/{}", segment(&vnf)?),
+                            Some(body),
+                        )?,
+                        wait,
+                    )
+                }
+                SecurityVnfCommand::Remove { ns, vnf, wait } => (
+                    call(
+                        &socket,
+                        "DELETE",
+                        &format!(
+                            "/sm/v1/security_vnfs/{}?nsInstanceId={}",
+                            segment(&vnf)?,
+                            segment(&ns)?
+                        ),
+                        None,
+                    )?,
+                    wait,
+                ),
+            };
+            finish(&socket, action, wait)
+        }
+    }
+}
+
+/// Print the action; with `wait`, poll until it is final; exit 1 if it failed.
+fn finish(socket: &Path, mut action: Value, wait: bool) -> Result<ExitCode, Failure> {
+    let id = action["id"].as_str().unwrap_or_default().to_string();
+    if wait {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while action["state"] == "RUNNING" {
+            if std::time::Instant::now() > deadline {
+                return Err(Failure(format!("action {id}: still running after 120 s")));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            action = call(
+                socket,
+                "GET",
+                &format!("/sm/v1/actions/{}", segment(&id)?),
+                None,
+            )?;
+        }
+    }
+    print_action_line(&action);
+    for step in action["steps"].as_array().into_iter().flatten() {
+        let what = match step["kind"]["type"].as_str() {
+            Some("updateNs") => format!(
+                "UpdateNS {} on {}",
+                step["kind"]["request"]["updateType"].as_str().unwrap_or(""),
+                step["kind"]["nsInstanceId"].as_str().unwrap_or("")
+            ),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
+        println!(
+            "  {:<10} {what} {}",
+            step["state"].as_str().unwrap_or(""),
+            step["opOccId"].as_str().unwrap_or("")
+        );
+    }
+    if action["state"] == "FAILED" {
+        return Err(Failure(format!("action {id} failed")));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_action_line(a: &Value) {
+    println!(
+        "{}\t{}\t{}\t{}\t{}",
+        a["id"].as_str().unwrap_or(""),
+        a["state"].as_str().unwrap_or(""),
+        a["mode"].as_str().unwrap_or(""),
+        a["trigger"].as_str().unwrap_or(""),
+        a["refused"]
+            .as_array()
+            .map(|r| r
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("; "))
+            .unwrap_or_default()
+    );
+}
+
+fn print_status(status: &Value) {
+    println!(
+        "SM {} mode {}",
+        status["sm"]["name"].as_str().unwrap_or(""),
+        status["sm"]["mode"].as_str().unwrap_or("")
+    );
+    for ns in status["nsInstances"].as_array().into_iter().flatten() {
+        println!(
+            "NS {} ({}) {}",
+            ns["nsInstanceId"].as_str().unwrap_or(""),
+            ns["nsInstanceName"].as_str().unwrap_or(""),
+            ns["nsState"].as_str().unwrap_or("")
+        );
+    }
+    println!("VNF\tinstantiation\tvnfState\tpackage\tvnfd\tintegrity\tlinks\tNS");
+    for v in status["vnfs"].as_array().into_iter().flatten() {
+        let links = v["extVirtualLinkInfo"].as_array().map_or(0, Vec::len);
+        let ns: Vec<&str> = v["nsInstanceIds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            v["vnfInstanceId"].as_str().unwrap_or(""),
+            v["instantiationState"].as_str().unwrap_or(""),
+            v["vnfState"].as_str().unwrap_or("-"),
+            v["vnfPkgId"].as_str().unwrap_or(""),
+            v["vnfdId"].as_str().unwrap_or(""),
+            v["package"]["integrity"].as_str().unwrap_or("-"),
+            links,
+            ns.join(",")
+        );
+    }
+}
+
+fn segment(id: &str) -> Result<&str, Failure> {
+    nfv_warden::sm::path_segment(id).map_err(|e| Failure(e.to_string()))
+}
+
+/// One request to the admin socket; ProblemDetails become the error line.
+fn call(socket: &Path, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure(format!("tokio runtime: {e}")))?;
+    runtime.block_on(async {
+        let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+            Failure(format!(
+                "admin socket {}: {e} (is `warden serve` running with [sm]?)",
+                socket.display()
+            ))
+        })?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| Failure(format!("admin socket: {e}")))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "localhost");
+        let bytes = match body {
+            Some(b) => {
+                builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+                b.to_string().into_bytes()
+            }
+            None => Vec::new(),
+        };
+        let request = builder
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| Failure(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| Failure(format!("{method} {path}: {e}")))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Failure(format!("{method} {path}: {e}")))?
+            .to_bytes();
+        let value: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap_or_else(|_| json!(String::from_utf8_lossy(&body)))
+        };
+        if status >= 400 {
+            let detail = value["detail"]
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| value.to_string());
+            return Err(Failure(format!("{method} {path}: {status}: {detail}")));
+        }
+        Ok(value)
+    })
+}
+
+/// Keys and client certificates (or CSRs) for the four Sc-Or interfaces.
+fn init(args: InitArgs, config: &Config) -> Result<ExitCode, Failure> {
+    let sm = config
+        .sm
+        .as_ref()
+        .ok_or_else(|| Failure("config: no [sm] section".into()))?;
+    if sm.nfvo.auth != NfvoAuth::Mtls {
+        return Err(Failure(
+            "sm.nfvo.auth is not \"mtls\": there are no interface keys to make".into(),
+        ));
+    }
+    let backends = open_backends(config)?;
+    let store = open_store(config)?;
+    let algorithm: KeyAlgorithm = args.algorithm.parse()?;
+    let issuer = match &args.csr_out {
+        Some(_) => None,
+        None => {
+            let ca = config.ca.as_ref().ok_or_else(|| {
+                Failure("config: no [ca] section (or use --csr-out for an external PKI)".into())
+            })?;
+            let key = HardwareKey::new(backends.for_key(&ca.key)?, ca.key.clone())?;
+            let pem = std::fs::read_to_string(&ca.certificate).map_err(|e| {
+                Failure(format!(
+                    "{}: {e} (run `warden ca init` first)",
+                    ca.certificate.display()
+                ))
+            })?;
+            let cert = pki::certificates_from_pem(&pem)?.remove(0);
+            Some((key, cert, pem))
+        }
+    };
+    for interface in Interface::ALL {
+        let entry = match interface {
+            Interface::NsLcm => &sm.nfvo.interface.ns_lcm,
+            Interface::StatusInfo => &sm.nfvo.interface.status_info,
+            Interface::SecEnforce => &sm.nfvo.interface.sec_enforce,
+            Interface::SecurityVnfMgmt => &sm.nfvo.interface.security_vnf_mgmt,
+        }
+        .as_ref()
+        .ok_or_else(|| {
+            Failure(format!(
+                "sm.nfvo.interface.{}: not configured",
+                interface.name()
+            ))
+        })?;
+        let (info, created) = backends.ensure(&entry.key, algorithm)?;
+        if created {
+            record_key(
+                &store,
+                &entry.key,
+                &entry.key.to_string(),
+                info.public_key.algorithm,
+                KeyPurpose::SmAssoc,
+                None,
+            )?;
+        }
+        // The identity the NFVO sees on this interface: <sm name>.<interface>.
+        let name = format!("{}.{}", sm.name, interface.name().replace('_', "-"));
+        let key = HardwareKey::new(backends.for_key(&entry.key)?, entry.key.clone())?;
+        match (&issuer, &args.csr_out) {
+            (_, Some(dir)) => {
+                let csr = ca::ca_csr(&key, &format!("CN={name}"))?;
+                let der = der::Encode::to_der(&csr)?;
+                let path = dir.join(format!("{name}.csr"));
+                write_atomically(&path, pki::to_pem("CERTIFICATE REQUEST", &der)?.as_bytes())?;
+                println!(
+                    "{} {} CSR written to {}",
+                    interface.name(),
+                    entry.key,
+                    path.display()
+                );
+            }
+            (Some((ca_key, ca_cert, ca_pem)), None) => {
+                let mut profile = ca::LeafProfile::tls_server(std::slice::from_ref(&name))?;
+                profile.extended_key_usage = vec![const_oid::db::rfc5280::ID_KP_CLIENT_AUTH];
+                let leaf = ca::issue(
+                    ca_key,
+                    ca_cert,
+                    &format!("CN={name}"),
+                    &info.public_key.spki_der,
+                    ca::Profile::Leaf(profile),
+                    args.days,
+                )?;
+                let mut chain = pki::certificate_pem(&leaf)?;
+                chain.push_str(ca_pem);
+                write_atomically(&entry.certificate, chain.as_bytes())?;
+                audit(
+                    &store,
+                    "sm.interface.certify",
+                    &entry.key.to_string(),
+                    json!({ "interface": interface.name(), "subject": name,
+                            "serial": hex::encode(leaf.tbs_certificate().serial_number().as_bytes()) }),
+                )?;
+                println!(
+                    "{} {} {} -> {}",
+                    interface.name(),
+                    entry.key,
+                    name,
+                    entry.certificate.display()
+                );
+            }
+            (None, None) => unreachable!("issuer is Some without --csr-out"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
