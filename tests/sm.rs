@@ -1,0 +1,534 @@
+//! The Security Manager end to end against the SOL 005 NFVO test double: subscription,
+//! notifications (auth, parsing, duplicates, reordering, loss), status, the three modes,
+//! enforcement with erasure, crash recovery, NFVO faults, security VNFs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::nfvo::Delivery;
+use common::sm::{wait_for, SmAgent, SmSetup, TERMINATE_ALL};
+use nfv_warden::client::HttpsClient;
+use serde_json::{json, Value};
+
+/// Two NSs; vnf-1 (tampered package) in both, vnf-2 (good package) in ns-a.
+fn inventory(sm: &SmAgent) {
+    sm.nfvo.add_ns("ns-a", "core");
+    sm.nfvo.add_ns("ns-b", "edge");
+    sm.nfvo.add_vnf(&["ns-a"], "vnf-2", "vnfd-1", "pkg-good", "profile-2");
+}
+
+/// vnf-1 appears from the tampered package in ns-a and ns-b, and the NFVO tells the SM.
+fn instantiate_tampered(sm: &SmAgent) -> String {
+    sm.nfvo
+        .add_vnf(&["ns-a", "ns-b"], "vnf-1", "vnfd-1", "pkg-tampered", "profile-1");
+    sm.nfvo.notify_lcm("ns-a", "vnf-1", "INSTANTIATE")
+}
+
+fn update_types(sm: &SmAgent) -> Vec<(String, String)> {
+    sm.updates()
+        .into_iter()
+        .filter(|(_, _, _, status)| *status == 202)
+        .map(|(ns, body, _, _)| (ns, body["updateType"].as_str().unwrap_or("").to_string()))
+        .collect()
+}
+
+fn no_violations(sm: &SmAgent) {
+    let v = sm.nfvo.violations();
+    assert!(v.is_empty(), "SOL 005 schema violations: {v:#?}");
+}
+
+#[test]
+fn subscribes_with_its_mode_over_independent_interface_keys() {
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "SEMI_ACTIVE",
+        ..Default::default()
+    });
+    inventory(&sm);
+    sm.start();
+    assert_eq!(sm.nfvo.announced_mode().as_deref(), Some("SEMI_ACTIVE"));
+    let subs = sm.nfvo.subscriptions();
+    assert_eq!(subs.len(), 1, "{subs:#?}");
+    let status = sm.sm_json(&["status", "--json"]);
+    assert_eq!(status["sm"]["mode"], "SEMI_ACTIVE");
+    // Every request carries a Version header; each interface has its own identity.
+    let requests = sm.nfvo.requests();
+    for r in &requests {
+        if !r.path.contains("/oauth2/") {
+            assert!(r.version.is_some(), "no Version header on {} {}", r.method, r.path);
+        }
+    }
+    let who = |method: &str, path: &str| {
+        requests
+            .iter()
+            .find(|r| r.method == method && r.path.contains(path))
+            .and_then(|r| r.client_identity.clone())
+    };
+    assert_eq!(who("POST", "/subscriptions").as_deref(), Some("warden-sm.ns-lcm"));
+    assert_eq!(who("GET", "/ns_instances").as_deref(), Some("warden-sm.status-info"));
+    // Four distinct keys in the token (IFA 033 Security.001/.006).
+    let keys = sm.warden(&["keys", "list"]);
+    let sm_keys: Vec<&str> = keys.lines().filter(|l| l.contains("object=sm-")).collect();
+    assert_eq!(sm_keys.len(), 4, "{keys}");
+    let publics: std::collections::BTreeSet<String> = sm_keys
+        .iter()
+        .map(|l| sm.warden(&["keys", "show", l.split('\t').next().expect("uri")]))
+        .map(|show| show.lines().skip_while(|l| !l.contains("BEGIN")).collect())
+        .collect();
+    assert_eq!(publics.len(), 4, "interface keys must be independent");
+    // Restarting reuses the subscription for the same callback, or replaces a stale one.
+    sm.kill9();
+    sm.start();
+    let subs = sm.nfvo.subscriptions();
+    assert_eq!(subs.len(), 1, "stale subscription left behind: {subs:#?}");
+    no_violations(&sm);
+}
+
+#[test]
+fn status_reports_states_packages_connectivity_and_integrity() {
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "PASSIVE",
+        ..Default::default()
+    });
+    inventory(&sm);
+    sm.nfvo
+        .add_vnf(&["ns-a", "ns-b"], "vnf-1", "vnfd-1", "pkg-tampered", "profile-1");
+    sm.start();
+    let status = sm.sm_json(&["status", "--json"]);
+    let vnf = |id: &str| {
+        status["vnfs"]
+            .as_array()
+            .expect("vnfs")
+            .iter()
+            .find(|v| v["vnfInstanceId"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} missing: {status:#}"))
+    };
+    let good = vnf("vnf-2");
+    assert_eq!(good["instantiationState"], "INSTANTIATED");
+    assert_eq!(good["vnfState"], "STARTED");
+    assert_eq!(good["vnfPkgId"], "pkg-good");
+    assert_eq!(good["vnfdId"], "vnfd-1");
+    assert!(!good["extVirtualLinkInfo"].as_array().expect("links").is_empty());
+    assert_eq!(good["package"]["integrity"], "VERIFIED");
+    let bad = vnf("vnf-1");
+    assert_eq!(bad["package"]["integrity"], "MISMATCH");
+    assert_eq!(bad["nsInstanceIds"], json!(["ns-a", "ns-b"]));
+    let text = sm.sm(&["status"]);
+    assert!(text.contains("vnf-1") && text.contains("MISMATCH"), "{text}");
+    no_violations(&sm);
+}
+
+#[test]
+fn passive_records_and_sends_nothing() {
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "PASSIVE",
+        ..Default::default()
+    });
+    inventory(&sm);
+    sm.start();
+    instantiate_tampered(&sm);
+    let action = sm.wait_action("terminate:vnf-1", "RECORDED");
+    assert_eq!(action["mode"], "PASSIVE");
+    assert!(sm.updates().is_empty(), "PASSIVE sent {:?}", sm.updates());
+    assert!(sm.patches().is_empty());
+    // An operator's request is refused too, in one line.
+    let err = sm.agent.fails(&["sm", "terminate", "vnf-1"]);
+    assert!(err.contains("PASSIVE"), "{err}");
+    let err = sm
+        .agent
+        .fails(&["sm", "security-vnf", "add", "--ns", "ns-a", "--vnf", "fw-1", "--profile", "fw"]);
+    assert!(err.contains("PASSIVE"), "{err}");
+    assert!(sm.updates().is_empty());
+    assert!(sm.nfvo.vnf_in_ns("ns-a", "vnf-1") && sm.nfvo.vnf_in_ns("ns-b", "vnf-1"));
+    no_violations(&sm);
+}
+
+#[test]
+fn semi_active_terminates_with_the_s_options_and_refuses_the_f_ones() {
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "SEMI_ACTIVE",
+        ..Default::default()
+    });
+    inventory(&sm);
+    sm.start();
+    instantiate_tampered(&sm);
+    let action = sm.wait_action("terminate:vnf-1", "COMPLETED");
+    let refused = action["refused"].to_string();
+    assert!(refused.contains("disablePackage") && refused.contains("erase"), "{refused}");
+    // Snapshot first, then one REMOVE_VNF per NS holding the VNF (IFA 033 6.4 NOTE 2).
+    assert_eq!(
+        update_types(&sm),
+        [
+            ("ns-a".to_string(), "CREATE_VNF_SNAPSHOT".to_string()),
+            ("ns-a".to_string(), "REMOVE_VNF".to_string()),
+            ("ns-b".to_string(), "REMOVE_VNF".to_string()),
+        ]
+    );
+    for (_, body, identity, _) in sm.updates() {
+        assert_eq!(identity.as_deref(), Some("warden-sm.sec-enforce"));
+        assert!(
+            body["terminateVnfData"][0]["additionalParams"]["etsiNfvSecurityErasure"].is_null(),
+            "SEMI_ACTIVE must not ask for erasure: {body}"
+        );
+    }
+    assert!(sm.patches().is_empty(), "SEMI_ACTIVE disabled a package");
+    assert!(!sm.nfvo.vnf_in_ns("ns-a", "vnf-1") && !sm.nfvo.vnf_in_ns("ns-b", "vnf-1"));
+    assert!(sm.nfvo.vnf_in_ns("ns-a", "vnf-2"), "the good VNF was touched");
+    no_violations(&sm);
+}
+
+#[test]
+fn fully_active_disables_the_package_and_erases() {
+    let mut sm = SmAgent::new(SmSetup::default());
+    // A key the agent holds on behalf of vnf-1 (before serve: the CLI opens the store).
+    let out = sm.warden(&[
+        "keys", "generate", "--backend", "pkcs11", "--label", "vnf-1-key", "--purpose", "vnf",
+        "--vnf-instance", "vnf-1",
+    ]);
+    assert!(out.contains("object=vnf-1-key"), "{out}");
+    inventory(&sm);
+    sm.start();
+    instantiate_tampered(&sm);
+    let action = sm.wait_action("terminate:vnf-1", "COMPLETED");
+    assert!(action["refused"].as_array().expect("refused").is_empty());
+    let updates = sm.updates();
+    let removes: Vec<&Value> = updates
+        .iter()
+        .filter(|(_, b, _, _)| b["updateType"] == "REMOVE_VNF")
+        .map(|(_, b, _, _)| b)
+        .collect();
+    assert_eq!(removes.len(), 2);
+    for body in removes {
+        assert_eq!(
+            body["terminateVnfData"][0]["additionalParams"]["etsiNfvSecurityErasure"]["tpm"],
+            true
+        );
+    }
+    let patches = sm.patches();
+    assert_eq!(patches.len(), 1);
+    assert!(patches[0].path.ends_with("/vnf_packages/pkg-tampered"));
+    assert_eq!(patches[0].body["operationalState"], "DISABLED");
+    assert_eq!(sm.nfvo.package("pkg-tampered").expect("pkg")["operationalState"], "DISABLED");
+    // The erasure report: the agent's own key destroyed and checked, NFV-MANO's tracked.
+    let report = sm.sm_json(&["erasure", "vnf-1"]);
+    assert_eq!(report["local"].as_array().expect("local").len(), 1, "{report:#}");
+    assert_eq!(report["local"][0]["verified"], true);
+    assert!(report["local"][0]["object"].as_str().expect("object").contains("vnf-1-key"));
+    let mano = report["mano"].as_array().expect("mano");
+    assert_eq!(mano.len(), 2, "{report:#}");
+    assert!(mano.iter().all(|m| m["state"] == "COMPLETED"));
+    sm.kill9();
+    let keys = sm.warden(&["keys", "list"]);
+    assert!(!keys.contains("vnf-1-key"), "key still in the token: {keys}");
+    no_violations(&sm);
+}
+
+#[test]
+fn kill_9_mid_sequence_resumes_and_sends_nothing_twice() {
+    let mut sm = SmAgent::new(SmSetup::default());
+    inventory(&sm);
+    sm.start();
+    // The NFVO takes the REMOVE_VNF on ns-b but answers slowly: the agent dies waiting.
+    sm.nfvo
+        .delay_response("POST", "/ns_instances/ns-b/update", Duration::from_secs(4), 1);
+    instantiate_tampered(&sm);
+    wait_for("REMOVE_VNF on ns-b to arrive", Duration::from_secs(30), || {
+        sm.updates().iter().any(|(ns, b, _, _)| ns == "ns-b" && b["updateType"] == "REMOVE_VNF")
+    });
+    sm.kill9();
+    sm.start();
+    sm.wait_action("terminate:vnf-1", "COMPLETED");
+    let mut seen = std::collections::BTreeMap::new();
+    for (ns, body, _, _) in sm.updates() {
+        *seen
+            .entry((ns, body["updateType"].as_str().unwrap_or("").to_string()))
+            .or_insert(0) += 1;
+    }
+    for (what, count) in &seen {
+        assert_eq!(*count, 1, "{what:?} sent {count} times: {seen:?}");
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(sm.patches().iter().filter(|p| p.status == 200).count(), 1);
+    no_violations(&sm);
+}
+
+#[test]
+fn duplicate_reordered_and_lost_notifications() {
+    let mut sm = SmAgent::new(SmSetup::default());
+    inventory(&sm);
+    sm.start();
+    let before = sm.nfvo.deliveries().len();
+    // Duplicated: acknowledged twice, acted on once.
+    sm.nfvo.set_delivery(Delivery::Duplicate);
+    let id = instantiate_tampered(&sm);
+    let deliveries = sm.nfvo.wait_deliveries(before + 2, Duration::from_secs(20));
+    let copies: Vec<_> = deliveries.iter().filter(|(n, _)| *n == id).collect();
+    assert_eq!(copies.len(), 2);
+    assert!(copies.iter().all(|(_, status)| *status == 204), "{copies:?}");
+    sm.wait_action("terminate:vnf-1", "COMPLETED");
+    assert_eq!(update_types(&sm).iter().filter(|(_, t)| t == "REMOVE_VNF").count(), 2);
+
+    // Reordered: the second arrives first; both are handled.
+    sm.nfvo.set_delivery(Delivery::Reorder);
+    sm.nfvo.add_vnf(&["ns-a"], "vnf-3", "vnfd-1", "pkg-tampered", "profile-3");
+    sm.nfvo.notify_lcm("ns-a", "vnf-3", "INSTANTIATE");
+    sm.nfvo.set_delivery(Delivery::Normal);
+    let mut change = sm.nfvo.notification("NsChangeNotification", "ns-a");
+    change["nsComponentId"] = json!("vnf-2");
+    sm.nfvo.notify(change);
+    sm.wait_action("terminate:vnf-3", "COMPLETED");
+
+    // Lost: nothing arrives; reconciliation (Query NS) finds the VNF.
+    sm.nfvo.set_delivery(Delivery::Drop);
+    sm.nfvo.add_vnf(&["ns-b"], "vnf-4", "vnfd-1", "pkg-tampered", "profile-4");
+    sm.nfvo.notify_lcm("ns-b", "vnf-4", "INSTANTIATE");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(sm.action("terminate:vnf-4").is_none(), "nothing was delivered");
+    sm.nfvo.set_delivery(Delivery::Normal);
+    sm.sm(&["reconcile"]);
+    sm.wait_action("terminate:vnf-4", "COMPLETED");
+    assert!(!sm.nfvo.vnf_in_ns("ns-b", "vnf-4"));
+    assert!(sm.nfvo.vnf_in_ns("ns-a", "vnf-2"), "the good VNF was touched");
+    no_violations(&sm);
+}
+
+/// A client posting to the agent's callback endpoint as the NFVO would.
+fn callback_client(sm: &SmAgent, identity: Option<(&str, &str)>) -> HttpsClient {
+    let nfvo_dir = sm.dir().join("nfvo");
+    let files = identity.map(|(c, k)| (nfvo_dir.join(c), nfvo_dir.join(k)));
+    HttpsClient::new(
+        &format!("https://127.0.0.1:{}", sm.port),
+        &sm.dir().join("ca.pem"),
+        files.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+    )
+    .expect("client")
+}
+
+fn post(
+    client: &HttpsClient,
+    method: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> nfv_warden::client::ClientResponse {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut conn = client.connect().await.expect("connect");
+        let mut all = vec![("content-type", "application/json".to_string())];
+        all.extend_from_slice(headers);
+        conn.request_with(method, "/sm/v1/notifications", &all, body.as_bytes().to_vec())
+            .await
+            .expect("request")
+    })
+}
+
+fn basic(user: &str, password: &str) -> (&'static str, String) {
+    use base64::Engine;
+    (
+        "authorization",
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        ),
+    )
+}
+
+#[test]
+fn notification_endpoint_auth_parsing_and_methods() {
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "PASSIVE",
+        ..Default::default()
+    });
+    inventory(&sm);
+    sm.start();
+    let client = callback_client(&sm, None);
+    let good = basic("warden-sm", "s3cret-notify-password");
+    let valid = json!({
+        "id": "n-manual-1", "notificationType": "NsIdentifierCreationNotification",
+        "subscriptionId": "s", "timeStamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+        "_links": {"nsInstance": {"href": "x"}}, "vendorExtension": {"x": 1},
+    })
+    .to_string();
+    // 401 with a challenge, without or with wrong credentials.
+    let r = post(&client, "POST", &[], &valid);
+    assert_eq!(r.status, 401);
+    assert!(r.headers.get("www-authenticate").is_some_and(|v| v.to_str().unwrap_or("").starts_with("Basic")));
+    assert_eq!(post(&client, "POST", &[basic("warden-sm", "wrong")], &valid).status, 401);
+    assert_eq!(post(&client, "GET", &[basic("warden-sm", "wrong")], "").status, 401);
+    // The test GET, then a notification with `timeStamp` and unknown fields.
+    assert_eq!(post(&client, "GET", &[good.clone()], "").status, 204);
+    assert_eq!(post(&client, "POST", &[good.clone()], &valid).status, 204);
+    assert_eq!(post(&client, "POST", &[good.clone()], &valid).status, 204, "duplicate");
+    // 400 malformed or incomplete, 405 other methods, unknown types ignored.
+    let r = post(&client, "POST", &[good.clone()], "{not json");
+    assert_eq!(r.status, 400);
+    assert_eq!(r.headers.get("content-type").map(|v| v.to_str().unwrap_or("")), Some("application/problem+json"));
+    let missing = json!({"id": "n2", "notificationType": "NsChangeNotification",
+        "subscriptionId": "s", "timestamp": "t", "nsInstanceId": "ns-a"});
+    let r = post(&client, "POST", &[good.clone()], &missing.to_string());
+    assert_eq!(r.status, 400);
+    assert!(r.problem_detail().contains("nsComponentType"), "{}", r.problem_detail());
+    assert_eq!(post(&client, "PUT", &[good.clone()], &valid).status, 405);
+    assert_eq!(post(&client, "DELETE", &[good.clone()], "").status, 405);
+    let unknown = json!({"id": "n3", "notificationType": "VendorNotification",
+        "subscriptionId": "s", "timestamp": "t"});
+    assert_eq!(post(&client, "POST", &[good], &unknown.to_string()).status, 204);
+}
+
+#[test]
+fn tls_cert_notifications_need_the_nfvos_certificate() {
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "SEMI_ACTIVE",
+        notification_auth: "TLS_CERT",
+        ..Default::default()
+    });
+    inventory(&sm);
+    sm.start();
+    // The double subscribed with TLS_CERT and its test GET passed with its notifier cert.
+    assert_eq!(sm.nfvo.subscriptions()[0]["callbackUri"].as_str().map(|u| u.contains("mode=SEMI_ACTIVE")), Some(true));
+    let body = json!({
+        "id": "n-tls", "notificationType": "NsIdentifierCreationNotification",
+        "subscriptionId": "s", "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+    })
+    .to_string();
+    let anonymous = callback_client(&sm, None);
+    let r = post(&anonymous, "POST", &[], &body);
+    assert_eq!(r.status, 401);
+    assert!(r.headers.get("www-authenticate").is_some());
+    // A certificate from the NFVO's CA with another identity: 403.
+    let nfvo_dir = sm.dir().join("nfvo");
+    common::sm::sh(
+        &nfvo_dir,
+        "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout other.key \
+         -out other.csr -subj /CN=someone-else 2>/dev/null && \
+         printf 'extendedKeyUsage=clientAuth\\nsubjectAltName=DNS:someone-else\\n' > other.ext && \
+         openssl x509 -req -in other.csr -CA nfvo-root.pem -CAkey nfvo-root.key -CAcreateserial \
+         -days 2 -extfile other.ext -out other.pem 2>/dev/null",
+    );
+    let other = callback_client(&sm, Some(("other.pem", "other.key")));
+    assert_eq!(post(&other, "POST", &[], &body).status, 403);
+    let notifier = callback_client(&sm, Some(("nfvo-notifier.pem", "nfvo-notifier.key")));
+    assert_eq!(post(&notifier, "POST", &[], &body).status, 204);
+    // And the real flow: an enforcement triggered by a TLS_CERT-authenticated notification.
+    instantiate_tampered(&sm);
+    sm.wait_action("terminate:vnf-1", "COMPLETED");
+    no_violations(&sm);
+}
+
+#[test]
+fn oauth2_both_ways() {
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "SEMI_ACTIVE",
+        notification_auth: "OAUTH2_CLIENT_CREDENTIALS",
+        nfvo_auth: "oauth2",
+        ..Default::default()
+    });
+    inventory(&sm);
+    sm.start();
+    let sub = &sm.nfvo.subscriptions()[0];
+    let _ = sub;
+    instantiate_tampered(&sm);
+    sm.wait_action("terminate:vnf-1", "COMPLETED");
+    // Every API request the SM made carried a Bearer token from the NFVO.
+    for r in sm.nfvo.requests() {
+        if r.path.starts_with("/nslcm/v2/") || r.path.starts_with("/vnfpkgm/v2/") {
+            assert!(r.bearer.is_some(), "{} {} without a token", r.method, r.path);
+        }
+    }
+    // A made-up token at the callback: 401 invalid_token.
+    let client = callback_client(&sm, None);
+    let r = post(&client, "POST", &[("authorization", "Bearer 99999999999.00.ff".into())], "{}");
+    assert_eq!(r.status, 401);
+    assert!(r.headers.get("www-authenticate").is_some_and(|v| v.to_str().unwrap_or("").contains("invalid_token")));
+    no_violations(&sm);
+}
+
+#[test]
+fn nfvo_faults_are_retried_sensibly() {
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "SEMI_ACTIVE",
+        ..Default::default()
+    });
+    inventory(&sm);
+    sm.start();
+    // 409 (an operation in progress) twice, then a 503 with Retry-After, on the first
+    // REMOVE_VNF: retried, accepted once.
+    sm.nfvo.fail("POST", "/ns_instances/ns-a/update", 409, 2, None);
+    sm.nfvo.fail("POST", "/ns_instances/ns-b/update", 503, 1, Some(1));
+    instantiate_tampered(&sm);
+    sm.wait_action("terminate:vnf-1", "COMPLETED");
+    let a: Vec<u16> = sm.updates().iter().filter(|(ns, ..)| ns == "ns-a").map(|u| u.3).collect();
+    assert_eq!(a.iter().filter(|s| **s == 202).count(), 2, "snapshot + remove on ns-a: {a:?}");
+    assert_eq!(a.iter().filter(|s| **s == 409).count(), 2, "{a:?}");
+    let b: Vec<u16> = sm.updates().iter().filter(|(ns, ..)| ns == "ns-b").map(|u| u.3).collect();
+    assert_eq!(b, [503, 202]);
+
+    // The NFVO fails every Query NS attempt after delivering a notification: the SM keeps
+    // it pending and handles it at the next reconciliation.
+    sm.nfvo.add_vnf(&["ns-b"], "vnf-5", "vnfd-1", "pkg-tampered", "profile-5");
+    sm.nfvo.fail("GET", "/ns_instances", 503, 4, None);
+    let id = sm.nfvo.notify_lcm("ns-b", "vnf-5", "INSTANTIATE");
+    wait_for("the notification to be acknowledged", Duration::from_secs(20), || {
+        sm.nfvo.deliveries().iter().any(|(n, s)| *n == id && *s == 204)
+    });
+    wait_for("four failed Query NS", Duration::from_secs(20), || {
+        sm.nfvo.requests().iter().filter(|r| r.path.ends_with("/ns_instances") && r.status == 503).count() == 4
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(sm.action("terminate:vnf-5").is_none());
+    sm.sm(&["reconcile"]);
+    sm.wait_action("terminate:vnf-5", "COMPLETED");
+
+    // Down in the middle of an action: while the snapshot is processing the NFVO goes
+    // away; the SM keeps the journaled step and carries on when it is back.
+    sm.nfvo.op_duration(Duration::from_millis(1500));
+    sm.nfvo.add_vnf(&["ns-a"], "vnf-6", "vnfd-1", "pkg-tampered", "profile-6");
+    sm.nfvo.notify_lcm("ns-a", "vnf-6", "INSTANTIATE");
+    wait_for("the snapshot of vnf-6", Duration::from_secs(20), || {
+        sm.updates().iter().any(|(_, b, _, s)| *s == 202 && b["createSnapshotData"]["vnfInstanceId"] == "vnf-6")
+    });
+    sm.nfvo.set_down(true);
+    let err = sm.agent.fails(&["sm", "status"]);
+    assert!(err.contains("unreachable") || err.contains("503"), "{err}");
+    std::thread::sleep(Duration::from_secs(2));
+    sm.nfvo.set_down(false);
+    sm.nfvo.op_duration(Duration::from_millis(50));
+    sm.wait_action("terminate:vnf-6", "COMPLETED");
+    assert!(!sm.nfvo.vnf_in_ns("ns-a", "vnf-6"));
+    no_violations(&sm);
+}
+
+#[test]
+fn security_vnfs_are_added_modified_and_removed() {
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "SEMI_ACTIVE",
+        rules: TERMINATE_ALL,
+        ..Default::default()
+    });
+    inventory(&sm);
+    sm.nfvo.add_vnf(&["ns-b"], "fw-1", "vnfd-fw", "pkg-good", "fw");
+    sm.start();
+    let out = sm.sm(&["security-vnf", "add", "--ns", "ns-a", "--vnf", "fw-1", "--profile", "fw", "--wait"]);
+    assert!(out.contains("COMPLETED"), "{out}");
+    assert!(sm.nfvo.vnf_in_ns("ns-a", "fw-1"));
+    let out = sm.sm(&[
+        "security-vnf", "modify", "--ns", "ns-a", "--vnf", "fw-1", "--name", "firewall-1", "--wait",
+    ]);
+    assert!(out.contains("COMPLETED"), "{out}");
+    let out = sm.sm(&["security-vnf", "remove", "--ns", "ns-a", "--vnf", "fw-1", "--wait"]);
+    assert!(out.contains("COMPLETED"), "{out}");
+    assert!(!sm.nfvo.vnf_in_ns("ns-a", "fw-1"));
+    let updates = sm.updates();
+    let types: Vec<&str> = updates.iter().map(|(_, b, _, _)| b["updateType"].as_str().unwrap_or("")).collect();
+    assert_eq!(types, ["ADD_VNF", "MODIFY_VNF_INFORMATION", "REMOVE_VNF"]);
+    assert!(updates.iter().all(|(_, _, who, _)| who.as_deref() == Some("warden-sm.security-vnf-mgmt")));
+    assert_eq!(updates[0].1["addVnfIstance"][0]["vnfProfileId"], "fw");
+    assert_eq!(updates[1].1["modifyVnfInfoData"][0]["vnfInstanceName"], "firewall-1");
+    // The agent's own changes are not taken for someone else's.
+    let actions = sm.sm(&["actions"]);
+    assert!(!actions.contains("terminate:"), "{actions}");
+    no_violations(&sm);
+}
