@@ -2,6 +2,7 @@
 pub mod agent;
 pub mod attest;
 pub mod cmf;
+pub mod nfvo;
 pub mod shell;
 pub mod softhsm;
 pub mod suite;
