@@ -432,3 +432,40 @@ impl Callback {
         self.bodies.lock().unwrap().clone()
     }
 }
+
+#[test]
+fn down_refuses_connections_and_slow_answers_still_take_effect() {
+    let dir = tempfile::tempdir().unwrap();
+    let nfvo = Arc::new(double(dir.path()));
+    with_inventory(&nfvo);
+    let addr = nfvo.base().strip_prefix("https://").unwrap().to_string();
+
+    nfvo.set_down(true);
+    assert!(std::net::TcpStream::connect(&addr).is_err());
+    nfvo.set_down(false);
+    assert_eq!(
+        nfvo.client_request("GET", "/nslcm/v2/ns_instances", &[V], None)
+            .status,
+        200
+    );
+
+    // The update is applied at once; only the answer waits.
+    nfvo.op_duration(Duration::from_millis(10));
+    nfvo.delay_response("POST", "/update", Duration::from_millis(500), 1);
+    let remove = json!({"updateType": "REMOVE_VNF", "removeVnfInstanceId": ["vnf-1"]});
+    let client = {
+        let nfvo = nfvo.clone();
+        std::thread::spawn(move || post_json(&nfvo, "/nslcm/v2/ns_instances/ns-1/update", &remove))
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nfvo.vnf_in_ns("ns-1", "vnf-1") {
+        assert!(
+            Instant::now() < deadline,
+            "the delayed update never took effect"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(nfvo.requests().last().unwrap().status, 202);
+    assert_eq!(client.join().unwrap().status, 202);
+    assert!(nfvo.violations().is_empty(), "{:#?}", nfvo.violations());
+}

@@ -433,8 +433,12 @@ impl NfvoDouble {
     /// Up: listen again on the same port.
     pub fn set_down(&self, down: bool) {
         if down {
-            for task in self.inner.tasks.lock().unwrap().drain(..) {
-                task.abort();
+            let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap());
+            tasks.iter().for_each(AbortHandle::abort);
+            // Aborting is asynchronous: wait until the listener is closed for real.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !tasks.iter().all(AbortHandle::is_finished) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
             }
         } else if self.inner.tasks.lock().unwrap().is_empty() {
             let listener =
