@@ -82,6 +82,23 @@ fn api_versions_and_the_version_header() {
     assert_eq!(r.status, 200);
     assert_eq!(r.body["vnfInstance"].as_array().unwrap().len(), 2);
     assert_eq!(Some(r.body), nfvo.ns("ns-1"));
+    assert_eq!(nfvo.requests().last().unwrap().client_identity, None);
+
+    // A client certificate under the SM client CA names the client.
+    sh(
+        dir.path(),
+        r#"set -e
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout sm.key -out sm.csr \
+  -subj "/CN=sm-by-cn" 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\nsubjectAltName=DNS:security-manager\n' > sm.ext
+openssl x509 -req -in sm.csr -CA sm-ca.pem -CAkey sm-ca.key -CAcreateserial -days 1 \
+  -extfile sm.ext -out sm.pem 2>/dev/null"#,
+    );
+    let (cert, key) = (dir.path().join("sm.pem"), dir.path().join("sm.key"));
+    let r = nfvo.client_request_with_cert(&cert, &key, "GET", "/nslcm/v2/ns_instances", &[V], None);
+    assert_eq!(r.status, 200);
+    let identity = nfvo.requests().last().unwrap().client_identity.clone();
+    assert_eq!(identity.as_deref(), Some("security-manager"));
 
     let r = nfvo.client_request("GET", "/vnfpkgm/v2/vnf_packages/pkg-1", &[V], None);
     assert_eq!(r.status, 200);
@@ -109,6 +126,10 @@ fn api_versions_and_the_version_header() {
     assert_eq!(recorded[4].version, None);
     assert_eq!(recorded[4].status, 400);
     assert_eq!(recorded[5].version.as_deref(), Some("2.3.0"));
+    assert_eq!(
+        recorded[6].client_identity.as_deref(),
+        Some("security-manager")
+    );
     assert!(nfvo.violations().is_empty(), "{:#?}", nfvo.violations());
 }
 

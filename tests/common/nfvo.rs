@@ -461,6 +461,45 @@ impl NfvoDouble {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> ClientResponse {
+        let tls = self.inner.own_client.clone();
+        self.request_over(tls, method, path, headers, body)
+    }
+
+    /// The same, presenting the client certificate `cert_pem` (a chain) with `key_pem`.
+    pub fn client_request_with_cert(
+        &self,
+        cert_pem: &Path,
+        key_pem: &Path,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> ClientResponse {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(chain(&self.root_ca()).remove(0))
+            .expect("own root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                chain(cert_pem),
+                PrivateKeyDer::from_pem_file(key_pem).expect("client key"),
+            )
+            .expect("client config");
+        self.request_over(Arc::new(tls), method, path, headers, body)
+    }
+
+    fn request_over(
+        &self,
+        tls: Arc<rustls::ClientConfig>,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> ClientResponse {
         let headers = headers
             .iter()
             .map(|(n, v)| (n.to_string(), v.to_string()))
@@ -468,7 +507,6 @@ impl NfvoDouble {
         let url = format!("{}{path}", self.inner.base);
         let method = Method::from_bytes(method.as_bytes()).expect("method");
         let body = body.unwrap_or_default().to_vec();
-        let tls = self.inner.own_client.clone();
         let (status, headers, bytes) = self
             .runtime()
             .block_on(send(method, &url, &headers, body, tls))
