@@ -995,6 +995,15 @@ impl Call {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// The path with its query, as recorded and as fail()/delay_response() match it.
+    fn full_path(&self) -> String {
+        if self.query.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{}?{}", self.path, self.query)
+        }
+    }
+
     fn json(&self) -> Result<Value, Reply> {
         serde_json::from_slice(&self.body)
             .map_err(|e| Reply::problem(400, format!("body is not JSON: {e}")))
@@ -1095,7 +1104,7 @@ fn take_delay(inner: &Inner, call: &Call) -> Option<Duration> {
     let delay = state.delays.iter_mut().find(|d| {
         d.times > 0
             && d.method.eq_ignore_ascii_case(call.method.as_str())
-            && call.path.contains(&d.path)
+            && call.full_path().contains(&d.path)
     })?;
     delay.times -= 1;
     Some(delay.delay)
@@ -1106,7 +1115,7 @@ fn take_fault(inner: &Inner, call: &Call) -> Option<Reply> {
     let fault = state.faults.iter_mut().find(|f| {
         f.times > 0
             && f.method.eq_ignore_ascii_case(call.method.as_str())
-            && call.path.contains(&f.path)
+            && call.full_path().contains(&f.path)
     })?;
     fault.times -= 1;
     let mut reply = Reply::problem(fault.status, "injected fault");
