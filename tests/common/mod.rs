@@ -2,7 +2,9 @@
 pub mod agent;
 pub mod attest;
 pub mod cmf;
+pub mod nfvo;
 pub mod shell;
+pub mod sm;
 pub mod softhsm;
 pub mod suite;
 pub mod swtpm;
