@@ -15,13 +15,19 @@ use serde_json::{json, Value};
 fn inventory(sm: &SmAgent) {
     sm.nfvo.add_ns("ns-a", "core");
     sm.nfvo.add_ns("ns-b", "edge");
-    sm.nfvo.add_vnf(&["ns-a"], "vnf-2", "vnfd-1", "pkg-good", "profile-2");
+    sm.nfvo
+        .add_vnf(&["ns-a"], "vnf-2", "vnfd-1", "pkg-good", "profile-2");
 }
 
 /// vnf-1 appears from the tampered package in ns-a and ns-b, and the NFVO tells the SM.
 fn instantiate_tampered(sm: &SmAgent) -> String {
-    sm.nfvo
-        .add_vnf(&["ns-a", "ns-b"], "vnf-1", "vnfd-1", "pkg-tampered", "profile-1");
+    sm.nfvo.add_vnf(
+        &["ns-a", "ns-b"],
+        "vnf-1",
+        "vnfd-1",
+        "pkg-tampered",
+        "profile-1",
+    );
     sm.nfvo.notify_lcm("ns-a", "vnf-1", "INSTANTIATE")
 }
 
@@ -54,8 +60,14 @@ fn subscribes_with_its_mode_over_independent_interface_keys() {
     // Every request carries a Version header; each interface has its own identity.
     let requests = sm.nfvo.requests();
     for r in &requests {
-        if !r.path.contains("/oauth2/") {
-            assert!(r.version.is_some(), "no Version header on {} {}", r.method, r.path);
+        // SOL 013 9.3: api_versions is the one unversioned resource.
+        if !r.path.contains("/oauth2/") && !r.path.ends_with("/api_versions") {
+            assert!(
+                r.version.is_some(),
+                "no Version header on {} {}",
+                r.method,
+                r.path
+            );
         }
     }
     let who = |method: &str, path: &str| {
@@ -64,8 +76,14 @@ fn subscribes_with_its_mode_over_independent_interface_keys() {
             .find(|r| r.method == method && r.path.contains(path))
             .and_then(|r| r.client_identity.clone())
     };
-    assert_eq!(who("POST", "/subscriptions").as_deref(), Some("warden-sm.ns-lcm"));
-    assert_eq!(who("GET", "/ns_instances").as_deref(), Some("warden-sm.status-info"));
+    assert_eq!(
+        who("POST", "/subscriptions").as_deref(),
+        Some("warden-sm.ns-lcm")
+    );
+    assert_eq!(
+        who("GET", "/ns_instances").as_deref(),
+        Some("warden-sm.status-info")
+    );
     // Four distinct keys in the token (IFA 033 Security.001/.006).
     let keys = sm.warden(&["keys", "list"]);
     let sm_keys: Vec<&str> = keys.lines().filter(|l| l.contains("object=sm-")).collect();
@@ -91,8 +109,13 @@ fn status_reports_states_packages_connectivity_and_integrity() {
         ..Default::default()
     });
     inventory(&sm);
-    sm.nfvo
-        .add_vnf(&["ns-a", "ns-b"], "vnf-1", "vnfd-1", "pkg-tampered", "profile-1");
+    sm.nfvo.add_vnf(
+        &["ns-a", "ns-b"],
+        "vnf-1",
+        "vnfd-1",
+        "pkg-tampered",
+        "profile-1",
+    );
     sm.start();
     let status = sm.sm_json(&["status", "--json"]);
     let vnf = |id: &str| {
@@ -109,13 +132,19 @@ fn status_reports_states_packages_connectivity_and_integrity() {
     assert_eq!(good["vnfState"], "STARTED");
     assert_eq!(good["vnfPkgId"], "pkg-good");
     assert_eq!(good["vnfdId"], "vnfd-1");
-    assert!(!good["extVirtualLinkInfo"].as_array().expect("links").is_empty());
+    assert!(!good["extVirtualLinkInfo"]
+        .as_array()
+        .expect("links")
+        .is_empty());
     assert_eq!(good["package"]["integrity"], "VERIFIED");
     let bad = vnf("vnf-1");
     assert_eq!(bad["package"]["integrity"], "MISMATCH");
     assert_eq!(bad["nsInstanceIds"], json!(["ns-a", "ns-b"]));
     let text = sm.sm(&["status"]);
-    assert!(text.contains("vnf-1") && text.contains("MISMATCH"), "{text}");
+    assert!(
+        text.contains("vnf-1") && text.contains("MISMATCH"),
+        "{text}"
+    );
     no_violations(&sm);
 }
 
@@ -135,9 +164,17 @@ fn passive_records_and_sends_nothing() {
     // An operator's request is refused too, in one line.
     let err = sm.agent.fails(&["sm", "terminate", "vnf-1"]);
     assert!(err.contains("PASSIVE"), "{err}");
-    let err = sm
-        .agent
-        .fails(&["sm", "security-vnf", "add", "--ns", "ns-a", "--vnf", "fw-1", "--profile", "fw"]);
+    let err = sm.agent.fails(&[
+        "sm",
+        "security-vnf",
+        "add",
+        "--ns",
+        "ns-a",
+        "--vnf",
+        "fw-1",
+        "--profile",
+        "fw",
+    ]);
     assert!(err.contains("PASSIVE"), "{err}");
     assert!(sm.updates().is_empty());
     assert!(sm.nfvo.vnf_in_ns("ns-a", "vnf-1") && sm.nfvo.vnf_in_ns("ns-b", "vnf-1"));
@@ -155,7 +192,10 @@ fn semi_active_terminates_with_the_s_options_and_refuses_the_f_ones() {
     instantiate_tampered(&sm);
     let action = sm.wait_action("terminate:vnf-1", "COMPLETED");
     let refused = action["refused"].to_string();
-    assert!(refused.contains("disablePackage") && refused.contains("erase"), "{refused}");
+    assert!(
+        refused.contains("disablePackage") && refused.contains("erase"),
+        "{refused}"
+    );
     // Snapshot first, then one REMOVE_VNF per NS holding the VNF (IFA 033 6.4 NOTE 2).
     assert_eq!(
         update_types(&sm),
@@ -174,7 +214,10 @@ fn semi_active_terminates_with_the_s_options_and_refuses_the_f_ones() {
     }
     assert!(sm.patches().is_empty(), "SEMI_ACTIVE disabled a package");
     assert!(!sm.nfvo.vnf_in_ns("ns-a", "vnf-1") && !sm.nfvo.vnf_in_ns("ns-b", "vnf-1"));
-    assert!(sm.nfvo.vnf_in_ns("ns-a", "vnf-2"), "the good VNF was touched");
+    assert!(
+        sm.nfvo.vnf_in_ns("ns-a", "vnf-2"),
+        "the good VNF was touched"
+    );
     no_violations(&sm);
 }
 
@@ -183,8 +226,16 @@ fn fully_active_disables_the_package_and_erases() {
     let mut sm = SmAgent::new(SmSetup::default());
     // A key the agent holds on behalf of vnf-1 (before serve: the CLI opens the store).
     let out = sm.warden(&[
-        "keys", "generate", "--backend", "pkcs11", "--label", "vnf-1-key", "--purpose", "vnf",
-        "--vnf-instance", "vnf-1",
+        "keys",
+        "generate",
+        "--backend",
+        "pkcs11",
+        "--label",
+        "vnf-1-key",
+        "--purpose",
+        "vnf",
+        "--vnf-instance",
+        "vnf-1",
     ]);
     assert!(out.contains("object=vnf-1-key"), "{out}");
     inventory(&sm);
@@ -209,18 +260,31 @@ fn fully_active_disables_the_package_and_erases() {
     assert_eq!(patches.len(), 1);
     assert!(patches[0].path.ends_with("/vnf_packages/pkg-tampered"));
     assert_eq!(patches[0].body["operationalState"], "DISABLED");
-    assert_eq!(sm.nfvo.package("pkg-tampered").expect("pkg")["operationalState"], "DISABLED");
+    assert_eq!(
+        sm.nfvo.package("pkg-tampered").expect("pkg")["operationalState"],
+        "DISABLED"
+    );
     // The erasure report: the agent's own key destroyed and checked, NFV-MANO's tracked.
     let report = sm.sm_json(&["erasure", "vnf-1"]);
-    assert_eq!(report["local"].as_array().expect("local").len(), 1, "{report:#}");
+    assert_eq!(
+        report["local"].as_array().expect("local").len(),
+        1,
+        "{report:#}"
+    );
     assert_eq!(report["local"][0]["verified"], true);
-    assert!(report["local"][0]["object"].as_str().expect("object").contains("vnf-1-key"));
+    assert!(report["local"][0]["object"]
+        .as_str()
+        .expect("object")
+        .contains("vnf-1-key"));
     let mano = report["mano"].as_array().expect("mano");
     assert_eq!(mano.len(), 2, "{report:#}");
     assert!(mano.iter().all(|m| m["state"] == "COMPLETED"));
     sm.kill9();
     let keys = sm.warden(&["keys", "list"]);
-    assert!(!keys.contains("vnf-1-key"), "key still in the token: {keys}");
+    assert!(
+        !keys.contains("vnf-1-key"),
+        "key still in the token: {keys}"
+    );
     no_violations(&sm);
 }
 
@@ -230,12 +294,22 @@ fn kill_9_mid_sequence_resumes_and_sends_nothing_twice() {
     inventory(&sm);
     sm.start();
     // The NFVO takes the REMOVE_VNF on ns-b but answers slowly: the agent dies waiting.
-    sm.nfvo
-        .delay_response("POST", "/ns_instances/ns-b/update", Duration::from_secs(4), 1);
+    sm.nfvo.delay_response(
+        "POST",
+        "/ns_instances/ns-b/update",
+        Duration::from_secs(4),
+        1,
+    );
     instantiate_tampered(&sm);
-    wait_for("REMOVE_VNF on ns-b to arrive", Duration::from_secs(30), || {
-        sm.updates().iter().any(|(ns, b, _, _)| ns == "ns-b" && b["updateType"] == "REMOVE_VNF")
-    });
+    wait_for(
+        "REMOVE_VNF on ns-b to arrive",
+        Duration::from_secs(30),
+        || {
+            sm.updates()
+                .iter()
+                .any(|(ns, b, _, _)| ns == "ns-b" && b["updateType"] == "REMOVE_VNF")
+        },
+    );
     sm.kill9();
     sm.start();
     sm.wait_action("terminate:vnf-1", "COMPLETED");
@@ -265,13 +339,23 @@ fn duplicate_reordered_and_lost_notifications() {
     let deliveries = sm.nfvo.wait_deliveries(before + 2, Duration::from_secs(20));
     let copies: Vec<_> = deliveries.iter().filter(|(n, _)| *n == id).collect();
     assert_eq!(copies.len(), 2);
-    assert!(copies.iter().all(|(_, status)| *status == 204), "{copies:?}");
+    assert!(
+        copies.iter().all(|(_, status)| *status == 204),
+        "{copies:?}"
+    );
     sm.wait_action("terminate:vnf-1", "COMPLETED");
-    assert_eq!(update_types(&sm).iter().filter(|(_, t)| t == "REMOVE_VNF").count(), 2);
+    assert_eq!(
+        update_types(&sm)
+            .iter()
+            .filter(|(_, t)| t == "REMOVE_VNF")
+            .count(),
+        2
+    );
 
     // Reordered: the second arrives first; both are handled.
     sm.nfvo.set_delivery(Delivery::Reorder);
-    sm.nfvo.add_vnf(&["ns-a"], "vnf-3", "vnfd-1", "pkg-tampered", "profile-3");
+    sm.nfvo
+        .add_vnf(&["ns-a"], "vnf-3", "vnfd-1", "pkg-tampered", "profile-3");
     sm.nfvo.notify_lcm("ns-a", "vnf-3", "INSTANTIATE");
     sm.nfvo.set_delivery(Delivery::Normal);
     let mut change = sm.nfvo.notification("NsChangeNotification", "ns-a");
@@ -281,15 +365,22 @@ fn duplicate_reordered_and_lost_notifications() {
 
     // Lost: nothing arrives; reconciliation (Query NS) finds the VNF.
     sm.nfvo.set_delivery(Delivery::Drop);
-    sm.nfvo.add_vnf(&["ns-b"], "vnf-4", "vnfd-1", "pkg-tampered", "profile-4");
+    sm.nfvo
+        .add_vnf(&["ns-b"], "vnf-4", "vnfd-1", "pkg-tampered", "profile-4");
     sm.nfvo.notify_lcm("ns-b", "vnf-4", "INSTANTIATE");
     std::thread::sleep(Duration::from_millis(300));
-    assert!(sm.action("terminate:vnf-4").is_none(), "nothing was delivered");
+    assert!(
+        sm.action("terminate:vnf-4").is_none(),
+        "nothing was delivered"
+    );
     sm.nfvo.set_delivery(Delivery::Normal);
     sm.sm(&["reconcile"]);
     sm.wait_action("terminate:vnf-4", "COMPLETED");
     assert!(!sm.nfvo.vnf_in_ns("ns-b", "vnf-4"));
-    assert!(sm.nfvo.vnf_in_ns("ns-a", "vnf-2"), "the good VNF was touched");
+    assert!(
+        sm.nfvo.vnf_in_ns("ns-a", "vnf-2"),
+        "the good VNF was touched"
+    );
     no_violations(&sm);
 }
 
@@ -319,9 +410,14 @@ fn post(
         let mut conn = client.connect().await.expect("connect");
         let mut all = vec![("content-type", "application/json".to_string())];
         all.extend_from_slice(headers);
-        conn.request_with(method, "/sm/v1/notifications", &all, body.as_bytes().to_vec())
-            .await
-            .expect("request")
+        conn.request_with(
+            method,
+            "/sm/v1/notifications",
+            &all,
+            body.as_bytes().to_vec(),
+        )
+        .await
+        .expect("request")
     })
 }
 
@@ -355,27 +451,52 @@ fn notification_endpoint_auth_parsing_and_methods() {
     // 401 with a challenge, without or with wrong credentials.
     let r = post(&client, "POST", &[], &valid);
     assert_eq!(r.status, 401);
-    assert!(r.headers.get("www-authenticate").is_some_and(|v| v.to_str().unwrap_or("").starts_with("Basic")));
-    assert_eq!(post(&client, "POST", &[basic("warden-sm", "wrong")], &valid).status, 401);
-    assert_eq!(post(&client, "GET", &[basic("warden-sm", "wrong")], "").status, 401);
+    assert!(r
+        .headers
+        .get("www-authenticate")
+        .is_some_and(|v| v.to_str().unwrap_or("").starts_with("Basic")));
+    assert_eq!(
+        post(&client, "POST", &[basic("warden-sm", "wrong")], &valid).status,
+        401
+    );
+    assert_eq!(
+        post(&client, "GET", &[basic("warden-sm", "wrong")], "").status,
+        401
+    );
     // The test GET, then a notification with `timeStamp` and unknown fields.
     assert_eq!(post(&client, "GET", &[good.clone()], "").status, 204);
     assert_eq!(post(&client, "POST", &[good.clone()], &valid).status, 204);
-    assert_eq!(post(&client, "POST", &[good.clone()], &valid).status, 204, "duplicate");
+    assert_eq!(
+        post(&client, "POST", &[good.clone()], &valid).status,
+        204,
+        "duplicate"
+    );
     // 400 malformed or incomplete, 405 other methods, unknown types ignored.
     let r = post(&client, "POST", &[good.clone()], "{not json");
     assert_eq!(r.status, 400);
-    assert_eq!(r.headers.get("content-type").map(|v| v.to_str().unwrap_or("")), Some("application/problem+json"));
+    assert_eq!(
+        r.headers
+            .get("content-type")
+            .map(|v| v.to_str().unwrap_or("")),
+        Some("application/problem+json")
+    );
     let missing = json!({"id": "n2", "notificationType": "NsChangeNotification",
         "subscriptionId": "s", "timestamp": "t", "nsInstanceId": "ns-a"});
     let r = post(&client, "POST", &[good.clone()], &missing.to_string());
     assert_eq!(r.status, 400);
-    assert!(r.problem_detail().contains("nsComponentType"), "{}", r.problem_detail());
+    assert!(
+        r.problem_detail().contains("nsComponentType"),
+        "{}",
+        r.problem_detail()
+    );
     assert_eq!(post(&client, "PUT", &[good.clone()], &valid).status, 405);
     assert_eq!(post(&client, "DELETE", &[good.clone()], "").status, 405);
     let unknown = json!({"id": "n3", "notificationType": "VendorNotification",
         "subscriptionId": "s", "timestamp": "t"});
-    assert_eq!(post(&client, "POST", &[good], &unknown.to_string()).status, 204);
+    assert_eq!(
+        post(&client, "POST", &[good], &unknown.to_string()).status,
+        204
+    );
 }
 
 #[test]
@@ -388,7 +509,12 @@ fn tls_cert_notifications_need_the_nfvos_certificate() {
     inventory(&sm);
     sm.start();
     // The double subscribed with TLS_CERT and its test GET passed with its notifier cert.
-    assert_eq!(sm.nfvo.subscriptions()[0]["callbackUri"].as_str().map(|u| u.contains("mode=SEMI_ACTIVE")), Some(true));
+    assert_eq!(
+        sm.nfvo.subscriptions()[0]["callbackUri"]
+            .as_str()
+            .map(|u| u.contains("mode=SEMI_ACTIVE")),
+        Some(true)
+    );
     let body = json!({
         "id": "n-tls", "notificationType": "NsIdentifierCreationNotification",
         "subscriptionId": "s", "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
@@ -435,14 +561,27 @@ fn oauth2_both_ways() {
     // Every API request the SM made carried a Bearer token from the NFVO.
     for r in sm.nfvo.requests() {
         if r.path.starts_with("/nslcm/v2/") || r.path.starts_with("/vnfpkgm/v2/") {
-            assert!(r.bearer.is_some(), "{} {} without a token", r.method, r.path);
+            assert!(
+                r.bearer.is_some(),
+                "{} {} without a token",
+                r.method,
+                r.path
+            );
         }
     }
     // A made-up token at the callback: 401 invalid_token.
     let client = callback_client(&sm, None);
-    let r = post(&client, "POST", &[("authorization", "Bearer 99999999999.00.ff".into())], "{}");
+    let r = post(
+        &client,
+        "POST",
+        &[("authorization", "Bearer 99999999999.00.ff".into())],
+        "{}",
+    );
     assert_eq!(r.status, 401);
-    assert!(r.headers.get("www-authenticate").is_some_and(|v| v.to_str().unwrap_or("").contains("invalid_token")));
+    assert!(r
+        .headers
+        .get("www-authenticate")
+        .is_some_and(|v| v.to_str().unwrap_or("").contains("invalid_token")));
     no_violations(&sm);
 }
 
@@ -456,26 +595,55 @@ fn nfvo_faults_are_retried_sensibly() {
     sm.start();
     // 409 (an operation in progress) twice, then a 503 with Retry-After, on the first
     // REMOVE_VNF: retried, accepted once.
-    sm.nfvo.fail("POST", "/ns_instances/ns-a/update", 409, 2, None);
-    sm.nfvo.fail("POST", "/ns_instances/ns-b/update", 503, 1, Some(1));
+    sm.nfvo
+        .fail("POST", "/ns_instances/ns-a/update", 409, 2, None);
+    sm.nfvo
+        .fail("POST", "/ns_instances/ns-b/update", 503, 1, Some(1));
     instantiate_tampered(&sm);
     sm.wait_action("terminate:vnf-1", "COMPLETED");
-    let a: Vec<u16> = sm.updates().iter().filter(|(ns, ..)| ns == "ns-a").map(|u| u.3).collect();
-    assert_eq!(a.iter().filter(|s| **s == 202).count(), 2, "snapshot + remove on ns-a: {a:?}");
+    let a: Vec<u16> = sm
+        .updates()
+        .iter()
+        .filter(|(ns, ..)| ns == "ns-a")
+        .map(|u| u.3)
+        .collect();
+    assert_eq!(
+        a.iter().filter(|s| **s == 202).count(),
+        2,
+        "snapshot + remove on ns-a: {a:?}"
+    );
     assert_eq!(a.iter().filter(|s| **s == 409).count(), 2, "{a:?}");
-    let b: Vec<u16> = sm.updates().iter().filter(|(ns, ..)| ns == "ns-b").map(|u| u.3).collect();
+    let b: Vec<u16> = sm
+        .updates()
+        .iter()
+        .filter(|(ns, ..)| ns == "ns-b")
+        .map(|u| u.3)
+        .collect();
     assert_eq!(b, [503, 202]);
 
     // The NFVO fails every Query NS attempt after delivering a notification: the SM keeps
     // it pending and handles it at the next reconciliation.
-    sm.nfvo.add_vnf(&["ns-b"], "vnf-5", "vnfd-1", "pkg-tampered", "profile-5");
+    sm.nfvo
+        .add_vnf(&["ns-b"], "vnf-5", "vnfd-1", "pkg-tampered", "profile-5");
     sm.nfvo.fail("GET", "/ns_instances", 503, 4, None);
     let id = sm.nfvo.notify_lcm("ns-b", "vnf-5", "INSTANTIATE");
-    wait_for("the notification to be acknowledged", Duration::from_secs(20), || {
-        sm.nfvo.deliveries().iter().any(|(n, s)| *n == id && *s == 204)
-    });
+    wait_for(
+        "the notification to be acknowledged",
+        Duration::from_secs(20),
+        || {
+            sm.nfvo
+                .deliveries()
+                .iter()
+                .any(|(n, s)| *n == id && *s == 204)
+        },
+    );
     wait_for("four failed Query NS", Duration::from_secs(20), || {
-        sm.nfvo.requests().iter().filter(|r| r.path.ends_with("/ns_instances") && r.status == 503).count() == 4
+        sm.nfvo
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/ns_instances") && r.status == 503)
+            .count()
+            == 4
     });
     std::thread::sleep(Duration::from_millis(200));
     assert!(sm.action("terminate:vnf-5").is_none());
@@ -485,10 +653,13 @@ fn nfvo_faults_are_retried_sensibly() {
     // Down in the middle of an action: while the snapshot is processing the NFVO goes
     // away; the SM keeps the journaled step and carries on when it is back.
     sm.nfvo.op_duration(Duration::from_millis(1500));
-    sm.nfvo.add_vnf(&["ns-a"], "vnf-6", "vnfd-1", "pkg-tampered", "profile-6");
+    sm.nfvo
+        .add_vnf(&["ns-a"], "vnf-6", "vnfd-1", "pkg-tampered", "profile-6");
     sm.nfvo.notify_lcm("ns-a", "vnf-6", "INSTANTIATE");
     wait_for("the snapshot of vnf-6", Duration::from_secs(20), || {
-        sm.updates().iter().any(|(_, b, _, s)| *s == 202 && b["createSnapshotData"]["vnfInstanceId"] == "vnf-6")
+        sm.updates()
+            .iter()
+            .any(|(_, b, _, s)| *s == 202 && b["createSnapshotData"]["vnfInstanceId"] == "vnf-6")
     });
     sm.nfvo.set_down(true);
     let err = sm.agent.fails(&["sm", "status"]);
@@ -509,26 +680,108 @@ fn security_vnfs_are_added_modified_and_removed() {
         ..Default::default()
     });
     inventory(&sm);
-    sm.nfvo.add_vnf(&["ns-b"], "fw-1", "vnfd-fw", "pkg-good", "fw");
+    sm.nfvo
+        .add_vnf(&["ns-b"], "fw-1", "vnfd-fw", "pkg-good", "fw");
     sm.start();
-    let out = sm.sm(&["security-vnf", "add", "--ns", "ns-a", "--vnf", "fw-1", "--profile", "fw", "--wait"]);
+    let out = sm.sm(&[
+        "security-vnf",
+        "add",
+        "--ns",
+        "ns-a",
+        "--vnf",
+        "fw-1",
+        "--profile",
+        "fw",
+        "--wait",
+    ]);
     assert!(out.contains("COMPLETED"), "{out}");
     assert!(sm.nfvo.vnf_in_ns("ns-a", "fw-1"));
     let out = sm.sm(&[
-        "security-vnf", "modify", "--ns", "ns-a", "--vnf", "fw-1", "--name", "firewall-1", "--wait",
+        "security-vnf",
+        "modify",
+        "--ns",
+        "ns-a",
+        "--vnf",
+        "fw-1",
+        "--name",
+        "firewall-1",
+        "--wait",
     ]);
     assert!(out.contains("COMPLETED"), "{out}");
-    let out = sm.sm(&["security-vnf", "remove", "--ns", "ns-a", "--vnf", "fw-1", "--wait"]);
+    let out = sm.sm(&[
+        "security-vnf",
+        "remove",
+        "--ns",
+        "ns-a",
+        "--vnf",
+        "fw-1",
+        "--wait",
+    ]);
     assert!(out.contains("COMPLETED"), "{out}");
     assert!(!sm.nfvo.vnf_in_ns("ns-a", "fw-1"));
     let updates = sm.updates();
-    let types: Vec<&str> = updates.iter().map(|(_, b, _, _)| b["updateType"].as_str().unwrap_or("")).collect();
+    let types: Vec<&str> = updates
+        .iter()
+        .map(|(_, b, _, _)| b["updateType"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(types, ["ADD_VNF", "MODIFY_VNF_INFORMATION", "REMOVE_VNF"]);
-    assert!(updates.iter().all(|(_, _, who, _)| who.as_deref() == Some("warden-sm.security-vnf-mgmt")));
+    assert!(updates
+        .iter()
+        .all(|(_, _, who, _)| who.as_deref() == Some("warden-sm.security-vnf-mgmt")));
     assert_eq!(updates[0].1["addVnfIstance"][0]["vnfProfileId"], "fw");
-    assert_eq!(updates[1].1["modifyVnfInfoData"][0]["vnfInstanceName"], "firewall-1");
+    assert_eq!(
+        updates[1].1["modifyVnfInfoData"][0]["vnfInstanceName"],
+        "firewall-1"
+    );
     // The agent's own changes are not taken for someone else's.
     let actions = sm.sm(&["actions"]);
     assert!(!actions.contains("terminate:"), "{actions}");
+    no_violations(&sm);
+}
+
+#[test]
+fn unauthorized_change_terminates_with_a_replacement() {
+    let rules = r#"
+[[sm.rule]]
+on = "unauthorized_change"
+action = "terminate"
+allow_replacement = true
+"#;
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "SEMI_ACTIVE",
+        rules,
+        ..Default::default()
+    });
+    inventory(&sm);
+    sm.start();
+    // An attempt to modify vnf-2 that the NFVO refused as unauthorized (Sc-Or.NsLcm.003).
+    let mut n = sm
+        .nfvo
+        .notification("NsLcmOperationOccurrenceNotification", "ns-a");
+    n["operationState"] = json!("FAILED");
+    n["error"] = json!({"status": 403, "detail": "caller not authorized for vnf-2"});
+    let changed = json!({"vnfInstanceId": "vnf-2"});
+    n["affectedVnf"] = json!([{
+        "vnfInstanceId": "vnf-2", "vnfdId": "vnfd-1", "vnfProfileId": "profile-2",
+        "vnfName": "vnf-2", "changeType": "MODIFY_INFORMATION", "changeResult": "FAILED",
+        "changedInfo": {"changedVnfInfo": changed}, "changedVnfInfo": changed,
+    }]);
+    sm.nfvo.notify(n);
+    let action = sm.wait_action("terminate:vnf-2", "COMPLETED");
+    assert_eq!(action["trigger"], "unauthorized_change");
+    let updates = sm.updates();
+    let types: Vec<&str> = updates
+        .iter()
+        .map(|(_, b, _, _)| b["updateType"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(types, ["REMOVE_VNF", "INSTANTIATE_VNF"]);
+    let data = &updates[1].1["instantiateVnfData"][0];
+    assert_eq!(data["vnfdId"], "vnfd-1");
+    assert_eq!(data["vnfProfileId"], "profile-2");
+    assert!(!sm.nfvo.vnf_in_ns("ns-a", "vnf-2"));
+    // The replacement is the agent's own doing: no action against it.
+    std::thread::sleep(Duration::from_millis(500));
+    let actions = sm.sm(&["actions"]);
+    assert_eq!(actions.lines().count(), 1, "{actions}");
     no_violations(&sm);
 }

@@ -491,13 +491,19 @@ impl Sm {
                 "this SM is PASSIVE: it records and never enforces (IFA 033 5.1.2)".into(),
             ));
         }
-        // Up-to-date NS membership (IFA 033 6.4 NOTE 2).
-        self.refresh(&Default::default(), true).await?;
-        let vnf_id = vnf.to_string();
-        let record = self
-            .read(move |tx| tx.get(&INVENTORY, &vnf_id))
-            .await?
+        // Up-to-date NS membership (IFA 033 6.4 NOTE 2), from Query NS; the inventory is
+        // left to the processor, which also judges what is new.
+        let ns = self
+            .nfvo
+            .get_json(Interface::StatusInfo, Api::NsLcm, "/ns_instances")
+            .await?;
+        let mut record = super::policy::inventory_from(&ns)
+            .remove(vnf)
             .ok_or_else(|| SmError::NotFound(format!("VNF instance {vnf} is in no NS")))?;
+        let vnf_id = vnf.to_string();
+        if let Some(known) = self.read(move |tx| tx.get(&INVENTORY, &vnf_id)).await? {
+            record.vnf_profile_id = known.vnf_profile_id;
+        }
         let (allowed, refused) = super::policy::gate(self.mode(), requested);
         let id = super::policy::terminate_id(vnf);
         let created = now();

@@ -204,8 +204,9 @@ pub fn gate(mode: SmMode, requested: TerminateOptions) -> (TerminateOptions, Vec
 }
 
 /// The steps that terminate `vnf` with `options` (IFA 033 6.4 NOTES 1 and 2): snapshot
-/// first, REMOVE_VNF from every NS that holds it, a replacement, the package, and the
-/// agent's own erasure.
+/// first, REMOVE_VNF from every NS that holds it, the package disabled (before any
+/// replacement, so nothing new is instantiated from it), a replacement, and the agent's own
+/// erasure.
 pub fn terminate_steps(action_id: &str, vnf: &VnfRecord, options: TerminateOptions) -> Vec<Step> {
     let marker = |step: &str| format!("{action_id}/{step}");
     let mut steps = Vec::new();
@@ -246,6 +247,11 @@ pub fn terminate_steps(action_id: &str, vnf: &VnfRecord, options: TerminateOptio
             }),
         }));
     }
+    if options.disable_package && !vnf.vnf_pkg_id.is_empty() {
+        steps.push(step(StepKind::DisablePackage {
+            vnf_pkg_id: vnf.vnf_pkg_id.clone(),
+        }));
+    }
     if options.allow_replacement {
         if let Some(ns) = &first_ns {
             let mut data = json!({
@@ -265,11 +271,6 @@ pub fn terminate_steps(action_id: &str, vnf: &VnfRecord, options: TerminateOptio
                 request: json!({ "updateType": "INSTANTIATE_VNF", "instantiateVnfData": [data] }),
             }));
         }
-    }
-    if options.disable_package && !vnf.vnf_pkg_id.is_empty() {
-        steps.push(step(StepKind::DisablePackage {
-            vnf_pkg_id: vnf.vnf_pkg_id.clone(),
-        }));
     }
     steps.push(step(StepKind::EraseLocal));
     steps
@@ -328,10 +329,33 @@ impl Sm {
             None => false,
         };
         let (mut events, checks) = notification_events(&body, own);
+        // VNFs our own operation created (a replacement) are expected; everything else new
+        // is checked, even when the notification is about our operation.
+        let expected: BTreeSet<String> = if own {
+            body["affectedVnf"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v["vnfInstanceId"].as_str().map(String::from))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         let needs_refresh =
             body["notificationType"].as_str() != Some("NsLcmCapacityShortageNotification");
         if needs_refresh {
-            match self.refresh(&checks, own).await {
+            let profiles: BTreeMap<String, String> = body["affectedVnf"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| {
+                    Some((
+                        v["vnfInstanceId"].as_str()?.to_string(),
+                        v["vnfProfileId"].as_str()?.to_string(),
+                    ))
+                })
+                .collect();
+            match self.refresh(&checks, &expected, &profiles).await {
                 Ok(more) => events.extend(more),
                 Err(e) => {
                     // The NFVO is not answering: leave it pending; reconciliation retries.
@@ -357,7 +381,8 @@ impl Sm {
     pub(crate) async fn refresh(
         self: &std::sync::Arc<Self>,
         checks: &BTreeSet<String>,
-        own: bool,
+        expected: &BTreeSet<String>,
+        profiles: &BTreeMap<String, String>,
     ) -> Result<Vec<Event>, SmError> {
         let ns = self
             .nfvo
@@ -367,27 +392,25 @@ impl Sm {
         let before: BTreeMap<String, VnfRecord> = self
             .read(|tx| tx.list(&INVENTORY, "").map(|v| v.into_iter().collect()))
             .await?;
+        // The VNF profile (needed to re-instantiate) is only in notifications' affectedVnf.
         for (id, record) in now.iter_mut() {
-            if let Some(old) = before.get(id) {
-                if record.vnf_profile_id.is_none() {
-                    record.vnf_profile_id = old.vnf_profile_id.clone();
-                }
-            }
+            record.vnf_profile_id = profiles
+                .get(id)
+                .cloned()
+                .or_else(|| before.get(id).and_then(|old| old.vnf_profile_id.clone()));
         }
         let d = diff(&before, &now);
         let busy = self.busy_vnfs();
         let mut events = Vec::new();
         let mut to_check: BTreeSet<String> = checks.clone();
-        if !own {
-            to_check.extend(d.added.iter().cloned());
-            for id in &d.relinked {
-                if !busy.contains(id) {
-                    events.push(Event {
-                        kind: RuleEvent::TopologyChange,
-                        vnf_instance_id: id.clone(),
-                        detail: json!({ "extVirtualLinkInfo": "changed", "seenBy": "Query NS" }),
-                    });
-                }
+        to_check.extend(d.added.iter().filter(|id| !expected.contains(*id)).cloned());
+        for id in &d.relinked {
+            if !busy.contains(id) && !expected.contains(id) {
+                events.push(Event {
+                    kind: RuleEvent::TopologyChange,
+                    vnf_instance_id: id.clone(),
+                    detail: json!({ "extVirtualLinkInfo": "changed", "seenBy": "Query NS" }),
+                });
             }
         }
         for id in to_check {
@@ -502,7 +525,21 @@ impl Sm {
                 disable_package: rule.disable_package,
                 erase: rule.erase,
             };
-            let (allowed, refused) = gate(self.mode(), requested);
+            let (mut allowed, mut refused) = gate(self.mode(), requested);
+            if allowed.allow_replacement
+                && matches!(
+                    event.kind,
+                    RuleEvent::PackageChecksumMismatch
+                        | RuleEvent::PackageDisabled
+                        | RuleEvent::PackageUnknown
+                )
+            {
+                // A replacement would come from the same package and carry the same fault
+                // (and be terminated again).
+                allowed.allow_replacement = false;
+                refused
+                    .push("allowReplacement (the replacement would use the same package)".into());
+            }
             let created = now();
             let action = Action {
                 id: id.clone(),
@@ -608,7 +645,9 @@ impl Sm {
     /// (Query NS), refused operations (`ns_lcm_op_occs`), and pending notifications.
     pub async fn reconcile(self: &std::sync::Arc<Self>) -> Result<(), SmError> {
         self.reconcile_subscription().await?;
-        let mut events = self.refresh(&BTreeSet::new(), false).await?;
+        let mut events = self
+            .refresh(&BTreeSet::new(), &BTreeSet::new(), &BTreeMap::new())
+            .await?;
         let occs = self
             .nfvo
             .get_json(Interface::StatusInfo, Api::NsLcm, "/ns_lcm_op_occs")

@@ -176,14 +176,17 @@ pkg-tampered = "{GOOD_HASH}"
         self.child = Some(child);
         let needle = format!("127.0.0.1:{}/", self.port);
         wait_for("the subscription", Duration::from_secs(30), || {
-            self.nfvo
-                .subscriptions()
-                .iter()
-                .any(|s| s["callbackUri"].as_str().is_some_and(|u| u.contains(&needle)))
+            self.nfvo.subscriptions().iter().any(|s| {
+                s["callbackUri"]
+                    .as_str()
+                    .is_some_and(|u| u.contains(&needle))
+            })
         });
         // The socket is created right after the listener.
         let socket = self.socket();
-        wait_for("the admin socket", Duration::from_secs(10), || socket.exists());
+        wait_for("the admin socket", Duration::from_secs(10), || {
+            socket.exists()
+        });
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -211,9 +214,7 @@ pkg-tampered = "{GOOD_HASH}"
 
     /// The action for a VNF termination, once it is in the journal.
     pub fn action(&self, id: &str) -> Option<Value> {
-        let out = self
-            .agent
-            .run(&["sm", "actions", id]);
+        let out = self.agent.run(&["sm", "actions", id]);
         out.status
             .success()
             .then(|| serde_json::from_slice(&out.stdout).expect("JSON"))
