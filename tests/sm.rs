@@ -526,7 +526,7 @@ fn tls_cert_notifications_need_the_nfvos_certificate() {
     assert!(r.headers.get("www-authenticate").is_some());
     // A certificate from the NFVO's CA with another identity: 403.
     let nfvo_dir = sm.dir().join("nfvo");
-    common::sm::sh(
+    common::shell::sh(
         &nfvo_dir,
         "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout other.key \
          -out other.csr -subj /CN=someone-else 2>/dev/null && \

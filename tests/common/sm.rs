@@ -10,7 +10,6 @@ use serde_json::Value;
 
 use super::agent::Agent;
 use super::nfvo::NfvoDouble;
-pub use super::shell::sh;
 
 /// SHA-256 of the "good" package, pinned in every SM config here.
 pub const GOOD_HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
