@@ -464,15 +464,21 @@ fn notification_endpoint_auth_parsing_and_methods() {
         401
     );
     // The test GET, then a notification with `timeStamp` and unknown fields.
-    assert_eq!(post(&client, "GET", &[good.clone()], "").status, 204);
-    assert_eq!(post(&client, "POST", &[good.clone()], &valid).status, 204);
     assert_eq!(
-        post(&client, "POST", &[good.clone()], &valid).status,
+        post(&client, "GET", std::slice::from_ref(&good), "").status,
+        204
+    );
+    assert_eq!(
+        post(&client, "POST", std::slice::from_ref(&good), &valid).status,
+        204
+    );
+    assert_eq!(
+        post(&client, "POST", std::slice::from_ref(&good), &valid).status,
         204,
         "duplicate"
     );
     // 400 malformed or incomplete, 405 other methods, unknown types ignored.
-    let r = post(&client, "POST", &[good.clone()], "{not json");
+    let r = post(&client, "POST", std::slice::from_ref(&good), "{not json");
     assert_eq!(r.status, 400);
     assert_eq!(
         r.headers
@@ -482,19 +488,36 @@ fn notification_endpoint_auth_parsing_and_methods() {
     );
     let missing = json!({"id": "n2", "notificationType": "NsChangeNotification",
         "subscriptionId": "s", "timestamp": "t", "nsInstanceId": "ns-a"});
-    let r = post(&client, "POST", &[good.clone()], &missing.to_string());
+    let r = post(
+        &client,
+        "POST",
+        std::slice::from_ref(&good),
+        &missing.to_string(),
+    );
     assert_eq!(r.status, 400);
     assert!(
         r.problem_detail().contains("nsComponentType"),
         "{}",
         r.problem_detail()
     );
-    assert_eq!(post(&client, "PUT", &[good.clone()], &valid).status, 405);
-    assert_eq!(post(&client, "DELETE", &[good.clone()], "").status, 405);
+    assert_eq!(
+        post(&client, "PUT", std::slice::from_ref(&good), &valid).status,
+        405
+    );
+    assert_eq!(
+        post(&client, "DELETE", std::slice::from_ref(&good), "").status,
+        405
+    );
     let unknown = json!({"id": "n3", "notificationType": "VendorNotification",
         "subscriptionId": "s", "timestamp": "t"});
     assert_eq!(
-        post(&client, "POST", &[good], &unknown.to_string()).status,
+        post(
+            &client,
+            "POST",
+            std::slice::from_ref(&good),
+            &unknown.to_string()
+        )
+        .status,
         204
     );
 }
