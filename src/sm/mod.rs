@@ -222,6 +222,9 @@ pub struct Sm {
     running: std::sync::Mutex<BTreeSet<String>>,
 }
 
+/// Notifications processed together at most (one Query NS, one commit).
+const BATCH: usize = 256;
+
 /// Work for the processor task.
 #[derive(Debug)]
 pub enum Wake {
@@ -320,8 +323,8 @@ impl Sm {
             sm.resume_actions().await;
             // Pending notifications journaled before a restart, oldest first.
             let pending = sm.pending_keys().await;
-            for key in pending {
-                sm.process_pending(&key).await;
+            for batch in pending.chunks(BATCH) {
+                sm.process_batch(batch.to_vec()).await;
             }
             let _ = sm.wake.send(Wake::Reconcile);
             let period = Duration::from_secs(sm.config.reconcile_seconds.max(1));
@@ -329,7 +332,22 @@ impl Sm {
             loop {
                 tokio::select! {
                     wake = wake_rx.recv() => match wake {
-                        Some(Wake::Notification(key)) => sm.process_pending(&key).await,
+                        Some(Wake::Notification(key)) => {
+                            // Whatever else is already waiting joins this batch.
+                            let mut batch = vec![key];
+                            let mut reconcile = false;
+                            while batch.len() < BATCH {
+                                match wake_rx.try_recv() {
+                                    Ok(Wake::Notification(key)) => batch.push(key),
+                                    Ok(Wake::Reconcile) => reconcile = true,
+                                    Err(_) => break,
+                                }
+                            }
+                            sm.process_batch(batch).await;
+                            if reconcile {
+                                sm.reconcile_logged().await;
+                            }
+                        }
                         Some(Wake::Reconcile) => sm.reconcile_logged().await,
                         None => break,
                     },

@@ -292,87 +292,91 @@ pub fn terminate_id(vnf: &str) -> String {
 }
 
 impl Sm {
-    /// Process one journaled notification: refresh, derive events, decide, journal actions
-    /// and mark the notification processed, all in one durable commit; then run the actions.
-    pub(crate) async fn process_pending(self: &std::sync::Arc<Self>, key: &str) {
-        let key = key.to_string();
-        let id = key
-            .split_once(':')
-            .map(|(_, id)| id.to_string())
-            .unwrap_or_default();
-        let record = {
-            let id = id.clone();
-            self.read(move |tx| tx.get(&NOTIFICATIONS, &id)).await
-        };
-        let record = match record {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                let _ = self
-                    .finish_pending(&key, &id, Vec::new(), Value::Null)
-                    .await;
-                return;
-            }
+    /// Process journaled notifications (a batch of those waiting): one refresh (Query NS)
+    /// for the batch, events from each, decisions, and one durable commit that marks them
+    /// processed and journals the actions; then run the actions. If the NFVO does not
+    /// answer, they stay pending for the next reconciliation.
+    pub(crate) async fn process_batch(self: &std::sync::Arc<Self>, keys: Vec<String>) {
+        let lookup = keys.clone();
+        let loaded = self
+            .read(move |tx| {
+                let mut out = Vec::new();
+                for key in &lookup {
+                    let id = key.split_once(':').map(|(_, id)| id).unwrap_or_default();
+                    let record = tx.get(&NOTIFICATIONS, id)?;
+                    let own = match record
+                        .as_ref()
+                        .and_then(|r| r.body["nsLcmOpOccId"].as_str())
+                    {
+                        Some(op) => tx.contains(&OWN_OPS, op)?,
+                        None => false,
+                    };
+                    out.push((key.clone(), id.to_string(), record, own));
+                }
+                Ok(out)
+            })
+            .await;
+        let loaded = match loaded {
+            Ok(l) => l,
             Err(e) => {
-                tracing::error!(error = %e, notification = %id, "reading the journal");
+                tracing::error!(error = %e, "reading the journal");
                 return;
             }
         };
-        let body = record.body;
-        let op = body["nsLcmOpOccId"].as_str().map(String::from);
-        let own = match &op {
-            Some(op) => {
-                let op = op.clone();
-                self.read(move |tx| tx.contains(&OWN_OPS, &op))
-                    .await
-                    .unwrap_or(false)
-            }
-            None => false,
-        };
-        let (mut events, checks) = notification_events(&body, own);
-        // VNFs our own operation created (a replacement) are expected; everything else new
+        let mut events = Vec::new();
+        let mut checks = BTreeSet::new();
+        // VNFs our own operations created (a replacement) are expected; everything else new
         // is checked, even when the notification is about our operation.
-        let expected: BTreeSet<String> = if own {
-            body["affectedVnf"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v["vnfInstanceId"].as_str().map(String::from))
-                .collect()
-        } else {
-            BTreeSet::new()
-        };
-        let needs_refresh =
-            body["notificationType"].as_str() != Some("NsLcmCapacityShortageNotification");
+        let mut expected = BTreeSet::new();
+        let mut profiles = BTreeMap::new();
+        let mut needs_refresh = false;
+        let mut done = Vec::new();
+        for (key, id, record, own) in loaded {
+            let Some(record) = record else {
+                done.push((key, id, json!(null)));
+                continue;
+            };
+            let body = record.body;
+            let (found, check) = notification_events(&body, own);
+            events.extend(found);
+            checks.extend(check);
+            for vnf in body["affectedVnf"].as_array().into_iter().flatten() {
+                if let Some(vnf_id) = vnf["vnfInstanceId"].as_str() {
+                    if own {
+                        expected.insert(vnf_id.to_string());
+                    }
+                    if let Some(profile) = vnf["vnfProfileId"].as_str() {
+                        profiles.insert(vnf_id.to_string(), profile.to_string());
+                    }
+                }
+            }
+            needs_refresh |=
+                body["notificationType"].as_str() != Some("NsLcmCapacityShortageNotification");
+            let detail = json!({ "notificationType": body["notificationType"],
+                                 "nsInstanceId": body["nsInstanceId"], "own": own });
+            done.push((key, id, detail));
+        }
         if needs_refresh {
-            let profiles: BTreeMap<String, String> = body["affectedVnf"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|v| {
-                    Some((
-                        v["vnfInstanceId"].as_str()?.to_string(),
-                        v["vnfProfileId"].as_str()?.to_string(),
-                    ))
-                })
-                .collect();
             match self.refresh(&checks, &expected, &profiles).await {
                 Ok(more) => events.extend(more),
                 Err(e) => {
-                    // The NFVO is not answering: leave it pending; reconciliation retries.
-                    tracing::warn!(error = %e, notification = %id, "refresh failed; notification stays pending");
+                    tracing::warn!(error = %e, notifications = done.len(), "refresh failed; notifications stay pending");
                     return;
                 }
             }
         }
-        let detail = json!({ "notificationType": body["notificationType"], "nsInstanceId": body["nsInstanceId"], "events": events.len() });
-        let actions = self.decide(events, &id).await;
-        match self.finish_pending(&key, &id, actions, detail).await {
+        let cause = match done.as_slice() {
+            [(_, id, _)] => id.clone(),
+            _ => format!("{} notifications", done.len()),
+        };
+        let actions = self.decide(events, &cause).await;
+        match self.finish_pending(done, actions).await {
             Ok(started) => {
                 for action in started {
                     self.spawn_action(action);
                 }
             }
-            Err(e) => tracing::error!(error = %e, notification = %id, "journaling the outcome"),
+            Err(e) => tracing::error!(error = %e, "journaling the outcome of notifications"),
         }
     }
 
@@ -569,25 +573,23 @@ impl Sm {
     /// actions to run.
     async fn finish_pending(
         &self,
-        key: &str,
-        id: &str,
+        done: Vec<(String, String, Value)>,
         actions: Vec<(Action, Value)>,
-        detail: Value,
     ) -> Result<Vec<Action>, SmError> {
-        let key = key.to_string();
-        let id = id.to_string();
         let started = self
             .journal
             .write_async(move |tx| {
-                tx.delete(&PENDING, &key)?;
-                if let Some(mut record) = tx.get(&NOTIFICATIONS, &id)? {
-                    record.processed = Some(now());
-                    tx.put(&NOTIFICATIONS, &id, &record)?;
+                for (key, id, detail) in done {
+                    tx.delete(&PENDING, &key)?;
+                    if let Some(mut record) = tx.get(&NOTIFICATIONS, &id)? {
+                        record.processed = Some(now());
+                        tx.put(&NOTIFICATIONS, &id, &record)?;
+                    }
+                    tx.audit(
+                        crate::store::AuditEvent::new("nfvo", "sm.notification", id.clone())
+                            .with_detail(detail),
+                    );
                 }
-                tx.audit(
-                    crate::store::AuditEvent::new("nfvo", "sm.notification", id.clone())
-                        .with_detail(detail),
-                );
                 let mut started = Vec::new();
                 for (action, audit) in actions {
                     let event = audit["event"].as_str().unwrap_or("event").to_string();
@@ -728,8 +730,9 @@ impl Sm {
             self.spawn_action(action);
         }
         // Notifications left pending by an NFVO outage.
-        for key in self.pending_keys_public().await {
-            self.process_pending(&key).await;
+        let pending = self.pending_keys_public().await;
+        if !pending.is_empty() {
+            self.process_batch(pending).await;
         }
         Ok(())
     }
