@@ -62,6 +62,8 @@ pub struct Recorded {
     pub body: Value,
     /// What the double answered.
     pub status: u16,
+    /// When the whole request had arrived (benchmarks: reaction time).
+    pub arrived: Instant,
 }
 
 /// A response seen by [`NfvoDouble::client_request`].
@@ -1021,8 +1023,9 @@ async fn serve(
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
+    let arrived = Instant::now();
     // Handled in a task of its own: a request takes effect even if the client goes away.
-    let task = tokio::spawn(process(inner, parts, body, identity));
+    let task = tokio::spawn(process(inner, parts, body, identity, arrived));
     task.await.unwrap_or_else(|_| {
         Response::builder()
             .status(500)
@@ -1036,6 +1039,7 @@ async fn process(
     parts: hyper::http::request::Parts,
     body: Bytes,
     identity: Option<String>,
+    arrived: Instant,
 ) -> Response<Full<Bytes>> {
     let call = Call {
         method: parts.method.clone(),
@@ -1074,6 +1078,7 @@ async fn process(
         version: call.header("version").map(str::to_string),
         body: recorded_body,
         status: reply.status,
+        arrived,
     });
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;

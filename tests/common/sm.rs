@@ -188,6 +188,11 @@ pkg-tampered = "{GOOD_HASH}"
         });
     }
 
+    /// The running agent's PID.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir().join("warden.sock")
     }
