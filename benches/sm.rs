@@ -67,29 +67,31 @@ fn main() {
         ..Default::default()
     });
     agent.nfvo.add_ns("ns-a", "core");
-    agent.nfvo.add_vnf(&["ns-a"], "vnf-2", "vnfd-1", "pkg-good", "profile-2");
+    agent
+        .nfvo
+        .add_vnf(&["ns-a"], "vnf-2", "vnfd-1", "pkg-good", "profile-2");
     agent.start();
     let client = callback_client(&agent);
     for connections in [16usize, 64] {
+        let cpu0 = cpu_seconds(&agent);
         let (count, mut latencies) = runtime.block_on(closed_loop(
             &client,
             connections,
             Duration::from_secs(seconds),
         ));
         latencies.sort_unstable();
+        let cpu = cpu_seconds(&agent) - cpu0;
         println!(
-            "closed loop c={connections:<3} {:>7.0} notifications/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            "closed loop c={connections:<3} {:>7.0} notifications/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  agent CPU {:.0} us/notification",
             count as f64 / seconds as f64,
             pct(&latencies, 50.0),
             pct(&latencies, 99.0),
             pct(&latencies, 100.0),
+            cpu * 1e6 / count.max(1) as f64,
         );
     }
-    let (sent, mut latencies, late) = runtime.block_on(open_loop(
-        &client,
-        rate,
-        Duration::from_secs(rate_seconds),
-    ));
+    let (sent, mut latencies, late) =
+        runtime.block_on(open_loop(&client, rate, Duration::from_secs(rate_seconds)));
     latencies.sort_unstable();
     println!(
         "open loop {rate}/s for {rate_seconds} s: {sent} sent, p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({late} started >1 ms late)",
@@ -101,9 +103,13 @@ fn main() {
     // The backlog: a tampered VNF announced last is acted on once everything before it is
     // processed.
     let start = Instant::now();
-    agent
-        .nfvo
-        .add_vnf(&["ns-a"], "vnf-marker", "vnfd-1", "pkg-tampered", "profile-m");
+    agent.nfvo.add_vnf(
+        &["ns-a"],
+        "vnf-marker",
+        "vnfd-1",
+        "pkg-tampered",
+        "profile-m",
+    );
     runtime.block_on(post_one(&client, &instantiated("marker", "vnf-marker")));
     let drained = wait_update(&agent, "vnf-marker", Duration::from_secs(600));
     println!(
@@ -175,8 +181,8 @@ fn callback_client(agent: &SmAgent) -> HttpsClient {
 }
 
 fn headers() -> Vec<(&'static str, String)> {
-    let basic = base64::engine::general_purpose::STANDARD
-        .encode("warden-sm:s3cret-notify-password");
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode("warden-sm:s3cret-notify-password");
     vec![
         ("content-type", "application/json".into()),
         ("authorization", format!("Basic {basic}")),
@@ -334,6 +340,25 @@ fn wait_update(agent: &SmAgent, vnf: &str, timeout: Duration) -> Option<Instant>
         std::thread::sleep(Duration::from_micros(200));
     }
     None
+}
+
+/// User + system CPU time of the agent so far.
+fn cpu_seconds(agent: &SmAgent) -> f64 {
+    let Some(stat) = agent
+        .pid()
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+    else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
 }
 
 fn rss_mb(agent: &SmAgent) -> String {

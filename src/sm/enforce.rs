@@ -25,17 +25,34 @@ use crate::store::{ErasureEntry, KeyPurpose, KeyRecord, KEYS};
 const OUTAGE_RETRY: Duration = Duration::from_secs(2);
 
 impl Sm {
-    /// Run an action in its own task (at most one task per action).
-    pub(crate) fn spawn_action(self: &Arc<Self>, action: Action) {
+    /// Run an action in its own task (at most one task per action). `fresh`: journaled by
+    /// this process just now, so a first step in SENDING has not been sent yet.
+    pub(crate) fn spawn_action(self: &Arc<Self>, action: Action, fresh: bool) {
         if !self.claim(&action.id) {
             return;
         }
         let sm = self.clone();
         tokio::spawn(async move {
             let id = action.id.clone();
-            sm.run_action(action).await;
+            sm.run_action(action, fresh).await;
             sm.release(&id);
         });
+    }
+
+    /// VNFs that left every NS are terminated (SOL 005 UpdateNsRequest NOTE 1): erase what
+    /// the agent holds for them.
+    pub(crate) fn erase_gone(self: &Arc<Self>, gone: Vec<String>) {
+        if !self.config.erase_on_termination {
+            return;
+        }
+        for id in gone {
+            let sm = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = sm.erase_local(&id).await {
+                    tracing::error!(error = %e, vnf = %id, "local erasure");
+                }
+            });
+        }
     }
 
     /// After a restart: every action still RUNNING continues where its journal says.
@@ -47,17 +64,20 @@ impl Sm {
                     .filter(|a| a.state == ActionState::Running)
                 {
                     tracing::info!(action = %action.id, "resuming an unfinished action");
-                    self.spawn_action(action);
+                    self.spawn_action(action, false);
                 }
             }
             Err(e) => tracing::error!(error = %e, "reading the enforcement journal"),
         }
     }
 
-    async fn run_action(self: &Arc<Self>, mut action: Action) {
+    async fn run_action(self: &Arc<Self>, mut action: Action, fresh: bool) {
         let mut index = 0;
+        let mut unsent = fresh;
         while index < action.steps.len() {
-            match self.run_step(&mut action, index).await {
+            let first_unsent =
+                std::mem::take(&mut unsent) && action.steps[index].state == StepState::Sending;
+            match self.run_step(&mut action, index, first_unsent).await {
                 Ok(()) => index += 1,
                 Err(e) => {
                     // NFVO unreachable or store trouble: the journal has the state; try again.
@@ -97,7 +117,12 @@ impl Sm {
     }
 
     /// Drive one step to COMPLETED or FAILED. `Err` = interrupted (retry later).
-    async fn run_step(self: &Arc<Self>, action: &mut Action, index: usize) -> Result<(), SmError> {
+    async fn run_step(
+        self: &Arc<Self>,
+        action: &mut Action,
+        index: usize,
+        mut unsent: bool,
+    ) -> Result<(), SmError> {
         loop {
             let step = action.steps[index].clone();
             match (&step.kind, step.state) {
@@ -137,6 +162,11 @@ impl Sm {
                             action.steps[index].attempts += 1;
                             self.set_step(action, index, StepState::Sending, None, None)
                                 .await?;
+                            self.send_update(action, index, interface, &ns, &request)
+                                .await?;
+                        }
+                        StepState::Sending if std::mem::take(&mut unsent) => {
+                            // Journaled SENDING with the decision, not sent yet.
                             self.send_update(action, index, interface, &ns, &request)
                                 .await?;
                         }
@@ -645,7 +675,7 @@ impl Sm {
             .await?;
         let (action, created) = stored;
         if created || action.state == ActionState::Running {
-            self.spawn_action(action.clone());
+            self.spawn_action(action.clone(), false);
         }
         Ok(action)
     }

@@ -410,7 +410,6 @@ pub fn journal(
         id: notification.id.clone(),
         notification_type: notification.notification_type.clone(),
         received: received.to_string(),
-        processed: None,
         body: notification.body.clone(),
     };
     tx.put(&NOTIFICATIONS, &notification.id, &record)?;

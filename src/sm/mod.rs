@@ -48,11 +48,9 @@ pub const SEEN_FAILURES: Table<String> = Table::new("sm_seen_failures");
 pub struct NotificationRecord {
     pub id: String,
     pub notification_type: String,
-    /// RFC 3339 UTC, when it was journaled.
+    /// RFC 3339 UTC, when it was journaled. It is processed once its `sm_pending` entry is
+    /// gone.
     pub received: String,
-    /// When processing finished, if it did.
-    #[serde(default)]
-    pub processed: Option<String>,
     pub body: Value,
 }
 

@@ -33,6 +33,32 @@ pub struct Event {
     pub detail: Value,
 }
 
+/// What a refresh found: events, the NFVO's current VNFs, and what to write.
+pub(crate) struct Refreshed {
+    pub events: Vec<Event>,
+    pub inventory: BTreeMap<String, VnfRecord>,
+    /// VNFs no longer in any NS: terminated.
+    pub gone: Vec<String>,
+    /// New or changed inventory records.
+    pub changed: Vec<VnfRecord>,
+}
+
+impl Refreshed {
+    /// Write the inventory changes into the caller's transaction.
+    pub fn store(
+        &self,
+        tx: &mut crate::store::WriteTx<'_>,
+    ) -> Result<(), crate::store::StoreError> {
+        for id in &self.gone {
+            tx.delete(&INVENTORY, id)?;
+        }
+        for record in &self.changed {
+            tx.put(&INVENTORY, &record.vnf_instance_id, record)?;
+        }
+        Ok(())
+    }
+}
+
 /// The VNFs of the NFVO's NS instances (a `GET /ns_instances` body), by VNF instance id.
 pub fn inventory_from(ns_instances: &Value) -> BTreeMap<String, VnfRecord> {
     let mut vnfs: BTreeMap<String, VnfRecord> = BTreeMap::new();
@@ -356,9 +382,13 @@ impl Sm {
                                  "nsInstanceId": body["nsInstanceId"], "own": own });
             done.push((key, id, detail));
         }
+        let mut refreshed = None;
         if needs_refresh {
             match self.refresh(&checks, &expected, &profiles).await {
-                Ok(more) => events.extend(more),
+                Ok(mut r) => {
+                    events.append(&mut r.events);
+                    refreshed = Some(r);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, notifications = done.len(), "refresh failed; notifications stay pending");
                     return;
@@ -369,25 +399,30 @@ impl Sm {
             [(_, id, _)] => id.clone(),
             _ => format!("{} notifications", done.len()),
         };
-        let actions = self.decide(events, &cause).await;
-        match self.finish_pending(done, actions).await {
+        let inventory = refreshed.as_ref().map(|r| &r.inventory);
+        let actions = self.decide(events, &cause, inventory).await;
+        match self.finish_pending(done, actions, refreshed.as_ref()).await {
             Ok(started) => {
                 for action in started {
-                    self.spawn_action(action);
+                    self.spawn_action(action, true);
+                }
+                if let Some(r) = refreshed {
+                    self.erase_gone(r.gone);
                 }
             }
             Err(e) => tracing::error!(error = %e, "journaling the outcome of notifications"),
         }
     }
 
-    /// Query NS, compare with the inventory, store the new inventory, run the package
-    /// checks; returns the events found.
+    /// Query NS, compare with the inventory, run the package checks. The caller stores the
+    /// new inventory ([`Refreshed::store`]) in its own commit, then erases what is gone
+    /// ([`Sm::erase_gone`]).
     pub(crate) async fn refresh(
         self: &std::sync::Arc<Self>,
         checks: &BTreeSet<String>,
         expected: &BTreeSet<String>,
         profiles: &BTreeMap<String, String>,
-    ) -> Result<Vec<Event>, SmError> {
+    ) -> Result<Refreshed, SmError> {
         let ns = self
             .nfvo
             .get_json(Interface::StatusInfo, Api::NsLcm, "/ns_instances")
@@ -422,31 +457,17 @@ impl Sm {
                 events.extend(self.package_events(vnf).await?);
             }
         }
-        let gone: Vec<String> = d.gone.clone();
-        let now_for_store = now.clone();
-        self.journal
-            .write_async(move |tx| {
-                for id in &gone {
-                    tx.delete(&INVENTORY, id)?;
-                }
-                for (id, record) in &now_for_store {
-                    tx.put(&INVENTORY, id, record)?;
-                }
-                Ok(())
-            })
-            .await?;
-        for id in d.gone {
-            // The VNF left every NS: it is terminated (SOL 005 UpdateNsRequest NOTE 1).
-            if self.config.erase_on_termination {
-                let sm = self.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = sm.erase_local(&id).await {
-                        tracing::error!(error = %e, vnf = %id, "local erasure");
-                    }
-                });
-            }
-        }
-        Ok(events)
+        let changed: Vec<VnfRecord> = now
+            .iter()
+            .filter(|(id, record)| before.get(*id) != Some(*record))
+            .map(|(_, record)| record.clone())
+            .collect();
+        Ok(Refreshed {
+            events,
+            inventory: now,
+            gone: d.gone,
+            changed,
+        })
     }
 
     /// IFA 033 6.2 NOTE: VnfPkgInfo gives the package checksum and state.
@@ -497,7 +518,12 @@ impl Sm {
     }
 
     /// Turn events into actions per the rules and the mode (not yet journaled).
-    async fn decide(&self, events: Vec<Event>, notification: &str) -> Vec<(Action, Value)> {
+    async fn decide(
+        &self,
+        events: Vec<Event>,
+        notification: &str,
+        inventory: Option<&BTreeMap<String, VnfRecord>>,
+    ) -> Vec<(Action, Value)> {
         let mut actions: Vec<(Action, Value)> = Vec::new();
         for event in events {
             let rule = rule_for(&self.config.rules, event.kind).cloned();
@@ -512,12 +538,15 @@ impl Sm {
             if actions.iter().any(|(a, _)| a.id == id) {
                 continue;
             }
-            let vnf = {
-                let vnf_id = event.vnf_instance_id.clone();
-                self.read(move |tx| tx.get(&INVENTORY, &vnf_id))
-                    .await
-                    .ok()
-                    .flatten()
+            let vnf = match inventory {
+                Some(inventory) => inventory.get(&event.vnf_instance_id).cloned(),
+                None => {
+                    let vnf_id = event.vnf_instance_id.clone();
+                    self.read(move |tx| tx.get(&INVENTORY, &vnf_id))
+                        .await
+                        .ok()
+                        .flatten()
+                }
             };
             let Some(vnf) = vnf else {
                 actions.push((Action::event_only(&event), audit));
@@ -568,70 +597,41 @@ impl Sm {
         actions
     }
 
-    /// One durable commit: the notification processed, the actions journaled (a termination
-    /// already journaled for that VNF is not created again), the audit entries. Returns the
-    /// actions to run.
+    /// One durable commit: the notifications processed (one audit entry for the batch), the
+    /// inventory, the actions journaled (a termination already journaled for that VNF is not
+    /// created again). Returns the actions to run.
     async fn finish_pending(
         &self,
         done: Vec<(String, String, Value)>,
         actions: Vec<(Action, Value)>,
+        refreshed: Option<&Refreshed>,
     ) -> Result<Vec<Action>, SmError> {
+        let inventory = refreshed.map(|r| Refreshed {
+            events: Vec::new(),
+            inventory: BTreeMap::new(),
+            gone: r.gone.clone(),
+            changed: r.changed.clone(),
+        });
         let started = self
             .journal
             .write_async(move |tx| {
+                let mut ids = Vec::with_capacity(done.len());
                 for (key, id, detail) in done {
                     tx.delete(&PENDING, &key)?;
-                    if let Some(mut record) = tx.get(&NOTIFICATIONS, &id)? {
-                        record.processed = Some(now());
-                        tx.put(&NOTIFICATIONS, &id, &record)?;
-                    }
-                    tx.audit(
-                        crate::store::AuditEvent::new("nfvo", "sm.notification", id.clone())
-                            .with_detail(detail),
-                    );
+                    ids.push(json!({ "id": id, "detail": detail }));
                 }
-                let mut started = Vec::new();
-                for (action, audit) in actions {
-                    let event = audit["event"].as_str().unwrap_or("event").to_string();
-                    tx.audit(
-                        crate::store::AuditEvent::new(
-                            "warden-sm",
-                            format!("sm.event.{event}"),
-                            action.vnf_instance_id.clone(),
-                        )
-                        .with_detail(audit),
-                    );
-                    if action.steps.is_empty() {
-                        continue;
-                    }
-                    if tx.contains(&ACTIONS, &action.id)? {
-                        continue;
-                    }
-                    let verb = match action.state {
-                        ActionState::Recorded => "sm.action.record",
-                        _ => "sm.action.start",
-                    };
-                    tx.audit(
-                        crate::store::AuditEvent::new("warden-sm", verb, action.id.clone())
-                            .with_detail(json!({ "options": action.options, "mode": action.mode,
-                                                 "steps": action.steps.len() })),
-                    );
-                    for refused in &action.refused {
-                        tx.audit(
-                            crate::store::AuditEvent::new(
-                                "warden-sm",
-                                "sm.action.refuse",
-                                action.id.clone(),
-                            )
-                            .with_detail(json!({ "option": refused, "mode": action.mode })),
-                        );
-                    }
-                    tx.put(&ACTIONS, &action.id, &action)?;
-                    if action.state == ActionState::Running {
-                        started.push(action);
-                    }
+                tx.audit(
+                    crate::store::AuditEvent::new(
+                        "nfvo",
+                        "sm.notifications",
+                        format!("{} processed", ids.len()),
+                    )
+                    .with_detail(Value::Array(ids)),
+                );
+                if let Some(inventory) = &inventory {
+                    inventory.store(tx)?;
                 }
-                Ok(started)
+                journal_actions(tx, actions)
             })
             .await?;
         Ok(started)
@@ -647,9 +647,10 @@ impl Sm {
     /// (Query NS), refused operations (`ns_lcm_op_occs`), and pending notifications.
     pub async fn reconcile(self: &std::sync::Arc<Self>) -> Result<(), SmError> {
         self.reconcile_subscription().await?;
-        let mut events = self
+        let mut refreshed = self
             .refresh(&BTreeSet::new(), &BTreeSet::new(), &BTreeMap::new())
             .await?;
+        let mut events = std::mem::take(&mut refreshed.events);
         let occs = self
             .nfvo
             .get_json(Interface::StatusInfo, Api::NsLcm, "/ns_lcm_op_occs")
@@ -687,47 +688,29 @@ impl Sm {
                 }
             }
         }
-        let actions = self.decide(events, "reconciliation").await;
+        let actions = self
+            .decide(events, "reconciliation", Some(&refreshed.inventory))
+            .await;
+        let gone = refreshed.gone.clone();
+        let inventory = Refreshed {
+            events: Vec::new(),
+            inventory: BTreeMap::new(),
+            gone: refreshed.gone,
+            changed: refreshed.changed,
+        };
         let started = self
             .journal
             .write_async(move |tx| {
                 for op in &seen {
                     tx.put(&SEEN_FAILURES, op, &now())?;
                 }
-                let mut started = Vec::new();
-                for (action, audit) in actions {
-                    let event = audit["event"].as_str().unwrap_or("event").to_string();
-                    tx.audit(
-                        crate::store::AuditEvent::new(
-                            "warden-sm",
-                            format!("sm.event.{event}"),
-                            action.vnf_instance_id.clone(),
-                        )
-                        .with_detail(audit),
-                    );
-                    if action.steps.is_empty() || tx.contains(&ACTIONS, &action.id)? {
-                        continue;
-                    }
-                    for refused in &action.refused {
-                        tx.audit(
-                            crate::store::AuditEvent::new(
-                                "warden-sm",
-                                "sm.action.refuse",
-                                action.id.clone(),
-                            )
-                            .with_detail(json!({ "option": refused, "mode": action.mode })),
-                        );
-                    }
-                    tx.put(&ACTIONS, &action.id, &action)?;
-                    if action.state == ActionState::Running {
-                        started.push(action);
-                    }
-                }
-                Ok(started)
+                inventory.store(tx)?;
+                journal_actions(tx, actions)
             })
             .await?;
+        self.erase_gone(gone);
         for action in started {
-            self.spawn_action(action);
+            self.spawn_action(action, true);
         }
         // Notifications left pending by an NFVO outage.
         let pending = self.pending_keys_public().await;
@@ -745,6 +728,59 @@ impl Sm {
         .await
         .unwrap_or_default()
     }
+}
+
+/// Journal decided actions in `tx`: audit each event, store each new action. The first
+/// step of an action that will run is journaled SENDING right here, in the same commit as
+/// the decision, so the request can leave without another commit; after a crash the step
+/// is looked up before it is sent again. Returns the actions to run.
+fn journal_actions(
+    tx: &mut crate::store::WriteTx<'_>,
+    actions: Vec<(Action, Value)>,
+) -> Result<Vec<Action>, crate::store::StoreError> {
+    let mut started = Vec::new();
+    for (mut action, audit) in actions {
+        let event = audit["event"].as_str().unwrap_or("event").to_string();
+        tx.audit(
+            crate::store::AuditEvent::new(
+                "warden-sm",
+                format!("sm.event.{event}"),
+                action.vnf_instance_id.clone(),
+            )
+            .with_detail(audit),
+        );
+        if action.steps.is_empty() || tx.contains(&ACTIONS, &action.id)? {
+            continue;
+        }
+        let verb = match action.state {
+            ActionState::Recorded => "sm.action.record",
+            _ => "sm.action.start",
+        };
+        tx.audit(
+            crate::store::AuditEvent::new("warden-sm", verb, action.id.clone()).with_detail(
+                json!({ "options": action.options, "mode": action.mode, "steps": action.steps.len() }),
+            ),
+        );
+        for refused in &action.refused {
+            tx.audit(
+                crate::store::AuditEvent::new("warden-sm", "sm.action.refuse", action.id.clone())
+                    .with_detail(json!({ "option": refused, "mode": action.mode })),
+            );
+        }
+        if action.state == ActionState::Running {
+            if let Some(first) = action.steps.first_mut() {
+                if matches!(first.kind, StepKind::UpdateNs { .. }) {
+                    first.state = StepState::Sending;
+                    first.attempts = 1;
+                }
+            }
+        }
+        tx.put(&ACTIONS, &action.id, &action)?;
+        if action.state == ActionState::Running {
+            started.push(action);
+        }
+    }
+    Ok(started)
 }
 
 impl Action {
