@@ -136,13 +136,14 @@ async fn notification(
         Err(reason) => return problem(400, &reason),
     };
     let received = crate::keys::rfc3339_now();
+    let body = parsed.body.clone();
     let outcome = sm
         .journal
         .write_async(move |tx| intake::journal(tx, &parsed, &received))
         .await;
     match outcome {
         Ok(Journaled::New(key)) => {
-            sm.notify_journaled(key);
+            sm.notify_journaled(key, body);
             no_content()
         }
         Ok(Journaled::Duplicate) | Ok(Journaled::Ignored) => no_content(),

@@ -329,7 +329,7 @@ impl TokenError {
 pub struct Notification {
     pub id: String,
     pub notification_type: String,
-    pub body: Value,
+    pub body: std::sync::Arc<Value>,
 }
 
 /// Parse a notification body. `Ok(None)` for a type the SM does not handle (ignored);
@@ -392,7 +392,7 @@ pub fn parse(body: &[u8]) -> Result<Option<Notification>, String> {
     Ok(Some(Notification {
         id,
         notification_type,
-        body: value,
+        body: std::sync::Arc::new(value),
     }))
 }
 

@@ -51,7 +51,7 @@ pub struct NotificationRecord {
     /// RFC 3339 UTC, when it was journaled. It is processed once its `sm_pending` entry is
     /// gone.
     pub received: String,
-    pub body: Value,
+    pub body: Arc<Value>,
 }
 
 /// What the SM knows about a VNF instance (IFA 033 6.2 NOTE: Sc-Or.NsLcm.006 data).
@@ -226,8 +226,9 @@ const BATCH: usize = 256;
 /// Work for the processor task.
 #[derive(Debug)]
 pub enum Wake {
-    /// A notification was journaled under this `sm_pending` key.
-    Notification(String),
+    /// A notification was journaled under this `sm_pending` key (with its body, so the
+    /// processor need not read it back).
+    Notification(String, Option<Arc<Value>>),
     /// Reconcile with the NFVO now.
     Reconcile,
 }
@@ -322,7 +323,8 @@ impl Sm {
             // Pending notifications journaled before a restart, oldest first.
             let pending = sm.pending_keys().await;
             for batch in pending.chunks(BATCH) {
-                sm.process_batch(batch.to_vec()).await;
+                sm.process_batch(batch.iter().map(|k| (k.clone(), None)).collect())
+                    .await;
             }
             let _ = sm.wake.send(Wake::Reconcile);
             let period = Duration::from_secs(sm.config.reconcile_seconds.max(1));
@@ -330,13 +332,13 @@ impl Sm {
             loop {
                 tokio::select! {
                     wake = wake_rx.recv() => match wake {
-                        Some(Wake::Notification(key)) => {
+                        Some(Wake::Notification(key, body)) => {
                             // Whatever else is already waiting joins this batch.
-                            let mut batch = vec![key];
+                            let mut batch = vec![(key, body)];
                             let mut reconcile = false;
                             while batch.len() < BATCH {
                                 match wake_rx.try_recv() {
-                                    Ok(Wake::Notification(key)) => batch.push(key),
+                                    Ok(Wake::Notification(key, body)) => batch.push((key, body)),
                                     Ok(Wake::Reconcile) => reconcile = true,
                                     Err(_) => break,
                                 }
@@ -356,8 +358,8 @@ impl Sm {
     }
 
     /// Queue a journaled notification for processing.
-    pub fn notify_journaled(&self, pending_key: String) {
-        let _ = self.wake.send(Wake::Notification(pending_key));
+    pub fn notify_journaled(&self, pending_key: String, body: Arc<Value>) {
+        let _ = self.wake.send(Wake::Notification(pending_key, Some(body)));
     }
 
     async fn connect_until_subscribed(self: &Arc<Self>) {

@@ -322,22 +322,28 @@ impl Sm {
     /// for the batch, events from each, decisions, and one durable commit that marks them
     /// processed and journals the actions; then run the actions. If the NFVO does not
     /// answer, they stay pending for the next reconciliation.
-    pub(crate) async fn process_batch(self: &std::sync::Arc<Self>, keys: Vec<String>) {
-        let lookup = keys.clone();
+    pub(crate) async fn process_batch(
+        self: &std::sync::Arc<Self>,
+        items: Vec<(String, Option<std::sync::Arc<Value>>)>,
+    ) {
         let loaded = self
             .read(move |tx| {
                 let mut out = Vec::new();
-                for key in &lookup {
-                    let id = key.split_once(':').map(|(_, id)| id).unwrap_or_default();
-                    let record = tx.get(&NOTIFICATIONS, id)?;
-                    let own = match record
-                        .as_ref()
-                        .and_then(|r| r.body["nsLcmOpOccId"].as_str())
-                    {
+                for (key, body) in items {
+                    let id = key
+                        .split_once(':')
+                        .map(|(_, id)| id)
+                        .unwrap_or_default()
+                        .to_string();
+                    let body = match body {
+                        Some(body) => Some(body),
+                        None => tx.get(&NOTIFICATIONS, &id)?.map(|r| r.body),
+                    };
+                    let own = match body.as_ref().and_then(|b| b["nsLcmOpOccId"].as_str()) {
                         Some(op) => tx.contains(&OWN_OPS, op)?,
                         None => false,
                     };
-                    out.push((key.clone(), id.to_string(), record, own));
+                    out.push((key, id, body, own));
                 }
                 Ok(out)
             })
@@ -357,12 +363,11 @@ impl Sm {
         let mut profiles = BTreeMap::new();
         let mut needs_refresh = false;
         let mut done = Vec::new();
-        for (key, id, record, own) in loaded {
-            let Some(record) = record else {
+        for (key, id, body, own) in loaded {
+            let Some(body) = body else {
                 done.push((key, id, json!(null)));
                 continue;
             };
-            let body = record.body;
             let (found, check) = notification_events(&body, own);
             events.extend(found);
             checks.extend(check);
@@ -714,8 +719,9 @@ impl Sm {
         }
         // Notifications left pending by an NFVO outage.
         let pending = self.pending_keys_public().await;
-        if !pending.is_empty() {
-            self.process_batch(pending).await;
+        for batch in pending.chunks(256) {
+            self.process_batch(batch.iter().map(|k| (k.clone(), None)).collect())
+                .await;
         }
         Ok(())
     }
