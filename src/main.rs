@@ -817,6 +817,23 @@ fn client_roots(config: &Config) -> Vec<&Path> {
     roots
 }
 
+/// The SM's Sc-Or interface keys (mTLS), with a display name each.
+fn sm_interfaces(config: &Config) -> Vec<(&'static str, nfv_warden::config::InterfaceKeyConfig)> {
+    let Some(sm) = &config.sm else {
+        return Vec::new();
+    };
+    let i = &sm.nfvo.interface;
+    [
+        ("SM ns_lcm key", &i.ns_lcm),
+        ("SM status_info key", &i.status_info),
+        ("SM sec_enforce key", &i.sec_enforce),
+        ("SM security_vnf_mgmt key", &i.security_vnf_mgmt),
+    ]
+    .into_iter()
+    .filter_map(|(name, entry)| entry.clone().map(|e| (name, e)))
+    .collect()
+}
+
 /// The SM admin socket: configured, or `warden.sock` next to the store.
 fn admin_socket(config: &Config) -> PathBuf {
     config
@@ -981,6 +998,10 @@ fn check(path: &Path) -> Result<ExitCode, Failure> {
     if let Some(server) = &config.server {
         keys.push(("TLS key", server.tls_key.clone()));
     }
+    let interfaces = sm_interfaces(&config);
+    for (name, entry) in &interfaces {
+        keys.push((name, entry.key.clone()));
+    }
     for (what, key) in keys {
         let result = backends.for_key(&key).and_then(|store| {
             let public = store.public_key(&key)?;
@@ -1072,6 +1093,68 @@ fn check(path: &Path) -> Result<ExitCode, Failure> {
                 );
             }
             Err(e) => line(false, format!("CMF: {e}")),
+        }
+    }
+    if let Some(sm) = &config.sm {
+        for (name, entry) in &interfaces {
+            let matches = std::fs::read_to_string(&entry.certificate)
+                .map_err(|e| e.to_string())
+                .and_then(|p| pki::certificates_from_pem(&p))
+                .and_then(|certs| {
+                    let spki = certs[0]
+                        .tbs_certificate()
+                        .subject_public_key_info()
+                        .to_der()
+                        .map_err(|e| e.to_string())?;
+                    let key = backends
+                        .for_key(&entry.key)
+                        .and_then(|s| s.public_key(&entry.key))
+                        .map_err(|e| e.to_string())?;
+                    Ok(key.spki_der == spki)
+                });
+            match matches {
+                Ok(true) => line(
+                    true,
+                    format!(
+                        "{name} certificate {} matches its key",
+                        entry.certificate.display()
+                    ),
+                ),
+                Ok(false) => line(
+                    false,
+                    format!(
+                        "{name} certificate {}: not for its key",
+                        entry.certificate.display()
+                    ),
+                ),
+                Err(e) => line(
+                    false,
+                    format!(
+                        "{name} certificate {}: {e} (run `warden sm init`)",
+                        entry.certificate.display()
+                    ),
+                ),
+            }
+        }
+        match nfv_warden::sm::nfvo::Nfvo::new(&sm.nfvo, &backends) {
+            Ok(_) => line(
+                true,
+                format!(
+                    "SM {} ({}): NFVO {} ({:?})",
+                    sm.name, sm.mode, sm.nfvo.api_root, sm.nfvo.auth
+                ),
+            ),
+            Err(e) => line(false, format!("SM NFVO client: {e}")),
+        }
+        match nfv_warden::sm::intake::Intake::new(sm) {
+            Ok(_) => line(
+                true,
+                format!(
+                    "SM notification authentication {:?} configured",
+                    sm.notifications.auth
+                ),
+            ),
+            Err(e) => line(false, format!("SM notifications: {e}")),
         }
     }
     Ok(if failed {

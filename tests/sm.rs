@@ -51,6 +51,15 @@ fn subscribes_with_its_mode_over_independent_interface_keys() {
         ..Default::default()
     });
     inventory(&sm);
+    let check = sm.warden(&["check"]);
+    for interface in ["ns_lcm", "status_info", "sec_enforce", "security_vnf_mgmt"] {
+        assert!(
+            check.contains(&format!("ok   SM {interface} key")),
+            "{interface} key not checked: {check}"
+        );
+    }
+    assert_eq!(check.matches("matches its key").count(), 4, "{check}");
+    assert!(!check.contains("FAIL"), "{check}");
     sm.start();
     assert_eq!(sm.nfvo.announced_mode().as_deref(), Some("SEMI_ACTIVE"));
     let subs = sm.nfvo.subscriptions();
