@@ -31,6 +31,17 @@ fn instantiate_tampered(sm: &SmAgent) -> String {
     sm.nfvo.notify_lcm("ns-a", "vnf-1", "INSTANTIATE")
 }
 
+/// An SM in `mode` with the default rules, serving, with the two NSs of [`inventory`].
+fn started(mode: &str) -> SmAgent {
+    let mut sm = SmAgent::new(SmSetup {
+        mode,
+        ..Default::default()
+    });
+    inventory(&sm);
+    sm.start();
+    sm
+}
+
 fn update_types(sm: &SmAgent) -> Vec<(String, String)> {
     sm.updates()
         .into_iter()
@@ -159,12 +170,7 @@ fn status_reports_states_packages_connectivity_and_integrity() {
 
 #[test]
 fn passive_records_and_sends_nothing() {
-    let mut sm = SmAgent::new(SmSetup {
-        mode: "PASSIVE",
-        ..Default::default()
-    });
-    inventory(&sm);
-    sm.start();
+    let sm = started("PASSIVE");
     instantiate_tampered(&sm);
     let action = sm.wait_action("terminate:vnf-1", "RECORDED");
     assert_eq!(action["mode"], "PASSIVE");
@@ -192,12 +198,7 @@ fn passive_records_and_sends_nothing() {
 
 #[test]
 fn semi_active_terminates_with_the_s_options_and_refuses_the_f_ones() {
-    let mut sm = SmAgent::new(SmSetup {
-        mode: "SEMI_ACTIVE",
-        ..Default::default()
-    });
-    inventory(&sm);
-    sm.start();
+    let sm = started("SEMI_ACTIVE");
     instantiate_tampered(&sm);
     let action = sm.wait_action("terminate:vnf-1", "COMPLETED");
     let refused = action["refused"].to_string();
@@ -299,9 +300,7 @@ fn fully_active_disables_the_package_and_erases() {
 
 #[test]
 fn kill_9_mid_sequence_resumes_and_sends_nothing_twice() {
-    let mut sm = SmAgent::new(SmSetup::default());
-    inventory(&sm);
-    sm.start();
+    let mut sm = started("FULLY_ACTIVE");
     // The NFVO takes the REMOVE_VNF on ns-b but answers slowly: the agent dies waiting.
     sm.nfvo.delay_response(
         "POST",
@@ -338,9 +337,7 @@ fn kill_9_mid_sequence_resumes_and_sends_nothing_twice() {
 
 #[test]
 fn duplicate_reordered_and_lost_notifications() {
-    let mut sm = SmAgent::new(SmSetup::default());
-    inventory(&sm);
-    sm.start();
+    let sm = started("FULLY_ACTIVE");
     let before = sm.nfvo.deliveries().len();
     // Duplicated: acknowledged twice, acted on once.
     sm.nfvo.set_delivery(Delivery::Duplicate);
@@ -443,12 +440,7 @@ fn basic(user: &str, password: &str) -> (&'static str, String) {
 
 #[test]
 fn notification_endpoint_auth_parsing_and_methods() {
-    let mut sm = SmAgent::new(SmSetup {
-        mode: "PASSIVE",
-        ..Default::default()
-    });
-    inventory(&sm);
-    sm.start();
+    let sm = started("PASSIVE");
     let client = callback_client(&sm, None);
     let good = basic("warden-sm", "s3cret-notify-password");
     let valid = json!({
@@ -619,12 +611,7 @@ fn oauth2_both_ways() {
 
 #[test]
 fn nfvo_faults_are_retried_sensibly() {
-    let mut sm = SmAgent::new(SmSetup {
-        mode: "SEMI_ACTIVE",
-        ..Default::default()
-    });
-    inventory(&sm);
-    sm.start();
+    let sm = started("SEMI_ACTIVE");
     // 409 (an operation in progress) twice, then a 503 with Retry-After, on the first
     // REMOVE_VNF: retried, accepted once.
     sm.nfvo
