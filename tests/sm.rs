@@ -804,3 +804,34 @@ allow_replacement = true
     assert_eq!(actions.lines().count(), 1, "{actions}");
     no_violations(&sm);
 }
+
+#[test]
+fn a_failed_test_notification_is_a_422_and_the_sm_keeps_trying() {
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "SEMI_ACTIVE",
+        notification_auth: "TLS_CERT",
+        ..Default::default()
+    });
+    // The agent expects another identity than the NFVO's notifier certificate carries, so
+    // the NFVO's test GET gets 403 and the subscription 422 (SOL 005 6.4.16.3.1).
+    let config = std::fs::read_to_string(&sm.agent.config).expect("config");
+    std::fs::write(
+        &sm.agent.config,
+        config.replace(
+            "client_identity = \"nfvo-notifier\"",
+            "client_identity = \"nfvo-other\"",
+        ),
+    )
+    .expect("config");
+    sm.spawn();
+    wait_for("two refused subscriptions", Duration::from_secs(30), || {
+        sm.nfvo
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("/subscriptions") && r.status == 422)
+            .count()
+            >= 2
+    });
+    assert!(sm.nfvo.subscriptions().is_empty());
+    no_violations(&sm);
+}

@@ -166,13 +166,7 @@ pkg-tampered = "{GOOD_HASH}"
 
     /// Start `warden serve` and wait until its subscription (with this address) exists.
     pub fn start(&mut self) {
-        let (child, addr) = self.agent.serve();
-        self.port = addr
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port");
-        self.child = Some(child);
+        self.spawn();
         let needle = format!("127.0.0.1:{}/", self.port);
         wait_for("the subscription", Duration::from_secs(30), || {
             self.nfvo.subscriptions().iter().any(|s| {
@@ -186,6 +180,17 @@ pkg-tampered = "{GOOD_HASH}"
         wait_for("the admin socket", Duration::from_secs(10), || {
             socket.exists()
         });
+    }
+
+    /// Start `warden serve` without waiting for anything.
+    pub fn spawn(&mut self) {
+        let (child, addr) = self.agent.serve();
+        self.port = addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        self.child = Some(child);
     }
 
     /// The running agent's PID.
