@@ -2,7 +2,7 @@
 //! NFVO test double.
 //!
 //! `cargo bench --bench sm` (the `warden` binary is built with the bench profile). Environment:
-//! `BENCH_SECONDS` (default 5) per closed-loop case, `BENCH_RATE` (default 5000) and
+//! `BENCH_SECONDS` (default 5) per closed-loop case, `BENCH_RATE` (default 2500,5000) and
 //! `BENCH_RATE_SECONDS` (default 5) for the open-loop run, `BENCH_REACTIONS` (default 200).
 //!
 //! 1. Intake: NsLcmOperationOccurrenceNotification bodies (about 1 KB, each a new id) posted
@@ -52,7 +52,11 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn main() {
     let seconds = env_or("BENCH_SECONDS", 5u64);
-    let rate = env_or("BENCH_RATE", 5000u64);
+    let rates: Vec<u64> = std::env::var("BENCH_RATE")
+        .unwrap_or_else(|_| "2500,5000".into())
+        .split(',')
+        .filter_map(|r| r.trim().parse().ok())
+        .collect();
     let rate_seconds = env_or("BENCH_RATE_SECONDS", 5u64);
     let reactions = env_or("BENCH_REACTIONS", 200usize);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -72,7 +76,7 @@ fn main() {
         .add_vnf(&["ns-a"], "vnf-2", "vnfd-1", "pkg-good", "profile-2");
     agent.start();
     let client = callback_client(&agent);
-    for connections in [16usize, 64] {
+    for connections in [4usize, 16, 64] {
         let cpu0 = cpu_seconds(&agent);
         let (count, mut latencies) = runtime.block_on(closed_loop(
             &client,
@@ -90,16 +94,18 @@ fn main() {
             cpu * 1e6 / count.max(1) as f64,
         );
     }
-    let (sent, mut latencies, late) =
-        runtime.block_on(open_loop(&client, rate, Duration::from_secs(rate_seconds)));
-    latencies.sort_unstable();
-    println!(
-        "open loop {rate}/s for {rate_seconds} s: {sent} sent, p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({late} started >1 ms late)",
-        pct(&latencies, 50.0),
-        pct(&latencies, 99.0),
-        pct(&latencies, 99.9),
-        pct(&latencies, 100.0),
-    );
+    for rate in rates {
+        let (sent, mut latencies, late) =
+            runtime.block_on(open_loop(&client, rate, Duration::from_secs(rate_seconds)));
+        latencies.sort_unstable();
+        println!(
+            "open loop {rate}/s for {rate_seconds} s: {sent} sent, p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({late} started >1 ms late)",
+            pct(&latencies, 50.0),
+            pct(&latencies, 99.0),
+            pct(&latencies, 99.9),
+            pct(&latencies, 100.0),
+        );
+    }
     // The backlog: a tampered VNF announced last is acted on once everything before it is
     // processed.
     let start = Instant::now();
@@ -137,6 +143,10 @@ erase = true
     agent.start();
     let client = callback_client(&agent);
     let mut reaction = Vec::new();
+    // Where the time goes: notification -> Query NS arrives -> package GET arrives -> UpdateNS.
+    let mut to_query = Vec::new();
+    let mut to_package = Vec::new();
+    let mut to_update = Vec::new();
     for i in 0..reactions {
         let vnf = format!("vnf-r{i}");
         agent
@@ -147,6 +157,25 @@ erase = true
         runtime.block_on(post_one(&client, &body));
         let at = wait_update(&agent, &vnf, Duration::from_secs(10)).expect("UpdateNS");
         reaction.push((at - t0).as_micros() as u64);
+        let requests = agent.nfvo.requests();
+        let after = |from: Instant, path: &str| {
+            requests
+                .iter()
+                .find(|r| {
+                    r.arrived >= from
+                        && r.arrived <= at
+                        && r.method == "GET"
+                        && r.path.ends_with(path)
+                })
+                .map(|r| r.arrived)
+        };
+        if let Some(query) = after(t0, "/ns_instances") {
+            if let Some(package) = after(query, "/vnf_packages/pkg-tampered") {
+                to_query.push((query - t0).as_micros() as u64);
+                to_package.push((package - query).as_micros() as u64);
+                to_update.push((at - package).as_micros() as u64);
+            }
+        }
         // Let its op occurrence and erasure finish so each sample starts from a quiet agent.
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -158,6 +187,27 @@ erase = true
         pct(&reaction, 99.0),
         pct(&reaction, 100.0),
     );
+    for (what, samples) in [
+        (
+            "POST + auth + journal commit + wake -> Query NS arrives",
+            &mut to_query,
+        ),
+        (
+            "Query NS answered + inventory diff -> package GET arrives",
+            &mut to_package,
+        ),
+        (
+            "package answered + decision commit -> UpdateNS arrives",
+            &mut to_update,
+        ),
+    ] {
+        samples.sort_unstable();
+        println!(
+            "  {what}: p50 {:.2} ms  p99 {:.2} ms",
+            pct(samples, 50.0),
+            pct(samples, 99.0)
+        );
+    }
     let violations = agent.nfvo.violations();
     assert!(violations.is_empty(), "{violations:?}");
 }
