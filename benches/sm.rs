@@ -142,6 +142,7 @@ erase = true
     agent.nfvo.add_ns("ns-a", "core");
     agent.start();
     let client = callback_client(&agent);
+    let mut conn = runtime.block_on(client.connect()).expect("connect");
     let mut reaction = Vec::new();
     // Where the time goes: notification -> Query NS arrives -> package GET arrives -> UpdateNS.
     let mut to_query = Vec::new();
@@ -154,7 +155,10 @@ erase = true
             .add_vnf(&["ns-a"], &vnf, "vnfd-1", "pkg-tampered", "profile-r");
         let body = instantiated(&format!("r{i}"), &vnf);
         let t0 = Instant::now();
-        runtime.block_on(post_one(&client, &body));
+        // The NFVO keeps its connection to the callback alive, as SOL 013 clients do.
+        runtime.block_on(async {
+            assert_eq!(post(&mut conn, body.clone()).await, 204);
+        });
         let at = wait_update(&agent, &vnf, Duration::from_secs(10)).expect("UpdateNS");
         reaction.push((at - t0).as_micros() as u64);
         let requests = agent.nfvo.requests();
