@@ -136,16 +136,17 @@ async fn notification(
         Err(reason) => return problem(400, &reason),
     };
     let received = crate::keys::rfc3339_now();
-    let body = parsed.body.clone();
+    let key = intake::pending_key(&parsed.id);
+    // The processor may start its (read-only) NFVO queries while the journal commit is in
+    // flight; it acts only once told the notification is durable and new.
+    let durable = sm.notify_received(key.clone(), parsed.body.clone());
     let outcome = sm
         .journal
-        .write_async(move |tx| intake::journal(tx, &parsed, &received))
+        .write_async(move |tx| intake::journal(tx, &parsed, &received, &key))
         .await;
+    let _ = durable.send(matches!(outcome, Ok(Journaled::New(_))));
     match outcome {
-        Ok(Journaled::New(key)) => {
-            sm.notify_journaled(key, body);
-            no_content()
-        }
+        Ok(Journaled::New(_)) => no_content(),
         Ok(Journaled::Duplicate) | Ok(Journaled::Ignored) => no_content(),
         Err(e) => {
             // Not durable: the NFVO must not take it as delivered.

@@ -396,12 +396,22 @@ pub fn parse(body: &[u8]) -> Result<Option<Notification>, String> {
     }))
 }
 
+/// The `sm_pending` key of a notification: arrival order, then id.
+pub fn pending_key(id: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{nanos:024}:{id}")
+}
+
 /// Journal a parsed notification durably (in the caller's group-commit transaction):
-/// insert by id, and queue it for processing. A known id is a duplicate.
+/// insert by id, and queue it for processing under `key`. A known id is a duplicate.
 pub fn journal(
     tx: &mut crate::store::WriteTx<'_>,
     notification: &Notification,
     received: &str,
+    key: &str,
 ) -> Result<Journaled, StoreError> {
     if tx.contains(&NOTIFICATIONS, &notification.id)? {
         return Ok(Journaled::Duplicate);
@@ -413,13 +423,8 @@ pub fn journal(
         body: notification.body.clone(),
     };
     tx.put(&NOTIFICATIONS, &notification.id, &record)?;
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let key = format!("{nanos:024}:{}", notification.id);
-    tx.put(&PENDING, &key, &notification.id)?;
-    Ok(Journaled::New(key))
+    tx.put(&PENDING, key, &notification.id)?;
+    Ok(Journaled::New(key.to_string()))
 }
 
 fn strip_scheme<'a>(header: &'a str, scheme: &str) -> Option<&'a str> {

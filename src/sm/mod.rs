@@ -220,15 +220,34 @@ pub struct Sm {
     running: std::sync::Mutex<BTreeSet<String>>,
 }
 
+/// A notification to process.
+#[derive(Debug)]
+pub struct Pending {
+    pub key: String,
+    pub body: Option<Arc<Value>>,
+    /// `true` once journaled as new; `false` (or dropped) for a duplicate or a failed commit.
+    pub durable: Option<tokio::sync::oneshot::Receiver<bool>>,
+}
+
+impl Pending {
+    pub fn stored(key: String) -> Pending {
+        Pending {
+            key,
+            body: None,
+            durable: None,
+        }
+    }
+}
+
 /// Notifications processed together at most (one Query NS, one commit).
 const BATCH: usize = 256;
 
 /// Work for the processor task.
 #[derive(Debug)]
 pub enum Wake {
-    /// A notification was journaled under this `sm_pending` key (with its body, so the
-    /// processor need not read it back).
-    Notification(String, Option<Arc<Value>>),
+    /// A notification for this `sm_pending` key: its body (so the processor need not read it
+    /// back) and, for one arriving now, whether it turned out durable and new.
+    Notification(Pending),
     /// Reconcile with the NFVO now.
     Reconcile,
 }
@@ -323,7 +342,7 @@ impl Sm {
             // Pending notifications journaled before a restart, oldest first.
             let pending = sm.pending_keys().await;
             for batch in pending.chunks(BATCH) {
-                sm.process_batch(batch.iter().map(|k| (k.clone(), None)).collect())
+                sm.process_batch(batch.iter().cloned().map(Pending::stored).collect())
                     .await;
             }
             let _ = sm.wake.send(Wake::Reconcile);
@@ -332,13 +351,13 @@ impl Sm {
             loop {
                 tokio::select! {
                     wake = wake_rx.recv() => match wake {
-                        Some(Wake::Notification(key, body)) => {
+                        Some(Wake::Notification(first)) => {
                             // Whatever else is already waiting joins this batch.
-                            let mut batch = vec![(key, body)];
+                            let mut batch = vec![first];
                             let mut reconcile = false;
                             while batch.len() < BATCH {
                                 match wake_rx.try_recv() {
-                                    Ok(Wake::Notification(key, body)) => batch.push((key, body)),
+                                    Ok(Wake::Notification(next)) => batch.push(next),
                                     Ok(Wake::Reconcile) => reconcile = true,
                                     Err(_) => break,
                                 }
@@ -358,8 +377,20 @@ impl Sm {
     }
 
     /// Queue a journaled notification for processing.
-    pub fn notify_journaled(&self, pending_key: String, body: Arc<Value>) {
-        let _ = self.wake.send(Wake::Notification(pending_key, Some(body)));
+    /// Hand a notification being journaled to the processor; send `true` on the returned
+    /// channel once it is durable and new.
+    pub fn notify_received(
+        &self,
+        key: String,
+        body: Arc<Value>,
+    ) -> tokio::sync::oneshot::Sender<bool> {
+        let (durable, receiver) = tokio::sync::oneshot::channel();
+        let _ = self.wake.send(Wake::Notification(Pending {
+            key,
+            body: Some(body),
+            durable: Some(receiver),
+        }));
+        durable
     }
 
     async fn connect_until_subscribed(self: &Arc<Self>) {

@@ -322,10 +322,20 @@ impl Sm {
     /// for the batch, events from each, decisions, and one durable commit that marks them
     /// processed and journals the actions; then run the actions. If the NFVO does not
     /// answer, they stay pending for the next reconciliation.
-    pub(crate) async fn process_batch(
-        self: &std::sync::Arc<Self>,
-        items: Vec<(String, Option<std::sync::Arc<Value>>)>,
-    ) {
+    pub(crate) async fn process_batch(self: &std::sync::Arc<Self>, batch: Vec<super::Pending>) {
+        // Arriving notifications come before their journal commit is durable: everything up
+        // to the decision only reads (store, NFVO); the decision waits for the commit.
+        let mut waits = Vec::new();
+        let items: Vec<(String, Option<std::sync::Arc<Value>>)> = batch
+            .into_iter()
+            .enumerate()
+            .map(|(i, pending)| {
+                if let Some(durable) = pending.durable {
+                    waits.push((i, durable));
+                }
+                (pending.key, pending.body)
+            })
+            .collect();
         let loaded = self
             .read(move |tx| {
                 let mut out = Vec::new();
@@ -355,21 +365,21 @@ impl Sm {
                 return;
             }
         };
-        let mut events = Vec::new();
+        let mut events: Vec<(Option<usize>, Event)> = Vec::new();
         let mut checks = BTreeSet::new();
         // VNFs our own operations created (a replacement) are expected; everything else new
         // is checked, even when the notification is about our operation.
         let mut expected = BTreeSet::new();
         let mut profiles = BTreeMap::new();
         let mut needs_refresh = false;
-        let mut done = Vec::new();
-        for (key, id, body, own) in loaded {
+        let mut items = Vec::new();
+        for (index, (key, id, body, own)) in loaded.into_iter().enumerate() {
             let Some(body) = body else {
-                done.push((key, id, json!(null)));
+                items.push((index, key, id, json!(null)));
                 continue;
             };
             let (found, check) = notification_events(&body, own);
-            events.extend(found);
+            events.extend(found.into_iter().map(|e| (Some(index), e)));
             checks.extend(check);
             for vnf in body["affectedVnf"].as_array().into_iter().flatten() {
                 if let Some(vnf_id) = vnf["vnfInstanceId"].as_str() {
@@ -385,20 +395,47 @@ impl Sm {
                 body["notificationType"].as_str() != Some("NsLcmCapacityShortageNotification");
             let detail = json!({ "notificationType": body["notificationType"],
                                  "nsInstanceId": body["nsInstanceId"], "own": own });
-            done.push((key, id, detail));
+            items.push((index, key, id, detail));
         }
         let mut refreshed = None;
-        if needs_refresh {
-            match self.refresh(&checks, &expected, &profiles).await {
-                Ok(mut r) => {
-                    events.append(&mut r.events);
-                    refreshed = Some(r);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, notifications = done.len(), "refresh failed; notifications stay pending");
-                    return;
-                }
+        let refresh = async {
+            if needs_refresh {
+                self.refresh(&checks, &expected, &profiles).await.map(Some)
+            } else {
+                Ok(None)
             }
+        };
+        let outcome = refresh.await;
+        // Only notifications now durable and new are acted on and marked processed.
+        let mut dropped = BTreeSet::new();
+        for (index, durable) in waits {
+            if !matches!(durable.await, Ok(true)) {
+                dropped.insert(index);
+            }
+        }
+        match outcome {
+            Ok(Some(mut r)) => {
+                events.extend(std::mem::take(&mut r.events).into_iter().map(|e| (None, e)));
+                refreshed = Some(r);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, notifications = items.len(), "refresh failed; notifications stay pending");
+                return;
+            }
+        }
+        let events: Vec<Event> = events
+            .into_iter()
+            .filter(|(index, _)| index.is_none_or(|i| !dropped.contains(&i)))
+            .map(|(_, e)| e)
+            .collect();
+        let done: Vec<(String, String, Value)> = items
+            .into_iter()
+            .filter(|(index, ..)| !dropped.contains(index))
+            .map(|(_, key, id, detail)| (key, id, detail))
+            .collect();
+        if done.is_empty() && events.is_empty() {
+            return;
         }
         let cause = match done.as_slice() {
             [(_, id, _)] => id.clone(),
@@ -720,7 +757,7 @@ impl Sm {
         // Notifications left pending by an NFVO outage.
         let pending = self.pending_keys_public().await;
         for batch in pending.chunks(256) {
-            self.process_batch(batch.iter().map(|k| (k.clone(), None)).collect())
+            self.process_batch(batch.iter().cloned().map(super::Pending::stored).collect())
                 .await;
         }
         Ok(())
