@@ -12,8 +12,9 @@
 //!    moment each request was due). The processor runs meanwhile (batched Query NS).
 //! 2. Reaction, FULLY_ACTIVE: the time from posting a notification that a VNF was
 //!    instantiated from a package whose checksum differs from the pinned one, to the NFVO
-//!    double receiving the first UpdateNS (REMOVE_VNF) for it. The path: auth, journal
-//!    commit, Query NS, package GET, decision commit, step commit, POST.
+//!    double receiving the first UpdateNS (REMOVE_VNF) for it. The path: auth, parse, Query NS
+//!    and package GET (while the journal commit is in flight), the decision commit (which
+//!    waits for the journal commit and also journals the first step), POST.
 //!
 //! Everything runs under target/ (fsync is real); only 127.0.0.1 is contacted; the agent is
 //! stopped by its PID.
@@ -193,7 +194,7 @@ erase = true
     );
     for (what, samples) in [
         (
-            "POST + auth + journal commit + wake -> Query NS arrives",
+            "POST + auth + parse -> Query NS arrives (journal commit alongside)",
             &mut to_query,
         ),
         (
