@@ -79,6 +79,7 @@ fn main() {
     let client = callback_client(&agent);
     for connections in [4usize, 16, 64] {
         let cpu0 = cpu_seconds(&agent);
+        let own0 = process_cpu_seconds("self");
         let (count, mut latencies) = runtime.block_on(closed_loop(
             &client,
             connections,
@@ -86,13 +87,16 @@ fn main() {
         ));
         latencies.sort_unstable();
         let cpu = cpu_seconds(&agent) - cpu0;
+        let own = process_cpu_seconds("self") - own0;
         println!(
-            "closed loop c={connections:<3} {:>7.0} notifications/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  agent CPU {:.0} us/notification",
+            "closed loop c={connections:<3} {:>7.0} notifications/s  p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  agent CPU {:.0} us/notification ({:.2} cores; load generator + NFVO double {:.2} cores)",
             count as f64 / seconds as f64,
             pct(&latencies, 50.0),
             pct(&latencies, 99.0),
             pct(&latencies, 100.0),
             cpu * 1e6 / count.max(1) as f64,
+            cpu / seconds as f64,
+            own / seconds as f64,
         );
     }
     for rate in rates {
@@ -399,10 +403,14 @@ fn wait_update(agent: &SmAgent, vnf: &str, timeout: Duration) -> Option<Instant>
 
 /// User + system CPU time of the agent so far.
 fn cpu_seconds(agent: &SmAgent) -> f64 {
-    let Some(stat) = agent
+    agent
         .pid()
-        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-    else {
+        .map_or(0.0, |pid| process_cpu_seconds(&pid.to_string()))
+}
+
+/// User + system CPU time of /proc/<pid> ("self" for this process).
+fn process_cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
     // Fields after the command name (which may hold spaces): utime is the 12th, stime 13th.
