@@ -480,6 +480,17 @@ mod tests {
         assert_eq!(profile.key_usage, defaults.key_usage);
         assert_eq!(profile.extended_key_usage, defaults.extended_key_usage);
         assert_eq!(profile.key_types, defaults.key_types);
+        let sm = config.sm.as_ref().expect("sm");
+        assert_eq!(
+            sm.journal_retention_hours,
+            default_journal_retention_hours()
+        );
+        assert_eq!(sm.reconcile_seconds, default_reconcile_seconds());
+        assert_eq!(sm.max_body_bytes, default_sm_max_body());
+        assert_eq!(sm.group_commit_max, default_sm_group_commit());
+        assert_eq!(sm.nfvo.timeout_seconds, default_nfvo_timeout());
+        assert_eq!(sm.nfvo.attempts, default_nfvo_attempts());
+        assert_eq!(sm.notifications.token_seconds, default_token_seconds());
         let server = config.server.expect("server");
         assert_eq!(server.listen, default_listen());
         assert_eq!(server.drain_seconds, default_drain_seconds());
@@ -521,6 +532,10 @@ pub struct SmConfig {
     /// Largest notification body accepted.
     #[serde(default = "default_sm_max_body")]
     pub max_body_bytes: usize,
+    /// How long processed notifications stay in the journal (and so how long a repeated id
+    /// is recognised as a duplicate), in hours.
+    #[serde(default = "default_journal_retention_hours")]
+    pub journal_retention_hours: u64,
     /// Writes batched into one durable commit at most (notification journal).
     #[serde(default = "default_sm_group_commit")]
     pub group_commit_max: usize,
@@ -544,6 +559,9 @@ pub struct SmConfig {
 
 fn default_reconcile_seconds() -> u64 {
     300
+}
+fn default_journal_retention_hours() -> u64 {
+    24 * 30
 }
 fn default_sm_max_body() -> usize {
     1024 * 1024

@@ -703,6 +703,27 @@ impl ReadTx {
         Ok(entries)
     }
 
+    /// Up to `limit` keys below `below`, in key order (time-ordered keys: the oldest).
+    pub fn keys_below<V>(
+        &self,
+        table: &Table<V>,
+        below: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let Some(handle) = self.open(table)? else {
+            return Ok(Vec::new());
+        };
+        let mut keys = Vec::new();
+        for item in handle.range(..below).map_err(storage(table.name))? {
+            if keys.len() >= limit {
+                break;
+            }
+            let (key, _) = item.map_err(storage(table.name))?;
+            keys.push(key.value().to_string());
+        }
+        Ok(keys)
+    }
+
     pub fn count<V>(&self, table: &Table<V>) -> Result<u64, StoreError> {
         match self.open(table)? {
             Some(handle) => handle.len().map_err(storage(table.name)),

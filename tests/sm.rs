@@ -835,3 +835,56 @@ fn a_failed_test_notification_is_a_422_and_the_sm_keeps_trying() {
     assert!(sm.nfvo.subscriptions().is_empty());
     no_violations(&sm);
 }
+
+#[test]
+fn processed_notifications_leave_the_journal_after_the_retention() {
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "PASSIVE",
+        ..Default::default()
+    });
+    let config = std::fs::read_to_string(&sm.agent.config).expect("config");
+    std::fs::write(
+        &sm.agent.config,
+        config.replace(
+            "reconcile_seconds = 3600",
+            "reconcile_seconds = 3600\njournal_retention_hours = 0",
+        ),
+    )
+    .expect("config");
+    inventory(&sm);
+    sm.start();
+    let client = callback_client(&sm, None);
+    let auth = basic("warden-sm", "s3cret-notify-password");
+    let body = json!({
+        "id": "n-retained", "notificationType": "NsIdentifierCreationNotification",
+        "subscriptionId": "s", "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+    })
+    .to_string();
+    assert_eq!(
+        post(&client, "POST", std::slice::from_ref(&auth), &body).status,
+        204
+    );
+    let journal = || sm.sm_json(&["status", "--json"])["journal"].clone();
+    wait_for(
+        "the notification processed",
+        Duration::from_secs(20),
+        || {
+            let j = journal();
+            j["pending"] == 0 && j["processed"].as_u64() >= Some(1)
+        },
+    );
+    sm.sm(&["reconcile"]);
+    let j = journal();
+    assert_eq!(j["notifications"], 0, "{j}");
+    assert_eq!(j["processed"], 0, "{j}");
+    // Past the retention the same id is new again.
+    assert_eq!(
+        post(&client, "POST", std::slice::from_ref(&auth), &body).status,
+        204
+    );
+    wait_for(
+        "the notification journaled again",
+        Duration::from_secs(20),
+        || journal()["notifications"] == 1,
+    );
+}

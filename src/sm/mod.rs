@@ -10,6 +10,7 @@
 //! Store tables (all JSON values, keyed by string):
 //! - `sm_notifications`: every notification by id (dedupe), with its body;
 //! - `sm_pending`: notifications journaled and not yet processed, in arrival order;
+//! - `sm_processed`: the same keys once processed: the time index that retention prunes by;
 //! - `sm_inventory`: the VNFs last seen, to notice additions, removals and changes;
 //! - `sm_actions`: actions with their steps and states (the enforcement journal);
 //! - `sm_own_ops`: NS LCM operation occurrences the SM started, so their effects are not
@@ -37,6 +38,7 @@ use nfvo::{Api, Interface, Nfvo, NfvoError};
 
 pub const NOTIFICATIONS: Table<NotificationRecord> = Table::new("sm_notifications");
 pub const PENDING: Table<String> = Table::new("sm_pending");
+pub const PROCESSED: Table<String> = Table::new("sm_processed");
 pub const INVENTORY: Table<VnfRecord> = Table::new("sm_inventory");
 pub const ACTIONS: Table<Action> = Table::new("sm_actions");
 pub const OWN_OPS: Table<String> = Table::new("sm_own_ops");
@@ -579,6 +581,58 @@ impl Sm {
                 .map(|v| v.into_iter().map(|(_, a)| a).collect())
         })
         .await
+    }
+
+    /// Journal sizes: notifications kept, pending, processed.
+    pub async fn journal_counts(&self) -> Result<Value, SmError> {
+        self.read(|tx| {
+            Ok(json!({
+                "notifications": tx.count(&NOTIFICATIONS)?,
+                "pending": tx.count(&PENDING)?,
+                "processed": tx.count(&PROCESSED)?,
+            }))
+        })
+        .await
+    }
+
+    /// Drop processed notifications older than the retention, oldest first, a bounded
+    /// number per call. Returns how many were dropped.
+    pub async fn prune_journal(&self) -> Result<usize, SmError> {
+        let retention = Duration::from_secs(self.config.journal_retention_hours * 3600);
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(retention)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        // Keys are `{nanos:024}:{id}` (intake::pending_key).
+        let below = format!("{cutoff:024}:");
+        let keys = self
+            .read(move |tx| tx.keys_below(&PROCESSED, &below, 10_000))
+            .await?;
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let count = keys.len();
+        self.journal
+            .write_async(move |tx| {
+                for key in &keys {
+                    if let Some((_, id)) = key.split_once(':') {
+                        tx.delete(&NOTIFICATIONS, id)?;
+                    }
+                    tx.delete(&PROCESSED, key)?;
+                }
+                tx.audit(
+                    crate::store::AuditEvent::new(
+                        "warden-sm",
+                        "sm.journal.prune",
+                        format!("{count} notifications"),
+                    )
+                    .with_detail(json!({ "oldest": keys.first(), "newest": keys.last() })),
+                );
+                Ok(())
+            })
+            .await?;
+        Ok(count)
     }
 
     pub async fn erasure_report(&self, vnf: &str) -> Result<Option<ErasureReport>, SmError> {

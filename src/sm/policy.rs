@@ -22,7 +22,7 @@ use super::nfvo::{Api, Interface};
 use super::{
     event_name, now, Action, ActionKind, ActionState, Sm, SmError, Step, StepKind, StepState,
     TerminateOptions, VnfRecord, ACTIONS, ERASURE_PARAM, INVENTORY, NOTIFICATIONS, OWN_OPS,
-    PENDING, SEEN_FAILURES,
+    PENDING, PROCESSED, SEEN_FAILURES,
 };
 
 /// Something the rules look at.
@@ -660,6 +660,7 @@ impl Sm {
                 let mut ids = Vec::with_capacity(done.len());
                 for (key, id, detail) in done {
                     tx.delete(&PENDING, &key)?;
+                    tx.put(&PROCESSED, &key, &id)?;
                     ids.push(json!({ "id": id, "detail": detail }));
                 }
                 tx.audit(
@@ -753,6 +754,11 @@ impl Sm {
         self.erase_gone(gone);
         for action in started {
             self.spawn_action(action, true);
+        }
+        match self.prune_journal().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(notifications = n, "journal pruned"),
+            Err(e) => tracing::warn!(error = %e, "pruning the journal"),
         }
         // Notifications left pending by an NFVO outage.
         let pending = self.pending_keys_public().await;

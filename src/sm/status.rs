@@ -94,8 +94,10 @@ impl Sm {
                 vnf["package"] = packages.get(&pkg).cloned().unwrap_or(Value::Null);
             }
         }
+        let journal = self.journal_counts().await?;
         Ok(json!({
             "sm": { "name": self.config.name, "mode": self.mode(), "callbackUri": self.callback_uri },
+            "journal": journal,
             "nsInstances": ns_list,
             "vnfs": vnfs.into_values().collect::<Vec<_>>(),
         }))
