@@ -144,7 +144,7 @@ async fn unsubscribe(State(sm): State<Arc<Sm>>, Path(id): Path<String>) -> Respo
 }
 
 async fn reconcile(State(sm): State<Arc<Sm>>) -> Response {
-    match sm.reconcile().await {
+    match sm.reconcile_now().await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => error(e),
     }

@@ -250,8 +250,8 @@ pub enum Wake {
     /// A notification for this `sm_pending` key: its body (so the processor need not read it
     /// back) and, for one arriving now, whether it turned out durable and new.
     Notification(Pending),
-    /// Reconcile with the NFVO now.
-    Reconcile,
+    /// Reconcile with the NFVO now; report the outcome if asked.
+    Reconcile(Option<tokio::sync::oneshot::Sender<Result<(), String>>>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +266,8 @@ pub enum SmError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("reconciliation: {0}")]
+    Reconcile(String),
 }
 
 impl SmError {
@@ -278,6 +280,7 @@ impl SmError {
             SmError::Refused(_) => 403,
             SmError::NotFound(_) => 404,
             SmError::Invalid(_) => 422,
+            SmError::Reconcile(_) => 502,
         }
     }
 }
@@ -347,7 +350,7 @@ impl Sm {
                 sm.process_batch(batch.iter().cloned().map(Pending::stored).collect())
                     .await;
             }
-            let _ = sm.wake.send(Wake::Reconcile);
+            let _ = sm.wake.send(Wake::Reconcile(None));
             let period = Duration::from_secs(sm.config.reconcile_seconds.max(1));
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
@@ -356,26 +359,52 @@ impl Sm {
                         Some(Wake::Notification(first)) => {
                             // Whatever else is already waiting joins this batch.
                             let mut batch = vec![first];
-                            let mut reconcile = false;
+                            let mut reconciles = Vec::new();
                             while batch.len() < BATCH {
                                 match wake_rx.try_recv() {
                                     Ok(Wake::Notification(next)) => batch.push(next),
-                                    Ok(Wake::Reconcile) => reconcile = true,
+                                    Ok(Wake::Reconcile(reply)) => reconciles.push(reply),
                                     Err(_) => break,
                                 }
                             }
                             sm.process_batch(batch).await;
-                            if reconcile {
-                                sm.reconcile_logged().await;
+                            for reply in reconciles {
+                                sm.reconcile_reply(reply).await;
                             }
                         }
-                        Some(Wake::Reconcile) => sm.reconcile_logged().await,
+                        Some(Wake::Reconcile(reply)) => sm.reconcile_reply(reply).await,
                         None => break,
                     },
                     _ = tick.tick() => sm.reconcile_logged().await,
                 }
             }
         });
+    }
+
+    /// Reconcile now, in the processor task (so nothing is processed twice at once), and
+    /// wait for the outcome.
+    pub async fn reconcile_now(&self) -> Result<(), SmError> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.wake
+            .send(Wake::Reconcile(Some(reply)))
+            .map_err(|_| SmError::Invalid("the SM processor is not running".into()))?;
+        outcome
+            .await
+            .map_err(|_| SmError::Invalid("the SM processor stopped".into()))?
+            .map_err(SmError::Reconcile)
+    }
+
+    async fn reconcile_reply(
+        self: &Arc<Self>,
+        reply: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    ) {
+        let outcome = self.reconcile().await.map_err(|e| e.to_string());
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, "reconciliation with the NFVO failed");
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
     }
 
     /// Queue a journaled notification for processing.

@@ -659,18 +659,25 @@ impl Sm {
             .write_async(move |tx| {
                 let mut ids = Vec::with_capacity(done.len());
                 for (key, id, detail) in done {
+                    // Already processed (found by a scan of the journal and also handed over
+                    // on arrival): once is enough.
+                    if !tx.contains(&PENDING, &key)? {
+                        continue;
+                    }
                     tx.delete(&PENDING, &key)?;
                     tx.put(&PROCESSED, &key, &id)?;
                     ids.push(json!({ "id": id, "detail": detail }));
                 }
-                tx.audit(
-                    crate::store::AuditEvent::new(
-                        "nfvo",
-                        "sm.notifications",
-                        format!("{} processed", ids.len()),
-                    )
-                    .with_detail(Value::Array(ids)),
-                );
+                if !ids.is_empty() {
+                    tx.audit(
+                        crate::store::AuditEvent::new(
+                            "nfvo",
+                            "sm.notifications",
+                            format!("{} processed", ids.len()),
+                        )
+                        .with_detail(Value::Array(ids)),
+                    );
+                }
                 if let Some(inventory) = &inventory {
                     inventory.store(tx)?;
                 }
