@@ -635,6 +635,17 @@ pub enum NfvoAuth {
 #[serde(deny_unknown_fields)]
 pub struct OAuth2ClientConfig {
     pub token_url: String,
+    /// One OAuth2 client per Sc-Or interface (IFA 033 Security.006: independent security
+    /// associations per interface).
+    pub ns_lcm: OAuth2Client,
+    pub status_info: OAuth2Client,
+    pub sec_enforce: OAuth2Client,
+    pub security_vnf_mgmt: OAuth2Client,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Client {
     pub client_id: String,
     pub client_secret: SecretSource,
 }
@@ -755,8 +766,25 @@ impl SmConfig {
             return Err("sm.nfvo.api_root: must be https://".into());
         }
         match self.nfvo.auth {
-            NfvoAuth::Oauth2 if self.nfvo.oauth2.is_none() => {
-                return Err("sm.nfvo.oauth2: required with auth = \"oauth2\"".into())
+            NfvoAuth::Oauth2 => {
+                let Some(o) = &self.nfvo.oauth2 else {
+                    return Err("sm.nfvo.oauth2: required with auth = \"oauth2\"".into());
+                };
+                let mut ids: Vec<&str> = [
+                    &o.ns_lcm,
+                    &o.status_info,
+                    &o.sec_enforce,
+                    &o.security_vnf_mgmt,
+                ]
+                .iter()
+                .map(|c| c.client_id.as_str())
+                .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                if ids.len() != 4 {
+                    // IFA 033 Security.001/.006, as for the mTLS keys.
+                    return Err("sm.nfvo.oauth2: each interface needs its own client".into());
+                }
             }
             NfvoAuth::Mtls => {
                 let i = &self.nfvo.interface;
@@ -782,7 +810,6 @@ impl SmConfig {
                     return Err("sm.nfvo.interface: each interface needs its own key".into());
                 }
             }
-            NfvoAuth::Oauth2 => {}
         }
         let n = &self.notifications;
         match n.auth {

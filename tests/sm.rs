@@ -579,12 +579,12 @@ fn oauth2_both_ways() {
     });
     inventory(&sm);
     sm.start();
-    let sub = &sm.nfvo.subscriptions()[0];
-    let _ = sub;
     instantiate_tampered(&sm);
     sm.wait_action("terminate:vnf-1", "COMPLETED");
-    // Every API request the SM made carried a Bearer token from the NFVO.
-    for r in sm.nfvo.requests() {
+    // Every API request the SM made carried a Bearer token from the NFVO, from one client
+    // per interface: the subscription, Query NS and UpdateNS tokens all differ.
+    let requests = sm.nfvo.requests();
+    for r in &requests {
         if r.path.starts_with("/nslcm/v2/") || r.path.starts_with("/vnfpkgm/v2/") {
             assert!(
                 r.bearer.is_some(),
@@ -594,6 +594,20 @@ fn oauth2_both_ways() {
             );
         }
     }
+    let token = |method: &str, suffix: &str| {
+        requests
+            .iter()
+            .find(|r| r.method == method && r.path.ends_with(suffix))
+            .and_then(|r| r.bearer.clone())
+            .unwrap_or_else(|| panic!("no {method} ...{suffix}"))
+    };
+    let tokens: std::collections::BTreeSet<String> = [
+        token("POST", "/subscriptions"),
+        token("GET", "/ns_instances"),
+        token("POST", "/update"),
+    ]
+    .into();
+    assert_eq!(tokens.len(), 3, "interfaces share an OAuth2 client");
     // A made-up token at the callback: 401 invalid_token.
     let client = callback_client(&sm, None);
     let r = post(

@@ -3,8 +3,8 @@
 //!
 //! Each Sc-Or interface (IFA 033 6.2-6.5) is its own client with its own TLS identity: with
 //! `auth = "mtls"` a key of its own in the HSM/TPM (IFA 033 Security.001/.006); with
-//! `auth = "oauth2"` a Bearer token from the client-credentials grant (RFC 6749 4.4) over
-//! server-authenticated TLS.
+//! `auth = "oauth2"` a Bearer token from the client-credentials grant (RFC 6749 4.4), with
+//! one OAuth2 client per interface, over server-authenticated TLS.
 //!
 //! Retries (SOL 013 6.4): 5xx, 429, 409 (another operation in progress) and connection
 //! failures are retried with exponential backoff, honouring `Retry-After`. A request that
@@ -150,7 +150,8 @@ pub struct Nfvo {
     /// Path part of the apiRoot, without a trailing slash ("" or "/prefix").
     root_path: String,
     interfaces: Vec<InterfaceClient>,
-    oauth: Option<OAuth2>,
+    /// Per interface, with `auth = "oauth2"`.
+    oauth: Vec<Option<OAuth2>>,
     versions: std::sync::Mutex<(String, String)>,
     timeout: Duration,
     attempts: u32,
@@ -226,30 +227,38 @@ impl Nfvo {
                 idle: tokio::sync::Mutex::new(Vec::new()),
             });
         }
-        let oauth = match (&config.auth, &config.oauth2) {
-            (NfvoAuth::Oauth2, Some(o)) => {
-                let secret = o
-                    .client_secret
-                    .read()
-                    .map_err(|e| NfvoError::Setup("oauth2", e))?;
-                let client = HttpsClient::with_key(&o.token_url, &config.ca, ClientKey::None)
-                    .map_err(|e| NfvoError::Setup("oauth2", e))?;
-                let path = o
-                    .token_url
-                    .strip_prefix("https://")
-                    .and_then(|r| r.find('/').map(|i| r[i..].to_string()))
-                    .unwrap_or_else(|| "/".into());
-                Some(OAuth2 {
-                    url: o.token_url.clone(),
-                    path,
-                    client,
-                    client_id: o.client_id.clone(),
-                    secret,
-                    token: tokio::sync::Mutex::new(None),
-                })
-            }
-            _ => None,
-        };
+        let mut oauth = Vec::new();
+        for interface in Interface::ALL {
+            oauth.push(match (&config.auth, &config.oauth2) {
+                (NfvoAuth::Oauth2, Some(o)) => {
+                    let credentials = match interface {
+                        Interface::NsLcm => &o.ns_lcm,
+                        Interface::StatusInfo => &o.status_info,
+                        Interface::SecEnforce => &o.sec_enforce,
+                        Interface::SecurityVnfMgmt => &o.security_vnf_mgmt,
+                    };
+                    let setup =
+                        |e: String| NfvoError::Setup(interface.name(), format!("oauth2: {e}"));
+                    let secret = credentials.client_secret.read().map_err(setup)?;
+                    let client = HttpsClient::with_key(&o.token_url, &config.ca, ClientKey::None)
+                        .map_err(setup)?;
+                    let path = o
+                        .token_url
+                        .strip_prefix("https://")
+                        .and_then(|r| r.find('/').map(|i| r[i..].to_string()))
+                        .unwrap_or_else(|| "/".into());
+                    Some(OAuth2 {
+                        url: o.token_url.clone(),
+                        path,
+                        client,
+                        client_id: credentials.client_id.clone(),
+                        secret,
+                        token: tokio::sync::Mutex::new(None),
+                    })
+                }
+                _ => None,
+            });
+        }
         Ok(Nfvo {
             root_path,
             interfaces,
@@ -409,7 +418,8 @@ impl Nfvo {
         let mut token_refreshed = false;
         loop {
             let mut headers = headers.clone();
-            if let Some(oauth) = &self.oauth {
+            let oauth = &self.oauth[interface.index()];
+            if let Some(oauth) = oauth {
                 let token = oauth.token(self.timeout).await?;
                 headers.push(("authorization", format!("Bearer {}", token.expose_secret())));
             }
@@ -424,9 +434,9 @@ impl Nfvo {
                     repeat,
                 )
                 .await?;
-            if response.status == 401 && self.oauth.is_some() && !token_refreshed {
+            if response.status == 401 && oauth.is_some() && !token_refreshed {
                 // An expired or revoked token: fetch a new one once.
-                if let Some(oauth) = &self.oauth {
+                if let Some(oauth) = oauth {
                     *oauth.token.lock().await = None;
                 }
                 token_refreshed = true;

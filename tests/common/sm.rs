@@ -31,6 +31,9 @@ on = "topology_change"
 action = "record"
 "#;
 
+/// The Sc-Or interfaces as config keys.
+pub const INTERFACES: [&str; 4] = ["ns_lcm", "status_info", "sec_enforce", "security_vnf_mgmt"];
+
 pub struct SmAgent {
     pub agent: Agent,
     pub nfvo: NfvoDouble,
@@ -73,7 +76,7 @@ impl SmAgent {
         let ca = dir.join("ca.pem");
         let nfvo = NfvoDouble::start(&nfvo_dir, &ca, &ca);
         std::fs::write(dir.join("notify-secret"), "s3cret-notify-password\n").expect("secret");
-        let interfaces: String = ["ns_lcm", "status_info", "sec_enforce", "security_vnf_mgmt"]
+        let interfaces: String = INTERFACES
             .iter()
             .map(|i| {
                 format!(
@@ -84,14 +87,23 @@ impl SmAgent {
             })
             .collect();
         let oauth = if setup.nfvo_auth == "oauth2" {
-            std::fs::write(dir.join("nfvo-client-secret"), "nfvo-client-secret\n").expect("secret");
-            nfvo.oauth_client("warden-sm", "nfvo-client-secret");
-            format!(
-                "[sm.nfvo.oauth2]\ntoken_url = \"{}/oauth2/token\"\nclient_id = \"warden-sm\"\n\
-                 client_secret = {{ file = \"{}/nfvo-client-secret\" }}\n",
-                nfvo.base(),
-                dir.display()
-            )
+            // One OAuth2 client per interface (IFA 033 Security.006).
+            let mut text = format!(
+                "[sm.nfvo.oauth2]\ntoken_url = \"{}/oauth2/token\"\n",
+                nfvo.base()
+            );
+            for i in INTERFACES {
+                let secret = format!("{i}-client-secret");
+                std::fs::write(dir.join(format!("oauth-{i}")), format!("{secret}\n"))
+                    .expect("secret");
+                nfvo.oauth_client(&format!("warden-sm-{i}"), &secret);
+                text += &format!(
+                    "[sm.nfvo.oauth2.{i}]\nclient_id = \"warden-sm-{i}\"\n\
+                     client_secret = {{ file = \"{}/oauth-{i}\" }}\n",
+                    dir.display()
+                );
+            }
+            text
         } else {
             String::new()
         };
