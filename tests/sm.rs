@@ -901,3 +901,28 @@ fn processed_notifications_leave_the_journal_after_the_retention() {
         || journal()["notifications"] == 1,
     );
 }
+
+#[test]
+fn an_operator_retries_a_failed_termination() {
+    let sm = started("SEMI_ACTIVE");
+    // The NFVO refuses the REMOVE_VNF on ns-b for good (400): the action fails.
+    sm.nfvo
+        .fail("POST", "/ns_instances/ns-b/update", 400, 1, None);
+    instantiate_tampered(&sm);
+    let failed = sm.wait_action("terminate:vnf-1", "FAILED");
+    assert!(failed["steps"].to_string().contains("400"), "{failed:#}");
+    assert!(sm.nfvo.vnf_in_ns("ns-b", "vnf-1"));
+    // The operator tries again: a new attempt, with its own markers, completes.
+    let out = sm.sm(&["terminate", "vnf-1", "--wait"]);
+    assert!(out.contains("COMPLETED"), "{out}");
+    assert!(!sm.nfvo.vnf_in_ns("ns-b", "vnf-1"));
+    let removes_b = sm
+        .updates()
+        .into_iter()
+        .filter(|(ns, b, _, status)| {
+            ns == "ns-b" && b["updateType"] == "REMOVE_VNF" && *status == 202
+        })
+        .count();
+    assert_eq!(removes_b, 1);
+    no_violations(&sm);
+}

@@ -546,12 +546,13 @@ impl Sm {
             mode: self.mode(),
             options: allowed,
             refused,
-            steps: super::policy::terminate_steps(&id, &record, allowed),
+            steps: super::policy::terminate_steps(&format!("{id}@{created}"), &record, allowed),
             state: ActionState::Running,
             created: created.clone(),
             updated: created,
         };
-        self.start_new(action, actor).await
+        // An operator may retry a termination that failed.
+        self.start_new(action, actor, true).await
     }
 
     /// IFA 033 6.5: add, modify or remove a security VNF in an NS with Update NS.
@@ -641,18 +642,34 @@ impl Sm {
             created: created.clone(),
             updated: created,
         };
-        self.start_new(action, actor).await
+        self.start_new(action, actor, false).await
     }
 
-    /// Journal a new action (unless one with that id exists) and run it.
-    async fn start_new(self: &Arc<Self>, action: Action, actor: &str) -> Result<Action, SmError> {
+    /// Journal a new action (unless one with that id exists; a FAILED one is replaced when
+    /// `retry_failed`) and run it.
+    async fn start_new(
+        self: &Arc<Self>,
+        action: Action,
+        actor: &str,
+        retry_failed: bool,
+    ) -> Result<Action, SmError> {
         let record = action.clone();
         let actor = actor.to_string();
         let stored = self
             .journal
             .write_async(move |tx| {
                 if let Some(existing) = tx.get(&ACTIONS, &record.id)? {
-                    return Ok((existing, false));
+                    if !(retry_failed && existing.state == ActionState::Failed) {
+                        return Ok((existing, false));
+                    }
+                    tx.audit(
+                        crate::store::AuditEvent::new(
+                            actor.clone(),
+                            "sm.action.retry",
+                            record.id.clone(),
+                        )
+                        .with_detail(json!({ "previous": existing.steps })),
+                    );
                 }
                 tx.put(&ACTIONS, &record.id, &record)?;
                 tx.audit(

@@ -233,8 +233,11 @@ pub fn gate(mode: SmMode, requested: TerminateOptions) -> (TerminateOptions, Vec
 /// first, REMOVE_VNF from every NS that holds it, the package disabled (before any
 /// replacement, so nothing new is instantiated from it), a replacement, and the agent's own
 /// erasure.
-pub fn terminate_steps(action_id: &str, vnf: &VnfRecord, options: TerminateOptions) -> Vec<Step> {
-    let marker = |step: &str| format!("{action_id}/{step}");
+/// `attempt` names this attempt of the action (its id and creation time): each request
+/// carries `<attempt>/<step>` as its `wardenActionId`, so a retried action never adopts an
+/// operation of an earlier attempt.
+pub fn terminate_steps(attempt: &str, vnf: &VnfRecord, options: TerminateOptions) -> Vec<Step> {
+    let marker = |step: &str| format!("{attempt}/{step}");
     let mut steps = Vec::new();
     let first_ns = vnf.ns_instance_ids.iter().next().cloned();
     if options.snapshot {
@@ -625,7 +628,7 @@ impl Sm {
                 mode: self.mode(),
                 options: allowed,
                 refused,
-                steps: terminate_steps(&id, &vnf, allowed),
+                steps: terminate_steps(&format!("{id}@{created}"), &vnf, allowed),
                 state: if self.mode() == SmMode::Passive {
                     ActionState::Recorded
                 } else {
