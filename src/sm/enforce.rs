@@ -534,23 +534,13 @@ impl Sm {
         if let Some(known) = self.read(move |tx| tx.get(&INVENTORY, &vnf_id)).await? {
             record.vnf_profile_id = known.vnf_profile_id;
         }
-        let (allowed, refused) = super::policy::gate(self.mode(), requested);
-        let id = super::policy::terminate_id(vnf);
-        let created = now();
-        let action = Action {
-            id: id.clone(),
-            kind: ActionKind::Terminate,
-            vnf_instance_id: vnf.to_string(),
-            trigger: "operator".into(),
-            cause: json!({ "actor": actor }),
-            mode: self.mode(),
-            options: allowed,
-            refused,
-            steps: super::policy::terminate_steps(&format!("{id}@{created}"), &record, allowed),
-            state: ActionState::Running,
-            created: created.clone(),
-            updated: created,
-        };
+        let action = Action::terminate(
+            &record,
+            self.mode(),
+            super::policy::gate(self.mode(), requested),
+            "operator",
+            json!({ "actor": actor }),
+        );
         // An operator may retry a termination that failed.
         self.start_new(action, actor, true).await
     }

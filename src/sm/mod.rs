@@ -242,7 +242,7 @@ impl Pending {
 }
 
 /// Notifications processed together at most (one Query NS, one commit).
-const BATCH: usize = 256;
+pub(crate) const BATCH: usize = 256;
 
 /// Work for the processor task.
 #[derive(Debug)]
@@ -344,12 +344,7 @@ impl Sm {
         tokio::spawn(async move {
             sm.connect_until_subscribed().await;
             sm.resume_actions().await;
-            // Pending notifications journaled before a restart, oldest first.
-            let pending = sm.pending_keys().await;
-            for batch in pending.chunks(BATCH) {
-                sm.process_batch(batch.iter().cloned().map(Pending::stored).collect())
-                    .await;
-            }
+            // The first reconciliation also processes what was journaled before a restart.
             let _ = sm.wake.send(Wake::Reconcile(None));
             let period = Duration::from_secs(sm.config.reconcile_seconds.max(1));
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -375,7 +370,7 @@ impl Sm {
                         Some(Wake::Reconcile(reply)) => sm.reconcile_reply(reply).await,
                         None => break,
                     },
-                    _ = tick.tick() => sm.reconcile_logged().await,
+                    _ = tick.tick() => sm.reconcile_reply(None).await,
                 }
             }
         });
@@ -568,20 +563,6 @@ impl Sm {
             })
             .await?;
         Ok(())
-    }
-
-    async fn pending_keys(&self) -> Vec<String> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            store.read(|tx| {
-                tx.list(&PENDING, "")
-                    .map(|v| v.into_iter().map(|(k, _)| k).collect())
-            })
-        })
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default()
     }
 
     /// A read on a blocking thread.

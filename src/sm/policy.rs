@@ -33,17 +33,30 @@ pub struct Event {
     pub detail: Value,
 }
 
+/// One event as decided: audited always, with the action it calls for, if any.
+pub(crate) struct Decision {
+    pub vnf_instance_id: String,
+    pub audit: Value,
+    pub action: Option<Action>,
+}
+
 /// What a refresh found: events, the NFVO's current VNFs, and what to write.
 pub(crate) struct Refreshed {
     pub events: Vec<Event>,
     pub inventory: BTreeMap<String, VnfRecord>,
+    pub change: InventoryChange,
+}
+
+/// The inventory writes a refresh calls for; the caller stores them in its own commit.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct InventoryChange {
     /// VNFs no longer in any NS: terminated.
     pub gone: Vec<String>,
     /// New or changed inventory records.
     pub changed: Vec<VnfRecord>,
 }
 
-impl Refreshed {
+impl InventoryChange {
     /// Write the inventory changes into the caller's transaction.
     pub fn store(
         &self,
@@ -400,15 +413,11 @@ impl Sm {
                                  "nsInstanceId": body["nsInstanceId"], "own": own });
             items.push((index, key, id, detail));
         }
-        let mut refreshed = None;
-        let refresh = async {
-            if needs_refresh {
-                self.refresh(&checks, &expected, &profiles).await.map(Some)
-            } else {
-                Ok(None)
-            }
+        let outcome = if needs_refresh {
+            self.refresh(&checks, &expected, &profiles).await.map(Some)
+        } else {
+            Ok(None)
         };
-        let outcome = refresh.await;
         // Only notifications now durable and new are acted on and marked processed.
         let mut dropped = BTreeSet::new();
         for (index, durable) in waits {
@@ -416,17 +425,17 @@ impl Sm {
                 dropped.insert(index);
             }
         }
-        match outcome {
+        let refreshed = match outcome {
             Ok(Some(mut r)) => {
                 events.extend(std::mem::take(&mut r.events).into_iter().map(|e| (None, e)));
-                refreshed = Some(r);
+                Some(r)
             }
-            Ok(None) => {}
+            Ok(None) => None,
             Err(e) => {
                 tracing::warn!(error = %e, notifications = items.len(), "refresh failed; notifications stay pending");
                 return;
             }
-        }
+        };
         let events: Vec<Event> = events
             .into_iter()
             .filter(|(index, _)| index.is_none_or(|i| !dropped.contains(&i)))
@@ -444,23 +453,24 @@ impl Sm {
             [(_, id, _)] => id.clone(),
             _ => format!("{} notifications", done.len()),
         };
-        let inventory = refreshed.as_ref().map(|r| &r.inventory);
-        let actions = self.decide(events, &cause, inventory).await;
-        match self.finish_pending(done, actions, refreshed.as_ref()).await {
+        let actions = self
+            .decide(events, &cause, refreshed.as_ref().map(|r| &r.inventory))
+            .await;
+        let change = refreshed.map(|r| r.change).unwrap_or_default();
+        let gone = change.gone.clone();
+        match self.finish_pending(done, actions, change).await {
             Ok(started) => {
                 for action in started {
                     self.spawn_action(action, true);
                 }
-                if let Some(r) = refreshed {
-                    self.erase_gone(r.gone);
-                }
+                self.erase_gone(gone);
             }
             Err(e) => tracing::error!(error = %e, "journaling the outcome of notifications"),
         }
     }
 
     /// Query NS, compare with the inventory, run the package checks. The caller stores the
-    /// new inventory ([`Refreshed::store`]) in its own commit, then erases what is gone
+    /// new inventory ([`InventoryChange::store`]) in its own commit, then erases what is gone
     /// ([`Sm::erase_gone`]).
     pub(crate) async fn refresh(
         self: &std::sync::Arc<Self>,
@@ -510,8 +520,10 @@ impl Sm {
         Ok(Refreshed {
             events,
             inventory: now,
-            gone: d.gone,
-            changed,
+            change: InventoryChange {
+                gone: d.gone,
+                changed,
+            },
         })
     }
 
@@ -568,19 +580,27 @@ impl Sm {
         events: Vec<Event>,
         notification: &str,
         inventory: Option<&BTreeMap<String, VnfRecord>>,
-    ) -> Vec<(Action, Value)> {
-        let mut actions: Vec<(Action, Value)> = Vec::new();
+    ) -> Vec<Decision> {
+        let mut decisions: Vec<Decision> = Vec::new();
         for event in events {
             let rule = rule_for(&self.config.rules, event.kind).cloned();
             let audit = json!({ "event": event_name(event.kind), "vnfInstanceId": event.vnf_instance_id,
                                 "detail": event.detail, "notificationId": notification,
                                 "rule": rule, "mode": self.mode() });
+            let mut decision = Decision {
+                vnf_instance_id: event.vnf_instance_id.clone(),
+                audit,
+                action: None,
+            };
             let Some(rule) = rule.filter(|r| r.action == RuleAction::Terminate) else {
-                actions.push((Action::event_only(&event), audit));
+                decisions.push(decision);
                 continue;
             };
             let id = terminate_id(&event.vnf_instance_id);
-            if actions.iter().any(|(a, _)| a.id == id) {
+            if decisions
+                .iter()
+                .any(|d| d.action.as_ref().is_some_and(|a| a.id == id))
+            {
                 continue;
             }
             let vnf = match inventory {
@@ -594,7 +614,7 @@ impl Sm {
                 }
             };
             let Some(vnf) = vnf else {
-                actions.push((Action::event_only(&event), audit));
+                decisions.push(decision);
                 continue;
             };
             let requested = TerminateOptions {
@@ -618,28 +638,16 @@ impl Sm {
                 refused
                     .push("allowReplacement (the replacement would use the same package)".into());
             }
-            let created = now();
-            let action = Action {
-                id: id.clone(),
-                kind: ActionKind::Terminate,
-                vnf_instance_id: vnf.vnf_instance_id.clone(),
-                trigger: event_name(event.kind).to_string(),
-                cause: json!({ "notificationId": notification, "event": event.detail }),
-                mode: self.mode(),
-                options: allowed,
-                refused,
-                steps: terminate_steps(&format!("{id}@{created}"), &vnf, allowed),
-                state: if self.mode() == SmMode::Passive {
-                    ActionState::Recorded
-                } else {
-                    ActionState::Running
-                },
-                created: created.clone(),
-                updated: created,
-            };
-            actions.push((action, audit));
+            decision.action = Some(Action::terminate(
+                &vnf,
+                self.mode(),
+                (allowed, refused),
+                event_name(event.kind),
+                json!({ "notificationId": notification, "event": event.detail }),
+            ));
+            decisions.push(decision);
         }
-        actions
+        decisions
     }
 
     /// One durable commit: the notifications processed (one audit entry for the batch), the
@@ -648,15 +656,9 @@ impl Sm {
     async fn finish_pending(
         &self,
         done: Vec<(String, String, Value)>,
-        actions: Vec<(Action, Value)>,
-        refreshed: Option<&Refreshed>,
+        actions: Vec<Decision>,
+        change: InventoryChange,
     ) -> Result<Vec<Action>, SmError> {
-        let inventory = refreshed.map(|r| Refreshed {
-            events: Vec::new(),
-            inventory: BTreeMap::new(),
-            gone: r.gone.clone(),
-            changed: r.changed.clone(),
-        });
         let started = self
             .journal
             .write_async(move |tx| {
@@ -681,24 +683,16 @@ impl Sm {
                         .with_detail(Value::Array(ids)),
                     );
                 }
-                if let Some(inventory) = &inventory {
-                    inventory.store(tx)?;
-                }
+                change.store(tx)?;
                 journal_actions(tx, actions)
             })
             .await?;
         Ok(started)
     }
 
-    pub(crate) async fn reconcile_logged(self: &std::sync::Arc<Self>) {
-        if let Err(e) = self.reconcile().await {
-            tracing::warn!(error = %e, "reconciliation with the NFVO failed");
-        }
-    }
-
     /// Recover what lost notifications would have said: the subscription, the NS state
     /// (Query NS), refused operations (`ns_lcm_op_occs`), and pending notifications.
-    pub async fn reconcile(self: &std::sync::Arc<Self>) -> Result<(), SmError> {
+    pub(crate) async fn reconcile(self: &std::sync::Arc<Self>) -> Result<(), SmError> {
         self.reconcile_subscription().await?;
         let mut refreshed = self
             .refresh(&BTreeSet::new(), &BTreeSet::new(), &BTreeMap::new())
@@ -744,20 +738,15 @@ impl Sm {
         let actions = self
             .decide(events, "reconciliation", Some(&refreshed.inventory))
             .await;
-        let gone = refreshed.gone.clone();
-        let inventory = Refreshed {
-            events: Vec::new(),
-            inventory: BTreeMap::new(),
-            gone: refreshed.gone,
-            changed: refreshed.changed,
-        };
+        let change = refreshed.change;
+        let gone = change.gone.clone();
         let started = self
             .journal
             .write_async(move |tx| {
                 for op in &seen {
                     tx.put(&SEEN_FAILURES, op, &now())?;
                 }
-                inventory.store(tx)?;
+                change.store(tx)?;
                 journal_actions(tx, actions)
             })
             .await?;
@@ -770,22 +759,19 @@ impl Sm {
             Ok(n) => tracing::info!(notifications = n, "journal pruned"),
             Err(e) => tracing::warn!(error = %e, "pruning the journal"),
         }
-        // Notifications left pending by an NFVO outage.
-        let pending = self.pending_keys_public().await;
-        for batch in pending.chunks(256) {
+        // Notifications journaled before a restart or left pending by an NFVO outage,
+        // oldest first.
+        let pending: Vec<String> = self
+            .read(|tx| {
+                tx.list(&PENDING, "")
+                    .map(|v| v.into_iter().map(|(k, _)| k).collect())
+            })
+            .await?;
+        for batch in pending.chunks(super::BATCH) {
             self.process_batch(batch.iter().cloned().map(super::Pending::stored).collect())
                 .await;
         }
         Ok(())
-    }
-
-    async fn pending_keys_public(&self) -> Vec<String> {
-        self.read(|tx| {
-            tx.list(&PENDING, "")
-                .map(|v| v.into_iter().map(|(k, _)| k).collect())
-        })
-        .await
-        .unwrap_or_default()
     }
 }
 
@@ -795,20 +781,26 @@ impl Sm {
 /// is looked up before it is sent again. Returns the actions to run.
 fn journal_actions(
     tx: &mut crate::store::WriteTx<'_>,
-    actions: Vec<(Action, Value)>,
+    decisions: Vec<Decision>,
 ) -> Result<Vec<Action>, crate::store::StoreError> {
     let mut started = Vec::new();
-    for (mut action, audit) in actions {
-        let event = audit["event"].as_str().unwrap_or("event").to_string();
+    for decision in decisions {
+        let event = decision.audit["event"]
+            .as_str()
+            .unwrap_or("event")
+            .to_string();
         tx.audit(
             crate::store::AuditEvent::new(
                 "warden-sm",
                 format!("sm.event.{event}"),
-                action.vnf_instance_id.clone(),
+                decision.vnf_instance_id,
             )
-            .with_detail(audit),
+            .with_detail(decision.audit),
         );
-        if action.steps.is_empty() || tx.contains(&ACTIONS, &action.id)? {
+        let Some(mut action) = decision.action else {
+            continue;
+        };
+        if tx.contains(&ACTIONS, &action.id)? {
             continue;
         }
         let verb = match action.state {
@@ -843,20 +835,32 @@ fn journal_actions(
 }
 
 impl Action {
-    /// An event with no action: audited only.
-    fn event_only(event: &Event) -> Action {
+    /// A termination of `vnf` with the options the mode allowed and those it refused:
+    /// RECORDED in PASSIVE, RUNNING otherwise.
+    pub fn terminate(
+        vnf: &VnfRecord,
+        mode: SmMode,
+        (allowed, refused): (TerminateOptions, Vec<String>),
+        trigger: &str,
+        cause: Value,
+    ) -> Action {
+        let id = terminate_id(&vnf.vnf_instance_id);
         let created = now();
         Action {
-            id: String::new(),
+            steps: terminate_steps(&format!("{id}@{created}"), vnf, allowed),
+            id,
             kind: ActionKind::Terminate,
-            vnf_instance_id: event.vnf_instance_id.clone(),
-            trigger: event_name(event.kind).to_string(),
-            cause: event.detail.clone(),
-            mode: SmMode::Passive,
-            options: TerminateOptions::default(),
-            refused: Vec::new(),
-            steps: Vec::new(),
-            state: ActionState::Recorded,
+            vnf_instance_id: vnf.vnf_instance_id.clone(),
+            trigger: trigger.to_string(),
+            cause,
+            mode,
+            options: allowed,
+            refused,
+            state: if mode == SmMode::Passive {
+                ActionState::Recorded
+            } else {
+                ActionState::Running
+            },
             created: created.clone(),
             updated: created,
         }
