@@ -224,7 +224,7 @@ impl Connection {
         method: &str,
         path: &str,
         headers: &[(&str, String)],
-        body: Vec<u8>,
+        body: impl Into<Bytes>,
     ) -> Result<ClientResponse, String> {
         let mut builder = hyper::Request::builder()
             .method(method)
@@ -234,7 +234,7 @@ impl Connection {
             builder = builder.header(*name, value);
         }
         let request = builder
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body.into()))
             .map_err(|e| e.to_string())?;
         self.sender
             .ready()

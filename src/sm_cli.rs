@@ -446,8 +446,13 @@ fn init(args: InitArgs, config: &Config) -> Result<ExitCode, Failure> {
     let backends = open_backends(config)?;
     let store = open_store(config)?;
     let algorithm: KeyAlgorithm = args.algorithm.parse()?;
-    let issuer = match &args.csr_out {
-        Some(_) => None,
+    // Where each interface's certificate comes from.
+    enum Certify {
+        Csr(std::path::PathBuf),
+        Issue(HardwareKey, Box<x509_cert::Certificate>, String),
+    }
+    let certify = match &args.csr_out {
+        Some(dir) => Certify::Csr(dir.clone()),
         None => {
             let ca = config.ca.as_ref().ok_or_else(|| {
                 Failure("config: no [ca] section (or use --csr-out for an external PKI)".into())
@@ -460,7 +465,7 @@ fn init(args: InitArgs, config: &Config) -> Result<ExitCode, Failure> {
                 ))
             })?;
             let cert = pki::certificates_from_pem(&pem)?.remove(0);
-            Some((key, cert, pem))
+            Certify::Issue(key, Box::new(cert), pem)
         }
     };
     for interface in Interface::ALL {
@@ -491,8 +496,8 @@ fn init(args: InitArgs, config: &Config) -> Result<ExitCode, Failure> {
         // The identity the NFVO sees on this interface: <sm name>.<interface>.
         let name = format!("{}.{}", sm.name, interface.name().replace('_', "-"));
         let key = HardwareKey::new(backends.for_key(&entry.key)?, entry.key.clone())?;
-        match (&issuer, &args.csr_out) {
-            (_, Some(dir)) => {
+        match &certify {
+            Certify::Csr(dir) => {
                 let csr = ca::ca_csr(&key, &format!("CN={name}"))?;
                 let der = der::Encode::to_der(&csr)?;
                 let path = dir.join(format!("{name}.csr"));
@@ -504,7 +509,7 @@ fn init(args: InitArgs, config: &Config) -> Result<ExitCode, Failure> {
                     path.display()
                 );
             }
-            (Some((ca_key, ca_cert, ca_pem)), None) => {
+            Certify::Issue(ca_key, ca_cert, ca_pem) => {
                 let mut profile = ca::LeafProfile::tls_server(std::slice::from_ref(&name))?;
                 profile.extended_key_usage = vec![const_oid::db::rfc5280::ID_KP_CLIENT_AUTH];
                 let leaf = ca::issue(
@@ -533,7 +538,6 @@ fn init(args: InitArgs, config: &Config) -> Result<ExitCode, Failure> {
                     entry.certificate.display()
                 );
             }
-            (None, None) => unreachable!("issuer is Some without --csr-out"),
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -50,6 +50,17 @@ fn update_types(sm: &SmAgent) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The first request the double recorded with this method and a path containing `path`.
+fn first<'a>(
+    requests: &'a [common::nfvo::Recorded],
+    method: &str,
+    path: &str,
+) -> Option<&'a common::nfvo::Recorded> {
+    requests
+        .iter()
+        .find(|r| r.method == method && r.path.contains(path))
+}
+
 fn no_violations(sm: &SmAgent) {
     let v = sm.nfvo.violations();
     assert!(v.is_empty(), "SOL 005 schema violations: {v:#?}");
@@ -91,10 +102,7 @@ fn subscribes_with_its_mode_over_independent_interface_keys() {
         }
     }
     let who = |method: &str, path: &str| {
-        requests
-            .iter()
-            .find(|r| r.method == method && r.path.contains(path))
-            .and_then(|r| r.client_identity.clone())
+        first(&requests, method, path).and_then(|r| r.client_identity.clone())
     };
     assert_eq!(
         who("POST", "/subscriptions").as_deref(),
@@ -594,12 +602,10 @@ fn oauth2_both_ways() {
             );
         }
     }
-    let token = |method: &str, suffix: &str| {
-        requests
-            .iter()
-            .find(|r| r.method == method && r.path.ends_with(suffix))
+    let token = |method: &str, path: &str| {
+        first(&requests, method, path)
             .and_then(|r| r.bearer.clone())
-            .unwrap_or_else(|| panic!("no {method} ...{suffix}"))
+            .unwrap_or_else(|| panic!("no {method} ...{path}"))
     };
     let tokens: std::collections::BTreeSet<String> = [
         token("POST", "/subscriptions"),

@@ -31,7 +31,6 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use serde_json::{json, Value};
 
-use super::sm::problem;
 use crate::sm::{ActionKind, Sm, SmError, TerminateOptions};
 
 /// Who called, from the socket's peer credentials.
@@ -105,6 +104,10 @@ pub async fn serve(
     }
     let _ = std::fs::remove_file(path);
     Ok(())
+}
+
+fn problem(status: u16, detail: &str) -> Response {
+    super::problem_details(status, None, detail)
 }
 
 fn error(e: SmError) -> Response {

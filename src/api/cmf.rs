@@ -60,19 +60,9 @@ impl IntoResponse for Problem {
 }
 
 pub fn problem_response(error: &CmfError) -> Response {
-    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = serde_json::json!({
-        "type": "about:blank",
-        "title": error.title(),
-        "status": error.status(),
-        "detail": error.to_string(),
-    });
-    let mut response = (status, body.to_string()).into_response();
+    let mut response =
+        super::problem_details(error.status(), Some(error.title()), &error.to_string());
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
     match error {
         CmfError::Unavailable(_) => {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));

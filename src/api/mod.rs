@@ -183,6 +183,24 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(cmf::version_header))
 }
 
+/// SOL 013 6.4 ProblemDetails (`application/problem+json`), the one shape of every error
+/// response; `title` defaults to the status' reason phrase.
+pub fn problem_details(status: u16, title: Option<&str>, detail: &str) -> axum::response::Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": title.or(code.canonical_reason()).unwrap_or("Error"),
+        "status": code.as_u16(),
+        "detail": detail,
+    });
+    let mut response = (code, body.to_string()).into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/problem+json"),
+    );
+    response
+}
+
 async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
     cmf::problem_response(&crate::cmf::CmfError::NotFound(format!(
         "no resource at {}",

@@ -15,7 +15,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use serde_json::json;
 
 use super::{ClientIdentity, PeerCertificate};
 use crate::sm::intake::{self, Credentials, Denied, Journaled};
@@ -35,21 +34,9 @@ pub fn routes(sm: Arc<Sm>) -> Router {
         .with_state(sm)
 }
 
-/// A ProblemDetails response (SOL 013 6.4).
-pub fn problem(status: u16, detail: &str) -> Response {
-    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = json!({
-        "type": "about:blank",
-        "title": code.canonical_reason().unwrap_or("Error"),
-        "status": status,
-        "detail": detail,
-    });
-    let mut response = (code, body.to_string()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    versioned(response)
+/// A ProblemDetails response of the notification interface (with its `Version`).
+fn problem(status: u16, detail: &str) -> Response {
+    versioned(super::problem_details(status, None, detail))
 }
 
 fn versioned(mut response: Response) -> Response {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use hyper::body::Bytes;
 use rustls::pki_types::CertificateDer;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
@@ -280,8 +281,8 @@ impl Nfvo {
                     "GET",
                     &path,
                     None,
+                    None,
                     Repeat::Idempotent,
-                    false,
                 )
                 .await?;
             let body: Value = parse_json(&path, &response)?;
@@ -325,6 +326,7 @@ impl Nfvo {
                 Api::VnfPkgm => v.1.clone(),
             }
         };
+        let body = request.body.map(|(ct, bytes)| (ct, Bytes::from(bytes)));
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -333,12 +335,9 @@ impl Nfvo {
                     request.interface,
                     request.method,
                     &path,
-                    request
-                        .body
-                        .as_ref()
-                        .map(|(ct, body)| (*ct, body.clone(), version.as_str())),
+                    Some(&version),
+                    body.clone(),
                     request.repeat,
-                    true,
                 )
                 .await;
             let error = match outcome {
@@ -385,35 +384,28 @@ impl Nfvo {
         parse_json(path, &response)
     }
 
-    /// One attempt on a pooled connection of `interface`.
+    /// One attempt on a pooled connection of `interface`; `version` is None only for the
+    /// unversioned `api_versions`.
     async fn send(
         &self,
         interface: Interface,
         method: &str,
         path: &str,
-        body: Option<(&str, Vec<u8>, &str)>,
+        version: Option<&str>,
+        body: Option<(&str, Bytes)>,
         repeat: Repeat,
-        versioned: bool,
     ) -> Result<ClientResponse, NfvoError> {
         let what = format!("{method} {path}");
         let mut headers: Vec<(&str, String)> = vec![("accept", "application/json".into())];
-        let (content, version) = match body {
-            Some((ct, bytes, version)) => {
+        let content = match body {
+            Some((ct, bytes)) => {
                 headers.push(("content-type", ct.to_string()));
-                (bytes, Some(version.to_string()))
+                bytes
             }
-            None => (Vec::new(), None),
+            None => Bytes::new(),
         };
-        if versioned {
-            let version = version.unwrap_or_else(|| {
-                let v = self.versions.lock().unwrap_or_else(|p| p.into_inner());
-                if path.contains("/vnfpkgm/") {
-                    v.1.clone()
-                } else {
-                    v.0.clone()
-                }
-            });
-            headers.push(("version", version));
+        if let Some(version) = version {
+            headers.push(("version", version.to_string()));
         }
         let mut token_refreshed = false;
         loop {
@@ -454,7 +446,7 @@ impl Nfvo {
         method: &str,
         path: &str,
         headers: &[(&str, String)],
-        body: Vec<u8>,
+        body: Bytes,
         repeat: Repeat,
     ) -> Result<ClientResponse, NfvoError> {
         let client = &self.interfaces[interface.index()];
