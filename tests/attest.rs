@@ -112,7 +112,7 @@ fn tpm_verified() -> Verified {
 fn ietf_sample_statement_verifies() {
     let pem = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/attestation/tcgAttestTpmCertify.pem"
+        "/tests/data/attestation/tcgAttestTpmCertify.pem"
     ))
     .expect("sample CSR");
     let (label, der) = der::pem::decode_vec(pem.as_bytes()).expect("PEM");

@@ -302,7 +302,7 @@ mod tpm_attested {
 async fn ietf_sample_is_refused_at_proof_of_possession() {
     let pem = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/attestation/tcgAttestTpmCertify.pem"
+        "/tests/data/attestation/tcgAttestTpmCertify.pem"
     ))
     .unwrap();
     let mut agent = CmfAgent::new("");

@@ -849,7 +849,7 @@ fn schemas() -> &'static HashMap<&'static str, jsonschema::Validator> {
     SCHEMAS.get_or_init(|| {
         let dir = Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/etsi/derived-jsonschema"
+            "/tests/data/etsi/derived-jsonschema"
         ));
         SCHEMA_NAMES
             .iter()

@@ -21,7 +21,7 @@ use super::{
 };
 
 #[derive(Subcommand)]
-pub enum SmCommand {
+pub(super) enum SmCommand {
     /// Create the four Sc-Or interface keys in the HSM/TPM (one each, IFA 033 Security.001)
     /// and their client certificates from the agent's CA, or CSRs for the operator's PKI.
     Init(InitArgs),
@@ -52,7 +52,7 @@ pub enum SmCommand {
 }
 
 #[derive(Args)]
-pub struct InitArgs {
+pub(super) struct InitArgs {
     /// Write CSRs (PEM) into this directory instead of issuing from the agent's CA.
     #[arg(long)]
     csr_out: Option<std::path::PathBuf>,
@@ -63,7 +63,7 @@ pub struct InitArgs {
 }
 
 #[derive(Args)]
-pub struct TerminateArgs {
+pub(super) struct TerminateArgs {
     vnf_instance_id: String,
     /// CREATE_VNF_SNAPSHOT first.
     #[arg(long)]
@@ -83,7 +83,7 @@ pub struct TerminateArgs {
 }
 
 #[derive(Subcommand)]
-pub enum SecurityVnfCommand {
+pub(super) enum SecurityVnfCommand {
     /// UpdateNS ADD_VNF.
     Add {
         #[arg(long)]
@@ -119,7 +119,7 @@ pub enum SecurityVnfCommand {
     },
 }
 
-pub fn run(command: SmCommand, config: &Config) -> Result<ExitCode, Failure> {
+pub(super) fn run(command: SmCommand, config: &Config) -> Result<ExitCode, Failure> {
     let sm = config
         .sm
         .as_ref()
