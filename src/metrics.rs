@@ -408,3 +408,27 @@ impl Drop for OpenConnection {
         global().connections_open.dec();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The reference config's commented `[metrics]` section parses once enabled.
+    #[test]
+    fn reference_config_metrics_section_parses() {
+        let text = include_str!("../systemd/warden.toml")
+            .replace("# [metrics]\n# listen", "[metrics]\nlisten");
+        let config = crate::config::Config::parse(&text).expect("parses");
+        let metrics = config.metrics.expect("[metrics] present");
+        assert_eq!(metrics.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(config.health.probe_seconds, 10);
+    }
+
+    #[test]
+    fn encoding_names_every_family_with_the_prefix() {
+        let metrics = super::global();
+        metrics.issuance_answered("test-ca", 201, Some(std::time::Duration::from_millis(3)));
+        let text = metrics.encode();
+        assert!(text.contains("warden_issuance_total{ca=\"test-ca\",outcome=\"issued\"}"));
+        assert!(text.contains("warden_issuance_duration_seconds_count{ca=\"test-ca\"}"));
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+}
