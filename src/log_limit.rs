@@ -16,7 +16,14 @@ use std::time::{Duration, Instant};
 use crate::metrics::{self, KindLabels};
 
 /// The kinds used by the agent's error sites (their counters exist from the start).
-pub const KINDS: [&str; 4] = ["cmf.key", "cmf.key_unavailable", "cmf.store", "sm.journal"];
+pub const KINDS: [&str; 6] = [
+    "cmf.key",
+    "cmf.key_unavailable",
+    "cmf.store",
+    "sm.journal",
+    "signer.x509",
+    "signer.tls",
+];
 
 /// Lines of one kind logged per window before the rest are only counted.
 pub const BURST: u64 = 5;

@@ -305,6 +305,145 @@ async fn token_gone_makes_readiness_503_naming_the_key_while_liveness_stays() {
     agent.stop();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_tpm_shows_as_not_ready_without_hanging_the_probe() {
+    let mut swtpm = common::swtpm::Swtpm::start();
+    let metrics = free_port();
+    let mut agent = CmfAgent::with_ca_key(&health_config(metrics), Some(&swtpm.tcti()));
+    agent.start();
+    let ready = readyz_becomes(metrics, 200);
+    assert_eq!(
+        check_named(&ready, "CA key")["subject"],
+        "tpm:handle=0x81000110"
+    );
+
+    // The TPM stops answering (SIGSTOP: the connection stays open, nothing comes back).
+    let pid = swtpm.pid().expect("swtpm runs") as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let not_ready = readyz_becomes(metrics, 503);
+    let ca = check_named(&not_ready, "CA key");
+    assert_eq!(ca["ready"], false, "{not_ready}");
+    assert!(
+        ca["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("did not answer within 3 s")),
+        "{not_ready}"
+    );
+    // The keys in the token and the store are still ready; liveness answers.
+    assert_eq!(check_named(&not_ready, "TLS key")["ready"], true);
+    assert_eq!(check_named(&not_ready, "store")["ready"], true);
+    assert_eq!(http_get(metrics, "/livez").expect("livez").0, 200);
+    // Later rounds answer too (the stuck probe is not stacked up behind itself).
+    let (status, _) = http_get(metrics, "/readyz").expect("readyz");
+    assert_eq!(status, 503);
+
+    // The TPM answers again: the stuck command completes and readiness returns.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    readyz_becomes(metrics, 200);
+    agent.stop();
+    swtpm.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_requests_under_a_fault_log_a_few_lines_and_count_all() {
+    let metrics = free_port();
+    let mut agent = CmfAgent::new(&health_config(metrics));
+    // Our own spawn, to keep the agent's log.
+    let log_path = agent.dir().join("serve.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = agent
+        .command(&["serve"])
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("serve starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("listening line");
+    agent.port = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("serve did not start: {line}"));
+    readyz_becomes(metrics, 200);
+    let mut vnfm = agent
+        .client(Some("vnfm-a"))
+        .connect()
+        .await
+        .expect("connect");
+    let created = vnfm
+        .post_json(
+            "/certmgmt/v1/registrations",
+            &json!({
+                "certType": "VNFCI_CERT",
+                "subjectIds": ["vnfc-1.vnf.example", "vnfc-1"],
+                "typeOfVnfcCertHandling": "DELEGATION_MODE",
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.status, 201, "{}", created.problem_detail());
+    let csr = openssl_csr(agent.dir(), "vnfc1", "/CN=vnfc-1", &["vnfc-1.vnf.example"]);
+    let body = json!({ "vnfcId": "vnfc-1", "certType": "VNFCI_CERT", "certChainRequest": false, "csr": csr });
+
+    std::fs::rename(agent.dir().join("tokens"), agent.dir().join("tokens.away"))
+        .expect("move the token directory away");
+    readyz_becomes(metrics, 503);
+    const REQUESTS: usize = 200;
+    let started = Instant::now();
+    for _ in 0..REQUESTS {
+        let response = vnfm
+            .post_json("/certmgmt/v1/certificate_signing_requests", &body)
+            .await
+            .unwrap();
+        assert!(response.status >= 500, "{}", response.status);
+    }
+    let windows = started.elapsed().as_secs() / 10 + 2;
+
+    // Every failure is counted...
+    let (_, text) = http_get(metrics, "/metrics").expect("scrape");
+    let counted: f64 = ["signer.x509"]
+        .iter()
+        .filter_map(|kind| sample(&text, &format!("warden_errors_total{{kind=\"{kind}\"}}")))
+        .sum();
+    assert!(
+        counted >= REQUESTS as f64,
+        "{counted} errors counted:\n{text}"
+    );
+    // Counted against the CA that failed, as failed or unavailable.
+    let failed: f64 = ["failed", "unavailable"]
+        .iter()
+        .filter_map(|outcome| {
+            sample(
+                &text,
+                &format!("warden_issuance_total{{ca=\"default\",outcome=\"{outcome}\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(failed, REQUESTS as f64, "{text}");
+    // ...but only a burst per kind and window is logged, then a summary of the rest.
+    let summary = poll("the summary line", || {
+        let log = std::fs::read_to_string(&log_path).ok()?;
+        log.contains("more like this in the last 10 s")
+            .then_some(log)
+    });
+    let logged = summary
+        .lines()
+        .filter(|l| l.contains("X.509 signing failed"))
+        .count() as u64;
+    assert!(logged >= 1, "the first failure is logged:\n{summary}");
+    assert!(
+        logged <= 2 * nfv_warden::log_limit::BURST * windows,
+        "{logged} lines for {REQUESTS} failures in {windows} windows:\n{summary}"
+    );
+
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = poll("serve to exit", || child.try_wait().ok().flatten());
+    assert!(status.success(), "{status:?}");
+}
+
 /// EX_NOPERM (sysexits.h): an authentication failure, never retried by systemd.
 const EX_NOPERM: i32 = 77;
 /// EX_CONFIG (sysexits.h): a configuration error.

@@ -277,7 +277,9 @@ impl Cmf {
         // 1-5 in one hop off the async threads: decoding and proof of possession, the
         // registration, key policy, attestation and the CA signature are CPU and device work,
         // and every extra hand-off between threads costs a wake-up on a busy machine.
+        let chosen_ca = Arc::new(std::sync::OnceLock::new());
         let work = Prepare {
+            chosen_ca: chosen_ca.clone(),
             store: self.store.clone(),
             cas: self.cas.clone(),
             formats: self.formats.clone(),
@@ -299,9 +301,11 @@ impl Cmf {
             spki_sha256,
             days,
             first,
-        } = tokio::task::spawn_blocking(move || work.run(input))
-            .await
-            .map_err(|e| CmfError::Internal(format!("CSR pipeline: {e}")))??;
+        } = {
+            let prepared = tokio::task::spawn_blocking(move || work.run(input)).await;
+            *ca_id = chosen_ca.get().map(|&i: &usize| self.cas[i].id.as_str());
+            prepared.map_err(|e| CmfError::Internal(format!("CSR pipeline: {e}")))??
+        };
         let ca = &self.cas[ca_index];
         *ca_id = Some(&ca.id);
         let mut first = Some(first);
@@ -394,6 +398,8 @@ enum CsrInput {
 
 /// Everything of the CSR pipeline before the durable record, run on one blocking thread.
 struct Prepare {
+    /// The index of the CA, once chosen (the metrics label a failed issuance with it).
+    chosen_ca: Arc<std::sync::OnceLock<usize>>,
     store: Arc<Store>,
     cas: Arc<[IssuingCa]>,
     formats: Arc<attest::Formats>,
@@ -462,6 +468,7 @@ impl Prepare {
                     registration.ca_id
                 ))
             })?;
+        let _ = self.chosen_ca.set(ca_index);
         let leaf = leaf_profile(profile, verified.key_type.is_rsa(), &names, policies)
             .map_err(CmfError::Internal)?;
         let subject = subject_name(&verified, &names)?;
