@@ -444,6 +444,97 @@ async fn failed_requests_under_a_fault_log_a_few_lines_and_count_all() {
     assert!(status.success(), "{status:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_counted_and_sm_keys_probed() {
+    use common::sm::{SmAgent, SmSetup};
+    let metrics = free_port();
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "PASSIVE",
+        ..Default::default()
+    });
+    let text = std::fs::read_to_string(&sm.agent.config).expect("config");
+    std::fs::write(
+        &sm.agent.config,
+        format!(
+            "{text}
+{}",
+            health_config(metrics)
+        ),
+    )
+    .expect("config");
+    sm.nfvo.add_ns("ns-a", "core");
+    sm.start();
+
+    let ready = readyz_becomes(metrics, 200);
+    for i in ["ns_lcm", "status_info", "sec_enforce", "security_vnf_mgmt"] {
+        let key = check_named(&ready, &format!("SM {i} key"));
+        assert_eq!(key["ready"], true, "{ready}");
+        assert_eq!(key["subject"], format!("pkcs11:token=warden;object=sm-{i}"));
+    }
+
+    let (_, before) = http_get(metrics, "/metrics").expect("scrape");
+    let accepted = "warden_notifications_total{outcome=\"accepted\"}";
+    let refused = "warden_notifications_total{outcome=\"refused\"}";
+    let accepted_before = sample(&before, accepted).expect("accepted series at start");
+    let refused_before = sample(&before, refused).expect("refused series at start");
+
+    let client = nfv_warden::client::HttpsClient::new(
+        &format!("https://127.0.0.1:{}", sm.port),
+        &sm.dir().join("ca.pem"),
+        None,
+    )
+    .expect("client");
+    let mut conn = client.connect().await.expect("connect");
+    use base64::Engine;
+    let good = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("warden-sm:s3cret-notify-password")
+    );
+    let notification = json!({
+        "id": "n-health-1", "notificationType": "NsIdentifierCreationNotification",
+        "subscriptionId": "s", "timeStamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+        "_links": {"nsInstance": {"href": "x"}},
+    })
+    .to_string();
+    let content_type = ("content-type", "application/json".to_string());
+    let ok = conn
+        .request_with(
+            "POST",
+            "/sm/v1/notifications",
+            &[content_type.clone(), ("authorization", good)],
+            notification.clone(),
+        )
+        .await
+        .expect("notification");
+    assert_eq!(ok.status, 204);
+    let denied = conn
+        .request_with(
+            "POST",
+            "/sm/v1/notifications",
+            std::slice::from_ref(&content_type),
+            notification,
+        )
+        .await
+        .expect("notification");
+    assert_eq!(denied.status, 401);
+
+    let (_, after) = http_get(metrics, "/metrics").expect("scrape");
+    assert_eq!(
+        sample(&after, accepted),
+        Some(accepted_before + 1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, refused),
+        Some(refused_before + 1.0),
+        "{after}"
+    );
+    assert!(
+        sample(&after, "warden_notification_duration_seconds_count").unwrap_or(0.0) >= 2.0,
+        "{after}"
+    );
+}
+
 /// EX_NOPERM (sysexits.h): an authentication failure, never retried by systemd.
 const EX_NOPERM: i32 = 77;
 /// EX_CONFIG (sysexits.h): a configuration error.

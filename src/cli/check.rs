@@ -44,6 +44,15 @@ pub(super) fn check(path: &Path) -> Result<ExitCode, Failure> {
         },
         Err(e) => line(false, format!("store {}: {e}", config.store.path.display())),
     }
+    for (what, secret) in sm_secrets(&config) {
+        match secret.read() {
+            Ok(_) => line(true, format!("{what} ({secret}) readable")),
+            Err(e) => {
+                line(false, format!("{what}: {e}"));
+                grave = grave.max(Some(FailureKind::Authentication));
+            }
+        }
+    }
     let mut backends = Backends::default();
     for p in config.pkcs11_backends() {
         match p.pin.read() {

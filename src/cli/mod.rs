@@ -237,6 +237,55 @@ fn open_store(config: &Config) -> Result<Arc<Store>, Failure> {
         .map_err(|e| Failure(format!("store {}: {e}", config.store.path.display())))
 }
 
+/// The SM's secrets the configuration references, with what each is for: the notification
+/// password / client secret and the OAuth2 client secrets towards the NFVO.
+fn sm_secrets(config: &Config) -> Vec<(String, &SecretSource)> {
+    let Some(sm) = &config.sm else {
+        return Vec::new();
+    };
+    let mut secrets = Vec::new();
+    if let Some(secret) = &sm.notifications.secret {
+        secrets.push(("sm.notifications.secret".to_string(), secret));
+    }
+    if let Some(o) = &sm.nfvo.oauth2 {
+        for (name, client) in [
+            ("ns_lcm", &o.ns_lcm),
+            ("status_info", &o.status_info),
+            ("sec_enforce", &o.sec_enforce),
+            ("security_vnf_mgmt", &o.security_vnf_mgmt),
+        ] {
+            secrets.push((
+                format!("sm.nfvo.oauth2.{name}.client_secret"),
+                &client.client_secret,
+            ));
+        }
+    }
+    secrets
+}
+
+/// Read every secret the agent needs before any device is touched: one that is missing,
+/// unreadable or empty is an authentication failure (exit 77), named, and no restart can
+/// make it appear.
+fn read_secrets(config: &Config) -> Result<(), Failure> {
+    let mut secrets: Vec<(String, &SecretSource)> = Vec::new();
+    for p in config.pkcs11_backends() {
+        secrets.push((format!("PIN of pkcs11 token {}", p.token()), &p.pin));
+    }
+    for t in config.tpm_backends() {
+        if let Some(auth) = &t.owner_auth {
+            secrets.push(("TPM owner auth".to_string(), auth));
+        }
+    }
+    secrets.extend(sm_secrets(config));
+    for (what, secret) in secrets {
+        secret.read().map_err(|e| Failure {
+            message: format!("{what}: {e}"),
+            kind: FailureKind::Authentication,
+        })?;
+    }
+    Ok(())
+}
+
 fn open_backends(config: &Config) -> Result<Backends, Failure> {
     if config.backends.is_empty() {
         return Err(Failure::config(

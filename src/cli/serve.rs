@@ -6,6 +6,7 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
         .server
         .clone()
         .ok_or_else(|| Failure::config("config: no [server] section".into()))?;
+    read_secrets(config)?;
     let backends = open_backends(config)?;
     let store = open_store(config)?;
     let tls = nfv_warden::api::tls_config(&server, &backends, &client_roots(config))
