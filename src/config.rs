@@ -55,6 +55,9 @@ pub struct HealthConfig {
     /// Certificates whose notAfter is within this many days count as near expiry (metric).
     #[serde(default = "default_expiry_warning_days")]
     pub expiry_warning_days: u32,
+    /// Seconds between two counts of the certificate table (a read of every record).
+    #[serde(default = "default_expiry_count_seconds")]
+    pub expiry_count_seconds: u64,
 }
 
 impl Default for HealthConfig {
@@ -63,6 +66,7 @@ impl Default for HealthConfig {
             probe_seconds: default_probe_seconds(),
             probe_timeout_seconds: default_probe_timeout_seconds(),
             expiry_warning_days: default_expiry_warning_days(),
+            expiry_count_seconds: default_expiry_count_seconds(),
         }
     }
 }
@@ -75,6 +79,9 @@ fn default_probe_timeout_seconds() -> u64 {
 }
 fn default_expiry_warning_days() -> u32 {
     30
+}
+fn default_expiry_count_seconds() -> u64 {
+    300
 }
 
 /// Prometheus text exposition over plain HTTP (`GET /metrics`, also `/livez`, `/readyz`).

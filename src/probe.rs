@@ -31,9 +31,6 @@ pub const CHALLENGE: &[u8] = b"nfv-warden readiness probe";
 /// The probe's own table: one record, overwritten by every probe.
 pub const HEALTH_PROBE: Table<String> = Table::new("health_probe");
 
-/// How often the certificate table is counted for the expiry gauge.
-const EXPIRY_EVERY: Duration = Duration::from_secs(300);
-
 /// One check of `/readyz`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -131,6 +128,8 @@ pub struct ProbeSettings {
     pub every: Duration,
     pub timeout: Duration,
     pub expiry_warning_days: u32,
+    /// How often the certificate table is counted for the expiry gauges.
+    pub expiry_count_every: Duration,
 }
 
 impl ProbeSettings {
@@ -139,6 +138,7 @@ impl ProbeSettings {
             every: Duration::from_secs(config.health.probe_seconds),
             timeout: Duration::from_secs(config.health.probe_timeout_seconds),
             expiry_warning_days: config.health.expiry_warning_days,
+            expiry_count_every: Duration::from_secs(config.health.expiry_count_seconds),
         }
     }
 }
@@ -242,7 +242,7 @@ impl Runner {
             }
             if self
                 .last_expiry
-                .is_none_or(|at| at.elapsed() >= EXPIRY_EVERY)
+                .is_none_or(|at| at.elapsed() >= self.settings.expiry_count_every)
             {
                 self.last_expiry = Some(Instant::now());
                 self.count_expiring().await;

@@ -29,8 +29,13 @@ fn free_port() -> u16 {
 
 /// The probe every second, a short deadline, and the metrics listener on `port`.
 fn health_config(metrics_port: u16) -> String {
+    health_config_with(metrics_port, "")
+}
+
+/// [`health_config`] with more `[health]` keys.
+fn health_config_with(metrics_port: u16, health: &str) -> String {
     format!(
-        "\n[health]\nprobe_seconds = 1\nprobe_timeout_seconds = 3\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
+        "\n[health]\nprobe_seconds = 1\nprobe_timeout_seconds = 3\n{health}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
     )
 }
 
@@ -126,7 +131,11 @@ fn check_named<'a>(readyz: &'a serde_json::Value, name: &str) -> &'a serde_json:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_and_metrics_count_an_issuance() {
     let metrics = free_port();
-    let mut agent = CmfAgent::new(&health_config(metrics));
+    // Every certificate issued here (365 days) is "near expiry" within 400 days.
+    let mut agent = CmfAgent::new(&health_config_with(
+        metrics,
+        "expiry_warning_days = 400\nexpiry_count_seconds = 1\n",
+    ));
     agent.start();
 
     let ready = readyz_becomes(metrics, 200);
@@ -246,6 +255,14 @@ async fn ready_and_metrics_count_an_issuance() {
         after.trim_end().ends_with("# EOF"),
         "OpenMetrics text ends with # EOF"
     );
+
+    // The certificate gauges follow the store (counted every second here).
+    poll("the certificate counted as near expiry", || {
+        let (_, text) = http_get(metrics, "/metrics").ok()?;
+        (sample(&text, "warden_certificates_issued") == Some(1.0)
+            && sample(&text, "warden_certificates_expiring") == Some(1.0))
+        .then_some(())
+    });
     agent.stop();
 }
 
@@ -649,4 +666,7 @@ fn sd_notify_ready_status_and_watchdog() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = poll("serve to exit", || child.try_wait().ok().flatten());
     assert!(status.success(), "{status:?}");
+    // The probe's own table leaves the store as `check` expects it.
+    let checked = agent.ok(&["check"]);
+    assert!(checked.contains("audit chain of"), "{checked}");
 }
