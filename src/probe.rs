@@ -64,6 +64,9 @@ impl Readiness {
         if self.is_ready() {
             return "ready".to_string();
         }
+        if self.checks.iter().all(|c| c.checked_at.is_none()) {
+            return "not ready: first probe of the keys and the store running".to_string();
+        }
         let failing: Vec<String> = self
             .checks
             .iter()
