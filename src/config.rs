@@ -32,6 +32,69 @@ pub struct Config {
     /// The Security Manager on Sc-Or (IFA 033 clauses 5 and 6); absent = not run.
     #[serde(default)]
     pub sm: Option<SmConfig>,
+    /// The readiness probe (`/readyz`, systemd STATUS=).
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// The Prometheus endpoint; absent = not served.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// The readiness probe: a background task signs a fixed challenge with every configured key
+/// and makes a tiny durable write to the store, so that `/readyz` reads a cached answer and
+/// never touches a device itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Seconds between two probes.
+    #[serde(default = "default_probe_seconds")]
+    pub probe_seconds: u64,
+    /// A key or the store not answering within this many seconds is "not ready".
+    #[serde(default = "default_probe_timeout_seconds")]
+    pub probe_timeout_seconds: u64,
+    /// Certificates whose notAfter is within this many days count as near expiry (metric).
+    #[serde(default = "default_expiry_warning_days")]
+    pub expiry_warning_days: u32,
+    /// Seconds between two counts of the certificate table (a read of every record).
+    #[serde(default = "default_expiry_count_seconds")]
+    pub expiry_count_seconds: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            probe_seconds: default_probe_seconds(),
+            probe_timeout_seconds: default_probe_timeout_seconds(),
+            expiry_warning_days: default_expiry_warning_days(),
+            expiry_count_seconds: default_expiry_count_seconds(),
+        }
+    }
+}
+
+fn default_probe_seconds() -> u64 {
+    10
+}
+fn default_probe_timeout_seconds() -> u64 {
+    5
+}
+fn default_expiry_warning_days() -> u32 {
+    30
+}
+fn default_expiry_count_seconds() -> u64 {
+    300
+}
+
+/// Prometheus text exposition over plain HTTP (`GET /metrics`, also `/livez`, `/readyz`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Listen address; plain HTTP, so keep it on loopback or a management network.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
 /// A key backend, chosen by `type`.
@@ -389,6 +452,11 @@ impl Config {
     fn check(&self) -> Result<(), String> {
         if let Some(sm) = &self.sm {
             sm.check()?;
+        }
+        if self.health.probe_seconds == 0 || self.health.probe_timeout_seconds == 0 {
+            return Err(
+                "health: probe_seconds and probe_timeout_seconds must be at least 1".into(),
+            );
         }
         let pkcs11 = self.pkcs11_backends().count();
         let tpm = self.tpm_backends().count();

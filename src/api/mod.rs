@@ -6,17 +6,16 @@
 pub mod admin;
 pub mod cmf;
 pub mod est;
+pub mod health;
 pub mod sm;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -36,6 +35,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub cmf: Option<Arc<crate::cmf::Cmf>>,
     pub sm: Option<Arc<crate::sm::Sm>>,
+    /// Liveness and the cached readiness (`/livez`, `/healthz`, `/readyz`).
+    pub health: health::Health,
 }
 
 /// The verified TLS client certificate (DER, leaf), when the client presented one.
@@ -168,15 +169,15 @@ impl rustls::server::ResolvesServerCert for FixedCert {
 
 /// The routes. Later issues add the CMF and SM APIs here.
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new()
-        .route("/healthz", get(healthz))
-        .with_state(state.clone());
+    let mut router = health::routes(state.health.clone());
     if let Some(cmf) = &state.cmf {
         router = router.merge(cmf::routes(cmf.clone()));
         router = router.merge(est::routes(cmf.clone()));
     }
     if let Some(sm) = &state.sm {
-        router = router.merge(sm::routes(sm.clone()));
+        router = router.merge(sm::routes(sm.clone()).layer(axum::middleware::from_fn(
+            crate::metrics::track_notifications,
+        )));
     }
     router
         .fallback(not_found)
@@ -206,32 +207,6 @@ async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
         "no resource at {}",
         uri.path()
     )))
-}
-
-async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    let backends: Vec<serde_json::Value> = state
-        .backends
-        .all()
-        .iter()
-        .map(|b| serde_json::json!({ "type": b.kind().to_string(), "device": b.device() }))
-        .collect();
-    let store = state.store.clone();
-    let store_ok = tokio::task::spawn_blocking(move || store.read(|_| Ok(())).is_ok())
-        .await
-        .unwrap_or(false);
-    let status = if store_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(serde_json::json!({
-            "status": if store_ok { "ok" } else { "store unavailable" },
-            "version": env!("CARGO_PKG_VERSION"),
-            "backends": backends,
-        })),
-    )
 }
 
 /// Bind, announce readiness, serve until `shutdown` resolves, then drain for at most
@@ -267,6 +242,7 @@ pub async fn serve(
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
+                    let _open = crate::metrics::OpenConnection::new();
                     let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
                     let tls = match handshake {
                         Ok(Ok(tls)) => tls,

@@ -137,7 +137,9 @@ async fn notification(
         Ok(Journaled::Duplicate) | Ok(Journaled::Ignored) => no_content(),
         Err(e) => {
             // Not durable: the NFVO must not take it as delivered.
-            tracing::error!(error = %e, "journaling a notification");
+            if crate::log_limit::allow("sm.journal") {
+                tracing::error!(error = %e, "journaling a notification");
+            }
             let mut response = problem(503, "the notification could not be stored; retry");
             response
                 .headers_mut()

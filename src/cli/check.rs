@@ -1,12 +1,16 @@
 //! `warden check`: one line per check of configuration, secrets, devices, keys and store.
 
 use super::*;
-/// `warden check`: every check prints `ok` or `FAIL` with its subject; exit 1 if any failed.
+/// `warden check`: every check prints `ok` or `FAIL` with its subject. The exit status is
+/// that of the gravest failure: 77 if a PIN or secret was refused or missing, 78 if the
+/// configuration is wrong, else 1 if any check failed (see the module notes of `cli`).
 pub(super) fn check(path: &Path) -> Result<ExitCode, Failure> {
-    let mut failed = false;
+    let mut failed: Option<FailureKind> = None;
     let mut line = |ok: bool, what: String| {
         println!("{} {what}", if ok { "ok  " } else { "FAIL" });
-        failed |= !ok;
+        if !ok {
+            failed = failed.max(Some(FailureKind::Other));
+        }
     };
     let config = match Config::load(path) {
         Ok(c) => {
@@ -15,9 +19,11 @@ pub(super) fn check(path: &Path) -> Result<ExitCode, Failure> {
         }
         Err(e) => {
             line(false, format!("config {e}"));
-            return Ok(ExitCode::FAILURE);
+            return Ok(FailureKind::Config.exit_code());
         }
     };
+    // Failures that a restart cannot cure or would make worse, by their kind.
+    let mut grave: Option<FailureKind> = None;
     let mut opened_store = None;
     match Store::open(&config.store.path) {
         Ok(store) => match store.verify_audit_chain() {
@@ -38,12 +44,22 @@ pub(super) fn check(path: &Path) -> Result<ExitCode, Failure> {
         },
         Err(e) => line(false, format!("store {}: {e}", config.store.path.display())),
     }
+    for (what, secret) in sm_secrets(&config) {
+        match secret.read() {
+            Ok(_) => line(true, format!("{what} ({secret}) readable")),
+            Err(e) => {
+                line(false, format!("{what}: {e}"));
+                grave = grave.max(Some(FailureKind::Authentication));
+            }
+        }
+    }
     let mut backends = Backends::default();
     for p in config.pkcs11_backends() {
         match p.pin.read() {
             Ok(_) => line(true, format!("PIN ({}) readable", p.pin)),
             Err(e) => {
                 line(false, format!("PIN: {e}"));
+                grave = grave.max(Some(FailureKind::Authentication));
                 continue;
             }
         }
@@ -52,12 +68,16 @@ pub(super) fn check(path: &Path) -> Result<ExitCode, Failure> {
                 line(true, format!("{}, logged in", s.device()));
                 backends.pkcs11 = Some(Arc::new(s));
             }
-            Err(e) => line(false, format!("pkcs11 token {}: {e}", p.token())),
+            Err(e) => {
+                line(false, format!("pkcs11 token {}: {e}", p.token()));
+                grave = grave.max(Some(FailureKind::of_key_error(&e)));
+            }
         }
     }
     for t in config.tpm_backends() {
         if let Some(Err(e)) = t.owner_auth.as_ref().map(SecretSource::read) {
             line(false, format!("TPM owner auth: {e}"));
+            grave = grave.max(Some(FailureKind::Authentication));
             continue;
         }
         match nfv_warden::keys::tpm::TpmKeyStore::open(t) {
@@ -70,7 +90,10 @@ pub(super) fn check(path: &Path) -> Result<ExitCode, Failure> {
                 line(true, format!("TPM {} ({}){software}", t.tcti, s.device()));
                 backends.tpm = Some(Arc::new(s));
             }
-            Err(e) => line(false, format!("TPM {}: {e}", t.tcti)),
+            Err(e) => {
+                line(false, format!("TPM {}: {e}", t.tcti));
+                grave = grave.max(Some(FailureKind::of_key_error(&e)));
+            }
         }
     }
     let mut keys: Vec<(&str, KeyRef)> = Vec::new();
@@ -239,9 +262,8 @@ pub(super) fn check(path: &Path) -> Result<ExitCode, Failure> {
             Err(e) => line(false, format!("SM notifications: {e}")),
         }
     }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+    Ok(match grave.max(failed) {
+        Some(kind) => kind.exit_code(),
+        None => ExitCode::SUCCESS,
     })
 }

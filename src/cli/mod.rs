@@ -1,7 +1,17 @@
 //! `warden`: the nfv-warden agent and its operator commands.
 //!
 //! Every failure ends in one line on stderr, `warden: <what failed>: <why>`, and a non-zero
-//! exit status (2 for a usage error, 1 for everything else).
+//! exit status that tells a service manager whether starting again can help (sysexits(3)
+//! values, as `RestartPreventExitStatus=` in `systemd/warden.service` expects):
+//!
+//! - 2: usage (clap);
+//! - 77 (`EX_NOPERM`): authentication: the token PIN was rejected or a secret is missing.
+//!   Retrying would count against the HSM's PIN retry limit or the TPM's dictionary-attack
+//!   lockout, so systemd must not restart;
+//! - 78 (`EX_CONFIG`): the configuration is wrong (unreadable, invalid, a required section
+//!   missing, a certificate file that does not fit). Starting again cannot help;
+//! - 1: everything else (a device not there yet, an address in use...), which a restart
+//!   may cure.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -79,8 +89,92 @@ enum Command {
     Sm(sm::SmCommand),
 }
 
-/// A failure, already phrased for the operator.
-struct Failure(String);
+/// A failure, already phrased for the operator, and what kind of failure it is (which picks
+/// the exit status).
+struct Failure {
+    message: String,
+    kind: FailureKind,
+}
+
+/// What kind of failure ended a command: decides the exit status (see the module notes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum FailureKind {
+    Other,
+    Config,
+    Authentication,
+}
+
+impl FailureKind {
+    /// The process exit status (sysexits(3): EX_CONFIG 78, EX_NOPERM 77).
+    fn exit_code(self) -> ExitCode {
+        match self {
+            FailureKind::Other => ExitCode::FAILURE,
+            FailureKind::Config => ExitCode::from(78),
+            FailureKind::Authentication => ExitCode::from(77),
+        }
+    }
+
+    /// A key-layer error that retrying would make worse (a rejected PIN counts against the
+    /// token's retry limit; a failed TPM authorization against its dictionary-attack
+    /// counter) or that no retry can fix (an unreadable secret).
+    fn of_key_error(error: &nfv_warden::keys::KeyError) -> FailureKind {
+        use nfv_warden::keys::KeyError;
+        use tss_esapi::constants::response_code::Tss2ResponseCodeKind as Rc;
+        match error {
+            KeyError::PinIncorrect { .. } | KeyError::Pin(_) => FailureKind::Authentication,
+            KeyError::Tpm {
+                source: tss_esapi::Error::Tss2Error(rc),
+                ..
+            } if matches!(rc.kind(), Some(Rc::AuthFail | Rc::BadAuth | Rc::Lockout)) => {
+                FailureKind::Authentication
+            }
+            _ => FailureKind::Other,
+        }
+    }
+}
+
+/// A failure of kind "other". A function of the type's name (types and functions live in
+/// different namespaces) so that every command's `Failure(format!(...))` reads as before.
+#[allow(non_snake_case)]
+fn Failure(message: String) -> Failure {
+    Failure {
+        message,
+        kind: FailureKind::Other,
+    }
+}
+
+impl Failure {
+    fn config(message: String) -> Failure {
+        Failure {
+            message,
+            kind: FailureKind::Config,
+        }
+    }
+
+    /// A key-layer failure, classified (authentication failures get their own exit status).
+    fn key(context: &str, error: &nfv_warden::keys::KeyError) -> Failure {
+        Failure {
+            message: format!("{context}: {error}"),
+            kind: FailureKind::of_key_error(error),
+        }
+    }
+
+    /// A failure of the HTTPS server's setup: a certificate or TLS setting that does not fit
+    /// is a configuration error; the key's is classified as a key-layer error.
+    fn serve(error: nfv_warden::api::ServeError) -> Failure {
+        use nfv_warden::api::ServeError;
+        match &error {
+            ServeError::Certificate { .. } | ServeError::Tls(_) => {
+                Failure::config(error.to_string())
+            }
+            ServeError::Key(key) => Failure {
+                message: error.to_string(),
+                kind: FailureKind::of_key_error(key),
+            },
+            _ => Failure(error.to_string()),
+        }
+    }
+}
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(e: E) -> Self {
@@ -109,15 +203,15 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(Failure(reason)) => {
-            eprintln!("warden: {}", reason.replace('\n', " "));
-            ExitCode::FAILURE
+        Err(Failure { message, kind }) => {
+            eprintln!("warden: {}", message.replace('\n', " "));
+            kind.exit_code()
         }
     }
 }
 
 fn load(path: &Path) -> Result<Config, Failure> {
-    Config::load(path).map_err(|e| Failure(format!("config {e}")))
+    Config::load(path).map_err(|e| Failure::config(format!("config {e}")))
 }
 
 fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
@@ -143,11 +237,62 @@ fn open_store(config: &Config) -> Result<Arc<Store>, Failure> {
         .map_err(|e| Failure(format!("store {}: {e}", config.store.path.display())))
 }
 
+/// The SM's secrets the configuration references, with what each is for: the notification
+/// password / client secret and the OAuth2 client secrets towards the NFVO.
+fn sm_secrets(config: &Config) -> Vec<(String, &SecretSource)> {
+    let Some(sm) = &config.sm else {
+        return Vec::new();
+    };
+    let mut secrets = Vec::new();
+    if let Some(secret) = &sm.notifications.secret {
+        secrets.push(("sm.notifications.secret".to_string(), secret));
+    }
+    if let Some(o) = &sm.nfvo.oauth2 {
+        for (name, client) in [
+            ("ns_lcm", &o.ns_lcm),
+            ("status_info", &o.status_info),
+            ("sec_enforce", &o.sec_enforce),
+            ("security_vnf_mgmt", &o.security_vnf_mgmt),
+        ] {
+            secrets.push((
+                format!("sm.nfvo.oauth2.{name}.client_secret"),
+                &client.client_secret,
+            ));
+        }
+    }
+    secrets
+}
+
+/// Read every secret the agent needs before any device is touched: one that is missing,
+/// unreadable or empty is an authentication failure (exit 77), named, and no restart can
+/// make it appear.
+fn read_secrets(config: &Config) -> Result<(), Failure> {
+    let mut secrets: Vec<(String, &SecretSource)> = Vec::new();
+    for p in config.pkcs11_backends() {
+        secrets.push((format!("PIN of pkcs11 token {}", p.token()), &p.pin));
+    }
+    for t in config.tpm_backends() {
+        if let Some(auth) = &t.owner_auth {
+            secrets.push(("TPM owner auth".to_string(), auth));
+        }
+    }
+    secrets.extend(sm_secrets(config));
+    for (what, secret) in secrets {
+        secret.read().map_err(|e| Failure {
+            message: format!("{what}: {e}"),
+            kind: FailureKind::Authentication,
+        })?;
+    }
+    Ok(())
+}
+
 fn open_backends(config: &Config) -> Result<Backends, Failure> {
     if config.backends.is_empty() {
-        return Err(Failure("config: no [[backend]] is configured".into()));
+        return Err(Failure::config(
+            "config: no [[backend]] is configured".into(),
+        ));
     }
-    Backends::open(config).map_err(|e| Failure(format!("key backend: {e}")))
+    Backends::open(config).map_err(|e| Failure::key("key backend", &e))
 }
 
 fn actor() -> String {

@@ -5,16 +5,19 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
     let server = config
         .server
         .clone()
-        .ok_or_else(|| Failure("config: no [server] section".into()))?;
+        .ok_or_else(|| Failure::config("config: no [server] section".into()))?;
+    read_secrets(config)?;
     let backends = open_backends(config)?;
     let store = open_store(config)?;
-    let tls = nfv_warden::api::tls_config(&server, &backends, &client_roots(config))?;
+    let tls = nfv_warden::api::tls_config(&server, &backends, &client_roots(config))
+        .map_err(Failure::serve)?;
     let cmf = match &config.cmf {
         Some(_) => Some(Arc::new(
             nfv_warden::cmf::Cmf::new(config, &backends, store.clone()).map_err(Failure)?,
         )),
         None => None,
     };
+    nfv_warden::metrics::global().prepare(config, cmf.as_deref().map_or(&[], |c| c.cas()));
     // Blocking threads run the CSR pipeline and key-layer calls: CPU and device work that
     // more threads than a few per core do not speed up, and each idle thread keeps its own
     // malloc arena (RSS). Callers beyond this queue.
@@ -23,7 +26,7 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
         .max_blocking_threads(16)
         .build()
         .map_err(|e| Failure(format!("tokio runtime: {e}")))?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(server.listen)
             .await
             .map_err(|e| Failure(format!("listen on {}: {e}", server.listen)))?;
@@ -36,6 +39,29 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
             None => None,
         };
         let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
+        // Readiness: a background probe of every key and the store (src/probe.rs).
+        let probe = nfv_warden::probe::Probe::start(
+            nfv_warden::probe::key_targets(config),
+            backends.clone(),
+            store.clone(),
+            nfv_warden::probe::ProbeSettings::from_config(config),
+        );
+        let health = nfv_warden::api::health::Health::new(probe.clone(), &backends);
+        if let Some(metrics) = &config.metrics {
+            let listener = tokio::net::TcpListener::bind(metrics.listen)
+                .await
+                .map_err(|e| Failure(format!("metrics listener on {}: {e}", metrics.listen)))?;
+            let bound = listener.local_addr()?;
+            tracing::info!(addr = %bound, "serving metrics (plain HTTP) at /metrics");
+            let mut stopped = stop_admin.subscribe();
+            tokio::spawn(nfv_warden::api::health::serve_metrics(
+                listener,
+                health.clone(),
+                async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                },
+            ));
+        }
         if let Some(sm) = &sm {
             let socket = admin_socket(config);
             let sm_admin = sm.clone();
@@ -49,12 +75,14 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
         }
         // Type=notify: systemd starts dependants only once we listen.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        nfv_warden::api::health::notify_systemd(&probe, addr);
         println!("listening on https://{addr}");
         let app = nfv_warden::api::router(nfv_warden::api::AppState {
             backends,
             store,
             cmf,
             sm: sm.clone(),
+            health,
         });
         // The callback endpoint is served from here on: subscribe only now (IFA 033 6.2).
         if let Some(sm) = &sm {
@@ -73,6 +101,10 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
         )
         .await;
         Ok::<(), Failure>(())
-    })?;
+    });
+    // A readiness probe may still be stuck inside a hung device (a blocking thread no one
+    // can cancel): do not wait for it forever on the way out.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    served?;
     Ok(ExitCode::SUCCESS)
 }

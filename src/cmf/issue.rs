@@ -176,13 +176,15 @@ impl Cmf {
         consumer: &Consumer,
         request: CsrRequest,
     ) -> Result<CsrResponse, CmfError> {
-        let cert_type = CertType::parse(&request.cert_type).ok_or_else(|| {
-            CmfError::BadRequest(format!(
-                "certType '{}': expected VNFCI_CERT or VNF_OAM_CERT",
-                request.cert_type
-            ))
-        })?;
-        let der = csr::csr_der_from_text(&request.csr)?;
+        let cert_type = CertType::parse(&request.cert_type)
+            .ok_or_else(|| {
+                CmfError::BadRequest(format!(
+                    "certType '{}': expected VNFCI_CERT or VNF_OAM_CERT",
+                    request.cert_type
+                ))
+            })
+            .map_err(refused_early)?;
+        let der = csr::csr_der_from_text(&request.csr).map_err(refused_early)?;
         self.enroll(
             consumer,
             cert_type,
@@ -202,7 +204,7 @@ impl Cmf {
         der: Vec<u8>,
         cert_chain_request: bool,
     ) -> Result<CsrResponse, CmfError> {
-        check_operation(cert_type, vnfc_id.as_deref())?;
+        check_operation(cert_type, vnfc_id.as_deref()).map_err(refused_early)?;
         self.enroll_input(
             consumer,
             cert_type,
@@ -222,7 +224,7 @@ impl Cmf {
         verified: VerifiedCsr,
         cert_chain_request: bool,
     ) -> Result<CsrResponse, CmfError> {
-        check_operation(cert_type, vnfc_id.as_deref())?;
+        check_operation(cert_type, vnfc_id.as_deref()).map_err(refused_early)?;
         self.enroll_input(
             consumer,
             cert_type,
@@ -233,6 +235,7 @@ impl Cmf {
         .await
     }
 
+    /// [`Self::enroll_pipeline`], counted and timed per CA and outcome (metrics).
     async fn enroll_input(
         &self,
         consumer: &Consumer,
@@ -241,10 +244,42 @@ impl Cmf {
         input: CsrInput,
         cert_chain_request: bool,
     ) -> Result<CsrResponse, CmfError> {
+        let started = std::time::Instant::now();
+        let mut ca_id = None;
+        let result = self
+            .enroll_pipeline(
+                consumer,
+                cert_type,
+                vnfc_id,
+                input,
+                cert_chain_request,
+                &mut ca_id,
+            )
+            .await;
+        let status = result.as_ref().map_or_else(CmfError::status, |_| 201);
+        crate::metrics::global().issuance_answered(
+            ca_id.unwrap_or("none"),
+            status,
+            Some(started.elapsed()),
+        );
+        result
+    }
+
+    async fn enroll_pipeline<'a>(
+        &'a self,
+        consumer: &Consumer,
+        cert_type: CertType,
+        vnfc_id: Option<String>,
+        input: CsrInput,
+        cert_chain_request: bool,
+        ca_id: &mut Option<&'a str>,
+    ) -> Result<CsrResponse, CmfError> {
         // 1-5 in one hop off the async threads: decoding and proof of possession, the
         // registration, key policy, attestation and the CA signature are CPU and device work,
         // and every extra hand-off between threads costs a wake-up on a busy machine.
+        let chosen_ca = Arc::new(std::sync::OnceLock::new());
         let work = Prepare {
+            chosen_ca: chosen_ca.clone(),
             store: self.store.clone(),
             cas: self.cas.clone(),
             formats: self.formats.clone(),
@@ -266,10 +301,13 @@ impl Cmf {
             spki_sha256,
             days,
             first,
-        } = tokio::task::spawn_blocking(move || work.run(input))
-            .await
-            .map_err(|e| CmfError::Internal(format!("CSR pipeline: {e}")))??;
+        } = {
+            let prepared = tokio::task::spawn_blocking(move || work.run(input)).await;
+            *ca_id = chosen_ca.get().map(|&i: &usize| self.cas[i].id.as_str());
+            prepared.map_err(|e| CmfError::Internal(format!("CSR pipeline: {e}")))??
+        };
         let ca = &self.cas[ca_index];
+        *ca_id = Some(&ca.id);
         let mut first = Some(first);
         // Serial collisions at 126 random bits are practically impossible; the store still
         // enforces uniqueness per issuer and a collision is retried with a new serial.
@@ -308,6 +346,7 @@ impl Cmf {
             };
             let key = format!("{}/{}", ca.id, serial_hex);
             let consumer_id = consumer.id.clone();
+            let committing = std::time::Instant::now();
             let outcome = self
                 .group
                 .write_async(move |tx| {
@@ -319,6 +358,7 @@ impl Cmf {
                     Ok(())
                 })
                 .await;
+            crate::metrics::global().store_commit("issuance", committing.elapsed());
             match outcome {
                 Ok(()) => {
                     let pem = pki::certificate_pem(&certificate).map_err(CmfError::Internal)?;
@@ -343,6 +383,12 @@ impl Cmf {
     }
 }
 
+/// A CSR refused before the pipeline chose a CA, counted as such (metrics).
+fn refused_early(error: CmfError) -> CmfError {
+    crate::metrics::global().issuance_answered("none", error.status(), None);
+    error
+}
+
 /// A CSR as it enters the pipeline.
 enum CsrInput {
     Der(Vec<u8>),
@@ -352,6 +398,8 @@ enum CsrInput {
 
 /// Everything of the CSR pipeline before the durable record, run on one blocking thread.
 struct Prepare {
+    /// The index of the CA, once chosen (the metrics label a failed issuance with it).
+    chosen_ca: Arc<std::sync::OnceLock<usize>>,
     store: Arc<Store>,
     cas: Arc<[IssuingCa]>,
     formats: Arc<attest::Formats>,
@@ -420,6 +468,7 @@ impl Prepare {
                     registration.ca_id
                 ))
             })?;
+        let _ = self.chosen_ca.set(ca_index);
         let leaf = leaf_profile(profile, verified.key_type.is_rsa(), &names, policies)
             .map_err(CmfError::Internal)?;
         let subject = subject_name(&verified, &names)?;

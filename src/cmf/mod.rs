@@ -203,9 +203,14 @@ impl CmfError {
 impl From<KeyError> for CmfError {
     fn from(e: KeyError) -> Self {
         if e.is_transient() {
+            if crate::log_limit::allow("cmf.key_unavailable") {
+                tracing::warn!(error = %e, "the CA key is unavailable");
+            }
             CmfError::Unavailable(format!("the CA key is unavailable: {e}"))
         } else {
-            tracing::error!(error = %e, "key layer error");
+            if crate::log_limit::allow("cmf.key") {
+                tracing::error!(error = %e, "key layer error");
+            }
             CmfError::Internal(format!("key layer: {e}"))
         }
     }
@@ -213,7 +218,9 @@ impl From<KeyError> for CmfError {
 
 impl From<StoreError> for CmfError {
     fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "store error");
+        if crate::log_limit::allow("cmf.store") {
+            tracing::error!(error = %e, "store error");
+        }
         CmfError::Unavailable(format!("store: {e}"))
     }
 }

@@ -150,7 +150,9 @@ impl spki::DynSignatureAlgorithmIdentifier for HardwareKey {
 impl signature::Signer<HardwareSignature> for HardwareKey {
     fn try_sign(&self, message: &[u8]) -> Result<HardwareSignature, signature::Error> {
         self.sign(message).map(HardwareSignature).map_err(|e| {
-            tracing::error!(key = %self.key, error = %e, "X.509 signing failed");
+            if crate::log_limit::allow("signer.x509") {
+                tracing::error!(key = %self.key, error = %e, "X.509 signing failed");
+            }
             signature::Error::from_source(e)
         })
     }
@@ -224,7 +226,9 @@ impl rustls::sign::Signer for TlsSigner {
             .store
             .sign(&self.key.key, self.scheme, message)
             .map_err(|e| {
-                tracing::error!(key = %self.key.key, error = %e, "TLS handshake signature failed");
+                if crate::log_limit::allow("signer.tls") {
+                    tracing::error!(key = %self.key.key, error = %e, "TLS handshake signature failed");
+                }
                 rustls::Error::General(format!("signing with {}: {e}", self.key.key))
             })
     }
