@@ -213,8 +213,10 @@ impl From<KeyError> for CmfError {
 
 impl From<StoreError> for CmfError {
     fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "store error");
-        CmfError::Unavailable(format!("store: {e}"))
+        // The whole chain, so the log line and the 503 name the cause (ENOSPC, EROFS...).
+        let chain = crate::error::chain(&e);
+        tracing::error!(error = %chain, "store error");
+        CmfError::Unavailable(format!("store: {chain}"))
     }
 }
 
