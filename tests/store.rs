@@ -1,5 +1,8 @@
 //! Behaviour of the durable store: transactions, audit chain, schema, group commit, and
-//! acknowledged writes surviving a SIGKILL.
+//! acknowledged writes surviving a SIGKILL; creating and opening (a lost store is refused);
+//! a full disk, in the library and under `warden serve`.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -944,4 +947,184 @@ fn plain_writes_name_enospc_and_recover_once_space_is_freed() {
     write("after").expect("a write once space is freed");
     acked.push("after".into());
     assert_all_present(&store, &acked);
+}
+
+// ---------------------------------------------------------------------------------------
+// The same through the `warden` binary.
+
+use common::agent::Agent;
+use common::cmf::{openssl_csr, CmfAgent};
+
+#[test]
+fn commands_refuse_a_missing_or_empty_store_and_store_init_never_overwrites() {
+    let agent = Agent::new("");
+    let path = agent.dir().join("warden.redb");
+    assert!(path.exists(), "Agent::new ran `warden store init`");
+    let err = agent.fails(&["store", "init"]);
+    assert!(err.contains("already exists"), "{err}");
+
+    std::fs::remove_file(&path).unwrap();
+    let generate = [
+        "keys",
+        "generate",
+        "--backend",
+        "pkcs11",
+        "--label",
+        "k",
+        "--purpose",
+        "tls",
+    ];
+    for args in [&["serve"][..], &["ca", "init"], &generate] {
+        let err = agent.fails(args);
+        assert!(
+            err.contains("does not exist") && err.contains("warden store init"),
+            "warden {args:?}: {err}"
+        );
+        assert!(!path.exists(), "warden {args:?} must not create the store");
+    }
+    let out = agent.run(&["check"]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("FAIL the store") && stdout.contains("does not exist"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("entries verified"), "{stdout}");
+
+    std::fs::write(&path, b"").unwrap();
+    let err = agent.fails(&["serve"]);
+    assert!(err.contains("is empty (0 bytes)"), "{err}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left as it was");
+
+    std::fs::write(&path, vec![0x42; 8192]).unwrap();
+    let err = agent.fails(&["ca", "init"]);
+    assert!(err.contains("Not a redb database"), "{err}");
+
+    std::fs::remove_file(&path).unwrap();
+    let out = agent.ok(&["store", "init"]);
+    assert!(out.contains("created"), "{out}");
+    // The new store checks out (the CA key does not exist yet, so `check` still fails).
+    let out = String::from_utf8_lossy(&agent.run(&["check"]).stdout).into_owned();
+    assert!(out.contains("audit chain of 1 entries verified"), "{out}");
+}
+
+#[test]
+fn a_store_held_by_another_process_is_named_on_the_cli() {
+    let agent = Agent::new("");
+    let _held = Store::open_existing(&agent.dir().join("warden.redb")).unwrap();
+    let err = agent.fails(&["ca", "init"]);
+    assert!(
+        err.contains("cannot open the store") && err.contains("Database already open"),
+        "{err}"
+    );
+}
+
+/// `warden serve` with its store on a tmpfs that fills up: CSRs get 503 naming ENOSPC, and
+/// 201 again once space is freed, with no restart; every certificate acknowledged is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_503_naming_enospc_and_issues_again_once_space_is_freed() {
+    let Some(tmpfs) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let mut agent = CmfAgent::new("");
+    // Put the initialized store on the tmpfs, behind the configured path.
+    let configured = agent.store_path();
+    let on_tmpfs = tmpfs.path().join("warden.redb");
+    std::fs::copy(&configured, &on_tmpfs).unwrap();
+    std::fs::remove_file(&configured).unwrap();
+    std::os::unix::fs::symlink(&on_tmpfs, &configured).unwrap();
+    agent.start();
+
+    let client = agent.client(Some("vnfm-a"));
+    let mut conn = client.connect().await.unwrap();
+    let created = conn
+        .post_json(
+            "/certmgmt/v1/registrations",
+            &serde_json::json!({
+                "certType": "VNFCI_CERT",
+                "subjectIds": ["vnfc-f"],
+                "typeOfVnfcCertHandling": "DELEGATION_MODE",
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.status, 201, "{}", created.problem_detail());
+    let csr = openssl_csr(agent.dir(), "f", "/CN=vnfc-f", &[]);
+    let body = serde_json::json!({
+        "vnfcId": "vnfc-f", "certType": "VNFCI_CERT", "certChainRequest": false, "csr": csr,
+    });
+    const CSRS: &str = "/certmgmt/v1/certificate_signing_requests";
+    let mut serials = Vec::new();
+    let mut issue = |status: u16, json: Option<serde_json::Value>| {
+        if status == 201 {
+            let serial = json.unwrap()["serialNumber"].as_str().unwrap().to_string();
+            serials.push(serial);
+        }
+    };
+    for _ in 0..3 {
+        let issued = conn.post_json(CSRS, &body).await.unwrap();
+        assert_eq!(issued.status, 201, "{}", issued.problem_detail());
+        issue(201, issued.json().ok());
+    }
+
+    let filler = tmpfs.fill();
+    // Each refused commit is answered 503; a few may still fit in pages redb already holds.
+    let mut refused = None;
+    for _ in 0..2_000 {
+        let answer = match conn.post_json(CSRS, &body).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                conn = client.connect().await.unwrap();
+                continue;
+            }
+        };
+        match answer.status {
+            201 => issue(201, answer.json().ok()),
+            503 => {
+                refused = Some(answer.problem_detail());
+                break;
+            }
+            other => panic!("unexpected {other}: {}", answer.problem_detail()),
+        }
+    }
+    let refused = refused.expect("a CSR refused while the disk is full");
+    assert!(
+        refused.contains("No space left on device"),
+        "the 503 names the cause: {refused}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let issued = match conn.post_json(CSRS, &body).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            conn = client.connect().await.unwrap();
+            conn.post_json(CSRS, &body).await.unwrap()
+        }
+    };
+    assert_eq!(
+        issued.status,
+        201,
+        "issuance resumes once space is freed, without a restart: {}",
+        issued.problem_detail()
+    );
+    issue(201, issued.json().ok());
+    drop(conn);
+    agent.stop();
+
+    let store = Store::open_existing(&on_tmpfs).unwrap();
+    let stored = store
+        .read(|tx| tx.list(&nfv_warden::cmf::CERTIFICATES, ""))
+        .unwrap();
+    for serial in &serials {
+        assert!(
+            stored
+                .iter()
+                .any(|(key, _)| key.ends_with(&format!("/{serial}"))),
+            "acknowledged certificate {serial} is stored"
+        );
+    }
+    store.verify_audit_chain().unwrap();
+    drop(store);
+    drop(agent);
+    drop(tmpfs);
 }
