@@ -904,6 +904,10 @@ fn group_commit_names_enospc_and_recovers_once_space_is_freed() {
     // Still full: refused again, and again with the cause (no stale "previous I/O error").
     let err = write("while-full").expect_err("the disk is still full");
     assert_names_enospc(&err);
+    assert!(
+        !store.accepting_commits(),
+        "readiness sees the refused commits"
+    );
 
     std::fs::remove_file(&filler).unwrap();
     // The same `Store` and the same committer: the next batch reopens and commits.
@@ -913,6 +917,7 @@ fn group_commit_names_enospc_and_recovers_once_space_is_freed() {
         store.reopen_count() >= 1,
         "the database was reopened inside the store"
     );
+    assert!(store.accepting_commits());
     assert_all_present(&store, &acked);
     // The chain verifies and holds an entry per acknowledged write (a refused commit's
     // outcome is unknown, so it may hold more, never fewer).

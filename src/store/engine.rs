@@ -26,7 +26,7 @@
 //! commit returned, and a failed commit is answered with the error.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use redb::ReadableDatabase;
@@ -45,6 +45,8 @@ pub struct Store {
     db: RwLock<Option<Arc<redb::Database>>>,
     commits: AtomicU64,
     reopens: AtomicU64,
+    /// Whether the last commit (plain or group) succeeded; for readiness.
+    last_commit_ok: AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -185,6 +187,12 @@ impl Store {
         self.reopens.load(Ordering::Relaxed)
     }
 
+    /// Whether the store takes commits: false from a failed commit (a full disk, a read-only
+    /// remount) until the next one succeeds. Cheap: for a readiness answer, no probe write.
+    pub fn accepting_commits(&self) -> bool {
+        self.last_commit_ok.load(Ordering::Relaxed)
+    }
+
     /// Recomputes the audit hash chain from the first entry; returns the number of entries.
     pub fn verify_audit_chain(&self) -> Result<u64, StoreError> {
         let db = self.handle()?;
@@ -223,9 +231,12 @@ impl Store {
         db: &Arc<redb::Database>,
         txn: redb::WriteTransaction,
     ) -> Result<(), StoreError> {
-        txn.commit()
-            .map_err(|e| self.failed(db, StoreError::Commit(e)))?;
+        if let Err(e) = txn.commit() {
+            self.last_commit_ok.store(false, Ordering::Relaxed);
+            return Err(self.failed(db, StoreError::Commit(e)));
+        }
         self.commits.fetch_add(1, Ordering::Relaxed);
+        self.last_commit_ok.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -289,6 +300,7 @@ impl Store {
             db: RwLock::new(Some(db)),
             commits: AtomicU64::new(0),
             reopens: AtomicU64::new(0),
+            last_commit_ok: AtomicBool::new(true),
         })
     }
 }
