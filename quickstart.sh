@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # nfv-warden quick start on a fresh Debian 12 machine (README, command 1).
 #
-# Installs the system packages, builds warden, creates a SoftHSM token, a PIN file, a store
-# and a config under ./state (or $WARDEN_STATE), makes the CA key and root and the agent's
-# TLS key and certificate inside the token, checks everything, then runs `warden serve` on
-# https://127.0.0.1:8443 until Ctrl-C. Idempotent: a second run reuses what exists.
+# Installs the system packages, builds warden, creates a SoftHSM token, a PIN file, a config
+# and the store (`warden store init`) under ./state (or $WARDEN_STATE), makes the CA key and
+# root and the agent's TLS key and certificate inside the token, checks everything, then runs
+# `warden serve` on https://127.0.0.1:8443 until Ctrl-C. Idempotent: a second run reuses what
+# exists (the store is created only when the file does not exist).
 #
 # WARDEN_TPM=1 also starts a private swtpm (Unix socket under the state dir, stopped by PID
 # on exit) and adds it as the TPM backend. WARDEN_LISTEN=addr:port changes the address.
@@ -80,6 +81,10 @@ id = "vnfm-demo"
 trust_domain = "demo"
 CONF
 
+# Only `store init` creates the store; serve and the other commands refuse a missing one.
+if [ ! -e "$state/warden.redb" ]; then
+  "$warden" --config "$config" store init
+fi
 if [ ! -f "$state/ca.pem" ]; then
   "$warden" --config "$config" ca init --subject "CN=nfv-warden quickstart CA,O=nfv-warden"
 fi

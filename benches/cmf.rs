@@ -291,6 +291,7 @@ trust_domain = "operator-a"
             config,
             csrs: Vec::new(),
         };
+        setup.warden(&["store", "init"]);
         setup.warden(&["ca", "init", "--subject", "CN=warden bench CA,O=nfv-warden"]);
         setup.warden(&["tls", "init", "--san", "localhost", "--san", "127.0.0.1"]);
         sh(

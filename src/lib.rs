@@ -6,6 +6,7 @@ pub mod ca;
 pub mod client;
 pub mod cmf;
 pub mod config;
+pub mod error;
 pub mod keys;
 pub mod log_limit;
 pub mod metrics;

@@ -1,5 +1,8 @@
 //! Behaviour of the durable store: transactions, audit chain, schema, group commit, and
-//! acknowledged writes surviving a SIGKILL.
+//! acknowledged writes surviving a SIGKILL; creating and opening (a lost store is refused);
+//! a full disk, in the library and under `warden serve`.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -632,4 +635,501 @@ fn crash_child() {
     for writer in writers {
         writer.join().unwrap();
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Creating and opening: a lost store is refused, never silently replaced by an empty one.
+
+#[test]
+fn open_existing_refuses_a_missing_store_and_create_refuses_an_existing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = store_path(&dir);
+    let err = Store::open_existing(&path).unwrap_err();
+    assert!(matches!(err, StoreError::Missing { .. }), "{err:?}");
+    assert!(chain(&err).contains("warden store init"), "{}", chain(&err));
+    assert!(!path.exists(), "open_existing must not create the file");
+
+    let store = Store::create(&path).unwrap();
+    write_note(&store, "first");
+    drop(store);
+    let err = Store::create(&path).unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
+    let store = Store::open_existing(&path).unwrap();
+    assert_eq!(
+        store.read(|tx| tx.get(&NOTES, "first")).unwrap(),
+        Some(note("first")),
+        "a refused create left the store as it was"
+    );
+}
+
+#[test]
+fn open_existing_refuses_an_empty_a_garbage_and_a_foreign_file() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let empty = dir.path().join("empty.redb");
+    std::fs::write(&empty, b"").unwrap();
+    let err = Store::open_existing(&empty).unwrap_err();
+    assert!(matches!(err, StoreError::Empty { .. }), "{err:?}");
+    assert_eq!(
+        std::fs::metadata(&empty).unwrap().len(),
+        0,
+        "left untouched"
+    );
+
+    let garbage = dir.path().join("garbage.redb");
+    std::fs::write(&garbage, vec![0x5a; 64 * 1024]).unwrap();
+    let err = Store::open_existing(&garbage).unwrap_err();
+    assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+    assert!(
+        chain(&err).contains("Not a redb database"),
+        "the cause is named: {}",
+        chain(&err)
+    );
+
+    // A truncated store: the integrity check on open reports it instead of trusting it.
+    let whole = dir.path().join("whole.redb");
+    {
+        let store = Store::create(&whole).unwrap();
+        write_note(&store, "x");
+    }
+    let truncated = dir.path().join("truncated.redb");
+    let bytes = std::fs::read(&whole).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len().min(3000)]).unwrap();
+    let err = Store::open_existing(&truncated).unwrap_err();
+    assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+    assert!(chain(&err).contains("truncated"), "{}", chain(&err));
+
+    // A redb database that is not a store (no schema version).
+    let foreign = dir.path().join("foreign.redb");
+    {
+        let db = redb::Database::create(&foreign).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(AUDIT)
+            .unwrap()
+            .insert(1, b"{}".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let err = Store::open_existing(&foreign).unwrap_err();
+    assert!(matches!(err, StoreError::NotAStore { .. }), "{err:?}");
+
+    let directory = dir.path().join("a-directory");
+    std::fs::create_dir(&directory).unwrap();
+    let err = Store::open_existing(&directory).unwrap_err();
+    assert!(matches!(err, StoreError::NotAFile { .. }), "{err:?}");
+}
+
+#[test]
+fn a_store_held_open_elsewhere_names_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = store_path(&dir);
+    let _held = Store::create(&path).unwrap();
+    let err = Store::open_existing(&path).unwrap_err();
+    let line = chain(&err);
+    assert!(
+        matches!(
+            err,
+            StoreError::Open {
+                source: redb::DatabaseError::DatabaseAlreadyOpen,
+                ..
+            }
+        ),
+        "{line}"
+    );
+    assert!(line.contains("already open"), "{line}");
+}
+
+// ---------------------------------------------------------------------------------------
+// A full disk: commits fail naming ENOSPC, and the store heals by itself once space is
+// freed, without reopening the `Store`, with every acknowledged write kept.
+
+fn chain(err: &StoreError) -> String {
+    nfv_warden::error::chain(err)
+}
+
+/// A tmpfs of `size` mounted on a temporary directory; unmounted on drop.
+struct Tmpfs {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Tmpfs {
+    /// `None` (with the reason printed) only when not running as root: CI runs as root and
+    /// must run the test, so a failing mount as root is a test failure.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: mounting a tmpfs needs root (CI runs this test as root)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount -t tmpfs as root failed: {status}");
+        Some(Tmpfs { dir: Some(dir) })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.as_ref().unwrap().path()
+    }
+
+    /// Writes `filler` until the file system refuses with ENOSPC.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0xa5u8; 16 * 1024];
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
+        // Whatever the last partial write left: the file system has no page left.
+        let _ = file.write(&[0u8; 1]);
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let Some(dir) = self.dir.take() else { return };
+        // Lazy: a child process that still holds a file must not leave the mount behind.
+        let status = Command::new("umount").arg("-l").arg(dir.path()).status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("umount {} failed: {status:?}", dir.path().display());
+        }
+        drop(dir);
+    }
+}
+
+/// A write with a value large enough that a full tmpfs runs out quickly.
+fn big_note(key: &str) -> Note {
+    note(&format!("{key}:{}", "n".repeat(8 * 1024)))
+}
+
+/// Writes until one fails; returns the acknowledged keys and the error. Fails the test if
+/// no write fails within `bound` (the disk is full, so one must).
+fn write_until_refused(
+    write: &dyn Fn(&str) -> Result<(), StoreError>,
+    prefix: &str,
+    bound: usize,
+) -> (Vec<String>, StoreError) {
+    let mut acked = Vec::new();
+    for i in 0..bound {
+        let key = format!("{prefix}-{i:05}");
+        match write(&key) {
+            Ok(()) => acked.push(key),
+            Err(err) => return (acked, err),
+        }
+    }
+    panic!("{bound} writes of 8 KiB succeeded on a full 2 MiB tmpfs");
+}
+
+fn assert_names_enospc(err: &StoreError) {
+    let line = chain(err);
+    assert!(
+        line.contains("No space left on device"),
+        "the error names ENOSPC: {line}"
+    );
+    assert_eq!(
+        err.os_error().and_then(std::io::Error::raw_os_error),
+        Some(libc::ENOSPC),
+        "{line}"
+    );
+}
+
+fn assert_all_present(store: &Store, acked: &[String]) {
+    let missing: Vec<&String> = store
+        .read(|tx| {
+            let mut missing = Vec::new();
+            for key in acked {
+                if tx.get(&NOTES, key)? != Some(big_note(key)) {
+                    missing.push(key);
+                }
+            }
+            Ok(missing)
+        })
+        .unwrap();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+}
+
+#[test]
+fn group_commit_names_enospc_and_recovers_once_space_is_freed() {
+    let Some(tmpfs) = Tmpfs::mount("2m") else {
+        return;
+    };
+    let path = tmpfs.path().join("warden.redb");
+    let store = Arc::new(Store::create(&path).unwrap());
+    let group = store.group_commit(16).unwrap();
+    let write = |key: &str| {
+        let key = key.to_string();
+        group.write(move |tx| {
+            tx.put(&NOTES, &key, &big_note(&key))?;
+            tx.audit(AuditEvent::new("test", "note.put", key.as_str()));
+            Ok(())
+        })
+    };
+    // Some room first, so there is acknowledged history to keep.
+    let mut acked = Vec::new();
+    for i in 0..8 {
+        let key = format!("before-{i}");
+        write(&key).unwrap();
+        acked.push(key);
+    }
+    let filler = tmpfs.fill();
+    let (more, err) = write_until_refused(&write, "full", 2_000);
+    acked.extend(more);
+    assert!(
+        matches!(err, StoreError::GroupCommit(_)),
+        "{err:?}: {}",
+        chain(&err)
+    );
+    assert_names_enospc(&err);
+    assert!(
+        chain(&err).starts_with("group commit failed: "),
+        "{}",
+        chain(&err)
+    );
+    // Still full: refused again, and again with the cause (no stale "previous I/O error").
+    let err = write("while-full").expect_err("the disk is still full");
+    assert_names_enospc(&err);
+    assert!(
+        !store.accepting_commits(),
+        "readiness sees the refused commits"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    // The same `Store` and the same committer: the next batch reopens and commits.
+    write("after").expect("a write once space is freed");
+    acked.push("after".into());
+    assert!(
+        store.reopen_count() >= 1,
+        "the database was reopened inside the store"
+    );
+    assert!(store.accepting_commits());
+    assert_all_present(&store, &acked);
+    // The chain verifies and holds an entry per acknowledged write (a refused commit's
+    // outcome is unknown, so it may hold more, never fewer).
+    let entries = store.verify_audit_chain().unwrap();
+    assert!(entries >= acked.len() as u64, "{entries} < {}", acked.len());
+    drop(group);
+    drop(store);
+    // And on disk: a fresh open finds them.
+    let reopened = Store::open_existing(&path).unwrap();
+    assert_all_present(&reopened, &acked);
+}
+
+#[test]
+fn plain_writes_name_enospc_and_recover_once_space_is_freed() {
+    let Some(tmpfs) = Tmpfs::mount("2m") else {
+        return;
+    };
+    let path = tmpfs.path().join("warden.redb");
+    let store = Store::create(&path).unwrap();
+    let write = |key: &str| {
+        let key = key.to_string();
+        store.write(|tx| tx.put(&NOTES, &key, &big_note(&key)))
+    };
+    write("before").unwrap();
+    let filler = tmpfs.fill();
+    let (mut acked, err) = write_until_refused(&write, "full", 2_000);
+    acked.insert(0, "before".into());
+    assert_names_enospc(&err);
+    // Reads are not stopped for good by the failed commit either.
+    let _ = store.read(|tx| tx.count(&NOTES));
+    std::fs::remove_file(&filler).unwrap();
+    write("after").expect("a write once space is freed");
+    acked.push("after".into());
+    assert_all_present(&store, &acked);
+}
+
+// ---------------------------------------------------------------------------------------
+// The same through the `warden` binary.
+
+use common::agent::Agent;
+use common::cmf::{openssl_csr, CmfAgent};
+
+#[test]
+fn commands_refuse_a_missing_or_empty_store_and_store_init_never_overwrites() {
+    let agent = Agent::new("");
+    let path = agent.dir().join("warden.redb");
+    assert!(path.exists(), "Agent::new ran `warden store init`");
+    let err = agent.fails(&["store", "init"]);
+    assert!(err.contains("already exists"), "{err}");
+
+    std::fs::remove_file(&path).unwrap();
+    let generate = [
+        "keys",
+        "generate",
+        "--backend",
+        "pkcs11",
+        "--label",
+        "k",
+        "--purpose",
+        "tls",
+    ];
+    for args in [&["serve"][..], &["ca", "init"], &generate] {
+        let err = agent.fails(args);
+        assert!(
+            err.contains("does not exist") && err.contains("warden store init"),
+            "warden {args:?}: {err}"
+        );
+        assert!(!path.exists(), "warden {args:?} must not create the store");
+    }
+    let out = agent.run(&["check"]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("FAIL the store") && stdout.contains("does not exist"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("entries verified"), "{stdout}");
+
+    std::fs::write(&path, b"").unwrap();
+    let err = agent.fails(&["serve"]);
+    assert!(err.contains("is empty (0 bytes)"), "{err}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left as it was");
+
+    std::fs::write(&path, vec![0x42; 8192]).unwrap();
+    let err = agent.fails(&["ca", "init"]);
+    assert!(err.contains("Not a redb database"), "{err}");
+
+    std::fs::remove_file(&path).unwrap();
+    let out = agent.ok(&["store", "init"]);
+    assert!(out.contains("created"), "{out}");
+    // The new store checks out (the CA key does not exist yet, so `check` still fails).
+    let out = String::from_utf8_lossy(&agent.run(&["check"]).stdout).into_owned();
+    assert!(out.contains("audit chain of 1 entries verified"), "{out}");
+}
+
+#[test]
+fn a_store_held_by_another_process_is_named_on_the_cli() {
+    let agent = Agent::new("");
+    let _held = Store::open_existing(&agent.dir().join("warden.redb")).unwrap();
+    let err = agent.fails(&["ca", "init"]);
+    assert!(
+        err.contains("cannot open the store") && err.contains("Database already open"),
+        "{err}"
+    );
+}
+
+/// `warden serve` with its store on a tmpfs that fills up: CSRs get 503 naming ENOSPC, and
+/// 201 again once space is freed, with no restart; every certificate acknowledged is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_503_naming_enospc_and_issues_again_once_space_is_freed() {
+    let Some(tmpfs) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let mut agent = CmfAgent::new("");
+    // Put the initialized store on the tmpfs, behind the configured path.
+    let configured = agent.store_path();
+    let on_tmpfs = tmpfs.path().join("warden.redb");
+    std::fs::copy(&configured, &on_tmpfs).unwrap();
+    std::fs::remove_file(&configured).unwrap();
+    std::os::unix::fs::symlink(&on_tmpfs, &configured).unwrap();
+    agent.start();
+
+    let client = agent.client(Some("vnfm-a"));
+    let mut conn = client.connect().await.unwrap();
+    let created = conn
+        .post_json(
+            "/certmgmt/v1/registrations",
+            &serde_json::json!({
+                "certType": "VNFCI_CERT",
+                "subjectIds": ["vnfc-f"],
+                "typeOfVnfcCertHandling": "DELEGATION_MODE",
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.status, 201, "{}", created.problem_detail());
+    let csr = openssl_csr(agent.dir(), "f", "/CN=vnfc-f", &[]);
+    let body = serde_json::json!({
+        "vnfcId": "vnfc-f", "certType": "VNFCI_CERT", "certChainRequest": false, "csr": csr,
+    });
+    const CSRS: &str = "/certmgmt/v1/certificate_signing_requests";
+    let mut serials = Vec::new();
+    let mut issue = |status: u16, json: Option<serde_json::Value>| {
+        if status == 201 {
+            let serial = json.unwrap()["serialNumber"].as_str().unwrap().to_string();
+            serials.push(serial);
+        }
+    };
+    for _ in 0..3 {
+        let issued = conn.post_json(CSRS, &body).await.unwrap();
+        assert_eq!(issued.status, 201, "{}", issued.problem_detail());
+        issue(201, issued.json().ok());
+    }
+
+    let filler = tmpfs.fill();
+    // Each refused commit is answered 503; a few may still fit in pages redb already holds.
+    let mut refused = None;
+    for _ in 0..2_000 {
+        let answer = match conn.post_json(CSRS, &body).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                conn = client.connect().await.unwrap();
+                continue;
+            }
+        };
+        match answer.status {
+            201 => issue(201, answer.json().ok()),
+            503 => {
+                refused = Some(answer.problem_detail());
+                break;
+            }
+            other => panic!("unexpected {other}: {}", answer.problem_detail()),
+        }
+    }
+    let refused = refused.expect("a CSR refused while the disk is full");
+    assert!(
+        refused.contains("No space left on device"),
+        "the 503 names the cause: {refused}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let issued = match conn.post_json(CSRS, &body).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            conn = client.connect().await.unwrap();
+            conn.post_json(CSRS, &body).await.unwrap()
+        }
+    };
+    assert_eq!(
+        issued.status,
+        201,
+        "issuance resumes once space is freed, without a restart: {}",
+        issued.problem_detail()
+    );
+    issue(201, issued.json().ok());
+    drop(conn);
+    agent.stop();
+
+    let store = Store::open_existing(&on_tmpfs).unwrap();
+    let stored = store
+        .read(|tx| tx.list(&nfv_warden::cmf::CERTIFICATES, ""))
+        .unwrap();
+    for serial in &serials {
+        assert!(
+            stored
+                .iter()
+                .any(|(key, _)| key.ends_with(&format!("/{serial}"))),
+            "acknowledged certificate {serial} is stored"
+        );
+    }
+    store.verify_audit_chain().unwrap();
+    drop(store);
+    drop(agent);
+    drop(tmpfs);
 }

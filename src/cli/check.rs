@@ -25,7 +25,7 @@ pub(super) fn check(path: &Path) -> Result<ExitCode, Failure> {
     // Failures that a restart cannot cure or would make worse, by their kind.
     let mut grave: Option<FailureKind> = None;
     let mut opened_store = None;
-    match Store::open(&config.store.path) {
+    match Store::open_existing(&config.store.path) {
         Ok(store) => match store.verify_audit_chain() {
             Ok(n) => {
                 line(
@@ -39,10 +39,14 @@ pub(super) fn check(path: &Path) -> Result<ExitCode, Failure> {
             }
             Err(e) => line(
                 false,
-                format!("store {}: audit chain: {e}", config.store.path.display()),
+                format!(
+                    "store {}: audit chain: {}",
+                    config.store.path.display(),
+                    nfv_warden::error::chain(&e)
+                ),
             ),
         },
-        Err(e) => line(false, format!("store {}: {e}", config.store.path.display())),
+        Err(e) => line(false, nfv_warden::error::chain(&e)),
     }
     for (what, secret) in sm_secrets(&config) {
         match secret.read() {

@@ -23,6 +23,9 @@ mod init;
 mod keys;
 mod serve;
 mod sm;
+// Not `store`: that name is the library's store module here (`store::KEYS`).
+#[path = "store.rs"]
+mod store_command;
 mod vnfm;
 
 use check::check;
@@ -76,6 +79,9 @@ enum Command {
     /// The agent's own TLS identity.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// The durable store (`warden store init` creates it; nothing else does).
+    #[command(subcommand)]
+    Store(store_command::StoreCommand),
     /// As a VNFM: register subjects with a CMF (IFA 033 11.2.2).
     Register(RegisterArgs),
     /// As a VNFM: send a CSR to a CMF (IFA 033 11.2.3); prints the certificate (and chain).
@@ -182,6 +188,15 @@ impl<E: std::fmt::Display> From<E> for Failure {
     }
 }
 
+impl Failure {
+    /// `e` with its whole `source()` chain on one line (STYLE.md: the CLI prints the cause,
+    /// not only the outermost message). `?` goes through `Display` only, since many helpers
+    /// return `String` errors; use this for typed errors that carry a source.
+    fn chain(e: &dyn std::error::Error) -> Failure {
+        Failure(nfv_warden::error::chain(e))
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -223,6 +238,7 @@ fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
         Command::Sm(cmd) => sm::run(cmd, config),
         Command::Keys(cmd) => keys(cmd, config),
         Command::Ca(CaCommand::Init(args)) => ca_init(args, config),
+        Command::Store(cmd) => store_command::run(cmd, config),
         Command::Tls(TlsCommand::Init {
             sans,
             algorithm,
@@ -231,10 +247,11 @@ fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
     }
 }
 
+/// Opens the existing store; never creates one (`warden store init` does, see store.rs).
 fn open_store(config: &Config) -> Result<Arc<Store>, Failure> {
-    Store::open(&config.store.path)
+    Store::open_existing(&config.store.path)
         .map(Arc::new)
-        .map_err(|e| Failure(format!("store {}: {e}", config.store.path.display())))
+        .map_err(|e| Failure::chain(&e))
 }
 
 /// The SM's secrets the configuration references, with what each is for: the notification
@@ -327,7 +344,8 @@ fn record_key(
             ),
         );
         Ok(())
-    })?;
+    })
+    .map_err(|e| Failure::chain(&e))?;
     Ok(())
 }
 
@@ -337,10 +355,12 @@ fn audit(
     subject: &str,
     detail: serde_json::Value,
 ) -> Result<(), Failure> {
-    store.write(|tx| {
-        tx.audit(AuditEvent::new(actor(), action, subject).with_detail(detail));
-        Ok(())
-    })?;
+    store
+        .write(|tx| {
+            tx.audit(AuditEvent::new(actor(), action, subject).with_detail(detail));
+            Ok(())
+        })
+        .map_err(|e| Failure::chain(&e))?;
     Ok(())
 }
 

@@ -218,10 +218,12 @@ impl From<KeyError> for CmfError {
 
 impl From<StoreError> for CmfError {
     fn from(e: StoreError) -> Self {
+        // The whole chain, so the log line and the 503 name the cause (ENOSPC, EROFS...).
+        let chain = crate::error::chain(&e);
         if crate::log_limit::allow("cmf.store") {
-            tracing::error!(error = %e, "store error");
+            tracing::error!(error = %chain, "store error");
         }
-        CmfError::Unavailable(format!("store: {e}"))
+        CmfError::Unavailable(format!("store: {chain}"))
     }
 }
 

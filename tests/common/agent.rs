@@ -66,7 +66,11 @@ certificate = "{dir}/ca.pem"
             ),
         )
         .expect("config");
-        Agent { tokens, config }
+        let agent = Agent { tokens, config };
+        // `serve` and the other commands never create a store (issue 8 section 4): the first
+        // run step is the explicit init, as in quickstart.sh.
+        agent.ok(&["store", "init"]);
+        agent
     }
 
     pub fn dir(&self) -> &Path {

@@ -1,0 +1,249 @@
+//! Transactions as callers see them: [`WriteTx`] stages a closure's writes, [`ReadTx`] is a
+//! snapshot.
+
+use std::collections::BTreeMap;
+
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::audit::{self, AuditEvent};
+use super::{decode, encode, storage, StoreError, Table};
+
+/// The write side of a transaction, as a closure sees it. Writes are staged and applied to
+/// the redb transaction only if the closure returns `Ok`; reads see the closure's own staged
+/// writes over the transaction.
+pub struct WriteTx<'a> {
+    txn: &'a redb::WriteTransaction,
+    pub(super) staged: Staged,
+}
+
+impl<'a> WriteTx<'a> {
+    pub fn get<V: DeserializeOwned>(
+        &self,
+        table: &Table<V>,
+        key: &str,
+    ) -> Result<Option<V>, StoreError> {
+        self.bytes(table.name, key)?
+            .map(|bytes| decode(table.name, key, &bytes))
+            .transpose()
+    }
+
+    pub fn contains<V>(&self, table: &Table<V>, key: &str) -> Result<bool, StoreError> {
+        Ok(self.bytes(table.name, key)?.is_some())
+    }
+
+    /// Inserts or replaces.
+    pub fn put<V: Serialize>(
+        &mut self,
+        table: &Table<V>,
+        key: &str,
+        value: &V,
+    ) -> Result<(), StoreError> {
+        let bytes = encode(table.name, key, value)?;
+        self.staged.stage(table.name, key, Some(bytes));
+        Ok(())
+    }
+
+    /// Inserts, or fails with [`StoreError::Conflict`] if `key` exists (unique serials).
+    pub fn insert_new<V: Serialize>(
+        &mut self,
+        table: &Table<V>,
+        key: &str,
+        value: &V,
+    ) -> Result<(), StoreError> {
+        if self.contains(table, key)? {
+            return Err(StoreError::Conflict {
+                table: table.name,
+                key: key.to_string(),
+            });
+        }
+        self.put(table, key, value)
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub fn delete<V>(&mut self, table: &Table<V>, key: &str) -> Result<bool, StoreError> {
+        let existed = self.contains(table, key)?;
+        self.staged.stage(table.name, key, None);
+        Ok(existed)
+    }
+
+    /// Appends `event` to the audit chain, in this transaction: it lands if and only if the
+    /// changes it records land.
+    pub fn audit(&mut self, event: AuditEvent) {
+        self.staged.audit.push(event);
+    }
+
+    pub(super) fn new(txn: &'a redb::WriteTransaction) -> Self {
+        WriteTx {
+            txn,
+            staged: Staged::default(),
+        }
+    }
+
+    fn bytes(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(staged) = self.staged.writes.get(table).and_then(|keys| keys.get(key)) {
+            return Ok(staged.clone());
+        }
+        let handle = self
+            .txn
+            .open_table(TableDefinition::<&str, &[u8]>::new(table))
+            .map_err(|source| StoreError::Table { table, source })?;
+        let bytes = handle
+            .get(key)
+            .map_err(storage(table))?
+            .map(|guard| guard.value().to_vec());
+        Ok(bytes)
+    }
+}
+
+/// A read-only snapshot.
+pub struct ReadTx {
+    pub(super) txn: redb::ReadTransaction,
+}
+
+impl ReadTx {
+    pub fn get<V: DeserializeOwned>(
+        &self,
+        table: &Table<V>,
+        key: &str,
+    ) -> Result<Option<V>, StoreError> {
+        let Some(handle) = self.open(table)? else {
+            return Ok(None);
+        };
+        let guard = handle.get(key).map_err(storage(table.name))?;
+        guard
+            .map(|guard| decode(table.name, key, guard.value()))
+            .transpose()
+    }
+
+    pub fn contains<V>(&self, table: &Table<V>, key: &str) -> Result<bool, StoreError> {
+        let Some(handle) = self.open(table)? else {
+            return Ok(false);
+        };
+        Ok(handle.get(key).map_err(storage(table.name))?.is_some())
+    }
+
+    /// Every entry whose key starts with `prefix` (`""` for all), in key order.
+    pub fn list<V: DeserializeOwned>(
+        &self,
+        table: &Table<V>,
+        prefix: &str,
+    ) -> Result<Vec<(String, V)>, StoreError> {
+        let Some(handle) = self.open(table)? else {
+            return Ok(Vec::new());
+        };
+        let mut entries = Vec::new();
+        for item in handle.range(prefix..).map_err(storage(table.name))? {
+            let (key, value) = item.map_err(storage(table.name))?;
+            let key = key.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            entries.push((key.to_string(), decode(table.name, key, value.value())?));
+        }
+        Ok(entries)
+    }
+
+    /// Up to `limit` keys below `below`, in key order (time-ordered keys: the oldest).
+    pub fn keys_below<V>(
+        &self,
+        table: &Table<V>,
+        below: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let Some(handle) = self.open(table)? else {
+            return Ok(Vec::new());
+        };
+        let mut keys = Vec::new();
+        for item in handle.range(..below).map_err(storage(table.name))? {
+            if keys.len() >= limit {
+                break;
+            }
+            let (key, _) = item.map_err(storage(table.name))?;
+            keys.push(key.value().to_string());
+        }
+        Ok(keys)
+    }
+
+    pub fn count<V>(&self, table: &Table<V>) -> Result<u64, StoreError> {
+        match self.open(table)? {
+            Some(handle) => handle.len().map_err(storage(table.name)),
+            None => Ok(0),
+        }
+    }
+
+    fn open<V>(
+        &self,
+        table: &Table<V>,
+    ) -> Result<Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>, StoreError> {
+        match self.txn.open_table(table.definition()) {
+            Ok(handle) => Ok(Some(handle)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(source) => Err(StoreError::Table {
+                table: table.name,
+                source,
+            }),
+        }
+    }
+}
+/// One closure's writes, waiting for the closure to succeed. `None` is a delete.
+#[derive(Default)]
+pub(super) struct Staged {
+    pub(super) writes: BTreeMap<&'static str, BTreeMap<String, Option<Vec<u8>>>>,
+    pub(super) audit: Vec<AuditEvent>,
+}
+
+impl Staged {
+    fn stage(&mut self, table: &'static str, key: &str, value: Option<Vec<u8>>) {
+        self.writes
+            .entry(table)
+            .or_default()
+            .insert(key.to_string(), value);
+    }
+
+    /// Applies the buffer to the transaction. On error the transaction holds part of it and
+    /// must be aborted, never committed.
+    pub(super) fn apply(self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+        for (table, keys) in self.writes {
+            let mut handle = txn
+                .open_table(TableDefinition::<&str, &[u8]>::new(table))
+                .map_err(|source| StoreError::Table { table, source })?;
+            for (key, value) in keys {
+                match value {
+                    Some(bytes) => {
+                        handle
+                            .insert(key.as_str(), bytes.as_slice())
+                            .map_err(storage(table))?;
+                    }
+                    None => {
+                        handle.remove(key.as_str()).map_err(storage(table))?;
+                    }
+                }
+            }
+        }
+        audit::append(txn, self.audit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::KEYS;
+
+    #[test]
+    fn redb_refuses_a_savepoint_after_a_table_was_opened() {
+        // The reason group commit stages writes instead of using savepoints (module notes).
+        let dir = tempfile::tempdir().unwrap();
+        let db = redb::Database::create(dir.path().join("s.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        assert!(txn.ephemeral_savepoint().is_ok());
+        {
+            let mut table = txn.open_table(KEYS.definition()).unwrap();
+            table.insert("a", b"1".as_slice()).unwrap();
+        }
+        assert!(matches!(
+            txn.ephemeral_savepoint(),
+            Err(redb::SavepointError::InvalidSavepoint)
+        ));
+    }
+}
