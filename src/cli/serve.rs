@@ -8,7 +8,16 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
         .ok_or_else(|| Failure("config: no [server] section".into()))?;
     let backends = open_backends(config)?;
     let store = open_store(config)?;
-    let tls = nfv_warden::api::tls_config(&server, &backends, &client_roots(config))?;
+    // Counters of the HTTPS listener (connections, refusals, timeouts), for metrics.
+    let server_stats = Arc::new(nfv_warden::api::ServerStats::default());
+    let tls = nfv_warden::api::tls_config_with_stats(
+        &server,
+        &backends,
+        &client_roots(config),
+        &server_stats,
+    )?;
+    let mut limits = nfv_warden::api::ServerLimits::from_config(&server);
+    limits.max_connections = nfv_warden::api::fit_connections_to_file_limit(limits.max_connections);
     let cmf = match &config.cmf {
         Some(_) => Some(Arc::new(
             nfv_warden::cmf::Cmf::new(config, &backends, store.clone()).map_err(Failure)?,
@@ -60,17 +69,11 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
         if let Some(sm) = &sm {
             sm.start();
         }
-        nfv_warden::api::serve(
-            listener,
-            tls,
-            app,
-            Duration::from_secs(server.drain_seconds),
-            async {
-                nfv_warden::api::termination_signal().await;
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-                let _ = stop_admin.send(true);
-            },
-        )
+        nfv_warden::api::serve(listener, tls, app, limits, server_stats, async {
+            nfv_warden::api::termination_signal().await;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            let _ = stop_admin.send(true);
+        })
         .await;
         Ok::<(), Failure>(())
     })?;
