@@ -608,9 +608,10 @@ impl Connections {
         // NO_ERROR after a complete response, as RFC 9113 8.1 allows.
         let parked = (version == hyper::Version::HTTP_2).then(|| Arc::new(ParkedBody::default()));
         let body_timeout = self.limits.body_read_timeout;
+        let body_deadline = tokio::time::Instant::now() + body_timeout;
         let mut request = request.map(|body| RequestBody {
             inner: Some(body),
-            deadline: Box::pin(tokio::time::sleep(body_timeout)),
+            deadline: Box::pin(tokio::time::sleep_until(body_deadline)),
             timeout: body_timeout,
             timed_out: timed_out.clone(),
             parked: parked.clone(),
@@ -623,6 +624,9 @@ impl Connections {
                 Ok(response) => response,
                 Err(never) => match never {},
             };
+            if let Some(parked) = &parked {
+                parked.drain(body_deadline).await;
+            }
             let response = if timed_out.load(Ordering::Relaxed) {
                 stats.body_read_timeouts.fetch_add(1, Ordering::Relaxed);
                 let mut response = problem_details(
@@ -713,6 +717,45 @@ impl Drop for Busy {
 /// An HTTP/2 request body the handler dropped unread, kept until the response is done.
 #[derive(Default)]
 struct ParkedBody(std::sync::Mutex<Option<hyper::body::Incoming>>);
+
+/// The most of an unread HTTP/2 request body read and discarded before the answer.
+const DRAIN_LIMIT: usize = 4 << 20;
+
+impl ParkedBody {
+    /// Read and discard what the handler left of the body, up to [`DRAIN_LIMIT`] bytes and
+    /// the body's deadline, so that the answer (a 413 or 415 sent unread) ends a complete
+    /// exchange: a stream reset while the client still uploads, even RST_STREAM(NO_ERROR)
+    /// after the response as RFC 9113 8.1 allows, makes curl 7.88 report "stream error"
+    /// instead of the status. A body beyond the bound is left to that reset.
+    async fn drain(&self, deadline: tokio::time::Instant) {
+        use http_body_util::BodyExt;
+        let taken = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(mut body) = taken else { return };
+        let mut read = 0usize;
+        let drained = tokio::time::timeout_at(deadline, async {
+            while read <= DRAIN_LIMIT {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        read += frame.data_ref().map_or(0, |data| data.len());
+                    }
+                    Some(Err(_)) | None => return true,
+                }
+            }
+            false
+        })
+        .await;
+        if drained != Ok(true) {
+            *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(body);
+        }
+    }
+}
 
 /// Why a request body could not be read.
 #[derive(Debug, thiserror::Error)]
