@@ -453,3 +453,36 @@ async fn http2_clients_see_a_refusal_sent_before_the_body_was_read() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_after_a_hello_retry_request_is_signed_too() {
+    // openssl sends a key share for ffdhe2048 only, which the server does not take: it asks
+    // again (HelloRetryRequest) for P-256, and the second ClientHello is answered, and
+    // signed, from the connection's task (the signing pool's block_in_place path).
+    let server = Server::start("", None);
+    for _ in 0..3 {
+        let out = std::process::Command::new("openssl")
+            .current_dir(server.dir())
+            .args([
+                "s_client",
+                "-brief",
+                "-msg",
+                "-tls1_3",
+                "-groups",
+                "ffdhe2048:P-256",
+            ])
+            .args(["-CAfile", "ca.pem", "-verify_return_error", "-connect"])
+            .arg(format!("127.0.0.1:{}", server.port))
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("TLSv1.3"), "{stderr}");
+        assert!(stderr.contains("prime256v1"), "{stderr}");
+        // Two ClientHellos: the retry happened.
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(stdout.matches("ClientHello").count(), 2, "{stdout}");
+    }
+    assert_eq!(server.healthz().await, Ok(200));
+}
