@@ -611,7 +611,8 @@ impl Connections {
         let body_deadline = tokio::time::Instant::now() + body_timeout;
         let mut request = request.map(|body| RequestBody {
             inner: Some(body),
-            deadline: Box::pin(tokio::time::sleep_until(body_deadline)),
+            deadline_at: body_deadline,
+            deadline: None,
             timeout: body_timeout,
             timed_out: timed_out.clone(),
             parked: parked.clone(),
@@ -769,7 +770,10 @@ pub enum RequestBodyError {
 /// The request body with a deadline for all of it.
 struct RequestBody {
     inner: Option<hyper::body::Incoming>,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    deadline_at: tokio::time::Instant,
+    /// The timer, set only once the body makes the reader wait (most bodies arrive with
+    /// their headers).
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     timeout: Duration,
     timed_out: Arc<AtomicBool>,
     parked: Option<Arc<ParkedBody>>,
@@ -791,7 +795,10 @@ impl hyper::body::Body for RequestBody {
         if let Poll::Ready(frame) = std::pin::Pin::new(inner).poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(RequestBodyError::Read)));
         }
-        if std::future::Future::poll(this.deadline.as_mut(), cx).is_ready() {
+        let deadline = this
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(this.deadline_at)));
+        if std::future::Future::poll(deadline.as_mut(), cx).is_ready() {
             this.timed_out.store(true, Ordering::Relaxed);
             return Poll::Ready(Some(Err(RequestBodyError::Deadline(this.timeout))));
         }
