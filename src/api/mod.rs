@@ -417,7 +417,8 @@ pub async fn serve(
         stats: stats.clone(),
         closing: closing.clone(),
     });
-    let mut refusals = RefusalWarning::default();
+    let mut refusals = EveryTenSeconds::default();
+    let mut accept_failures = EveryTenSeconds::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -427,14 +428,22 @@ pub async fn serve(
                     Err(e) => {
                         // EMFILE / ENFILE / ENOBUFS: the pending connection stays in the
                         // backlog; try again shortly instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
+                        if accept_failures.due() {
+                            tracing::warn!(error = %e, failures = accept_failures.take(), "accept failed");
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
                 let Ok(permit) = connections.clone().try_acquire_owned() else {
                     stats.connections_refused.fetch_add(1, Ordering::Relaxed);
-                    refusals.refused(limits.max_connections);
+                    if refusals.due() {
+                        tracing::warn!(
+                            refused = refusals.take(),
+                            max_connections = limits.max_connections,
+                            "connection cap reached: new connections are closed at once"
+                        );
+                    }
                     // Closing it at once tells the client now, and frees the descriptor.
                     drop(tcp);
                     continue;
@@ -877,29 +886,26 @@ impl Drop for Gauge<'_> {
     }
 }
 
-/// The refusal warning, at most once per 10 s with the count since the last one: a flood
-/// must not also flood the log.
+/// A warning at most once per 10 s, with the count of events since the last one: a flood
+/// of refused connections or failed accepts must not also flood the log.
 #[derive(Default)]
-struct RefusalWarning {
+struct EveryTenSeconds {
     last: Option<std::time::Instant>,
     since_last: u64,
 }
 
-impl RefusalWarning {
-    fn refused(&mut self, cap: usize) {
+impl EveryTenSeconds {
+    /// Count one event; whether to warn now.
+    fn due(&mut self) -> bool {
         self.since_last += 1;
-        if self
-            .last
+        self.last
             .is_none_or(|last| last.elapsed() >= Duration::from_secs(10))
-        {
-            tracing::warn!(
-                refused = self.since_last,
-                max_connections = cap,
-                "connection cap reached: new connections are closed at once"
-            );
-            self.last = Some(std::time::Instant::now());
-            self.since_last = 0;
-        }
+    }
+
+    /// The events since the last warning, which is now.
+    fn take(&mut self) -> u64 {
+        self.last = Some(std::time::Instant::now());
+        std::mem::take(&mut self.since_last)
     }
 }
 
