@@ -289,6 +289,65 @@ pub struct ServerConfig {
     /// How long SIGTERM waits for in-flight requests before closing connections.
     #[serde(default = "default_drain_seconds")]
     pub drain_seconds: u64,
+    /// The whole TLS handshake, from accept to the client's Finished (waiting for a
+    /// handshake slot included).
+    #[serde(default = "default_handshake_timeout_seconds")]
+    pub handshake_timeout_seconds: u64,
+    /// HTTP/1: the request line and headers of one request, from when the server starts
+    /// waiting for them (this also bounds the wait for the next request on a kept-alive
+    /// connection).
+    #[serde(default = "default_header_read_timeout_seconds")]
+    pub header_read_timeout_seconds: u64,
+    /// The whole request body, from when its headers arrived; past it the answer is 408 and
+    /// an HTTP/1 connection is closed.
+    #[serde(default = "default_body_read_timeout_seconds")]
+    pub body_read_timeout_seconds: u64,
+    /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY).
+    #[serde(default = "default_idle_timeout_seconds")]
+    pub idle_timeout_seconds: u64,
+    /// Open connections at most (TLS handshakes included); beyond it a new connection is
+    /// accepted and closed at once. Lowered at start to fit the open-file limit.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// TLS handshakes in progress at most; more wait (within the handshake timeout).
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// HTTP/2 streams (requests) in flight per connection at most.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// How long one handshake signature by the TLS key may take; past it the handshake
+    /// fails and the connection is closed.
+    #[serde(default = "default_handshake_sign_timeout_seconds")]
+    pub handshake_sign_timeout_seconds: u64,
+}
+
+impl ServerConfig {
+    /// A zero timeout or cap would refuse every client; each must be at least 1.
+    fn check(&self) -> Result<(), String> {
+        let nonzero = [
+            ("handshake_timeout_seconds", self.handshake_timeout_seconds),
+            (
+                "header_read_timeout_seconds",
+                self.header_read_timeout_seconds,
+            ),
+            ("body_read_timeout_seconds", self.body_read_timeout_seconds),
+            ("idle_timeout_seconds", self.idle_timeout_seconds),
+            ("max_connections", self.max_connections as u64),
+            ("max_handshakes", self.max_handshakes as u64),
+            (
+                "max_concurrent_streams",
+                u64::from(self.max_concurrent_streams),
+            ),
+            (
+                "handshake_sign_timeout_seconds",
+                self.handshake_sign_timeout_seconds,
+            ),
+        ];
+        match nonzero.iter().find(|(_, value)| *value == 0) {
+            Some((key, _)) => Err(format!("server.{key}: must be at least 1")),
+            None => Ok(()),
+        }
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -296,6 +355,30 @@ fn default_listen() -> SocketAddr {
 }
 fn default_drain_seconds() -> u64 {
     10
+}
+fn default_handshake_timeout_seconds() -> u64 {
+    10
+}
+fn default_header_read_timeout_seconds() -> u64 {
+    10
+}
+fn default_body_read_timeout_seconds() -> u64 {
+    30
+}
+fn default_idle_timeout_seconds() -> u64 {
+    60
+}
+fn default_max_connections() -> usize {
+    512
+}
+fn default_max_handshakes() -> usize {
+    64
+}
+fn default_max_concurrent_streams() -> u32 {
+    32
+}
+fn default_handshake_sign_timeout_seconds() -> u64 {
+    5
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -450,6 +533,9 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        if let Some(server) = &self.server {
+            server.check()?;
+        }
         if let Some(sm) = &self.sm {
             sm.check()?;
         }

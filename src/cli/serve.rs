@@ -9,8 +9,17 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
     read_secrets(config)?;
     let backends = open_backends(config)?;
     let store = open_store(config)?;
-    let tls = nfv_warden::api::tls_config(&server, &backends, &client_roots(config))
-        .map_err(Failure::serve)?;
+    // Counters of the HTTPS listener (connections, refusals, timeouts), for metrics.
+    let server_stats = Arc::new(nfv_warden::api::ServerStats::default());
+    let tls = nfv_warden::api::tls_config_with_stats(
+        &server,
+        &backends,
+        &client_roots(config),
+        &server_stats,
+    )
+    .map_err(Failure::serve)?;
+    let mut limits = nfv_warden::api::ServerLimits::from_config(&server);
+    limits.max_connections = nfv_warden::api::fit_connections_to_file_limit(limits.max_connections);
     let cmf = match &config.cmf {
         Some(_) => Some(Arc::new(
             nfv_warden::cmf::Cmf::new(config, &backends, store.clone()).map_err(Failure)?,
@@ -88,23 +97,17 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
         if let Some(sm) = &sm {
             sm.start();
         }
-        nfv_warden::api::serve(
-            listener,
-            tls,
-            app,
-            Duration::from_secs(server.drain_seconds),
-            async {
-                nfv_warden::api::termination_signal().await;
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-                let _ = stop_admin.send(true);
-            },
-        )
+        nfv_warden::api::serve(listener, tls, app, limits, server_stats, async {
+            nfv_warden::api::termination_signal().await;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            let _ = stop_admin.send(true);
+        })
         .await;
         Ok::<(), Failure>(())
     });
     // A readiness probe may still be stuck inside a hung device (a blocking thread no one
     // can cancel): do not wait for it forever on the way out.
-    runtime.shutdown_timeout(Duration::from_secs(2));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     served?;
     Ok(ExitCode::SUCCESS)
 }
