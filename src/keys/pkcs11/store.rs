@@ -78,9 +78,18 @@ struct Located {
 struct KeyRecord {
     /// The private key's handle, valid in its generation only.
     handle: Option<(u64, ObjectHandle, KeyAlgorithm)>,
-    /// The generation in which a search came back empty and a re-initialization was asked
-    /// for; an empty search in a later generation is final (no re-initialization loop).
-    missing_in: Option<u64>,
+    missing: Option<Missing>,
+}
+
+/// A key found before that a search no longer finds.
+#[derive(Clone, Copy)]
+enum Missing {
+    /// Found missing in this generation; a re-initialization was asked for, and an empty
+    /// search in a later generation is final.
+    Suspected(u64),
+    /// Missing after a re-initialization: not found, without re-initializing again (no
+    /// loop), until a search finds it again.
+    Confirmed,
 }
 
 #[derive(Clone, Copy)]
@@ -533,7 +542,7 @@ impl Pkcs11KeyStore {
             uri.clone(),
             KeyRecord {
                 handle: Some((generation, private, algorithm)),
-                missing_in: None,
+                missing: None,
             },
         );
     }
@@ -558,16 +567,20 @@ impl Pkcs11KeyStore {
             return OpError::Key(KeyError::NotFound(uri.to_string()));
         };
         record.handle = None;
-        match record.missing_in {
+        match record.missing {
             _ if call.after_reinit => {
-                record.missing_in = Some(generation);
+                record.missing = Some(Missing::Confirmed);
                 OpError::Key(KeyError::NotFound(uri.to_string()))
             }
-            Some(seen) if seen < generation => OpError::Key(KeyError::NotFound(uri.to_string())),
+            Some(Missing::Confirmed) => OpError::Key(KeyError::NotFound(uri.to_string())),
+            Some(Missing::Suspected(seen)) if seen < generation => {
+                record.missing = Some(Missing::Confirmed);
+                OpError::Key(KeyError::NotFound(uri.to_string()))
+            }
             _ => {
                 // Found before: the token may have changed under a library that has not
                 // seen it yet (SoftHSM re-reads its token directory at C_Initialize only).
-                record.missing_in = Some(generation);
+                record.missing = Some(Missing::Suspected(generation));
                 OpError::Stale(format!(
                     "{uri}, found before, is missing: looking again after re-initialization"
                 ))
