@@ -12,11 +12,13 @@
 //!   re-initialization: C_Finalize while another thread is inside the module is undefined
 //!   behaviour (PKCS#11 2.40 section 5.4), in SoftHSM a use-after-free. The context and the
 //!   sessions are only reachable through the guard, so the rule holds by type.
-//! - [`pool`]: the session pool and the login.
-//! - [`recovery`]: which failure climbs which rung of the ladder, and the one-at-a-time,
+//! - `pool`: the session pool and the login.
+//! - `recovery`: which failure climbs which rung of the ladder, and the one-at-a-time,
 //!   backed-off re-initialization.
-//! - [`store`]: the [`KeyStore`](super::KeyStore) implementation.
-//! - [`objects`]: templates and attribute decoding (key types, public keys, mechanisms).
+//! - `store`: one token's store: the operation driver (one pass through the gate, then the
+//!   ladder), locating the token, finding keys and the rules for an empty search.
+//! - `keystore`: the [`KeyStore`](super::KeyStore) operations on top of it.
+//! - `objects`: templates and attribute decoding (key types, public keys, mechanisms).
 //!
 //! Recovery climbs a fixed ladder without restarting the agent:
 //! 1. a dead session (`CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`) is replaced;
@@ -27,11 +29,11 @@
 //!    list) finalizes and initializes the library again: SoftHSM only sees a token that was
 //!    moved, restored or re-initialized after `C_Finalize`/`C_Initialize`. One thread
 //!    re-initializes at a time; the others wait for it, and within the backoff window after
-//!    a re-initialization they fail at once with [`KeyError::Unavailable`] naming the token.
+//!    a re-initialization they fail at once with [`KeyError::Unavailable`](super::KeyError::Unavailable) naming the token.
 //!
 //! Object handles are cached per library generation only: a re-initialization makes every
 //! handle and session of the old generation dead. A key that a search does not find is
-//! reported as [`KeyError::NotFound`] only when the token answers `C_GetTokenInfo` and, for a
+//! reported as [`KeyError::NotFound`](super::KeyError::NotFound) only when the token answers `C_GetTokenInfo` and, for a
 //! key this store found before, after one re-initialization and a fresh search: SoftHSM
 //! answers an empty search when it cannot open its files (EMFILE) or the token directory is
 //! gone, which is not a missing key.
@@ -45,6 +47,7 @@
 //! (`CKM_SHA256_RSA_PKCS`, `CKM_SHA256_RSA_PKCS_PSS`, ...), which every token has.
 
 pub mod gate;
+mod keystore;
 mod objects;
 mod pool;
 mod recovery;
