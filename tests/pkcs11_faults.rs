@@ -250,6 +250,27 @@ fn token_reinitialized_and_key_recreated_elsewhere_is_found_again() {
     assert_eq!(store.recoveries(), settled, "no re-initialization loop");
 }
 
+/// The other side of the rule: a key that was never there, on a token that answers, is not
+/// found at once, without re-initializing the library.
+#[test]
+fn absent_key_on_a_healthy_token_is_not_found_without_reinitializing() {
+    let _turn = one_at_a_time();
+    let tokens = process_tokens();
+    let label = "test-token-8";
+    let config = config_for(label, tokens.dir.path().join(format!("{label}.pin")), 2);
+    let store = Pkcs11KeyStore::open(&config).expect("open");
+    let absent: KeyRef = format!("pkcs11:token={label};object=never-made")
+        .parse()
+        .unwrap();
+    for _ in 0..3 {
+        let error = store
+            .sign(&absent, SignatureScheme::EcdsaSha256, b"x")
+            .expect_err("no such key");
+        assert!(matches!(error, KeyError::NotFound(_)), "{error:?}");
+    }
+    assert_eq!(store.recoveries(), 0, "{:?}", store.recovery_stats());
+}
+
 #[test]
 fn file_descriptors_exhausted_then_released() {
     let _turn = one_at_a_time();
