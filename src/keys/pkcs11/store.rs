@@ -30,7 +30,7 @@ pub struct Pkcs11KeyStore {
     recovery_attempts: u32,
     backoff: Backoff,
     /// Where the token is in the current library generation.
-    located: Mutex<Option<Located>>,
+    located: RwLock<Option<Arc<Located>>>,
     /// The token's manufacturer as last seen (the module's file name before), kept across
     /// generations so that errors name the device while it is gone.
     maker: Mutex<String>,
@@ -152,7 +152,7 @@ impl Pkcs11KeyStore {
                 first: Duration::from_millis(config.reinit_backoff_ms),
                 max: Duration::from_millis(config.reinit_backoff_max_ms),
             },
-            located: Mutex::new(None),
+            located: RwLock::new(None),
             maker: Mutex::new(maker),
             keys: RwLock::new(HashMap::new()),
             stats: Counters::default(),
@@ -433,9 +433,14 @@ impl Pkcs11KeyStore {
     }
 
     /// The token's slot in the entered generation, found by label/serial.
-    pub(super) fn locate(&self, entered: &Entered<'_>) -> Result<Located, Step> {
+    pub(super) fn locate(&self, entered: &Entered<'_>) -> Result<Arc<Located>, Step> {
         let generation = entered.generation();
-        if let Some(located) = lock(&self.located).as_ref() {
+        if let Some(located) = self
+            .located
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             if located.generation == generation {
                 return Ok(located.clone());
             }
@@ -457,12 +462,12 @@ impl Pkcs11KeyStore {
             };
             if self.token.matches(info.label(), info.serial_number()) {
                 *lock(&self.maker) = info.manufacturer_id().trim_end().to_string();
-                let located = Located {
+                let located = Arc::new(Located {
                     generation,
                     slot,
                     serial: info.serial_number().trim_end().to_string(),
-                };
-                *lock(&self.located) = Some(located.clone());
+                });
+                *self.located.write().unwrap_or_else(|p| p.into_inner()) = Some(located.clone());
                 return Ok(located);
             }
         }
