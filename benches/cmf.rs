@@ -764,9 +764,10 @@ fn raw_sign_rate(
             let pkcs11 = pkcs11.clone();
             let barrier = barrier.clone();
             std::thread::spawn(move || {
-                let (ctx, _) = pkcs11.library().context();
                 let slot = pkcs11.slot_id().expect("slot");
-                let session = ctx.open_rw_session(slot).expect("session");
+                // Raw calls go through the agent's gate too: held for this thread's run.
+                let entered = pkcs11.library().enter();
+                let session = entered.pkcs11().open_rw_session(slot).expect("session");
                 let handle = session
                     .find_objects(&[
                         Attribute::Class(ObjectClass::PRIVATE_KEY),

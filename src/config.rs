@@ -122,7 +122,9 @@ pub struct Pkcs11Config {
     /// busy.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
-    /// First delay of the re-initialize ladder step, doubling up to `reinit_backoff_max_ms`.
+    /// Least time between two library re-initializations (the ladder's third step), doubling
+    /// while the token stays unavailable, up to `reinit_backoff_max_ms`; requests within the
+    /// window fail at once as unavailable.
     #[serde(default = "default_reinit_backoff_ms")]
     pub reinit_backoff_ms: u64,
     #[serde(default = "default_reinit_backoff_max_ms")]

@@ -478,8 +478,12 @@ pub enum KeyError {
     Module { module: String, reason: String },
     #[error("token {0} not found")]
     TokenNotFound(String),
-    #[error("device unavailable during {operation}: {reason}")]
+    /// The device cannot serve now (token missing, library being re-initialized, out of
+    /// file descriptors or memory, TPM restarting): transient, retry later. `device` names
+    /// it for the operator and the HTTP client, e.g. "token warden (SoftHSM project)".
+    #[error("{device} unavailable during {operation}: {reason}")]
     Unavailable {
+        device: String,
         operation: &'static str,
         reason: String,
     },
@@ -502,6 +506,19 @@ pub enum KeyError {
 }
 
 impl KeyError {
+    /// A transient device error (see [`KeyError::Unavailable`]).
+    pub fn unavailable(
+        device: impl Into<String>,
+        operation: &'static str,
+        reason: impl Into<String>,
+    ) -> KeyError {
+        KeyError::Unavailable {
+            device: device.into(),
+            operation,
+            reason: reason.into(),
+        }
+    }
+
     /// Transient errors mean "try again later" (HTTP 503 with Retry-After); everything else
     /// is permanent for the request that caused it.
     pub fn is_transient(&self) -> bool {

@@ -232,10 +232,8 @@ impl TpmKeyStore {
         T: Send + 'static,
         F: FnOnce(&mut Worker) -> Result<T, KeyError> + Send + 'static,
     {
-        let stopped = || KeyError::Unavailable {
-            operation: "TPM command",
-            reason: "the TPM owner thread has stopped".to_string(),
-        };
+        let stopped =
+            || KeyError::unavailable("TPM", "TPM command", "the TPM owner thread has stopped");
         let commands = self.commands.as_ref().ok_or_else(stopped)?;
         let (reply, answer) = mpsc::channel();
         let job: Job = Box::new(move |worker| {
@@ -471,7 +469,7 @@ impl Worker {
                 other => return other,
             }
         }
-        Err(KeyError::Unavailable { operation, reason })
+        Err(KeyError::unavailable("TPM", operation, reason))
     }
 
     fn connect(&self) -> Result<Connection, KeyError> {
