@@ -32,6 +32,19 @@ pub struct Config {
     /// The Security Manager on Sc-Or (IFA 033 clauses 5 and 6); absent = not run.
     #[serde(default)]
     pub sm: Option<SmConfig>,
+    /// The local admin socket every running agent serves (`warden check|certs|audit|keys|sm`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The local admin API: a Unix socket, mode 0600, owned by the agent's user.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Socket path; default `warden.sock` next to the store (or the older
+    /// `sm.admin_socket`, if set).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
 }
 
 /// A key backend, chosen by `type`.
@@ -432,6 +445,16 @@ impl Config {
         Ok(())
     }
 
+    /// The admin socket: `admin.socket`, else `sm.admin_socket`, else `warden.sock` next to
+    /// the store.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin
+            .socket
+            .clone()
+            .or_else(|| self.sm.as_ref().and_then(|s| s.admin_socket.clone()))
+            .unwrap_or_else(|| self.store.path.with_file_name("warden.sock"))
+    }
+
     pub fn pkcs11_backends(&self) -> impl Iterator<Item = &Pkcs11Config> {
         self.backends.iter().filter_map(|b| match b {
             BackendConfig::Pkcs11(p) => Some(p),
@@ -539,7 +562,8 @@ pub struct SmConfig {
     /// Writes batched into one durable commit at most (notification journal).
     #[serde(default = "default_sm_group_commit")]
     pub group_commit_max: usize,
-    /// Unix socket of the local admin API (`warden sm ...`); default next to the store.
+    /// Unix socket of the local admin API; superseded by `admin.socket`, kept for existing
+    /// configurations.
     #[serde(default)]
     pub admin_socket: Option<PathBuf>,
     /// Destroy the keys the agent holds for a VNF when the VNF terminates (IFA 033 Sc-Or

@@ -7,6 +7,7 @@ pub mod client;
 pub mod cmf;
 pub mod config;
 pub mod keys;
+pub mod ops;
 pub mod pki;
 pub mod sm;
 pub mod store;

@@ -6,8 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+mod agent;
+mod audit;
+mod certs;
 mod check;
 mod init;
 mod keys;
@@ -24,11 +27,11 @@ use vnfm::{csr, register, vnf_csr, CsrArgs, RegisterArgs, VnfCsrArgs};
 
 use clap::{Args, Parser, Subcommand};
 use der::Encode;
-use nfv_warden::config::{Config, SecretSource};
+use nfv_warden::config::Config;
 use nfv_warden::keys::backends::Backends;
 use nfv_warden::keys::signer::HardwareKey;
 use nfv_warden::keys::{BackendKind, KeyAlgorithm, KeyRef, KeySpec, KeyStore, SignatureScheme};
-use nfv_warden::store::{self, AuditEvent, ErasureEntry, KeyPurpose, KeyRecord, Store};
+use nfv_warden::store::{self, AuditEvent, KeyPurpose, KeyRecord, Store};
 use nfv_warden::{ca, pki};
 
 #[derive(Parser)]
@@ -77,6 +80,12 @@ enum Command {
     /// erasure reports, security VNFs.
     #[command(subcommand)]
     Sm(sm::SmCommand),
+    /// Issued certificates: list, show, export (through the running agent when it serves).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
+    /// The audit hash chain: verify, list (through the running agent when it serves).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// A failure, already phrased for the operator.
@@ -128,6 +137,8 @@ fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
         Command::Serve => serve(config),
         Command::Sm(cmd) => sm::run(cmd, config),
         Command::Keys(cmd) => keys(cmd, config),
+        Command::Certs(cmd) => certs::run(cmd, config),
+        Command::Audit(cmd) => audit::run(cmd, config),
         Command::Ca(CaCommand::Init(args)) => ca_init(args, config),
         Command::Tls(TlsCommand::Init {
             sans,
@@ -222,42 +233,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
 /// Client-certificate roots of the HTTPS server: the CMF's consumers and the NFVO's
 /// notification client (TLS_CERT).
 fn client_roots(config: &Config) -> Vec<&Path> {
-    let mut roots: Vec<&Path> = Vec::new();
-    if let Some(cmf) = &config.cmf {
-        roots.push(&cmf.client_ca);
-    }
-    if let Some(ca) = config
-        .sm
-        .as_ref()
-        .and_then(|s| s.notifications.client_ca.as_ref())
-    {
-        roots.push(ca);
-    }
-    roots
+    nfv_warden::ops::check::client_roots(config)
 }
 
-/// The SM's Sc-Or interface keys (mTLS), with a display name each.
-fn sm_interfaces(config: &Config) -> Vec<(&'static str, nfv_warden::config::InterfaceKeyConfig)> {
-    let Some(sm) = &config.sm else {
-        return Vec::new();
-    };
-    let i = &sm.nfvo.interface;
-    [
-        ("SM ns_lcm key", &i.ns_lcm),
-        ("SM status_info key", &i.status_info),
-        ("SM sec_enforce key", &i.sec_enforce),
-        ("SM security_vnf_mgmt key", &i.security_vnf_mgmt),
-    ]
-    .into_iter()
-    .filter_map(|(name, entry)| entry.clone().map(|e| (name, e)))
-    .collect()
-}
-
-/// The SM admin socket: configured, or `warden.sock` next to the store.
+/// The admin socket: configured, or `warden.sock` next to the store.
 fn admin_socket(config: &Config) -> PathBuf {
-    config
-        .sm
-        .as_ref()
-        .and_then(|s| s.admin_socket.clone())
-        .unwrap_or_else(|| config.store.path.with_file_name("warden.sock"))
+    config.admin_socket()
 }
