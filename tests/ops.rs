@@ -11,6 +11,7 @@ use std::process::Command;
 
 use common::agent::Agent;
 use common::cmf::{openssl_csr, CmfAgent};
+use common::swtpm::Swtpm;
 use serde_json::{json, Value};
 
 const REGISTRATIONS: &str = "/certmgmt/v1/registrations";
@@ -292,6 +293,21 @@ async fn operator_commands_work_while_the_agent_serves() {
         pem_a.trim()
     );
     assert_eq!(audit_entries(&agent), count);
+
+    // A crash leaves the socket file with nobody listening: the commands work directly, and
+    // the next agent replaces the socket.
+    agent.start();
+    agent.kill9();
+    assert!(socket.exists(), "SIGKILL leaves the socket behind");
+    let check = agent.warden(&["check"]);
+    assert!(
+        !check.contains("running agent") && !check.contains("FAIL"),
+        "{check}"
+    );
+    agent.start();
+    assert!(agent
+        .warden(&["check"])
+        .starts_with("checked by the running agent"));
 }
 
 /// The socket is 0600, and a caller of another uid is refused even if the mode is widened.
@@ -367,4 +383,57 @@ impl Drop for Stop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A TPM over swtpm's TCP interface serves one connection at a time: while the agent holds
+/// it, the TPM key commands and `check` are done by the agent.
+#[test]
+fn tpm_keys_and_check_while_the_agent_holds_the_tpm() {
+    let tpm = Swtpm::start();
+    let agent = Agent::new(&format!(
+        "\n[[backend]]\ntype = \"tpm\"\ntcti = \"{}\"\n",
+        tpm.tcti()
+    ));
+    agent.ok(&["ca", "init", "--subject", "CN=ops tpm test CA"]);
+    agent.ok(&["tls", "init", "--san", "localhost"]);
+    let (child, _) = agent.serve();
+    let _serving = Stop(child);
+
+    let check = agent.ok(&["check"]);
+    assert!(
+        check.starts_with("checked by the running agent (pid "),
+        "{check}"
+    );
+    assert!(check.contains("(held by the agent)"), "{check}");
+    assert!(!check.contains("FAIL"), "{check}");
+
+    let generated = agent.ok(&[
+        "keys",
+        "generate",
+        "--backend",
+        "tpm",
+        "--label",
+        "vnf-t",
+        "--vnf-instance",
+        "vnf-t",
+    ]);
+    let reference = generated
+        .split_whitespace()
+        .next()
+        .expect("reference")
+        .to_string();
+    assert!(reference.starts_with("tpm:handle=0x81"), "{reference}");
+    let keys = agent.ok(&["keys", "list"]);
+    assert!(
+        keys.lines()
+            .any(|l| l.starts_with(&reference) && l.ends_with("\tvnf\tvnf-t")),
+        "{keys}"
+    );
+    assert!(agent
+        .ok(&["keys", "sign-test", &reference])
+        .starts_with("ok "));
+    let erased: Value =
+        serde_json::from_str(&agent.ok(&["keys", "destroy", &reference])).expect("JSON");
+    assert_eq!(erased["verified"], true);
+    assert!(!agent.ok(&["keys", "list"]).contains(&reference));
 }
