@@ -70,3 +70,39 @@ fn last_seq(store: &Store) -> Result<u64, OpsError> {
     }
     Ok(low)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::AuditEvent;
+
+    #[test]
+    fn verify_and_list_the_last_entries_or_those_after_a_seq() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("store");
+        let empty = verify(&store).expect("empty chain");
+        assert_eq!((empty.entries, empty.head_hash), (0, "0".repeat(64)));
+        assert!(list(&store, None, 5).expect("list").is_empty());
+        for i in 1..=37u64 {
+            store
+                .write(|tx| {
+                    tx.audit(AuditEvent::new("test", "op", i.to_string()));
+                    Ok(())
+                })
+                .expect("write");
+        }
+        let report = verify(&store).expect("verify");
+        assert_eq!(report.entries, 37);
+        let last = list(&store, None, 5).expect("list");
+        let seqs: Vec<u64> = last.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [33, 34, 35, 36, 37]);
+        assert_eq!(report.head_hash, last[4].hash);
+        let after: Vec<u64> = list(&store, Some(10), 3)
+            .expect("list")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(after, [11, 12, 13]);
+        assert_eq!(list(&store, None, 100).expect("all").len(), 37);
+    }
+}

@@ -338,3 +338,135 @@ fn ca_chain(config: &Config, ca_id: &str) -> Result<Vec<Certificate>, OpsError> 
     }
     Ok(certificates)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(ca: &str, serial: &str, consumer: &str) -> IssuedRecord {
+        IssuedRecord {
+            serial_number: serial.to_string(),
+            ca_id: ca.to_string(),
+            consumer: consumer.to_string(),
+            registration_id: "r".into(),
+            cert_type: CertType::VnfciCert,
+            subjects: vec![format!("{serial}.example")],
+            spki_sha256: "00".into(),
+            attestation: "not-requested".into(),
+            attestation_format: None,
+            not_before: "2026-01-01T00:00:00Z".into(),
+            not_after: "2027-01-01T00:00:00Z".into(),
+            issued_at: "2026-01-01T00:00:00Z".into(),
+            certificate: None,
+            revocation: None,
+        }
+    }
+
+    /// CA ids that sort around each other ("a-b" < "a" + "/" < "a0" < "b"), several
+    /// certificates each.
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("store");
+        store
+            .write(|tx| {
+                for (ca, serial, consumer) in [
+                    ("a-b", "01", "x"),
+                    ("a-b", "0f", "y"),
+                    ("a", "02", "x"),
+                    ("a", "ff", "y"),
+                    ("a0", "03", "x"),
+                    ("b", "04", "y"),
+                ] {
+                    tx.put(
+                        &CERTIFICATES,
+                        &format!("{ca}/{serial}"),
+                        &record(ca, serial, consumer),
+                    )?;
+                }
+                Ok(())
+            })
+            .expect("write");
+        (dir, store)
+    }
+
+    #[test]
+    fn a_serial_is_found_under_whichever_ca_holds_it() {
+        let (_dir, store) = store();
+        for (serial, ca) in [
+            ("01", "a-b"),
+            ("0F", "a-b"),
+            ("02", "a"),
+            ("f:f", "a"),
+            ("03", "a0"),
+            ("04", "b"),
+        ] {
+            let view = show(&store, serial).expect(serial);
+            assert_eq!(view.ca_id, ca, "{serial}");
+            assert!(!view.revoked);
+            // No certificate stored: the registered subjects stand in for the SANs.
+            assert_eq!(view.subject, None);
+            assert_eq!(view.subject_alt_names, view.subjects);
+        }
+        assert!(matches!(show(&store, "05"), Err(OpsError::NotFound(_))));
+        assert!(matches!(show(&store, "a/01"), Err(OpsError::NotFound(_))));
+        assert_eq!(show(&store, "a0/03").expect("a0/03").ca_id, "a0");
+        assert!(matches!(show(&store, "xyz"), Err(OpsError::BadRequest(_))));
+    }
+
+    #[test]
+    fn pages_cover_every_certificate_once_and_filter_by_consumer() {
+        let (_dir, store) = store();
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = list(
+                &store,
+                &CertificateQuery {
+                    consumer: None,
+                    after: after.clone(),
+                    limit: Some(4),
+                },
+            )
+            .expect("page");
+            seen.extend(
+                page.certificates
+                    .iter()
+                    .map(|c| format!("{}/{}", c.ca_id, c.serial_number)),
+            );
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["a-b/01", "a-b/0f", "a/02", "a/ff", "a0/03", "b/04"]);
+        let y = list(
+            &store,
+            &CertificateQuery {
+                consumer: Some("y".into()),
+                after: None,
+                limit: Some(2),
+            },
+        )
+        .expect("page");
+        let serials: Vec<&str> = y
+            .certificates
+            .iter()
+            .map(|c| c.serial_number.as_str())
+            .collect();
+        assert_eq!(serials, ["0f", "ff"]);
+        assert_eq!(y.next.as_deref(), Some("a/ff"));
+        // A bare serial works as `after` too.
+        let rest = list(
+            &store,
+            &CertificateQuery {
+                consumer: Some("y".into()),
+                after: Some("ff".into()),
+                limit: Some(2),
+            },
+        )
+        .expect("page");
+        assert_eq!(rest.certificates.len(), 1);
+        assert_eq!(rest.certificates[0].serial_number, "04");
+        assert_eq!(rest.next, None);
+    }
+}
