@@ -38,6 +38,9 @@ pub struct Config {
     /// The Prometheus endpoint; absent = not served.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// The local admin socket every running agent serves (`warden check|certs|audit|keys|sm`).
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 /// The readiness probe: a background task signs a fixed challenge with every configured key
@@ -95,6 +98,16 @@ pub struct MetricsConfig {
 
 fn default_metrics_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+/// The local admin API: a Unix socket, mode 0600, owned by the agent's user.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Socket path; default `warden.sock` next to the store (or the older
+    /// `sm.admin_socket`, if set).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
 }
 
 /// A key backend, chosen by `type`.
@@ -518,6 +531,32 @@ pub struct ConfigError {
 }
 
 impl Config {
+    /// The SM's secrets the configuration references, with what each is for: the notification
+    /// password / client secret and the OAuth2 client secrets towards the NFVO.
+    pub fn sm_secrets(&self) -> Vec<(String, &SecretSource)> {
+        let Some(sm) = &self.sm else {
+            return Vec::new();
+        };
+        let mut secrets = Vec::new();
+        if let Some(secret) = &sm.notifications.secret {
+            secrets.push(("sm.notifications.secret".to_string(), secret));
+        }
+        if let Some(o) = &sm.nfvo.oauth2 {
+            for (name, client) in [
+                ("ns_lcm", &o.ns_lcm),
+                ("status_info", &o.status_info),
+                ("sec_enforce", &o.sec_enforce),
+                ("security_vnf_mgmt", &o.security_vnf_mgmt),
+            ] {
+                secrets.push((
+                    format!("sm.nfvo.oauth2.{name}.client_secret"),
+                    &client.client_secret,
+                ));
+            }
+        }
+        secrets
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let err = |reason: String| ConfigError {
             file: path.display().to_string(),
@@ -586,6 +625,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The admin socket: `admin.socket`, else `sm.admin_socket`, else `warden.sock` next to
+    /// the store.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin
+            .socket
+            .clone()
+            .or_else(|| self.sm.as_ref().and_then(|s| s.admin_socket.clone()))
+            .unwrap_or_else(|| self.store.path.with_file_name("warden.sock"))
     }
 
     pub fn pkcs11_backends(&self) -> impl Iterator<Item = &Pkcs11Config> {
@@ -695,7 +744,8 @@ pub struct SmConfig {
     /// Writes batched into one durable commit at most (notification journal).
     #[serde(default = "default_sm_group_commit")]
     pub group_commit_max: usize,
-    /// Unix socket of the local admin API (`warden sm ...`); default next to the store.
+    /// Unix socket of the local admin API; superseded by `admin.socket`, kept for existing
+    /// configurations.
     #[serde(default)]
     pub admin_socket: Option<PathBuf>,
     /// Destroy the keys the agent holds for a VNF when the VNF terminates (IFA 033 Sc-Or

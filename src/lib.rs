@@ -10,6 +10,7 @@ pub mod error;
 pub mod keys;
 pub mod log_limit;
 pub mod metrics;
+pub mod ops;
 pub mod pki;
 pub mod probe;
 pub mod sm;

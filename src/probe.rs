@@ -324,7 +324,7 @@ impl Runner {
         let outcome = match self.store_probe.as_mut() {
             Some(handle) => match tokio::time::timeout_at(deadline, handle).await {
                 Ok(Ok(Ok(()))) => Outcome::Ready,
-                Ok(Ok(Err(e))) => Outcome::Failed(error_chain(&e)),
+                Ok(Ok(Err(e))) => Outcome::Failed(crate::error::chain(&e)),
                 Ok(Err(e)) => Outcome::Failed(format!("probe task: {e}")),
                 Err(_) => {
                     Outcome::Failed(format!("no durable write within {} s", timeout.as_secs()))
@@ -380,7 +380,7 @@ impl Runner {
                     .certificates_expiring
                     .set(i64::try_from(expiring).unwrap_or(i64::MAX));
             }
-            Ok(Err(e)) => tracing::warn!(error = %error_chain(&e), "counting certificates"),
+            Ok(Err(e)) => tracing::warn!(error = %crate::error::chain(&e), "counting certificates"),
             Err(e) => tracing::warn!(error = %e, "counting certificates"),
         }
     }
@@ -406,19 +406,4 @@ fn sign(backends: &Backends, key: &KeyRef) -> Result<(), KeyError> {
     let scheme: SignatureScheme = store.public_key(key)?.algorithm.default_scheme();
     store.sign(key, scheme, CHALLENGE)?;
     Ok(())
-}
-
-/// An error and its sources, "a: b: c".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -1,8 +1,24 @@
-//! The local admin API of the SM, on a Unix socket (mode 0600, the agent's user): what
-//! `warden sm ...` talks to while the agent holds the store. The caller is identified by its
-//! uid (SO_PEERCRED) in the audit chain.
+//! The local admin API, on a Unix socket (mode 0600, the agent's user): what `warden check`,
+//! `certs`, `audit`, `keys` and `sm` talk to while the agent holds the store and the devices.
+//! Every running agent serves it. A caller whose uid (SO_PEERCRED) is neither the agent's
+//! nor root is refused, whatever the socket's mode; the caller's uid goes into the audit
+//! chain.
 //!
 //! ```text
+//! GET    /ops/v1/check                       the agent's checks, with its open devices/store
+//! GET    /ops/v1/certificates?consumer=&after=&limit=    a page of issued certificates
+//! GET    /ops/v1/certificates/{serial}       one certificate, with its PEM
+//! GET    /ops/v1/certificates/{serial}/pem?chain=true     PEM (and the CA chain)
+//! GET    /ops/v1/audit/verify                the audit chain recomputed: entries, head hash
+//! GET    /ops/v1/audit?after=&limit=         audit entries
+//! GET    /ops/v1/keys                        keys of every backend
+//! POST   /ops/v1/keys                        {backend, label, algorithm, purpose,
+//!                                             vnfInstanceId}                      -> 201
+//! GET    /ops/v1/keys/{key}                  one key (the reference percent-encoded)
+//! DELETE /ops/v1/keys/{key}?vnfInstanceId=X  destroy, verify gone, record the erasure
+//! POST   /ops/v1/keys/{key}/sign_test        {scheme, count}
+//!
+//! (only with [sm] configured)
 //! GET    /sm/v1/status                       NSs and VNFs, packages and integrity (6.3)
 //! GET    /sm/v1/subscriptions                the NFVO's list
 //! POST   /sm/v1/subscriptions                create or reconcile ours
@@ -29,13 +45,59 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::cmf::Cmf;
+use crate::config::Config;
+use crate::keys::backends::Backends;
+use crate::keys::KeyRef;
+use crate::ops::{self, OpsError};
 use crate::sm::{ActionKind, Sm, SmError, TerminateOptions};
+use crate::store::Store;
 
-/// Who called, from the socket's peer credentials.
+/// Who called, from the socket's peer credentials: `cli:uid=N`.
 #[derive(Clone, Debug)]
 pub struct Caller(pub String);
+
+/// What the admin API works with: the running agent's own configuration, devices and store.
+#[derive(Clone)]
+pub struct AdminState {
+    pub config: Arc<Config>,
+    pub backends: Backends,
+    pub store: Arc<Store>,
+    pub cmf: Option<Arc<Cmf>>,
+    pub sm: Option<Arc<Sm>>,
+}
+
+/// Every admin route of this agent: the operator's, and the SM's when it runs.
+pub fn router(state: AdminState) -> Router {
+    let sm = state.sm.clone();
+    let ops = Router::new()
+        .route("/ops/v1/check", get(check))
+        .route("/ops/v1/certificates", get(certificates))
+        .route("/ops/v1/certificates/{serial}", get(certificate))
+        .route("/ops/v1/certificates/{serial}/pem", get(certificate_pem))
+        .route("/ops/v1/audit/verify", get(audit_verify))
+        .route("/ops/v1/audit", get(audit_list))
+        .route("/ops/v1/keys", get(keys_list).post(keys_generate))
+        .route("/ops/v1/keys/{key}", get(key_show).delete(key_destroy))
+        .route("/ops/v1/keys/{key}/sign_test", post(key_sign_test))
+        .with_state(Arc::new(state));
+    match sm {
+        Some(sm) => ops.merge(routes(sm)),
+        None => ops.route(
+            "/sm/v1/{*rest}",
+            axum::routing::any(|| async {
+                problem(
+                    404,
+                    "this agent runs no Security Manager ([sm] is not configured)",
+                )
+            }),
+        ),
+    }
+    .fallback(|| async { problem(404, "no such admin resource") })
+}
 
 pub fn routes(sm: Arc<Sm>) -> Router {
     Router::new()
@@ -55,16 +117,12 @@ pub fn routes(sm: Arc<Sm>) -> Router {
             "/sm/v1/security_vnfs/{vnf}",
             axum::routing::patch(modify_security_vnf).delete(remove_security_vnf),
         )
-        .fallback(|| async { problem(404, "no such admin resource") })
         .with_state(sm)
 }
 
-/// Serve the admin API on `path` until `shutdown`.
-pub async fn serve(
-    path: &FsPath,
-    sm: Arc<Sm>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()> {
+/// Bind the admin socket at `path`, mode 0600, replacing a socket left by a crash. Done
+/// before the agent reports itself ready, so the socket is there once it is.
+pub fn bind(path: &FsPath) -> std::io::Result<tokio::net::UnixListener> {
     if path.exists() {
         // A socket left by a crash; a live agent would hold the store lock, so no other
         // agent is using it.
@@ -73,9 +131,29 @@ pub async fn serve(
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let listener = tokio::net::UnixListener::bind(path)?;
+    // Created 0600 by bind itself (umask 0177 around it) rather than chmod-ed afterwards,
+    // so there is no moment in which another user could connect. The umask is process-wide:
+    // this runs at start, before any request could make the agent create a file, and a file
+    // created meanwhile would only get a narrower mode.
+    let old = umask(0o177);
+    let bound = tokio::net::UnixListener::bind(path);
+    umask(old);
+    let listener = bound?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let app = routes(sm);
+    Ok(listener)
+}
+
+/// Serve the admin API on `listener` (bound at `path`) until `shutdown`, then remove the
+/// socket.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    path: &FsPath,
+    state: AdminState,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let app = router(state);
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own_uid = unsafe { libc::geteuid() };
     let mut shutdown = shutdown;
     loop {
         tokio::select! {
@@ -83,15 +161,31 @@ pub async fn serve(
                 let (stream, _) = match accepted {
                     Ok(s) => s,
                     Err(e) => {
+                        // EMFILE and the like: wait for the resource rather than spin.
                         tracing::warn!(error = %e, "admin socket accept");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }
                 };
-                let caller = match stream.peer_cred() {
-                    Ok(cred) => format!("cli:uid={}", cred.uid()),
-                    Err(_) => "cli:unknown".to_string(),
+                let uid = stream.peer_cred().ok().map(|cred| cred.uid());
+                let app = match uid {
+                    Some(uid) if uid == own_uid || uid == 0 => {
+                        app.clone().layer(Extension(Caller(format!("cli:uid={uid}"))))
+                    }
+                    other => {
+                        tracing::warn!(uid = ?other, "admin socket: caller refused");
+                        let detail = match other {
+                            Some(uid) => format!(
+                                "uid {uid} may not use the admin socket (only uid {own_uid}, the agent's, and root)"
+                            ),
+                            None => "the caller's uid is unknown (SO_PEERCRED failed)".to_string(),
+                        };
+                        Router::new().fallback(move || {
+                            let detail = detail.clone();
+                            async move { problem(403, &detail) }
+                        })
+                    }
                 };
-                let app = app.clone().layer(Extension(Caller(caller)));
                 tokio::spawn(async move {
                     let service = TowerToHyperService::new(app);
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -103,7 +197,187 @@ pub async fn serve(
         }
     }
     let _ = std::fs::remove_file(path);
-    Ok(())
+}
+
+fn umask(mask: libc::mode_t) -> libc::mode_t {
+    // SAFETY: umask has no preconditions and cannot fail; it returns the previous mask.
+    unsafe { libc::umask(mask) }
+}
+
+/// Run an operation on a blocking thread (store and device work) and answer with its JSON.
+async fn blocking<T, F>(status: StatusCode, f: F) -> Response
+where
+    T: serde::Serialize + Send + 'static,
+    F: FnOnce() -> Result<T, OpsError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(value)) => (status, Json(value)).into_response(),
+        Ok(Err(e)) => ops_error(&e),
+        Err(e) => problem(500, &format!("operation failed: {e}")),
+    }
+}
+
+fn ops_error(e: &OpsError) -> Response {
+    problem(e.status(), &crate::error::chain(e))
+}
+
+async fn check(State(state): State<Arc<AdminState>>) -> Response {
+    blocking(StatusCode::OK, move || {
+        Ok(ops::check::AgentCheck {
+            pid: std::process::id(),
+            lines: ops::check::running(
+                &state.config,
+                &state.backends,
+                &state.store,
+                state.cmf.as_deref(),
+            ),
+        })
+    })
+    .await
+}
+
+async fn certificates(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<ops::certs::CertificateQuery>,
+) -> Response {
+    blocking(StatusCode::OK, move || {
+        ops::certs::list(&state.store, &query)
+    })
+    .await
+}
+
+async fn certificate(State(state): State<Arc<AdminState>>, Path(serial): Path<String>) -> Response {
+    blocking(StatusCode::OK, move || {
+        ops::certs::show(&state.store, &serial)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct PemQuery {
+    #[serde(default)]
+    chain: bool,
+}
+
+async fn certificate_pem(
+    State(state): State<Arc<AdminState>>,
+    Path(serial): Path<String>,
+    Query(query): Query<PemQuery>,
+) -> Response {
+    blocking(StatusCode::OK, move || {
+        ops::certs::export(&state.store, &state.config, &serial, query.chain)
+            .map(|pem| json!({ "pem": pem }))
+    })
+    .await
+}
+
+async fn audit_verify(State(state): State<Arc<AdminState>>) -> Response {
+    blocking(StatusCode::OK, move || ops::audit::verify(&state.store)).await
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn audit_list(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<AuditQuery>,
+) -> Response {
+    blocking(StatusCode::OK, move || {
+        ops::audit::list(&state.store, query.after, query.limit.unwrap_or(20))
+    })
+    .await
+}
+
+async fn keys_list(State(state): State<Arc<AdminState>>) -> Response {
+    blocking(StatusCode::OK, move || {
+        ops::keys::list(&state.backends, Some(&state.store))
+    })
+    .await
+}
+
+async fn keys_generate(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Json(request): Json<ops::keys::GenerateRequest>,
+) -> Response {
+    blocking(StatusCode::CREATED, move || {
+        ops::keys::generate(&state.backends, &state.store, &request, &caller.0)
+    })
+    .await
+}
+
+fn key_ref(text: &str) -> Result<KeyRef, Box<Response>> {
+    text.parse::<KeyRef>()
+        .map_err(|e| Box::new(problem(400, &e.to_string())))
+}
+
+async fn key_show(State(state): State<Arc<AdminState>>, Path(key): Path<String>) -> Response {
+    let key = match key_ref(&key) {
+        Ok(k) => k,
+        Err(r) => return *r,
+    };
+    blocking(StatusCode::OK, move || {
+        ops::keys::show(&state.backends, &key)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DestroyQuery {
+    vnf_instance_id: Option<String>,
+}
+
+async fn key_destroy(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(key): Path<String>,
+    Query(query): Query<DestroyQuery>,
+) -> Response {
+    let key = match key_ref(&key) {
+        Ok(k) => k,
+        Err(r) => return *r,
+    };
+    blocking(StatusCode::OK, move || {
+        ops::keys::destroy(
+            &state.backends,
+            &state.store,
+            &key,
+            query.vnf_instance_id,
+            &caller.0,
+        )
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct SignTestRequest {
+    scheme: Option<String>,
+    #[serde(default)]
+    count: Option<u32>,
+}
+
+async fn key_sign_test(
+    State(state): State<Arc<AdminState>>,
+    Path(key): Path<String>,
+    Json(request): Json<SignTestRequest>,
+) -> Response {
+    let key = match key_ref(&key) {
+        Ok(k) => k,
+        Err(r) => return *r,
+    };
+    let scheme = match request.scheme.as_deref().map(str::parse) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => return problem(400, &format!("scheme: {e}")),
+        None => None,
+    };
+    blocking(StatusCode::OK, move || {
+        ops::keys::sign_test(&state.backends, &key, scheme, request.count.unwrap_or(1))
+    })
+    .await
 }
 
 fn problem(status: u16, detail: &str) -> Response {

@@ -1,6 +1,11 @@
 //! `warden keys ...`: keys in the HSM or TPM.
 
+use nfv_warden::keys::ErasureRecord;
+use nfv_warden::ops::keys as ops;
+
+use super::agent::{self, ops_failure, segment};
 use super::*;
+
 #[derive(Subcommand)]
 pub(super) enum KeysCommand {
     /// Generate a non-extractable key pair.
@@ -44,7 +49,8 @@ pub(super) enum KeysCommand {
 }
 
 pub(super) fn keys(cmd: KeysCommand, config: &Config) -> Result<ExitCode, Failure> {
-    let backends = open_backends(config)?;
+    // While the agent runs it holds the devices and the store: it does the work.
+    let agent = agent::running(config)?;
     match cmd {
         KeysCommand::Generate {
             backend,
@@ -53,7 +59,7 @@ pub(super) fn keys(cmd: KeysCommand, config: &Config) -> Result<ExitCode, Failur
             purpose,
             vnf_instance,
         } => {
-            let kind = match backend.as_str() {
+            let backend = match backend.as_str() {
                 "pkcs11" => BackendKind::Pkcs11,
                 "tpm" => BackendKind::Tpm,
                 other => {
@@ -71,68 +77,92 @@ pub(super) fn keys(cmd: KeysCommand, config: &Config) -> Result<ExitCode, Failur
                     "--purpose '{purpose}': expected ca, tls, sm-assoc or vnf"
                 ))
             })?;
-            let store = open_store(config)?;
-            let info = backends.by_kind(kind)?.generate(&KeySpec {
-                label: label.clone(),
-                algorithm,
-            })?;
             if purpose != KeyPurpose::Vnf && vnf_instance.is_some() {
                 return Err(Failure("--vnf-instance is only for --purpose vnf".into()));
             }
-            record_key(
-                &store,
-                &info.reference,
-                &label,
+            let request = ops::GenerateRequest {
+                backend,
+                label,
                 algorithm,
                 purpose,
-                vnf_instance.as_deref(),
-            )?;
-            println!("{} {}", info.reference, algorithm);
+                vnf_instance_id: vnf_instance,
+            };
+            let key: ops::KeyEntry = match &agent {
+                Some(agent) => agent.post("/ops/v1/keys", serde_json::to_value(&request)?)?,
+                None => ops::generate(
+                    &open_backends(config)?,
+                    &*open_store(config)?,
+                    &request,
+                    &actor(),
+                )
+                .map_err(ops_failure)?,
+            };
+            println!("{} {}", key.reference, key.algorithm);
         }
         KeysCommand::List => {
-            for backend in backends.all() {
-                for key in backend.list()? {
-                    println!(
-                        "{}\t{}\t{}",
-                        key.reference, key.public_key.algorithm, key.label
-                    );
+            let keys: Vec<ops::KeyEntry> = match &agent {
+                Some(agent) => agent.get("/ops/v1/keys")?,
+                None => {
+                    let backends = open_backends(config)?;
+                    // The purposes recorded in the store, if there is one; listing keys
+                    // never creates a store.
+                    let store = if config.store.path.exists() {
+                        Some(open_store(config)?)
+                    } else {
+                        None
+                    };
+                    ops::list(&backends, store.as_deref()).map_err(ops_failure)?
                 }
+            };
+            for key in keys {
+                let purpose = match (&key.purpose, &key.vnf_instance_id) {
+                    (Some(p), Some(vnf)) => format!(
+                        "\t{}\t{vnf}",
+                        serde_json::to_value(p)?.as_str().unwrap_or_default()
+                    ),
+                    (Some(p), None) => format!(
+                        "\t{}",
+                        serde_json::to_value(p)?.as_str().unwrap_or_default()
+                    ),
+                    (None, _) => String::new(),
+                };
+                println!(
+                    "{}\t{}\t{}{purpose}",
+                    key.reference, key.algorithm, key.label
+                );
             }
         }
         KeysCommand::Show { key } => {
             let key: KeyRef = key.parse()?;
-            let store = backends.for_key(&key)?;
-            let public = store.public_key(&key)?;
-            println!("reference: {key}");
-            println!("algorithm: {}", public.algorithm);
-            println!("device: {}", store.device());
-            if let (KeyRef::Pkcs11(_), Some(p)) = (&key, &backends.pkcs11) {
-                let a = p.private_key_attributes(&key)?;
-                println!(
-                    "attributes: extractable={} sensitive={} never_extractable={} always_sensitive={}",
-                    a.extractable, a.sensitive, a.never_extractable, a.always_sensitive
-                );
+            let details: ops::KeyDetails = match &agent {
+                Some(agent) => agent.get(&format!("/ops/v1/keys/{}", segment(&key.to_string())))?,
+                None => ops::show(&open_backends(config)?, &key).map_err(ops_failure)?,
+            };
+            println!("reference: {}", details.reference);
+            println!("algorithm: {}", details.algorithm);
+            println!("device: {}", details.device);
+            if !details.attributes.is_empty() {
+                println!("attributes: {}", details.attributes);
             }
-            if let (KeyRef::Tpm(_), Some(t)) = (&key, &backends.tpm) {
-                println!("attributes: 0x{:08x}", t.object_attributes(&key)?);
-            }
-            print!("{}", pki::to_pem("PUBLIC KEY", &public.spki_der)?);
+            print!("{}", details.public_key_pem);
         }
         KeysCommand::Destroy { key, vnf_instance } => {
             let key: KeyRef = key.parse()?;
-            let store = open_store(config)?;
-            let record = backends.for_key(&key)?.destroy(&key)?;
-            let entry = ErasureEntry::from_record(record.clone(), vnf_instance);
-            let id = format!("{}-{}", record.erased_at, key);
-            store.write(|tx| {
-                tx.put(&store::ERASURES, &id, &entry)?;
-                tx.delete(&store::KEYS, &key.to_string())?;
-                tx.audit(
-                    AuditEvent::new(actor(), "key.erase", key.to_string())
-                        .with_detail(serde_json::to_value(&entry).unwrap_or_default()),
-                );
-                Ok(())
-            })?;
+            let record: ErasureRecord = match &agent {
+                Some(agent) => agent.delete(&format!(
+                    "/ops/v1/keys/{}{}",
+                    segment(&key.to_string()),
+                    agent::query(&[("vnfInstanceId", vnf_instance)])
+                ))?,
+                None => ops::destroy(
+                    &open_backends(config)?,
+                    &*open_store(config)?,
+                    &key,
+                    vnf_instance,
+                    &actor(),
+                )
+                .map_err(ops_failure)?,
+            };
             println!("{}", serde_json::to_string_pretty(&record)?);
             if !record.verified {
                 return Err(Failure(format!("{key}: still present after destroy")));
@@ -140,27 +170,20 @@ pub(super) fn keys(cmd: KeysCommand, config: &Config) -> Result<ExitCode, Failur
         }
         KeysCommand::SignTest { key, scheme, count } => {
             let key: KeyRef = key.parse()?;
-            let store = backends.for_key(&key)?;
-            let public = store.public_key(&key)?;
-            let scheme = match scheme {
-                Some(s) => s.parse::<SignatureScheme>()?,
-                None => public.algorithm.default_scheme(),
+            let report: ops::SignTestReport = match &agent {
+                Some(agent) => agent.post(
+                    &format!("/ops/v1/keys/{}/sign_test", segment(&key.to_string())),
+                    serde_json::json!({ "scheme": scheme, "count": count }),
+                )?,
+                None => {
+                    let scheme = scheme.map(|s| s.parse::<SignatureScheme>()).transpose()?;
+                    ops::sign_test(&open_backends(config)?, &key, scheme, count)
+                        .map_err(ops_failure)?
+                }
             };
-            let mut challenge = [0u8; 32];
-            getrandom::fill(&mut challenge)?;
-            let start = Instant::now();
-            let mut signature = Vec::new();
-            for _ in 0..count.max(1) {
-                signature = store.sign(&key, scheme, &challenge)?;
-            }
-            let elapsed = start.elapsed();
-            let algorithm_id = nfv_warden::keys::signer::signature_algorithm_identifier(scheme)?;
-            pki::verify_signature(&public.spki_der, &algorithm_id, &challenge, &signature)
-                .map_err(|e| Failure(format!("{key}: {scheme} signature does not verify: {e}")))?;
             println!(
-                "ok {key} {scheme}: {} signature(s) verified, {:.0} signs/s",
-                count.max(1),
-                f64::from(count.max(1)) / elapsed.as_secs_f64()
+                "ok {} {}: {} signature(s) verified, {:.0} signs/s",
+                report.reference, report.scheme, report.signatures, report.signs_per_second
             );
         }
     }

@@ -16,8 +16,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
 
+mod agent;
+mod audit;
+mod certs;
 mod check;
 mod init;
 mod keys;
@@ -37,11 +39,11 @@ use vnfm::{csr, register, vnf_csr, CsrArgs, RegisterArgs, VnfCsrArgs};
 
 use clap::{Args, Parser, Subcommand};
 use der::Encode;
-use nfv_warden::config::{Config, SecretSource};
+use nfv_warden::config::Config;
 use nfv_warden::keys::backends::Backends;
 use nfv_warden::keys::signer::HardwareKey;
 use nfv_warden::keys::{BackendKind, KeyAlgorithm, KeyRef, KeySpec, KeyStore, SignatureScheme};
-use nfv_warden::store::{self, AuditEvent, ErasureEntry, KeyPurpose, KeyRecord, Store};
+use nfv_warden::store::{self, AuditEvent, KeyPurpose, KeyRecord, Store};
 use nfv_warden::{ca, pki};
 
 #[derive(Parser)]
@@ -93,6 +95,12 @@ enum Command {
     /// erasure reports, security VNFs.
     #[command(subcommand)]
     Sm(sm::SmCommand),
+    /// Issued certificates: list, show, export (through the running agent when it serves).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
+    /// The audit hash chain: verify, list (through the running agent when it serves).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// A failure, already phrased for the operator, and what kind of failure it is (which picks
@@ -124,17 +132,10 @@ impl FailureKind {
     /// token's retry limit; a failed TPM authorization against its dictionary-attack
     /// counter) or that no retry can fix (an unreadable secret).
     fn of_key_error(error: &nfv_warden::keys::KeyError) -> FailureKind {
-        use nfv_warden::keys::KeyError;
-        use tss_esapi::constants::response_code::Tss2ResponseCodeKind as Rc;
-        match error {
-            KeyError::PinIncorrect { .. } | KeyError::Pin(_) => FailureKind::Authentication,
-            KeyError::Tpm {
-                source: tss_esapi::Error::Tss2Error(rc),
-                ..
-            } if matches!(rc.kind(), Some(Rc::AuthFail | Rc::BadAuth | Rc::Lockout)) => {
-                FailureKind::Authentication
-            }
-            _ => FailureKind::Other,
+        if error.is_authentication() {
+            FailureKind::Authentication
+        } else {
+            FailureKind::Other
         }
     }
 }
@@ -237,6 +238,8 @@ fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
         Command::Serve => serve(config),
         Command::Sm(cmd) => sm::run(cmd, config),
         Command::Keys(cmd) => keys(cmd, config),
+        Command::Certs(cmd) => certs::run(cmd, config),
+        Command::Audit(cmd) => audit::run(cmd, config),
         Command::Ca(CaCommand::Init(args)) => ca_init(args, config),
         Command::Store(cmd) => store_command::run(cmd, config),
         Command::Tls(TlsCommand::Init {
@@ -254,37 +257,11 @@ fn open_store(config: &Config) -> Result<Arc<Store>, Failure> {
         .map_err(|e| Failure::chain(&e))
 }
 
-/// The SM's secrets the configuration references, with what each is for: the notification
-/// password / client secret and the OAuth2 client secrets towards the NFVO.
-fn sm_secrets(config: &Config) -> Vec<(String, &SecretSource)> {
-    let Some(sm) = &config.sm else {
-        return Vec::new();
-    };
-    let mut secrets = Vec::new();
-    if let Some(secret) = &sm.notifications.secret {
-        secrets.push(("sm.notifications.secret".to_string(), secret));
-    }
-    if let Some(o) = &sm.nfvo.oauth2 {
-        for (name, client) in [
-            ("ns_lcm", &o.ns_lcm),
-            ("status_info", &o.status_info),
-            ("sec_enforce", &o.sec_enforce),
-            ("security_vnf_mgmt", &o.security_vnf_mgmt),
-        ] {
-            secrets.push((
-                format!("sm.nfvo.oauth2.{name}.client_secret"),
-                &client.client_secret,
-            ));
-        }
-    }
-    secrets
-}
-
 /// Read every secret the agent needs before any device is touched: one that is missing,
 /// unreadable or empty is an authentication failure (exit 77), named, and no restart can
 /// make it appear.
 fn read_secrets(config: &Config) -> Result<(), Failure> {
-    let mut secrets: Vec<(String, &SecretSource)> = Vec::new();
+    let mut secrets: Vec<(String, &nfv_warden::config::SecretSource)> = Vec::new();
     for p in config.pkcs11_backends() {
         secrets.push((format!("PIN of pkcs11 token {}", p.token()), &p.pin));
     }
@@ -293,7 +270,7 @@ fn read_secrets(config: &Config) -> Result<(), Failure> {
             secrets.push(("TPM owner auth".to_string(), auth));
         }
     }
-    secrets.extend(sm_secrets(config));
+    secrets.extend(config.sm_secrets());
     for (what, secret) in secrets {
         secret.read().map_err(|e| Failure {
             message: format!("{what}: {e}"),
@@ -387,42 +364,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
 /// Client-certificate roots of the HTTPS server: the CMF's consumers and the NFVO's
 /// notification client (TLS_CERT).
 fn client_roots(config: &Config) -> Vec<&Path> {
-    let mut roots: Vec<&Path> = Vec::new();
-    if let Some(cmf) = &config.cmf {
-        roots.push(&cmf.client_ca);
-    }
-    if let Some(ca) = config
-        .sm
-        .as_ref()
-        .and_then(|s| s.notifications.client_ca.as_ref())
-    {
-        roots.push(ca);
-    }
-    roots
+    nfv_warden::ops::check::client_roots(config)
 }
 
-/// The SM's Sc-Or interface keys (mTLS), with a display name each.
-fn sm_interfaces(config: &Config) -> Vec<(&'static str, nfv_warden::config::InterfaceKeyConfig)> {
-    let Some(sm) = &config.sm else {
-        return Vec::new();
-    };
-    let i = &sm.nfvo.interface;
-    [
-        ("SM ns_lcm key", &i.ns_lcm),
-        ("SM status_info key", &i.status_info),
-        ("SM sec_enforce key", &i.sec_enforce),
-        ("SM security_vnf_mgmt key", &i.security_vnf_mgmt),
-    ]
-    .into_iter()
-    .filter_map(|(name, entry)| entry.clone().map(|e| (name, e)))
-    .collect()
-}
-
-/// The SM admin socket: configured, or `warden.sock` next to the store.
+/// The admin socket: configured, or `warden.sock` next to the store.
 fn admin_socket(config: &Config) -> PathBuf {
-    config
-        .sm
-        .as_ref()
-        .and_then(|s| s.admin_socket.clone())
-        .unwrap_or_else(|| config.store.path.with_file_name("warden.sock"))
+    config.admin_socket()
 }

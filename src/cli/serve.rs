@@ -47,6 +47,8 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
             ),
             None => None,
         };
+        // The admin socket, always: the operator's commands reach the store and devices the
+        // agent holds through it.
         let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
         // Readiness: a background probe of every key and the store (src/probe.rs).
         let probe = nfv_warden::probe::Probe::start(
@@ -71,16 +73,22 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
                 },
             ));
         }
-        if let Some(sm) = &sm {
-            let socket = admin_socket(config);
-            let sm_admin = sm.clone();
-            tokio::spawn(async move {
-                if let Err(e) =
-                    nfv_warden::api::admin::serve(&socket, sm_admin, admin_stopped).await
-                {
-                    tracing::error!(error = %e, socket = %socket.display(), "admin socket");
-                }
-            });
+        let admin = nfv_warden::api::admin::AdminState {
+            config: Arc::new(config.clone()),
+            backends: backends.clone(),
+            store: store.clone(),
+            cmf: cmf.clone(),
+            sm: sm.clone(),
+        };
+        let socket = admin_socket(config);
+        match nfv_warden::api::admin::bind(&socket) {
+            Ok(listener) => {
+                tokio::spawn(async move {
+                    nfv_warden::api::admin::serve(listener, &socket, admin, admin_stopped).await
+                });
+            }
+            // The CA keeps serving; only the operator's commands are missing.
+            Err(e) => tracing::error!(error = %e, socket = %socket.display(), "admin socket"),
         }
         // Type=notify: systemd starts dependants only once we listen.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);

@@ -343,6 +343,21 @@ impl Cmf {
                 not_before: validity.not_before.to_string(),
                 not_after: validity.not_after.to_string(),
                 issued_at: crate::keys::rfc3339_now(),
+                certificate: None,
+                revocation: None,
+            };
+            // The audit entry records the issuance without the certificate bytes (the
+            // record holds them).
+            let detail = serde_json::to_value(&record).unwrap_or_default();
+            let record = IssuedRecord {
+                certificate: Some(
+                    base64::engine::general_purpose::STANDARD.encode(
+                        certificate
+                            .to_der()
+                            .map_err(|e| CmfError::Internal(format!("certificate DER: {e}")))?,
+                    ),
+                ),
+                ..record
             };
             let key = format!("{}/{}", ca.id, serial_hex);
             let consumer_id = consumer.id.clone();
@@ -351,10 +366,7 @@ impl Cmf {
                 .group
                 .write_async(move |tx| {
                     tx.insert_new(&CERTIFICATES, &key, &record)?;
-                    tx.audit(
-                        AuditEvent::new(&consumer_id, "cmf.issue", &key)
-                            .with_detail(serde_json::to_value(&record).unwrap_or_default()),
-                    );
+                    tx.audit(AuditEvent::new(&consumer_id, "cmf.issue", &key).with_detail(detail));
                     Ok(())
                 })
                 .await;

@@ -129,6 +129,24 @@ pub struct IssuedRecord {
     pub not_before: String,
     pub not_after: String,
     pub issued_at: String,
+    /// The certificate as issued, base64 DER: what `warden certs show|export` read (SANs,
+    /// subject, PEM). Absent in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// Set when the certificate is revoked. Nothing revokes yet; the field is here so that
+    /// records and the operator's views carry the state from the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<Revocation>,
+}
+
+/// A revocation of an issued certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revocation {
+    /// RFC 3339 UTC.
+    pub revoked_at: String,
+    /// RFC 5280 5.3.1 CRLReason, by name (e.g. "keyCompromise").
+    pub reason: String,
 }
 
 /// Registrations by id.

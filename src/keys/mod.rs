@@ -524,6 +524,21 @@ impl KeyError {
     pub fn is_transient(&self) -> bool {
         matches!(self, KeyError::Unavailable { .. })
     }
+
+    /// Authentication failures that retrying would make worse (a rejected PIN counts against
+    /// the token's retry limit; a failed TPM authorization against its dictionary-attack
+    /// counter) or that no retry can fix (an unreadable PIN).
+    pub fn is_authentication(&self) -> bool {
+        use tss_esapi::constants::response_code::Tss2ResponseCodeKind as Rc;
+        match self {
+            KeyError::PinIncorrect { .. } | KeyError::Pin(_) => true,
+            KeyError::Tpm {
+                source: tss_esapi::Error::Tss2Error(rc),
+                ..
+            } => matches!(rc.kind(), Some(Rc::AuthFail | Rc::BadAuth | Rc::Lockout)),
+            _ => false,
+        }
+    }
 }
 
 /// RFC 3339 UTC timestamp with seconds precision.

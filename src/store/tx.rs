@@ -145,6 +145,36 @@ impl ReadTx {
         Ok(entries)
     }
 
+    /// Entries after `after` (exclusive; from the first entry when `None`), in key order, each
+    /// handed to `visit` until it returns `false`: a page of a large table (millions of
+    /// certificates) without loading the rest of it.
+    pub fn scan<V: DeserializeOwned>(
+        &self,
+        table: &Table<V>,
+        after: Option<&str>,
+        mut visit: impl FnMut(&str, V) -> bool,
+    ) -> Result<(), StoreError> {
+        use std::ops::Bound;
+        let Some(handle) = self.open(table)? else {
+            return Ok(());
+        };
+        let start = match after {
+            Some(key) => Bound::Excluded(key),
+            None => Bound::Unbounded,
+        };
+        for item in handle
+            .range::<&str>((start, Bound::Unbounded))
+            .map_err(storage(table.name))?
+        {
+            let (key, value) = item.map_err(storage(table.name))?;
+            let key = key.value();
+            if !visit(key, decode(table.name, key, value.value())?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Up to `limit` keys below `below`, in key order (time-ordered keys: the oldest).
     pub fn keys_below<V>(
         &self,
