@@ -9,4 +9,5 @@ pub mod config;
 pub mod keys;
 pub mod pki;
 pub mod sm;
+pub mod sol;
 pub mod store;

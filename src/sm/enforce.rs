@@ -19,6 +19,7 @@ use super::{
     OWN_OPS,
 };
 use crate::config::SmMode;
+use crate::sol::NsLcmOpOcc;
 use crate::store::{ErasureEntry, KeyPurpose, KeyRecord, KEYS};
 
 /// How long an NFVO outage may hold up a step before it is retried from the journal.
@@ -39,16 +40,29 @@ impl Sm {
         });
     }
 
-    /// VNFs that left every NS are terminated (SOL 005 UpdateNsRequest NOTE 1): erase what
-    /// the agent holds for them.
-    pub(crate) fn erase_gone(self: &Arc<Self>, gone: Vec<String>) {
-        if !self.config.erase_on_termination {
+    /// Whether this SM erases the keys of terminated VNFs at all: per
+    /// `erase_on_termination`, and in PASSIVE only with `erase_in_passive`.
+    pub fn may_erase(&self) -> bool {
+        self.config.erase_on_termination
+            && (self.mode() != SmMode::Passive || self.config.erase_in_passive)
+    }
+
+    /// VNFs with evidence that they are terminated (see [`super::policy::removal_evidence`]):
+    /// erase what the agent holds for them. Absence from a list is never such evidence.
+    pub(crate) fn erase_terminated(
+        self: &Arc<Self>,
+        terminated: std::collections::BTreeMap<String, String>,
+    ) {
+        if !self.may_erase() {
+            for (id, evidence) in terminated {
+                tracing::info!(vnf = %id, %evidence, mode = %self.mode(), "VNF terminated; its keys are kept (erasure not allowed in this mode)");
+            }
             return;
         }
-        for id in gone {
+        for (id, evidence) in terminated {
             let sm = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = sm.erase_local(&id).await {
+                if let Err(e) = sm.erase_local(&id, &evidence).await {
                     tracing::error!(error = %e, vnf = %id, "local erasure");
                 }
             });
@@ -128,7 +142,35 @@ impl Sm {
             match (&step.kind, step.state) {
                 (_, StepState::Completed | StepState::Failed) => return Ok(()),
                 (StepKind::EraseLocal, _) => {
-                    let report = self.erase_local(&action.vnf_instance_id).await?;
+                    // Evidence: every REMOVE_VNF of this action COMPLETED (the VNF has left
+                    // every NS it was in, so it is terminated: SOL 005 UpdateNsRequest NOTE 1).
+                    let removes: Vec<&Step> = action
+                        .steps
+                        .iter()
+                        .filter(|s| matches!(&s.kind, StepKind::UpdateNs { request, .. } if request["updateType"] == "REMOVE_VNF"))
+                        .collect();
+                    if removes.is_empty() || removes.iter().any(|s| s.state != StepState::Completed)
+                    {
+                        let detail = "not erased: no evidence the VNF was terminated (a REMOVE_VNF did not complete)".to_string();
+                        self.set_step(action, index, StepState::Failed, None, Some(detail))
+                            .await?;
+                        continue;
+                    }
+                    if !self.may_erase() {
+                        let detail =
+                            format!("not erased: erasure is not allowed in {}", self.mode());
+                        self.set_step(action, index, StepState::Completed, None, Some(detail))
+                            .await?;
+                        continue;
+                    }
+                    let ops: Vec<String> =
+                        removes.iter().filter_map(|s| s.op_occ_id.clone()).collect();
+                    let evidence = format!(
+                        "action {}: REMOVE_VNF COMPLETED ({})",
+                        action.id,
+                        ops.join(", ")
+                    );
+                    let report = self.erase_local(&action.vnf_instance_id, &evidence).await?;
                     let detail = format!(
                         "{} object(s) erased, {} failed",
                         report.local.len(),
@@ -269,7 +311,10 @@ impl Sm {
         Ok(())
     }
 
-    /// Look for an operation occurrence on `ns` that is this request.
+    /// Look for an operation occurrence on `ns` that is this request: every page of the
+    /// NS's occurrences; one listed without `operationParams` (which an NFVO may leave out of
+    /// lists) is read on its own, where they are always present. Any page or read that
+    /// fails is an error, never "not found" (which would send the request again).
     async fn find_operation(
         &self,
         interface: Interface,
@@ -280,18 +325,31 @@ impl Sm {
             "/ns_lcm_op_occs?filter=(eq,nsInstanceId,{})",
             path_segment(ns)?
         );
-        let occs = self.nfvo.get_json(interface, Api::NsLcm, &path).await?;
+        let occs: Vec<NsLcmOpOcc> = self.nfvo.get_list(interface, Api::NsLcm, &path).await?;
         let marker = marker_of(request);
-        for occ in occs.as_array().into_iter().flatten() {
-            let params = &occ["operationParams"];
-            let same = params == request
+        for listed in occs {
+            if listed.ns_instance_id != ns || listed.operation != "UPDATE" {
+                continue;
+            }
+            let params = match listed.operation_params {
+                Some(params) => params,
+                None => {
+                    let path = format!("/ns_lcm_op_occs/{}", path_segment(&listed.id)?);
+                    let occ: NsLcmOpOcc = self.nfvo.get_typed(interface, Api::NsLcm, &path).await?;
+                    occ.operation_params.ok_or_else(|| {
+                        SmError::Nfvo(NfvoError::Invalid {
+                            what: format!("GET {path}"),
+                            reason: "no operationParams (mandatory in NsLcmOpOcc)".into(),
+                        })
+                    })?
+                }
+            };
+            let same = params == *request
                 || marker
                     .as_deref()
-                    .is_some_and(|m| params.to_string().contains(&format!("\"{m}\"")));
-            if same && occ["nsInstanceId"].as_str() == Some(ns) {
-                if let Some(id) = occ["id"].as_str() {
-                    return Ok(Some(id.to_string()));
-                }
+                    .is_some_and(|m| marker_of(&params).as_deref() == Some(m));
+            if same {
+                return Ok(Some(listed.id));
             }
         }
         Ok(None)
@@ -302,15 +360,12 @@ impl Sm {
         let path = format!("/ns_lcm_op_occs/{}", path_segment(op)?);
         let mut wait = Duration::from_millis(20);
         loop {
-            let occ = self.nfvo.get_json(interface, Api::NsLcm, &path).await?;
-            let state = occ["operationState"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            let occ: NsLcmOpOcc = self.nfvo.get_typed(interface, Api::NsLcm, &path).await?;
+            let state = occ.operation_state.clone();
             match state.as_str() {
                 "COMPLETED" => return Ok((StepState::Completed, state)),
                 "FAILED" | "FAILED_TEMP" | "ROLLED_BACK" | "PARTIALLY_COMPLETED" => {
-                    let detail = occ["error"]["detail"].as_str().unwrap_or_default();
+                    let detail = occ.error.and_then(|e| e.detail).unwrap_or_default();
                     return Ok((
                         StepState::Failed,
                         format!("{state} {detail}").trim().to_string(),
@@ -434,7 +489,8 @@ impl Sm {
 
     /// Destroy every key the agent holds for `vnf` through the key layer, check each gone,
     /// and store the report. Idempotent: keys already erased are no longer listed.
-    pub async fn erase_local(&self, vnf: &str) -> Result<ErasureReport, SmError> {
+    pub async fn erase_local(&self, vnf: &str, evidence: &str) -> Result<ErasureReport, SmError> {
+        let evidence = evidence.to_string();
         let vnf_id = vnf.to_string();
         let keys: Vec<KeyRecord> = self
             .read(move |tx| {
@@ -494,6 +550,9 @@ impl Sm {
                     report.local.push(entry.clone());
                 }
                 report.local_failed = failed;
+                if !report.evidence.contains(&evidence) {
+                    report.evidence.push(evidence);
+                }
                 report.updated = now();
                 tx.put(&ERASURES, &vnf_id, &report)?;
                 Ok(report)
@@ -523,9 +582,13 @@ impl Sm {
         }
         // Up-to-date NS membership (IFA 033 6.4 NOTE 2), from Query NS; the inventory is
         // left to the processor, which also judges what is new.
-        let ns = self
+        let ns: Vec<crate::sol::NsInstance> = self
             .nfvo
-            .get_json(Interface::StatusInfo, Api::NsLcm, "/ns_instances")
+            .get_list(
+                Interface::StatusInfo,
+                Api::NsLcm,
+                &format!("/ns_instances?{}", crate::sol::NS_FIELDS),
+            )
             .await?;
         let mut record = super::policy::inventory_from(&ns)
             .remove(vnf)
@@ -649,7 +712,12 @@ impl Sm {
             .journal
             .write_async(move |tx| {
                 if let Some(existing) = tx.get(&ACTIONS, &record.id)? {
-                    if !(retry_failed && existing.state == ActionState::Failed) {
+                    // A failed one may be retried by the operator; one only recorded (in
+                    // PASSIVE) is replaced once the mode allows enforcing.
+                    let replace = (retry_failed && existing.state == ActionState::Failed)
+                        || (existing.state == ActionState::Recorded
+                            && record.state == ActionState::Running);
+                    if !replace {
                         return Ok((existing, false));
                     }
                     tx.audit(

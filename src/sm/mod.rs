@@ -12,6 +12,8 @@
 //! - `sm_pending`: notifications journaled and not yet processed, in arrival order;
 //! - `sm_processed`: the same keys once processed: the time index that retention prunes by;
 //! - `sm_inventory`: the VNFs last seen, to notice additions, removals and changes;
+//! - `sm_absent`: VNFs gone from a complete view of the NSs without evidence yet that they
+//!   are terminated: their keys are kept until there is (see [`policy::removal_evidence`]);
 //! - `sm_actions`: actions with their steps and states (the enforcement journal);
 //! - `sm_own_ops`: NS LCM operation occurrences the SM started, so their effects are not
 //!   mistaken for someone else's change;
@@ -40,6 +42,7 @@ pub const NOTIFICATIONS: Table<NotificationRecord> = Table::new("sm_notification
 pub const PENDING: Table<String> = Table::new("sm_pending");
 pub const PROCESSED: Table<String> = Table::new("sm_processed");
 pub const INVENTORY: Table<VnfRecord> = Table::new("sm_inventory");
+pub const ABSENT: Table<AbsentVnf> = Table::new("sm_absent");
 pub const ACTIONS: Table<Action> = Table::new("sm_actions");
 pub const OWN_OPS: Table<String> = Table::new("sm_own_ops");
 pub const ERASURES: Table<ErasureReport> = Table::new("sm_erasures");
@@ -76,6 +79,16 @@ pub struct VnfRecord {
     /// extVirtualLinkInfo ids and their resource ids: the VNF's external connectivity.
     #[serde(default)]
     pub ext_virtual_links: BTreeMap<String, String>,
+}
+
+/// A VNF no longer in any NS of a complete view, not (yet) known to be terminated.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AbsentVnf {
+    /// As last seen.
+    pub record: VnfRecord,
+    /// When it was first missed (RFC 3339).
+    pub since: String,
 }
 
 /// One enforcement or security-VNF operation and its steps: the enforcement journal.
@@ -150,17 +163,28 @@ pub struct Step {
     pub detail: Option<String>,
 }
 
+/// Fields in camelCase like every other attribute of the action JSON (`rename_all` alone
+/// renames only the variants); the snake_case names of journals written before are still
+/// read.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "type")]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    tag = "type"
+)]
 pub enum StepKind {
     /// `POST ns_instances/{id}/update`; the request carries the step's marker.
     UpdateNs {
         interface: Interface,
+        #[serde(alias = "ns_instance_id")]
         ns_instance_id: String,
         request: Value,
     },
     /// `PATCH vnf_packages/{id}` operationalState DISABLED (IFA 033 6.4 NOTE 3).
-    DisablePackage { vnf_pkg_id: String },
+    DisablePackage {
+        #[serde(alias = "vnf_pkg_id")]
+        vnf_pkg_id: String,
+    },
     /// Destroy the keys the agent holds for the VNF, and check them gone.
     EraseLocal,
 }
@@ -189,6 +213,9 @@ pub struct ErasureReport {
     pub local_failed: Vec<String>,
     /// Erasure requested from NFV-MANO in the REMOVE_VNF requests, and their outcome.
     pub mano: Vec<ManoErasure>,
+    /// Why the VNF is known to be terminated (what allowed the local erasure).
+    #[serde(default)]
+    pub evidence: Vec<String>,
     pub updated: String,
 }
 
@@ -445,16 +472,15 @@ impl Sm {
     /// IFA 033 6.2, SOL 005 6.4.16: keep exactly one subscription with our callback URI
     /// (and so our mode); delete ours that point elsewhere (an older mode or address).
     pub async fn reconcile_subscription(&self) -> Result<String, SmError> {
-        let existing = self
+        // Every page: a subscription of ours on a later page must not be created twice.
+        let existing: Vec<crate::sol::LccnSubscription> = self
             .nfvo
-            .get_json(Interface::NsLcm, Api::NsLcm, "/subscriptions")
+            .get_list(Interface::NsLcm, Api::NsLcm, "/subscriptions")
             .await?;
         let ours_prefix = format!("sm={}&", self.config.name);
         let mut keep = None;
-        for sub in existing.as_array().into_iter().flatten() {
-            let (Some(id), Some(uri)) = (sub["id"].as_str(), sub["callbackUri"].as_str()) else {
-                continue;
-            };
+        for sub in &existing {
+            let (id, uri) = (sub.id.as_str(), sub.callback_uri.as_str());
             if uri == self.callback_uri && keep.is_none() {
                 keep = Some(id.to_string());
             } else if uri.contains(&ours_prefix) {
@@ -546,11 +572,13 @@ impl Sm {
         self.audit("sm.unsubscribe", id, Value::Null).await
     }
 
+    /// The NFVO's subscriptions, every page, as it sent them.
     pub async fn subscriptions(&self) -> Result<Value, SmError> {
-        Ok(self
+        let all: Vec<Value> = self
             .nfvo
-            .get_json(Interface::NsLcm, Api::NsLcm, "/subscriptions")
-            .await?)
+            .get_list(Interface::NsLcm, Api::NsLcm, "/subscriptions")
+            .await?;
+        Ok(Value::Array(all))
     }
 
     /// Write one audit event (its own durable commit).

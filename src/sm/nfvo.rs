@@ -345,7 +345,11 @@ impl Nfvo {
                 Ok(response) => refused(request.method, &path, &response),
                 Err(e) => e,
             };
+            // SOL 005 9.4.3.3.4: a 409 to a PATCH of a package means it is already in that
+            // state (or cannot change): retrying cannot help; the caller judges it at once.
+            let settled = request.method == "PATCH" && error.status() == Some(409);
             let again = attempt < self.attempts
+                && !settled
                 && error.is_transient()
                 && !(request.repeat == Repeat::Once && matches!(error, NfvoError::NoAnswer { .. }));
             if !again {
@@ -382,6 +386,85 @@ impl Nfvo {
             })
             .await?;
         parse_json(path, &response)
+    }
+
+    /// GET a JSON document as `T`.
+    pub async fn get_typed<T: serde::de::DeserializeOwned>(
+        &self,
+        interface: Interface,
+        api: Api,
+        path: &str,
+    ) -> Result<T, NfvoError> {
+        let response = self
+            .call(Request {
+                interface,
+                api,
+                method: "GET",
+                path,
+                body: None,
+                repeat: Repeat::Idempotent,
+            })
+            .await?;
+        serde_json::from_slice(&response.body).map_err(|e| NfvoError::Invalid {
+            what: format!("GET {path}"),
+            reason: e.to_string(),
+        })
+    }
+
+    /// GET every page of a list (SOL 013 5.4.2: each page may end with
+    /// `Link: <...>; rel="next"`, followed until a page has none). A page that cannot be
+    /// read fails the whole list: a partial view is never returned as the view.
+    pub async fn get_list<T: serde::de::DeserializeOwned>(
+        &self,
+        interface: Interface,
+        api: Api,
+        path: &str,
+    ) -> Result<Vec<T>, NfvoError> {
+        let prefix = format!("{}/{}/v2", self.root_path, api.prefix());
+        let mut items = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut next = Some(path.to_string());
+        while let Some(page) = next.take() {
+            let what = format!("GET {page}");
+            if seen.len() >= MAX_PAGES || !seen.insert(page.clone()) {
+                return Err(NfvoError::Invalid {
+                    what,
+                    reason: format!(
+                        "paging does not end (a repeated page, or more than {MAX_PAGES} pages)"
+                    ),
+                });
+            }
+            let response = self
+                .call(Request {
+                    interface,
+                    api,
+                    method: "GET",
+                    path: &page,
+                    body: None,
+                    repeat: Repeat::Idempotent,
+                })
+                .await?;
+            let mut list: Vec<T> =
+                serde_json::from_slice(&response.body).map_err(|e| NfvoError::Invalid {
+                    what: what.clone(),
+                    reason: format!("not a list of the expected items: {e}"),
+                })?;
+            items.append(&mut list);
+            if let Some(link) = next_link(&response.headers) {
+                let local =
+                    link_path(&link).and_then(|p| p.strip_prefix(&prefix).map(String::from));
+                match local {
+                    Some(p) if p.starts_with('/') => next = Some(p),
+                    _ => {
+                        return Err(NfvoError::Invalid {
+                            what,
+                            reason: format!("Link rel=\"next\" {link} is outside {prefix}"),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(items)
     }
 
     /// One attempt on a pooled connection of `interface`; `version` is None only for the
@@ -591,13 +674,68 @@ fn parse_json(path: &str, response: &ClientResponse) -> Result<Value, NfvoError>
     })
 }
 
+/// Pages of one list followed at most (a guard against an NFVO whose paging never ends).
+const MAX_PAGES: usize = 10_000;
+
+/// The target of `Link: <...>; rel="next"` (RFC 8288; SOL 013 5.4.2.3), if any. The URI may
+/// hold commas (a filter), so the header is scanned by its `<` `>` delimiters.
+pub fn next_link(headers: &hyper::HeaderMap) -> Option<String> {
+    for value in headers.get_all("link") {
+        let Ok(text) = value.to_str() else {
+            continue;
+        };
+        let mut rest = text;
+        while let Some(open) = rest.find('<') {
+            let after = &rest[open + 1..];
+            let close = after.find('>')?;
+            let uri = &after[..close];
+            let params_end = after[close..].find('<').map_or(after.len(), |i| close + i);
+            let params = &after[close + 1..params_end];
+            let next = params.split(';').any(|p| {
+                let p = p.trim().trim_end_matches(',').trim();
+                p.split_once('=').is_some_and(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case("rel")
+                        && v.trim()
+                            .trim_matches('"')
+                            .split_ascii_whitespace()
+                            .any(|r| r.eq_ignore_ascii_case("next"))
+                })
+            });
+            if next {
+                return Some(uri.to_string());
+            }
+            rest = &after[params_end..];
+        }
+    }
+    None
+}
+
+/// The path and query of a link target (absolute `https://host/...` or `/...`).
+fn link_path(link: &str) -> Option<String> {
+    let rest = link
+        .strip_prefix("https://")
+        .or_else(|| link.strip_prefix("http://"));
+    match rest {
+        Some(rest) => rest.find('/').map(|i| rest[i..].to_string()),
+        None => link.starts_with('/').then(|| link.to_string()),
+    }
+}
+
+/// `Retry-After` (RFC 9110 10.2.3): delta-seconds or an HTTP-date; a date in the past is 0.
+pub fn retry_after(headers: &hyper::HeaderMap) -> Option<Duration> {
+    let value = headers.get("retry-after")?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
 fn refused(method: &str, path: &str, response: &ClientResponse) -> NfvoError {
-    let retry_after = response
-        .headers
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = retry_after(&response.headers);
     NfvoError::Refused {
         what: format!("{method} {path}"),
         status: response.status,
