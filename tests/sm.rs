@@ -309,6 +309,13 @@ fn fully_active_disables_the_package_and_erases() {
 #[test]
 fn kill_9_mid_sequence_resumes_and_sends_nothing_twice() {
     let mut sm = started("FULLY_ACTIVE");
+    // Operation occurrences in pages of one, listed without operationParams, and earlier
+    // operations on ns-b: the one to adopt is on a later page and must be read on its own.
+    sm.nfvo.page_size(1);
+    sm.nfvo.omit_op_params(true);
+    for _ in 0..3 {
+        sm.nfvo.notify_lcm("ns-b", "vnf-2", "MODIFY_INFORMATION");
+    }
     // The NFVO takes the REMOVE_VNF on ns-b but answers slowly: the agent dies waiting.
     sm.nfvo.delay_response(
         "POST",
@@ -340,6 +347,15 @@ fn kill_9_mid_sequence_resumes_and_sends_nothing_twice() {
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert_eq!(sm.patches().iter().filter(|p| p.status == 200).count(), 1);
+    // The adoption went through the pages and the single resource.
+    let requests = sm.nfvo.requests();
+    assert!(requests
+        .iter()
+        .any(|r| r.path.contains("ns_lcm_op_occs?filter")
+            && r.path.contains("nextpage_opaque_marker")));
+    assert!(requests
+        .iter()
+        .any(|r| r.method == "GET" && r.path.contains("/ns_lcm_op_occs/")));
     no_violations(&sm);
 }
 
@@ -1162,4 +1178,102 @@ fn passive_keeps_the_keys_even_with_evidence() {
     sm.kill9();
     let keys = sm.warden(&["keys", "list"]);
     assert!(keys.contains("vnf-2-key"), "{keys}");
+}
+
+/// Rewrite the mode in the agent's config (takes effect at the next start).
+fn set_mode(sm: &SmAgent, from: &str, to: &str) {
+    let config = std::fs::read_to_string(&sm.agent.config).expect("config");
+    let from = format!("mode = \"{from}\"");
+    assert!(config.contains(&from));
+    std::fs::write(
+        &sm.agent.config,
+        config.replace(&from, &format!("mode = \"{to}\"")),
+    )
+    .expect("config");
+}
+
+#[test]
+fn after_a_downgrade_unsent_steps_are_cancelled_not_sent() {
+    let mut sm = started("FULLY_ACTIVE");
+    // The snapshot (the first step) is answered slowly: the agent dies waiting.
+    sm.nfvo.delay_response(
+        "POST",
+        "/ns_instances/ns-a/update",
+        Duration::from_secs(4),
+        1,
+    );
+    instantiate_tampered(&sm);
+    wait_for("the snapshot to arrive", Duration::from_secs(30), || {
+        sm.updates()
+            .iter()
+            .any(|(_, b, _, _)| b["updateType"] == "CREATE_VNF_SNAPSHOT")
+    });
+    sm.kill9();
+    set_mode(&sm, "FULLY_ACTIVE", "SEMI_ACTIVE");
+    sm.start();
+    let action = sm.wait_action("terminate:vnf-1", "CANCELLED");
+    let reason = action["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("SEMI_ACTIVE") && reason.contains("FULLY_ACTIVE"),
+        "{action:#}"
+    );
+    // The snapshot (allowed in SEMI_ACTIVE, sent before) was adopted, not sent again; the
+    // REMOVE_VNF asking for erasure and the package PATCH (FULLY_ACTIVE) never left.
+    let types: Vec<String> = sm
+        .updates()
+        .iter()
+        .map(|(_, b, _, _)| b["updateType"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(types, ["CREATE_VNF_SNAPSHOT"], "{types:?}");
+    assert!(sm.patches().is_empty());
+    // The operator cannot cancel a finished action; a new termination replaces this one.
+    let err = sm.agent.fails(&["sm", "cancel", "terminate:vnf-1"]);
+    assert!(
+        err.contains("CANCELLED") || err.contains("Cancelled"),
+        "{err}"
+    );
+    let out = sm.sm(&["terminate", "vnf-1", "--wait"]);
+    assert!(out.contains("COMPLETED"), "{out}");
+    assert!(!sm.nfvo.vnf_in_ns("ns-b", "vnf-1"));
+    no_violations(&sm);
+}
+
+#[test]
+fn an_operator_cancels_a_running_action() {
+    let sm = started("SEMI_ACTIVE");
+    // Every REMOVE_VNF on ns-a is refused as "busy" for a long while: the action waits.
+    sm.nfvo
+        .fail("POST", "/ns_instances/ns-a/update", 503, 1000, None);
+    instantiate_tampered(&sm);
+    wait_for("a refused UpdateNS", Duration::from_secs(30), || {
+        sm.updates().iter().any(|(_, _, _, s)| *s == 503)
+    });
+    let out = sm.sm(&["cancel", "terminate:vnf-1"]);
+    assert!(
+        out.contains("CANCELLED") && out.contains("cancelled by"),
+        "{out}"
+    );
+    let action = sm.action("terminate:vnf-1").expect("action");
+    assert_eq!(action["state"], "CANCELLED");
+    assert!(sm.nfvo.vnf_in_ns("ns-a", "vnf-1"));
+}
+
+#[test]
+fn a_recorded_termination_does_not_block_after_switching_mode() {
+    let mut sm = started("PASSIVE");
+    instantiate_tampered(&sm);
+    sm.wait_action("terminate:vnf-1", "RECORDED");
+    assert!(sm.updates().is_empty());
+    sm.kill9();
+    set_mode(&sm, "PASSIVE", "SEMI_ACTIVE");
+    sm.start();
+    // The first reconciliation evaluates the rules on the reconciled state: vnf-1's
+    // package still does not match its pin, with no new notification about it.
+    let action = sm.wait_action("terminate:vnf-1", "COMPLETED");
+    assert_eq!(action["mode"], "SEMI_ACTIVE");
+    assert!(!sm.nfvo.vnf_in_ns("ns-a", "vnf-1") && !sm.nfvo.vnf_in_ns("ns-b", "vnf-1"));
+    // --wait shows each step's NS (camelCase in the action JSON).
+    let out = sm.sm(&["actions", "terminate:vnf-1"]);
+    assert!(out.contains("\"nsInstanceId\": \"ns-a\""), "{out}");
+    no_violations(&sm);
 }

@@ -22,8 +22,11 @@ use crate::config::SmMode;
 use crate::sol::NsLcmOpOcc;
 use crate::store::{ErasureEntry, KeyPurpose, KeyRecord, KEYS};
 
-/// How long an NFVO outage may hold up a step before it is retried from the journal.
+/// The first wait before a step interrupted by a transient fault (NFVO unreachable, 5xx,
+/// store trouble) is tried again from the journal; doubled each time up to
+/// [`OUTAGE_RETRY_MAX`]. A permanent fault fails the step at once instead.
 const OUTAGE_RETRY: Duration = Duration::from_secs(2);
+const OUTAGE_RETRY_MAX: Duration = Duration::from_secs(60);
 
 impl Sm {
     /// Run an action in its own task (at most one task per action). `fresh`: journaled by
@@ -85,37 +88,123 @@ impl Sm {
         }
     }
 
+    /// Why step `index` may not be sent now, if it may not: the mode is checked when each
+    /// step is about to be sent (not only when the action was decided), so an action
+    /// journaled under FULLY_ACTIVE does not send FULLY_ACTIVE steps after a downgrade and
+    /// restart.
+    fn blocked(&self, action: &Action, index: usize) -> Option<String> {
+        let step = &action.steps[index];
+        if !matches!(step.state, StepState::Pending | StepState::Sending) {
+            return None;
+        }
+        let mode = self.mode();
+        let needs = match &step.kind {
+            StepKind::EraseLocal => return None,
+            StepKind::DisablePackage { .. } => SmMode::FullyActive,
+            StepKind::UpdateNs { request, .. } => {
+                if request["terminateVnfData"][0]["additionalParams"][ERASURE_PARAM].is_null() {
+                    SmMode::SemiActive
+                } else {
+                    SmMode::FullyActive
+                }
+            }
+        };
+        (mode < needs).then(|| {
+            format!(
+                "the SM is {mode} now (the action was decided in {}); step {index} needs {needs}                  (IFA 033 5.1.2)",
+                action.mode
+            )
+        })
+    }
+
+    /// The action as journaled now, if an operator cancelled it meanwhile.
+    async fn cancelled(&self, id: &str) -> Option<Action> {
+        let id = id.to_string();
+        match self.read(move |tx| tx.get(&ACTIONS, &id)).await {
+            Ok(Some(a)) if a.state == ActionState::Cancelled => Some(a),
+            _ => None,
+        }
+    }
+
     async fn run_action(self: &Arc<Self>, mut action: Action, fresh: bool) {
         let mut index = 0;
         let mut unsent = fresh;
+        let mut wait = OUTAGE_RETRY;
+        let mut reason = None;
         while index < action.steps.len() {
+            if let Some(stored) = self.cancelled(&action.id).await {
+                tracing::info!(action = %action.id, reason = ?stored.reason, "action cancelled");
+                return;
+            }
+            if let Some(why) = self.blocked(&action, index) {
+                tracing::warn!(action = %action.id, reason = %why, "action cancelled");
+                action.state = ActionState::Cancelled;
+                reason = Some(why);
+                break;
+            }
             let first_unsent =
                 std::mem::take(&mut unsent) && action.steps[index].state == StepState::Sending;
             match self.run_step(&mut action, index, first_unsent).await {
-                Ok(()) => index += 1,
+                Ok(()) => {
+                    index += 1;
+                    wait = OUTAGE_RETRY;
+                }
+                Err(SmError::Nfvo(e)) if !e.is_transient() => {
+                    // Permanent (a refusal, a 202 without Location, a purged occurrence):
+                    // retrying cannot help. The step fails with the reason; the action goes on
+                    // to its end state.
+                    tracing::warn!(action = %action.id, step = index, error = %e, "step failed");
+                    let detail = e.to_string();
+                    if let Err(e) = self
+                        .set_step(&mut action, index, StepState::Failed, None, Some(detail))
+                        .await
+                    {
+                        tracing::warn!(action = %action.id, error = %e, "journaling a failed step");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
                 Err(e) => {
-                    // NFVO unreachable or store trouble: the journal has the state; try again.
-                    tracing::warn!(action = %action.id, step = index, error = %e, "step interrupted; retrying");
-                    tokio::time::sleep(OUTAGE_RETRY).await;
+                    // NFVO unreachable or store trouble: the journal has the state; try again,
+                    // less and less often.
+                    tracing::warn!(action = %action.id, step = index, error = %e, retry_in_s = wait.as_secs(), "step interrupted; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(OUTAGE_RETRY_MAX);
                 }
             }
         }
         let failed = action.steps.iter().any(|s| s.state == StepState::Failed);
-        action.state = if failed {
-            ActionState::Failed
-        } else {
-            ActionState::Completed
-        };
+        if action.state != ActionState::Cancelled {
+            action.state = if failed {
+                ActionState::Failed
+            } else {
+                ActionState::Completed
+            };
+            if failed {
+                reason = action
+                    .steps
+                    .iter()
+                    .find(|s| s.state == StepState::Failed)
+                    .and_then(|s| s.detail.clone());
+            }
+        }
+        action.reason = reason;
         action.updated = now();
         let record = action.clone();
-        let verb = if failed {
-            "sm.action.fail"
-        } else {
-            "sm.action.complete"
+        let verb = match action.state {
+            ActionState::Cancelled => "sm.action.cancel",
+            ActionState::Failed => "sm.action.fail",
+            _ => "sm.action.complete",
         };
         let outcome = self
             .journal
             .write_async(move |tx| {
+                // An operator's cancel that came while the last step ran stands.
+                if tx
+                    .get(&ACTIONS, &record.id)?
+                    .is_some_and(|a| a.state == ActionState::Cancelled)
+                {
+                    return Ok(());
+                }
                 tx.put(&ACTIONS, &record.id, &record)?;
                 tx.audit(
                     crate::store::AuditEvent::new("warden-sm", verb, record.id.clone())
@@ -608,6 +697,37 @@ impl Sm {
         self.start_new(action, actor, true).await
     }
 
+    /// An operator cancels an action: its steps not yet sent are never sent (one already
+    /// with the NFVO runs on there; the SM stops following it). A finished action cannot be
+    /// cancelled.
+    pub async fn cancel(&self, id: &str, actor: &str) -> Result<Action, SmError> {
+        let (id, actor) = (id.to_string(), actor.to_string());
+        let outcome = self
+            .journal
+            .write_async(move |tx| {
+                let Some(mut action) = tx.get(&ACTIONS, &id)? else {
+                    return Ok(Err(SmError::NotFound(format!("no action {id}"))));
+                };
+                if !matches!(action.state, ActionState::Running | ActionState::Recorded) {
+                    return Ok(Err(SmError::Invalid(format!(
+                        "action {id} is {:?} already",
+                        action.state
+                    ))));
+                }
+                action.state = ActionState::Cancelled;
+                action.reason = Some(format!("cancelled by {actor}"));
+                action.updated = now();
+                tx.put(&ACTIONS, &id, &action)?;
+                tx.audit(
+                    crate::store::AuditEvent::new(actor, "sm.action.cancel", id.clone())
+                        .with_detail(json!({ "steps": action.steps })),
+                );
+                Ok(Ok(action))
+            })
+            .await?;
+        outcome
+    }
+
     /// IFA 033 6.5: add, modify or remove a security VNF in an NS with Update NS.
     pub async fn security_vnf(
         self: &Arc<Self>,
@@ -692,6 +812,7 @@ impl Sm {
                 detail: None,
             }],
             state: ActionState::Running,
+            reason: None,
             created: created.clone(),
             updated: created,
         };
@@ -714,7 +835,8 @@ impl Sm {
                 if let Some(existing) = tx.get(&ACTIONS, &record.id)? {
                     // A failed one may be retried by the operator; one only recorded (in
                     // PASSIVE) is replaced once the mode allows enforcing.
-                    let replace = (retry_failed && existing.state == ActionState::Failed)
+                    let replace = (retry_failed
+                        && matches!(existing.state, ActionState::Failed | ActionState::Cancelled))
                         || (existing.state == ActionState::Recorded
                             && record.state == ActionState::Running);
                     if !replace {

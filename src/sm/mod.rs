@@ -108,6 +108,9 @@ pub struct Action {
     pub refused: Vec<String>,
     pub steps: Vec<Step>,
     pub state: ActionState,
+    /// Why it was cancelled or failed, in a sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub created: String,
     pub updated: String,
 }
@@ -142,6 +145,9 @@ pub enum ActionState {
     Completed,
     /// Finished, at least one step failed.
     Failed,
+    /// Stopped before its remaining steps were sent: by the operator (`warden sm cancel`),
+    /// or because the mode no longer allows them (checked before each step is sent).
+    Cancelled,
 }
 
 impl ActionState {

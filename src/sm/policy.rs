@@ -1059,6 +1059,7 @@ impl Action {
             } else {
                 ActionState::Running
             },
+            reason: None,
             created: created.clone(),
             updated: created,
         }
