@@ -439,7 +439,14 @@ fn post(
         .expect("runtime");
     rt.block_on(async {
         let mut conn = client.connect().await.expect("connect");
-        let mut all = vec![("content-type", "application/json".to_string())];
+        // application/json unless the caller gives its own Content-Type.
+        let mut all = Vec::new();
+        if !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        {
+            all.push(("content-type", "application/json".to_string()));
+        }
         all.extend_from_slice(headers);
         conn.request_with(
             method,
@@ -1276,4 +1283,43 @@ fn a_recorded_termination_does_not_block_after_switching_mode() {
     let out = sm.sm(&["actions", "terminate:vnf-1"]);
     assert!(out.contains("\"nsInstanceId\": \"ns-a\""), "{out}");
     no_violations(&sm);
+}
+
+#[test]
+fn notifications_need_json_and_answers_carry_the_negotiated_version() {
+    let sm = started("PASSIVE");
+    let client = callback_client(&sm, None);
+    let good = basic("warden-sm", "s3cret-notify-password");
+    let body = json!({
+        "id": "n-typed", "notificationType": "NsIdentifierCreationNotification",
+        "subscriptionId": "s", "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+    })
+    .to_string();
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let r = post(
+            &client,
+            "POST",
+            &[good.clone(), ("content-type", content_type.to_string())],
+            &body,
+        );
+        assert_eq!(r.status, 415, "{content_type}");
+    }
+    let r = post(
+        &client,
+        "POST",
+        &[
+            good.clone(),
+            (
+                "content-type",
+                "application/json; charset=utf-8".to_string(),
+            ),
+        ],
+        &body,
+    );
+    assert_eq!(r.status, 204);
+    // The double offers NS LCM 2.3.0: the version negotiated is the one answered.
+    assert_eq!(
+        r.headers.get("version").and_then(|v| v.to_str().ok()),
+        Some("2.3.0")
+    );
 }

@@ -90,7 +90,17 @@ async fn test_notification(
     Extension(peer): Extension<PeerCertificate>,
     headers: HeaderMap,
 ) -> Response {
-    authenticate(&sm, &headers, &identity, &peer).unwrap_or_else(no_content)
+    let response = authenticate(&sm, &headers, &identity, &peer).unwrap_or_else(no_content);
+    negotiated(&sm, response)
+}
+
+/// The answer carries the NS LCM API version negotiated with the NFVO (SOL 013 4.9), which
+/// is the version of the notifications it sends; the constant until then.
+fn negotiated(sm: &Sm, mut response: Response) -> Response {
+    if let Ok(value) = HeaderValue::from_str(&sm.nfvo.nslcm_version()) {
+        response.headers_mut().insert("Version", value);
+    }
+    response
 }
 
 /// Authenticate, parse, journal durably, answer 204; processing happens after.
@@ -101,8 +111,25 @@ async fn notification(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Some(response) = authenticate(&sm, &headers, &identity, &peer) {
+    let response = receive(&sm, identity, peer, headers, body).await;
+    negotiated(&sm, response)
+}
+
+async fn receive(
+    sm: &Arc<Sm>,
+    identity: ClientIdentity,
+    peer: PeerCertificate,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Some(response) = authenticate(sm, &headers, &identity, &peer) {
         return response;
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if let Err(detail) = intake::check_content_type(content_type) {
+        return problem(415, &detail);
     }
     let limit = sm.intake.max_body_bytes;
     let bytes = match super::cmf::read_body(&headers, body, limit).await {

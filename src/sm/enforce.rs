@@ -579,6 +579,7 @@ impl Sm {
     /// Destroy every key the agent holds for `vnf` through the key layer, check each gone,
     /// and store the report. Idempotent: keys already erased are no longer listed.
     pub async fn erase_local(&self, vnf: &str, evidence: &str) -> Result<ErasureReport, SmError> {
+        let _one_at_a_time = self.erasing.lock().await;
         let evidence = evidence.to_string();
         let vnf_id = vnf.to_string();
         let keys: Vec<KeyRecord> = self

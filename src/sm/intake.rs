@@ -63,7 +63,42 @@ pub enum Journaled {
     Ignored,
 }
 
+/// SOL 013 4.5 / 8.3.2: a notification is `application/json` (parameters such as charset
+/// allowed). `Err` is the 415 detail.
+pub fn check_content_type(content_type: Option<&str>) -> Result<(), String> {
+    let media = content_type
+        .and_then(|c| c.split(';').next())
+        .map(str::trim)
+        .unwrap_or_default();
+    if media.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else if media.is_empty() {
+        Err("Content-Type is missing; a notification is application/json".into())
+    } else {
+        Err(format!("Content-Type {media} is not application/json"))
+    }
+}
+
 impl Intake {
+    /// An intake from its parts (the fuzz target; [`Intake::new`] reads them from config).
+    pub fn from_parts(
+        auth: NotificationAuth,
+        user: &str,
+        secret: Option<SecretString>,
+        token_seconds: u64,
+        max_body_bytes: usize,
+    ) -> Intake {
+        Intake {
+            auth,
+            user: user.to_string(),
+            secret,
+            client_roots: Vec::new(),
+            client_identity: None,
+            token_seconds: token_seconds.max(60),
+            max_body_bytes,
+        }
+    }
+
     pub fn new(config: &SmConfig) -> Result<Intake, String> {
         let n = &config.notifications;
         let secret = match &n.secret {

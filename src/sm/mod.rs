@@ -253,6 +253,10 @@ pub struct Sm {
     wake: tokio::sync::mpsc::UnboundedSender<Wake>,
     wake_rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Wake>>>,
     running: std::sync::Mutex<BTreeSet<String>>,
+    /// Held by each local erasure from listing the keys to the commit: an action's erasure
+    /// step and an erasure on a notification's evidence may come together for one VNF; the
+    /// second then finds the keys gone rather than failing to destroy them.
+    erasing: tokio::sync::Mutex<()>,
 }
 
 /// A notification to process.
@@ -354,6 +358,7 @@ impl Sm {
             wake,
             wake_rx: std::sync::Mutex::new(Some(wake_rx)),
             running: std::sync::Mutex::new(BTreeSet::new()),
+            erasing: tokio::sync::Mutex::new(()),
         }))
     }
 

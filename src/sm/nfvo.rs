@@ -270,6 +270,16 @@ impl Nfvo {
         })
     }
 
+    /// The NS LCM API version in use (negotiated with `api_versions`): also the version of
+    /// the notifications the SM receives and so of its answers to them.
+    pub fn nslcm_version(&self) -> String {
+        self.versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
     /// SOL 013 9.3: ask each API which versions it supports and use the highest 2.x.
     pub async fn discover_versions(&self) -> Result<(String, String), NfvoError> {
         let mut found = Vec::new();
@@ -753,3 +763,63 @@ pub fn location_id(response: &ClientResponse) -> Option<String> {
 
 /// Shared handle.
 pub type SharedNfvo = Arc<Nfvo>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(name: &'static str, values: &[&str]) -> hyper::HeaderMap {
+        let mut map = hyper::HeaderMap::new();
+        for v in values {
+            map.append(name, v.parse().expect("header value"));
+        }
+        map
+    }
+
+    #[test]
+    fn the_next_link_is_found_whatever_else_the_header_holds() {
+        let h = headers(
+            "link",
+            &[
+                r#"<https://nfvo/nslcm/v2/ns_lcm_op_occs?filter=(eq,nsInstanceId,a)&nextpage_opaque_marker=x>; rel="next""#,
+            ],
+        );
+        assert_eq!(
+            next_link(&h).as_deref(),
+            Some("https://nfvo/nslcm/v2/ns_lcm_op_occs?filter=(eq,nsInstanceId,a)&nextpage_opaque_marker=x")
+        );
+        let h = headers("link", &[r#"</a?p=1>; rel="prev", </a?p=3>; rel=next"#]);
+        assert_eq!(next_link(&h).as_deref(), Some("/a?p=3"));
+        let h = headers(
+            "link",
+            &[
+                r#"</a?p=1>; rel="prev""#,
+                r#"</a?p=2>; title="x"; rel="last next""#,
+            ],
+        );
+        assert_eq!(next_link(&h).as_deref(), Some("/a?p=2"));
+        assert_eq!(next_link(&headers("link", &[r#"</a>; rel="prev""#])), None);
+        assert_eq!(link_path("https://h:1/x/y?z").as_deref(), Some("/x/y?z"));
+        assert_eq!(link_path("ftp://h/x"), None);
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        assert_eq!(
+            retry_after(&headers("retry-after", &["7"])),
+            Some(Duration::from_secs(7))
+        );
+        let at = std::time::SystemTime::now() + Duration::from_secs(30);
+        let wait =
+            retry_after(&headers("retry-after", &[&httpdate::fmt_http_date(at)])).expect("a date");
+        assert!(
+            wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+        assert_eq!(
+            retry_after(&headers("retry-after", &["Sun, 06 Nov 1994 08:49:37 GMT"])),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&headers("retry-after", &["soon"])), None);
+    }
+}

@@ -408,6 +408,7 @@ impl Sm {
                         .map(|(_, id)| id)
                         .unwrap_or_default()
                         .to_string();
+                    let arriving = body.is_some();
                     let body = match body {
                         Some(body) => Some(body),
                         None => tx.get(&NOTIFICATIONS, &id)?.map(|r| r.body),
@@ -423,7 +424,12 @@ impl Sm {
                         Some(op) => tx.contains(&OWN_OPS, op)?,
                         None => false,
                     };
-                    out.push((key, id, body, own));
+                    // A duplicate arriving (its id journaled before, under another pending
+                    // key) is not looked at: no Query NS for it.
+                    let duplicate = arriving
+                        && tx.contains(&NOTIFICATIONS, &id)?
+                        && !tx.contains(&PENDING, &key)?;
+                    out.push((key, id, body, own, duplicate));
                 }
                 Ok(out)
             })
@@ -444,7 +450,11 @@ impl Sm {
         let mut removed = BTreeMap::new();
         let mut needs_refresh = false;
         let mut items = Vec::new();
-        for (index, (key, id, body, own)) in loaded.into_iter().enumerate() {
+        for (index, (key, id, body, own, duplicate)) in loaded.into_iter().enumerate() {
+            if duplicate {
+                // Its durable answer is "not new": it is dropped below.
+                continue;
+            }
             let Some(body) = body else {
                 items.push((index, key, id, json!(null)));
                 continue;
