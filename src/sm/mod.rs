@@ -47,6 +47,8 @@ pub const ACTIONS: Table<Action> = Table::new("sm_actions");
 pub const OWN_OPS: Table<String> = Table::new("sm_own_ops");
 pub const ERASURES: Table<ErasureReport> = Table::new("sm_erasures");
 pub const SEEN_FAILURES: Table<String> = Table::new("sm_seen_failures");
+/// The HMAC key of the notification endpoint's OAuth2 tokens (hex), made once.
+pub const TOKEN_KEY: Table<String> = Table::new("sm_token_key");
 
 /// A journaled notification.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -338,7 +340,23 @@ impl Sm {
         let journal = store
             .group_commit(sm.group_commit_max.max(1))
             .map_err(|e| format!("store: {e}"))?;
-        let intake = intake::Intake::new(&sm).map_err(|e| format!("sm.notifications: {e}"))?;
+        let mut intake = intake::Intake::new(&sm).map_err(|e| format!("sm.notifications: {e}"))?;
+        // The token key: made once, kept in the store, so tokens outlive a restart.
+        let key = store
+            .write(|tx| {
+                if let Some(key) = tx.get(&TOKEN_KEY, "hmac-sha256")? {
+                    return Ok(Ok(key));
+                }
+                let key = match intake::new_token_key() {
+                    Ok(k) => hex::encode(k),
+                    Err(e) => return Ok(Err(e)),
+                };
+                tx.put(&TOKEN_KEY, "hmac-sha256", &key)?;
+                Ok(Ok(key))
+            })
+            .map_err(|e| format!("store: {e}"))?
+            .and_then(|k| hex::decode(k).map_err(|e| format!("sm_token_key: {e}")))?;
+        intake.set_token_key(&key);
         let base = sm
             .callback_uri
             .clone()
