@@ -154,13 +154,22 @@ async fn receive(
     // The processor may start its (read-only) NFVO queries while the journal commit is in
     // flight; it acts only once told the notification is durable and new.
     let durable = sm.notify_received(key.clone(), parsed.body.clone());
+    let queued = durable.is_some();
     let outcome = sm
         .journal
         .write_async(move |tx| intake::journal(tx, &parsed, &received, &key))
         .await;
-    let _ = durable.send(matches!(outcome, Ok(Journaled::New(_))));
+    if let Some(durable) = durable {
+        let _ = durable.send(matches!(outcome, Ok(Journaled::New(_))));
+    }
     match outcome {
-        Ok(Journaled::New(_)) => no_content(),
+        Ok(Journaled::New(key)) => {
+            if !queued {
+                // The queue of bodies is full: the journal holds this one; hand over its key.
+                sm.notify_stored(key);
+            }
+            no_content()
+        }
         Ok(Journaled::Duplicate) | Ok(Journaled::Ignored) => no_content(),
         Err(e) => {
             // Not durable: the NFVO must not take it as delivered.

@@ -259,7 +259,13 @@ pub struct Sm {
     /// step and an erasure on a notification's evidence may come together for one VNF; the
     /// second then finds the keys gone rather than failing to destroy them.
     erasing: tokio::sync::Mutex<()>,
+    /// Notification bodies waiting in the processor's queue (bounded by [`QUEUED_BODIES`]).
+    queued_bodies: std::sync::atomic::AtomicUsize,
 }
+
+/// Notification bodies held in memory for the processor at most; beyond that the journal
+/// holds them and only keys are queued (memory stays bounded under sustained intake).
+pub const QUEUED_BODIES: usize = 1024;
 
 /// A notification to process.
 #[derive(Debug)]
@@ -377,6 +383,7 @@ impl Sm {
             wake_rx: std::sync::Mutex::new(Some(wake_rx)),
             running: std::sync::Mutex::new(BTreeSet::new()),
             erasing: tokio::sync::Mutex::new(()),
+            queued_bodies: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -409,11 +416,15 @@ impl Sm {
                     wake = wake_rx.recv() => match wake {
                         Some(Wake::Notification(first)) => {
                             // Whatever else is already waiting joins this batch.
+                            sm.dequeued(&first);
                             let mut batch = vec![first];
                             let mut reconciles = Vec::new();
                             while batch.len() < BATCH {
                                 match wake_rx.try_recv() {
-                                    Ok(Wake::Notification(next)) => batch.push(next),
+                                    Ok(Wake::Notification(next)) => {
+                                        sm.dequeued(&next);
+                                        batch.push(next)
+                                    }
                                     Ok(Wake::Reconcile(reply)) => reconciles.push(reply),
                                     Err(_) => break,
                                 }
@@ -458,21 +469,41 @@ impl Sm {
         }
     }
 
-    /// Queue a journaled notification for processing.
-    /// Hand a notification being journaled to the processor; send `true` on the returned
-    /// channel once it is durable and new.
+    /// Hand a notification being journaled to the processor with its body; send `true` on
+    /// the returned channel once it is durable and new. `None` when [`QUEUED_BODIES`] bodies
+    /// wait already: then the durable journal is the queue, and the caller hands over only
+    /// the key once it is committed ([`Sm::notify_stored`]).
     pub fn notify_received(
         &self,
         key: String,
         body: Arc<Value>,
-    ) -> tokio::sync::oneshot::Sender<bool> {
+    ) -> Option<tokio::sync::oneshot::Sender<bool>> {
+        use std::sync::atomic::Ordering;
+        if self.queued_bodies.fetch_add(1, Ordering::AcqRel) >= QUEUED_BODIES {
+            self.queued_bodies.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
         let (durable, receiver) = tokio::sync::oneshot::channel();
         let _ = self.wake.send(Wake::Notification(Pending {
             key,
             body: Some(body),
             durable: Some(receiver),
         }));
-        durable
+        Some(durable)
+    }
+
+    /// Hand over a notification already committed to the journal, by key only (the
+    /// processor reads its body back).
+    pub fn notify_stored(&self, key: String) {
+        let _ = self.wake.send(Wake::Notification(Pending::stored(key)));
+    }
+
+    /// The processor took a notification off the queue.
+    fn dequeued(&self, pending: &Pending) {
+        if pending.body.is_some() {
+            self.queued_bodies
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
     }
 
     async fn connect_until_subscribed(self: &Arc<Self>) {
