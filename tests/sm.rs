@@ -415,6 +415,21 @@ fn duplicate_reordered_and_lost_notifications() {
     no_violations(&sm);
 }
 
+/// The id of the SM's subscription at the double.
+fn sub(sm: &SmAgent) -> String {
+    let needle = format!("127.0.0.1:{}/", sm.port);
+    sm.nfvo
+        .subscriptions()
+        .iter()
+        .find(|s| {
+            s["callbackUri"]
+                .as_str()
+                .is_some_and(|u| u.contains(&needle))
+        })
+        .and_then(|s| s["id"].as_str().map(String::from))
+        .expect("the SM's subscription")
+}
+
 /// A client posting to the agent's callback endpoint as the NFVO would.
 fn callback_client(sm: &SmAgent, identity: Option<(&str, &str)>) -> HttpsClient {
     let nfvo_dir = sm.dir().join("nfvo");
@@ -477,7 +492,7 @@ fn notification_endpoint_auth_parsing_and_methods() {
     let good = basic("warden-sm", "s3cret-notify-password");
     let valid = json!({
         "id": "n-manual-1", "notificationType": "NsIdentifierCreationNotification",
-        "subscriptionId": "s", "timeStamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+        "subscriptionId": sub(&sm), "timeStamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
         "_links": {"nsInstance": {"href": "x"}}, "vendorExtension": {"x": 1},
     })
     .to_string();
@@ -520,7 +535,7 @@ fn notification_endpoint_auth_parsing_and_methods() {
         Some("application/problem+json")
     );
     let missing = json!({"id": "n2", "notificationType": "NsChangeNotification",
-        "subscriptionId": "s", "timestamp": "t", "nsInstanceId": "ns-a"});
+        "subscriptionId": sub(&sm), "timestamp": "t", "nsInstanceId": "ns-a"});
     let r = post(
         &client,
         "POST",
@@ -542,7 +557,7 @@ fn notification_endpoint_auth_parsing_and_methods() {
         405
     );
     let unknown = json!({"id": "n3", "notificationType": "VendorNotification",
-        "subscriptionId": "s", "timestamp": "t"});
+        "subscriptionId": sub(&sm), "timestamp": "t"});
     assert_eq!(
         post(
             &client,
@@ -573,7 +588,7 @@ fn tls_cert_notifications_need_the_nfvos_certificate() {
     );
     let body = json!({
         "id": "n-tls", "notificationType": "NsIdentifierCreationNotification",
-        "subscriptionId": "s", "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+        "subscriptionId": sub(&sm), "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
     })
     .to_string();
     let anonymous = callback_client(&sm, None);
@@ -899,7 +914,7 @@ fn processed_notifications_leave_the_journal_after_the_retention() {
     let auth = basic("warden-sm", "s3cret-notify-password");
     let body = json!({
         "id": "n-retained", "notificationType": "NsIdentifierCreationNotification",
-        "subscriptionId": "s", "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+        "subscriptionId": sub(&sm), "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
     })
     .to_string();
     assert_eq!(
@@ -1292,7 +1307,7 @@ fn notifications_need_json_and_answers_carry_the_negotiated_version() {
     let good = basic("warden-sm", "s3cret-notify-password");
     let body = json!({
         "id": "n-typed", "notificationType": "NsIdentifierCreationNotification",
-        "subscriptionId": "s", "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+        "subscriptionId": sub(&sm), "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
     })
     .to_string();
     for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
@@ -1317,6 +1332,12 @@ fn notifications_need_json_and_answers_carry_the_negotiated_version() {
         &body,
     );
     assert_eq!(r.status, 204);
+    // A notification for a subscription that is not this SM's is refused.
+    let foreign = body.replace(&sub(&sm), "someone-elses-subscription");
+    assert_eq!(
+        post(&client, "POST", std::slice::from_ref(&good), &foreign).status,
+        422
+    );
     // The double offers NS LCM 2.3.0: the version negotiated is the one answered.
     assert_eq!(
         r.headers.get("version").and_then(|v| v.to_str().ok()),

@@ -149,6 +149,13 @@ async fn receive(
         }
         Err(reason) => return problem(400, &reason),
     };
+    let subscription = parsed.body["subscriptionId"].as_str().unwrap_or_default();
+    if !sm.is_own_subscription(subscription) {
+        return problem(
+            422,
+            &format!("subscriptionId {subscription} is not this SM's subscription"),
+        );
+    }
     let received = crate::keys::rfc3339_now();
     let key = intake::pending_key(&parsed.id);
     // The processor may start its (read-only) NFVO queries while the journal commit is in

@@ -47,6 +47,9 @@ pub const ACTIONS: Table<Action> = Table::new("sm_actions");
 pub const OWN_OPS: Table<String> = Table::new("sm_own_ops");
 pub const ERASURES: Table<ErasureReport> = Table::new("sm_erasures");
 pub const SEEN_FAILURES: Table<String> = Table::new("sm_seen_failures");
+/// This SM's subscription id at the NFVO (under the key "id"): notifications for any other
+/// subscription are refused.
+pub const SUBSCRIPTION: Table<String> = Table::new("sm_subscription");
 /// The HMAC key of the notification endpoint's OAuth2 tokens (hex), made once.
 pub const TOKEN_KEY: Table<String> = Table::new("sm_token_key");
 
@@ -259,6 +262,9 @@ pub struct Sm {
     /// step and an erasure on a notification's evidence may come together for one VNF; the
     /// second then finds the keys gone rather than failing to destroy them.
     erasing: tokio::sync::Mutex<()>,
+    /// The id of this SM's subscription, once known (from the store at start, then from the
+    /// NFVO).
+    subscription: std::sync::Mutex<Option<String>>,
     /// Notification bodies waiting in the processor's queue (bounded by [`QUEUED_BODIES`]).
     queued_bodies: std::sync::atomic::AtomicUsize,
 }
@@ -363,6 +369,9 @@ impl Sm {
             .map_err(|e| format!("store: {e}"))?
             .and_then(|k| hex::decode(k).map_err(|e| format!("sm_token_key: {e}")))?;
         intake.set_token_key(&key);
+        let subscription = store
+            .read(|tx| tx.get(&SUBSCRIPTION, "id"))
+            .map_err(|e| format!("store: {e}"))?;
         let base = sm
             .callback_uri
             .clone()
@@ -384,6 +393,7 @@ impl Sm {
             running: std::sync::Mutex::new(BTreeSet::new()),
             erasing: tokio::sync::Mutex::new(()),
             queued_bodies: std::sync::atomic::AtomicUsize::new(0),
+            subscription: std::sync::Mutex::new(subscription),
         }))
     }
 
@@ -552,10 +562,40 @@ impl Sm {
                 self.delete_subscription(id).await?;
             }
         }
-        if let Some(id) = keep {
-            return Ok(id);
+        let id = match keep {
+            Some(id) => id,
+            None => self.subscribe().await?,
+        };
+        self.remember_subscription(&id).await?;
+        Ok(id)
+    }
+
+    /// Keep `id` as this SM's only subscription (durably, for the next start).
+    async fn remember_subscription(&self, id: &str) -> Result<(), SmError> {
+        let known = self
+            .subscription
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if known.as_deref() == Some(id) {
+            return Ok(());
         }
-        self.subscribe().await
+        let id_owned = id.to_string();
+        self.journal
+            .write_async(move |tx| tx.put(&SUBSCRIPTION, "id", &id_owned))
+            .await?;
+        *self.subscription.lock().unwrap_or_else(|p| p.into_inner()) = Some(id.to_string());
+        Ok(())
+    }
+
+    /// Whether a notification for `subscription_id` is for this SM: its subscription, or
+    /// any while none is known yet (before the first subscription).
+    pub fn is_own_subscription(&self, subscription_id: &str) -> bool {
+        self.subscription
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            .is_none_or(|id| id == subscription_id)
     }
 
     /// `POST /subscriptions`: 201 created, 303 exists already, 422 the NFVO's test GET failed.
