@@ -76,6 +76,7 @@ fn main() {
         .nfvo
         .add_vnf(&["ns-a"], "vnf-2", "vnfd-1", "pkg-good", "profile-2");
     agent.start();
+    use_subscription_of(&agent);
     let client = callback_client(&agent);
     for connections in [4usize, 16, 64] {
         let cpu0 = cpu_seconds(&agent);
@@ -146,6 +147,7 @@ erase = true
     });
     agent.nfvo.add_ns("ns-a", "core");
     agent.start();
+    use_subscription_of(&agent);
     let client = callback_client(&agent);
     let mut conn = runtime.block_on(client.connect()).expect("connect");
     let mut reaction = Vec::new();
@@ -251,6 +253,23 @@ fn headers() -> Vec<(&'static str, String)> {
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// The SM's subscription id at the double: the SM refuses notifications for any other.
+static SUBSCRIPTION: Mutex<String> = Mutex::new(String::new());
+
+fn use_subscription_of(agent: &SmAgent) {
+    let id = agent
+        .nfvo
+        .subscriptions()
+        .iter()
+        .find_map(|s| s["id"].as_str().map(String::from))
+        .expect("the SM's subscription");
+    *SUBSCRIPTION.lock().unwrap() = id;
+}
+
+fn subscription() -> String {
+    SUBSCRIPTION.lock().unwrap().clone()
+}
+
 /// A RESULT notification about vnf-2 (MODIFY_INFORMATION: no rule fires).
 fn routine() -> Vec<u8> {
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
@@ -258,7 +277,7 @@ fn routine() -> Vec<u8> {
     json!({
         "id": format!("bench-{n}"), "nsInstanceId": "ns-a", "nsLcmOpOccId": format!("op-{n}"),
         "operation": "UPDATE", "notificationType": "NsLcmOperationOccurrenceNotification",
-        "subscriptionId": "bench", "timestamp": "2026-11-26T12:00:00Z",
+        "subscriptionId": subscription(), "timestamp": "2026-11-26T12:00:00Z",
         "notificationStatus": "RESULT", "operationState": "COMPLETED",
         "isAutomaticInvocation": false,
         "affectedVnf": [{
@@ -281,7 +300,7 @@ fn instantiated(tag: &str, vnf: &str) -> Vec<u8> {
     json!({
         "id": format!("inst-{tag}"), "nsInstanceId": "ns-a", "nsLcmOpOccId": format!("op-inst-{tag}"),
         "operation": "INSTANTIATE", "notificationType": "NsLcmOperationOccurrenceNotification",
-        "subscriptionId": "bench", "timestamp": "2026-11-26T12:00:00Z",
+        "subscriptionId": subscription(), "timestamp": "2026-11-26T12:00:00Z",
         "notificationStatus": "RESULT", "operationState": "COMPLETED",
         "isAutomaticInvocation": false,
         "affectedVnf": [{

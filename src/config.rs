@@ -753,6 +753,11 @@ pub struct SmConfig {
     /// is sent to the NFVO for this.
     #[serde(default = "default_true")]
     pub erase_on_termination: bool,
+    /// In PASSIVE mode the SM erases nothing, not even with evidence that a VNF is
+    /// terminated, unless this is true (the operator's explicit consent: PASSIVE only
+    /// observes, IFA 033 5.1.2).
+    #[serde(default)]
+    pub erase_in_passive: bool,
     pub nfvo: NfvoConfig,
     pub notifications: NotificationAuthConfig,
     /// Pinned VNF package checksums: package id -> SHA-256 hex.

@@ -14,4 +14,5 @@ pub mod ops;
 pub mod pki;
 pub mod probe;
 pub mod sm;
+pub mod sol;
 pub mod store;

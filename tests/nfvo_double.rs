@@ -490,3 +490,152 @@ fn down_refuses_connections_and_slow_answers_still_take_effect() {
     assert_eq!(client.join().unwrap().status, 202);
     assert!(nfvo.violations().is_empty(), "{:#?}", nfvo.violations());
 }
+
+/// Every page of a list, following `Link: <...>; rel="next"`; the pages and the paths asked.
+fn all_pages(nfvo: &NfvoDouble, path: &str) -> (Vec<Value>, Vec<String>) {
+    let mut items = Vec::new();
+    let mut asked = Vec::new();
+    let mut next = Some(path.to_string());
+    while let Some(path) = next.take() {
+        let page = nfvo.client_request("GET", &path, &[V], None);
+        assert_eq!(page.status, 200, "{path}: {:?}", page.body);
+        items.extend(page.body.as_array().expect("a list").iter().cloned());
+        asked.push(path);
+        if let Some(link) = page.header("Link") {
+            let uri = link
+                .strip_prefix('<')
+                .and_then(|l| l.split_once(">; rel=\"next\""))
+                .map(|(u, _)| u)
+                .expect("Link rel=next");
+            next = Some(
+                uri.strip_prefix(&nfvo.base())
+                    .expect("absolute")
+                    .to_string(),
+            );
+        }
+    }
+    (items, asked)
+}
+
+#[test]
+fn lists_exclude_by_default_page_and_empty_while_restarting() {
+    let dir = tempfile::tempdir().unwrap();
+    let nfvo = double(dir.path());
+    with_inventory(&nfvo);
+    for ns in ["ns-2", "ns-3"] {
+        nfvo.add_ns(ns, ns);
+    }
+    // SOL005 6.4.2.3.2: without a selector (or with exclude_default) no vnfInstance.
+    for query in ["", "?exclude_default"] {
+        let (list, asked) = all_pages(&nfvo, &format!("/nslcm/v2/ns_instances{query}"));
+        assert_eq!(list.len(), 3, "{list:?}");
+        assert_eq!(asked.len(), 2, "page size 2: {asked:?}");
+        assert!(
+            list.iter().all(|ns| ns.get("vnfInstance").is_none()),
+            "{list:?}"
+        );
+    }
+    for query in [
+        "?fields=vnfInstance",
+        "?all_fields",
+        "?exclude_default&fields=vnfInstance",
+    ] {
+        let (list, _) = all_pages(&nfvo, &format!("/nslcm/v2/ns_instances{query}"));
+        let ns1 = list.iter().find(|ns| ns["id"] == "ns-1").expect("ns-1");
+        assert_eq!(
+            ns1["vnfInstance"].as_array().map(Vec::len),
+            Some(2),
+            "{query}"
+        );
+    }
+    let conflict = nfvo.client_request(
+        "GET",
+        "/nslcm/v2/ns_instances?all_fields&fields=vnfInstance",
+        &[V],
+        None,
+    );
+    assert_eq!(conflict.status, 400);
+    let bad = nfvo.client_request(
+        "GET",
+        "/nslcm/v2/ns_instances?nextpage_opaque_marker=elsewhere",
+        &[V],
+        None,
+    );
+    assert_eq!(bad.status, 400);
+
+    // Operation occurrences: operationParams present unless excluded, pages of one.
+    nfvo.page_size(1);
+    for vnf in ["vnf-1", "vnf-2"] {
+        nfvo.notify_lcm("ns-1", vnf, "MODIFY_INFORMATION");
+    }
+    let (ops, asked) = all_pages(
+        &nfvo,
+        "/nslcm/v2/ns_lcm_op_occs?filter=(eq,nsInstanceId,ns-1)",
+    );
+    assert_eq!((ops.len(), asked.len()), (2, 2));
+    assert!(
+        asked[1].contains("filter=(eq,nsInstanceId,ns-1)"),
+        "{asked:?}"
+    );
+    assert!(ops.iter().all(|o| o.get("operationParams").is_some()));
+    let (ops, _) = all_pages(&nfvo, "/nslcm/v2/ns_lcm_op_occs?exclude_default");
+    assert!(ops
+        .iter()
+        .all(|o| o.get("operationParams").is_none() && o.get("resourceChanges").is_none()));
+    nfvo.omit_op_params(true);
+    let (ops, _) = all_pages(&nfvo, "/nslcm/v2/ns_lcm_op_occs");
+    assert!(ops.iter().all(|o| o.get("operationParams").is_none()));
+    // ... the single resource keeps them.
+    let id = ops[0]["id"].as_str().unwrap();
+    let one = nfvo.client_request("GET", &format!("/nslcm/v2/ns_lcm_op_occs/{id}"), &[V], None);
+    assert!(one.body.get("operationParams").is_some(), "{:?}", one.body);
+
+    // Restarting: empty lists, unknown resources.
+    nfvo.set_restarting(true);
+    let (list, _) = all_pages(&nfvo, "/nslcm/v2/ns_instances?fields=vnfInstance");
+    assert!(list.is_empty());
+    let (ops, _) = all_pages(&nfvo, "/nslcm/v2/ns_lcm_op_occs");
+    assert!(ops.is_empty());
+    assert_eq!(
+        nfvo.client_request("GET", "/nslcm/v2/ns_instances/ns-1", &[V], None)
+            .status,
+        404
+    );
+    nfvo.set_restarting(false);
+    let (list, _) = all_pages(&nfvo, "/nslcm/v2/ns_instances?fields=vnfInstance");
+    assert_eq!(list.len(), 3);
+    assert!(nfvo.violations().is_empty(), "{:?}", nfvo.violations());
+}
+
+#[test]
+fn retry_after_in_both_forms() {
+    let dir = tempfile::tempdir().unwrap();
+    let nfvo = double(dir.path());
+    with_inventory(&nfvo);
+    nfvo.fail_retry(
+        "GET",
+        "/ns_instances",
+        503,
+        1,
+        common::nfvo::RetryAfter::Seconds(7),
+    );
+    nfvo.fail_retry(
+        "GET",
+        "/ns_instances",
+        503,
+        1,
+        common::nfvo::RetryAfter::Date(Duration::from_secs(30)),
+    );
+    let first = nfvo.client_request("GET", "/nslcm/v2/ns_instances", &[V], None);
+    assert_eq!(
+        (first.status, first.header("Retry-After")),
+        (503, Some("7"))
+    );
+    let second = nfvo.client_request("GET", "/nslcm/v2/ns_instances", &[V], None);
+    let date = second.header("Retry-After").expect("Retry-After");
+    let at = httpdate::parse_http_date(date).expect("an HTTP-date");
+    assert!(
+        at > std::time::SystemTime::now() + Duration::from_secs(20),
+        "{date}"
+    );
+}

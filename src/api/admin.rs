@@ -26,6 +26,7 @@
 //! POST   /sm/v1/reconcile                    reconcile with the NFVO now
 //! GET    /sm/v1/actions                      the enforcement journal
 //! GET    /sm/v1/actions/{id}
+//! POST   /sm/v1/actions/{id}/cancel            its unsent steps are never sent
 //! POST   /sm/v1/terminations                 {vnfInstanceId, snapshot, allowReplacement,
 //!                                             disablePackage, erase}            -> 202
 //! GET    /sm/v1/erasures/{vnfInstanceId}     the VNF's erasure report
@@ -110,6 +111,7 @@ pub fn routes(sm: Arc<Sm>) -> Router {
         .route("/sm/v1/reconcile", post(reconcile))
         .route("/sm/v1/actions", get(actions))
         .route("/sm/v1/actions/{id}", get(action))
+        .route("/sm/v1/actions/{id}/cancel", post(cancel_action))
         .route("/sm/v1/terminations", post(terminate))
         .route("/sm/v1/erasures/{vnf}", get(erasure))
         .route("/sm/v1/security_vnfs", post(add_security_vnf))
@@ -438,6 +440,17 @@ async fn action(State(sm): State<Arc<Sm>>, Path(id): Path<String>) -> Response {
     match sm.action(&id).await {
         Ok(Some(a)) => Json(a).into_response(),
         Ok(None) => problem(404, &format!("no action {id}")),
+        Err(e) => error(e),
+    }
+}
+
+async fn cancel_action(
+    State(sm): State<Arc<Sm>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    match sm.cancel(&id, &caller.0).await {
+        Ok(a) => Json(a).into_response(),
         Err(e) => error(e),
     }
 }

@@ -90,7 +90,17 @@ async fn test_notification(
     Extension(peer): Extension<PeerCertificate>,
     headers: HeaderMap,
 ) -> Response {
-    authenticate(&sm, &headers, &identity, &peer).unwrap_or_else(no_content)
+    let response = authenticate(&sm, &headers, &identity, &peer).unwrap_or_else(no_content);
+    negotiated(&sm, response)
+}
+
+/// The answer carries the NS LCM API version negotiated with the NFVO (SOL 013 4.9), which
+/// is the version of the notifications it sends; the constant until then.
+fn negotiated(sm: &Sm, mut response: Response) -> Response {
+    if let Ok(value) = HeaderValue::from_str(&sm.nfvo.nslcm_version()) {
+        response.headers_mut().insert("Version", value);
+    }
+    response
 }
 
 /// Authenticate, parse, journal durably, answer 204; processing happens after.
@@ -101,8 +111,25 @@ async fn notification(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Some(response) = authenticate(&sm, &headers, &identity, &peer) {
+    let response = receive(&sm, identity, peer, headers, body).await;
+    negotiated(&sm, response)
+}
+
+async fn receive(
+    sm: &Arc<Sm>,
+    identity: ClientIdentity,
+    peer: PeerCertificate,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    if let Some(response) = authenticate(sm, &headers, &identity, &peer) {
         return response;
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if let Err(detail) = intake::check_content_type(content_type) {
+        return problem(415, &detail);
     }
     let limit = sm.intake.max_body_bytes;
     let bytes = match super::cmf::read_body(&headers, body, limit).await {
@@ -122,18 +149,34 @@ async fn notification(
         }
         Err(reason) => return problem(400, &reason),
     };
+    let subscription = parsed.body["subscriptionId"].as_str().unwrap_or_default();
+    if !sm.is_own_subscription(subscription) {
+        return problem(
+            422,
+            &format!("subscriptionId {subscription} is not this SM's subscription"),
+        );
+    }
     let received = crate::keys::rfc3339_now();
     let key = intake::pending_key(&parsed.id);
     // The processor may start its (read-only) NFVO queries while the journal commit is in
     // flight; it acts only once told the notification is durable and new.
     let durable = sm.notify_received(key.clone(), parsed.body.clone());
+    let queued = durable.is_some();
     let outcome = sm
         .journal
         .write_async(move |tx| intake::journal(tx, &parsed, &received, &key))
         .await;
-    let _ = durable.send(matches!(outcome, Ok(Journaled::New(_))));
+    if let Some(durable) = durable {
+        let _ = durable.send(matches!(outcome, Ok(Journaled::New(_))));
+    }
     match outcome {
-        Ok(Journaled::New(_)) => no_content(),
+        Ok(Journaled::New(key)) => {
+            if !queued {
+                // The queue of bodies is full: the journal holds this one; hand over its key.
+                sm.notify_stored(key);
+            }
+            no_content()
+        }
         Ok(Journaled::Duplicate) | Ok(Journaled::Ignored) => no_content(),
         Err(e) => {
             // Not durable: the NFVO must not take it as delivered.

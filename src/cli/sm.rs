@@ -44,6 +44,8 @@ pub(super) enum SmCommand {
     Actions { id: Option<String> },
     /// Terminate a VNF: UpdateNS REMOVE_VNF in every NS that holds it.
     Terminate(TerminateArgs),
+    /// Cancel an action: its steps not yet sent are never sent.
+    Cancel { id: String },
     /// The erasure report of a VNF instance.
     Erasure { vnf_instance_id: String },
     /// Security VNFs in an NS (IFA 033 6.5).
@@ -200,6 +202,15 @@ pub(super) fn run(command: SmCommand, config: &Config) -> Result<ExitCode, Failu
             let action = call(&socket, "POST", "/sm/v1/terminations", Some(body))?;
             finish(&socket, action, args.wait)
         }
+        SmCommand::Cancel { id } => {
+            let action = call(
+                &socket,
+                "POST",
+                &format!("/sm/v1/actions/{}/cancel", segment(&id)?),
+                None,
+            )?;
+            finish(&socket, action, false)
+        }
         SmCommand::Erasure { vnf_instance_id } => {
             let v = call(
                 &socket,
@@ -305,6 +316,9 @@ fn finish(socket: &Path, mut action: Value, wait: bool) -> Result<ExitCode, Fail
             step["state"].as_str().unwrap_or(""),
             step["opOccId"].as_str().unwrap_or("")
         );
+    }
+    if let Some(reason) = action["reason"].as_str() {
+        println!("  reason: {reason}");
     }
     if action["state"] == "FAILED" {
         return Err(Failure(format!("action {id} failed")));

@@ -19,10 +19,14 @@ use super::{
     OWN_OPS,
 };
 use crate::config::SmMode;
+use crate::sol::NsLcmOpOcc;
 use crate::store::{ErasureEntry, KeyPurpose, KeyRecord, KEYS};
 
-/// How long an NFVO outage may hold up a step before it is retried from the journal.
+/// The first wait before a step interrupted by a transient fault (NFVO unreachable, 5xx,
+/// store trouble) is tried again from the journal; doubled each time up to
+/// [`OUTAGE_RETRY_MAX`]. A permanent fault fails the step at once instead.
 const OUTAGE_RETRY: Duration = Duration::from_secs(2);
+const OUTAGE_RETRY_MAX: Duration = Duration::from_secs(60);
 
 impl Sm {
     /// Run an action in its own task (at most one task per action). `fresh`: journaled by
@@ -39,16 +43,29 @@ impl Sm {
         });
     }
 
-    /// VNFs that left every NS are terminated (SOL 005 UpdateNsRequest NOTE 1): erase what
-    /// the agent holds for them.
-    pub(crate) fn erase_gone(self: &Arc<Self>, gone: Vec<String>) {
-        if !self.config.erase_on_termination {
+    /// Whether this SM erases the keys of terminated VNFs at all: per
+    /// `erase_on_termination`, and in PASSIVE only with `erase_in_passive`.
+    pub fn may_erase(&self) -> bool {
+        self.config.erase_on_termination
+            && (self.mode() != SmMode::Passive || self.config.erase_in_passive)
+    }
+
+    /// VNFs with evidence that they are terminated (see [`super::policy::removal_evidence`]):
+    /// erase what the agent holds for them. Absence from a list is never such evidence.
+    pub(crate) fn erase_terminated(
+        self: &Arc<Self>,
+        terminated: std::collections::BTreeMap<String, String>,
+    ) {
+        if !self.may_erase() {
+            for (id, evidence) in terminated {
+                tracing::info!(vnf = %id, %evidence, mode = %self.mode(), "VNF terminated; its keys are kept (erasure not allowed in this mode)");
+            }
             return;
         }
-        for id in gone {
+        for (id, evidence) in terminated {
             let sm = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = sm.erase_local(&id).await {
+                if let Err(e) = sm.erase_local(&id, &evidence).await {
                     tracing::error!(error = %e, vnf = %id, "local erasure");
                 }
             });
@@ -71,37 +88,123 @@ impl Sm {
         }
     }
 
+    /// Why step `index` may not be sent now, if it may not: the mode is checked when each
+    /// step is about to be sent (not only when the action was decided), so an action
+    /// journaled under FULLY_ACTIVE does not send FULLY_ACTIVE steps after a downgrade and
+    /// restart.
+    fn blocked(&self, action: &Action, index: usize) -> Option<String> {
+        let step = &action.steps[index];
+        if !matches!(step.state, StepState::Pending | StepState::Sending) {
+            return None;
+        }
+        let mode = self.mode();
+        let needs = match &step.kind {
+            StepKind::EraseLocal => return None,
+            StepKind::DisablePackage { .. } => SmMode::FullyActive,
+            StepKind::UpdateNs { request, .. } => {
+                if request["terminateVnfData"][0]["additionalParams"][ERASURE_PARAM].is_null() {
+                    SmMode::SemiActive
+                } else {
+                    SmMode::FullyActive
+                }
+            }
+        };
+        (mode < needs).then(|| {
+            format!(
+                "the SM is {mode} now (the action was decided in {}); step {index} needs {needs}                  (IFA 033 5.1.2)",
+                action.mode
+            )
+        })
+    }
+
+    /// The action as journaled now, if an operator cancelled it meanwhile.
+    async fn cancelled(&self, id: &str) -> Option<Action> {
+        let id = id.to_string();
+        match self.read(move |tx| tx.get(&ACTIONS, &id)).await {
+            Ok(Some(a)) if a.state == ActionState::Cancelled => Some(a),
+            _ => None,
+        }
+    }
+
     async fn run_action(self: &Arc<Self>, mut action: Action, fresh: bool) {
         let mut index = 0;
         let mut unsent = fresh;
+        let mut wait = OUTAGE_RETRY;
+        let mut reason = None;
         while index < action.steps.len() {
+            if let Some(stored) = self.cancelled(&action.id).await {
+                tracing::info!(action = %action.id, reason = ?stored.reason, "action cancelled");
+                return;
+            }
+            if let Some(why) = self.blocked(&action, index) {
+                tracing::warn!(action = %action.id, reason = %why, "action cancelled");
+                action.state = ActionState::Cancelled;
+                reason = Some(why);
+                break;
+            }
             let first_unsent =
                 std::mem::take(&mut unsent) && action.steps[index].state == StepState::Sending;
             match self.run_step(&mut action, index, first_unsent).await {
-                Ok(()) => index += 1,
+                Ok(()) => {
+                    index += 1;
+                    wait = OUTAGE_RETRY;
+                }
+                Err(SmError::Nfvo(e)) if !e.is_transient() => {
+                    // Permanent (a refusal, a 202 without Location, a purged occurrence):
+                    // retrying cannot help. The step fails with the reason; the action goes on
+                    // to its end state.
+                    tracing::warn!(action = %action.id, step = index, error = %e, "step failed");
+                    let detail = e.to_string();
+                    if let Err(e) = self
+                        .set_step(&mut action, index, StepState::Failed, None, Some(detail))
+                        .await
+                    {
+                        tracing::warn!(action = %action.id, error = %e, "journaling a failed step");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
                 Err(e) => {
-                    // NFVO unreachable or store trouble: the journal has the state; try again.
-                    tracing::warn!(action = %action.id, step = index, error = %e, "step interrupted; retrying");
-                    tokio::time::sleep(OUTAGE_RETRY).await;
+                    // NFVO unreachable or store trouble: the journal has the state; try again,
+                    // less and less often.
+                    tracing::warn!(action = %action.id, step = index, error = %e, retry_in_s = wait.as_secs(), "step interrupted; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(OUTAGE_RETRY_MAX);
                 }
             }
         }
         let failed = action.steps.iter().any(|s| s.state == StepState::Failed);
-        action.state = if failed {
-            ActionState::Failed
-        } else {
-            ActionState::Completed
-        };
+        if action.state != ActionState::Cancelled {
+            action.state = if failed {
+                ActionState::Failed
+            } else {
+                ActionState::Completed
+            };
+            if failed {
+                reason = action
+                    .steps
+                    .iter()
+                    .find(|s| s.state == StepState::Failed)
+                    .and_then(|s| s.detail.clone());
+            }
+        }
+        action.reason = reason;
         action.updated = now();
         let record = action.clone();
-        let verb = if failed {
-            "sm.action.fail"
-        } else {
-            "sm.action.complete"
+        let verb = match action.state {
+            ActionState::Cancelled => "sm.action.cancel",
+            ActionState::Failed => "sm.action.fail",
+            _ => "sm.action.complete",
         };
         let outcome = self
             .journal
             .write_async(move |tx| {
+                // An operator's cancel that came while the last step ran stands.
+                if tx
+                    .get(&ACTIONS, &record.id)?
+                    .is_some_and(|a| a.state == ActionState::Cancelled)
+                {
+                    return Ok(());
+                }
                 tx.put(&ACTIONS, &record.id, &record)?;
                 tx.audit(
                     crate::store::AuditEvent::new("warden-sm", verb, record.id.clone())
@@ -128,7 +231,35 @@ impl Sm {
             match (&step.kind, step.state) {
                 (_, StepState::Completed | StepState::Failed) => return Ok(()),
                 (StepKind::EraseLocal, _) => {
-                    let report = self.erase_local(&action.vnf_instance_id).await?;
+                    // Evidence: every REMOVE_VNF of this action COMPLETED (the VNF has left
+                    // every NS it was in, so it is terminated: SOL 005 UpdateNsRequest NOTE 1).
+                    let removes: Vec<&Step> = action
+                        .steps
+                        .iter()
+                        .filter(|s| matches!(&s.kind, StepKind::UpdateNs { request, .. } if request["updateType"] == "REMOVE_VNF"))
+                        .collect();
+                    if removes.is_empty() || removes.iter().any(|s| s.state != StepState::Completed)
+                    {
+                        let detail = "not erased: no evidence the VNF was terminated (a REMOVE_VNF did not complete)".to_string();
+                        self.set_step(action, index, StepState::Failed, None, Some(detail))
+                            .await?;
+                        continue;
+                    }
+                    if !self.may_erase() {
+                        let detail =
+                            format!("not erased: erasure is not allowed in {}", self.mode());
+                        self.set_step(action, index, StepState::Completed, None, Some(detail))
+                            .await?;
+                        continue;
+                    }
+                    let ops: Vec<String> =
+                        removes.iter().filter_map(|s| s.op_occ_id.clone()).collect();
+                    let evidence = format!(
+                        "action {}: REMOVE_VNF COMPLETED ({})",
+                        action.id,
+                        ops.join(", ")
+                    );
+                    let report = self.erase_local(&action.vnf_instance_id, &evidence).await?;
                     let detail = format!(
                         "{} object(s) erased, {} failed",
                         report.local.len(),
@@ -269,7 +400,10 @@ impl Sm {
         Ok(())
     }
 
-    /// Look for an operation occurrence on `ns` that is this request.
+    /// Look for an operation occurrence on `ns` that is this request: every page of the
+    /// NS's occurrences; one listed without `operationParams` (which an NFVO may leave out of
+    /// lists) is read on its own, where they are always present. Any page or read that
+    /// fails is an error, never "not found" (which would send the request again).
     async fn find_operation(
         &self,
         interface: Interface,
@@ -280,18 +414,31 @@ impl Sm {
             "/ns_lcm_op_occs?filter=(eq,nsInstanceId,{})",
             path_segment(ns)?
         );
-        let occs = self.nfvo.get_json(interface, Api::NsLcm, &path).await?;
+        let occs: Vec<NsLcmOpOcc> = self.nfvo.get_list(interface, Api::NsLcm, &path).await?;
         let marker = marker_of(request);
-        for occ in occs.as_array().into_iter().flatten() {
-            let params = &occ["operationParams"];
-            let same = params == request
+        for listed in occs {
+            if listed.ns_instance_id != ns || listed.operation != "UPDATE" {
+                continue;
+            }
+            let params = match listed.operation_params {
+                Some(params) => params,
+                None => {
+                    let path = format!("/ns_lcm_op_occs/{}", path_segment(&listed.id)?);
+                    let occ: NsLcmOpOcc = self.nfvo.get_typed(interface, Api::NsLcm, &path).await?;
+                    occ.operation_params.ok_or_else(|| {
+                        SmError::Nfvo(NfvoError::Invalid {
+                            what: format!("GET {path}"),
+                            reason: "no operationParams (mandatory in NsLcmOpOcc)".into(),
+                        })
+                    })?
+                }
+            };
+            let same = params == *request
                 || marker
                     .as_deref()
-                    .is_some_and(|m| params.to_string().contains(&format!("\"{m}\"")));
-            if same && occ["nsInstanceId"].as_str() == Some(ns) {
-                if let Some(id) = occ["id"].as_str() {
-                    return Ok(Some(id.to_string()));
-                }
+                    .is_some_and(|m| marker_of(&params).as_deref() == Some(m));
+            if same {
+                return Ok(Some(listed.id));
             }
         }
         Ok(None)
@@ -302,15 +449,12 @@ impl Sm {
         let path = format!("/ns_lcm_op_occs/{}", path_segment(op)?);
         let mut wait = Duration::from_millis(20);
         loop {
-            let occ = self.nfvo.get_json(interface, Api::NsLcm, &path).await?;
-            let state = occ["operationState"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            let occ: NsLcmOpOcc = self.nfvo.get_typed(interface, Api::NsLcm, &path).await?;
+            let state = occ.operation_state.clone();
             match state.as_str() {
                 "COMPLETED" => return Ok((StepState::Completed, state)),
                 "FAILED" | "FAILED_TEMP" | "ROLLED_BACK" | "PARTIALLY_COMPLETED" => {
-                    let detail = occ["error"]["detail"].as_str().unwrap_or_default();
+                    let detail = occ.error.and_then(|e| e.detail).unwrap_or_default();
                     return Ok((
                         StepState::Failed,
                         format!("{state} {detail}").trim().to_string(),
@@ -434,7 +578,9 @@ impl Sm {
 
     /// Destroy every key the agent holds for `vnf` through the key layer, check each gone,
     /// and store the report. Idempotent: keys already erased are no longer listed.
-    pub async fn erase_local(&self, vnf: &str) -> Result<ErasureReport, SmError> {
+    pub async fn erase_local(&self, vnf: &str, evidence: &str) -> Result<ErasureReport, SmError> {
+        let _one_at_a_time = self.erasing.lock().await;
+        let evidence = evidence.to_string();
         let vnf_id = vnf.to_string();
         let keys: Vec<KeyRecord> = self
             .read(move |tx| {
@@ -494,6 +640,9 @@ impl Sm {
                     report.local.push(entry.clone());
                 }
                 report.local_failed = failed;
+                if !report.evidence.contains(&evidence) {
+                    report.evidence.push(evidence);
+                }
                 report.updated = now();
                 tx.put(&ERASURES, &vnf_id, &report)?;
                 Ok(report)
@@ -523,9 +672,13 @@ impl Sm {
         }
         // Up-to-date NS membership (IFA 033 6.4 NOTE 2), from Query NS; the inventory is
         // left to the processor, which also judges what is new.
-        let ns = self
+        let ns: Vec<crate::sol::NsInstance> = self
             .nfvo
-            .get_json(Interface::StatusInfo, Api::NsLcm, "/ns_instances")
+            .get_list(
+                Interface::StatusInfo,
+                Api::NsLcm,
+                &format!("/ns_instances?{}", crate::sol::NS_FIELDS),
+            )
             .await?;
         let mut record = super::policy::inventory_from(&ns)
             .remove(vnf)
@@ -543,6 +696,37 @@ impl Sm {
         );
         // An operator may retry a termination that failed.
         self.start_new(action, actor, true).await
+    }
+
+    /// An operator cancels an action: its steps not yet sent are never sent (one already
+    /// with the NFVO runs on there; the SM stops following it). A finished action cannot be
+    /// cancelled.
+    pub async fn cancel(&self, id: &str, actor: &str) -> Result<Action, SmError> {
+        let (id, actor) = (id.to_string(), actor.to_string());
+        let outcome = self
+            .journal
+            .write_async(move |tx| {
+                let Some(mut action) = tx.get(&ACTIONS, &id)? else {
+                    return Ok(Err(SmError::NotFound(format!("no action {id}"))));
+                };
+                if !matches!(action.state, ActionState::Running | ActionState::Recorded) {
+                    return Ok(Err(SmError::Invalid(format!(
+                        "action {id} is {:?} already",
+                        action.state
+                    ))));
+                }
+                action.state = ActionState::Cancelled;
+                action.reason = Some(format!("cancelled by {actor}"));
+                action.updated = now();
+                tx.put(&ACTIONS, &id, &action)?;
+                tx.audit(
+                    crate::store::AuditEvent::new(actor, "sm.action.cancel", id.clone())
+                        .with_detail(json!({ "steps": action.steps })),
+                );
+                Ok(Ok(action))
+            })
+            .await?;
+        outcome
     }
 
     /// IFA 033 6.5: add, modify or remove a security VNF in an NS with Update NS.
@@ -629,6 +813,7 @@ impl Sm {
                 detail: None,
             }],
             state: ActionState::Running,
+            reason: None,
             created: created.clone(),
             updated: created,
         };
@@ -649,7 +834,13 @@ impl Sm {
             .journal
             .write_async(move |tx| {
                 if let Some(existing) = tx.get(&ACTIONS, &record.id)? {
-                    if !(retry_failed && existing.state == ActionState::Failed) {
+                    // A failed one may be retried by the operator; one only recorded (in
+                    // PASSIVE) is replaced once the mode allows enforcing.
+                    let replace = (retry_failed
+                        && matches!(existing.state, ActionState::Failed | ActionState::Cancelled))
+                        || (existing.state == ActionState::Recorded
+                            && record.state == ActionState::Running);
+                    if !replace {
                         return Ok((existing, false));
                     }
                     tx.audit(

@@ -34,7 +34,21 @@ pub struct Intake {
     client_roots: Vec<x509_cert::Certificate>,
     client_identity: Option<String>,
     token_seconds: u64,
+    /// The HMAC key of the OAuth2 access tokens this endpoint issues: the agent's own,
+    /// never the client secret the NFVO also holds (so the NFVO cannot mint tokens).
+    token_key: ring::hmac::Key,
     pub max_body_bytes: usize,
+}
+
+/// The longest an access token lives, whatever `token_seconds` says; a token claiming a later
+/// expiry is refused.
+pub const MAX_TOKEN_SECONDS: u64 = 3600;
+
+/// A fresh random token key (32 bytes).
+pub fn new_token_key() -> Result<[u8; 32], String> {
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| format!("random token key: {e}"))?;
+    Ok(key)
 }
 
 /// What the request carried, as the HTTP layer saw it.
@@ -63,7 +77,52 @@ pub enum Journaled {
     Ignored,
 }
 
+/// SOL 013 4.5 / 8.3.2: a notification is `application/json` (parameters such as charset
+/// allowed). `Err` is the 415 detail.
+pub fn check_content_type(content_type: Option<&str>) -> Result<(), String> {
+    let media = content_type
+        .and_then(|c| c.split(';').next())
+        .map(str::trim)
+        .unwrap_or_default();
+    if media.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else if media.is_empty() {
+        Err("Content-Type is missing; a notification is application/json".into())
+    } else {
+        Err(format!("Content-Type {media} is not application/json"))
+    }
+}
+
 impl Intake {
+    /// An intake from its parts (the fuzz target; [`Intake::new`] reads them from config).
+    pub fn from_parts(
+        auth: NotificationAuth,
+        user: &str,
+        secret: Option<SecretString>,
+        token_seconds: u64,
+        max_body_bytes: usize,
+    ) -> Intake {
+        Intake {
+            auth,
+            user: user.to_string(),
+            secret,
+            client_roots: Vec::new(),
+            client_identity: None,
+            token_seconds: token_seconds.clamp(60, MAX_TOKEN_SECONDS),
+            // For a process that does not keep it (the fuzz target): random.
+            token_key: ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                &new_token_key().unwrap_or([7u8; 32]),
+            ),
+            max_body_bytes,
+        }
+    }
+
+    /// Use this token key (kept in the store, so tokens survive a restart).
+    pub fn set_token_key(&mut self, key: &[u8]) {
+        self.token_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    }
+
     pub fn new(config: &SmConfig) -> Result<Intake, String> {
         let n = &config.notifications;
         let secret = match &n.secret {
@@ -85,7 +144,8 @@ impl Intake {
             secret,
             client_roots,
             client_identity: n.client_identity.clone(),
-            token_seconds: n.token_seconds.max(60),
+            token_seconds: n.token_seconds.clamp(60, MAX_TOKEN_SECONDS),
+            token_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &new_token_key()?),
             max_body_bytes: config.max_body_bytes,
         })
     }
@@ -230,12 +290,16 @@ impl Intake {
         let mut grant = None;
         let mut form_id = None;
         let mut form_secret = None;
-        for pair in form.split('&') {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_encoding::percent_decode_str(&v.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned();
-            match k {
+        // RFC 6749 4.4.2: application/x-www-form-urlencoded (the WHATWG form encoding).
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(form).map_err(|e| {
+            TokenError::new(
+                400,
+                "invalid_request",
+                &format!("the form does not parse: {e}"),
+            )
+        })?;
+        for (k, v) in pairs {
+            match k.as_str() {
                 "grant_type" => grant = Some(v),
                 "client_id" => form_id = Some(v),
                 "client_secret" => form_secret = Some(v),
@@ -294,17 +358,14 @@ impl Intake {
         let Some(expiry) = body.split('.').next().and_then(|e| e.parse::<u64>().ok()) else {
             return false;
         };
-        expiry > unix_now() && constant_time_eq(mac.as_bytes(), self.mac(body).as_bytes())
+        let now = unix_now();
+        expiry > now
+            && expiry <= now + MAX_TOKEN_SECONDS
+            && constant_time_eq(mac.as_bytes(), self.mac(body).as_bytes())
     }
 
     fn mac(&self, body: &str) -> String {
-        let secret = self
-            .secret
-            .as_ref()
-            .map(|s| s.expose_secret())
-            .unwrap_or("");
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-        hex::encode(ring::hmac::sign(&key, body.as_bytes()).as_ref())
+        hex::encode(ring::hmac::sign(&self.token_key, body.as_bytes()).as_ref())
     }
 }
 
@@ -481,5 +542,43 @@ mod tests {
         .unwrap_err();
         assert!(err.contains("nsComponentId"), "{err}");
         assert!(parse(b"{not json").unwrap_err().contains("malformed JSON"));
+    }
+
+    #[test]
+    fn tokens_are_the_agents_own_and_short_lived() {
+        let intake = Intake::from_parts(
+            NotificationAuth::Oauth2ClientCredentials,
+            "warden-sm",
+            Some(SecretString::from("shared-secret".to_string())),
+            86_400,
+            1024,
+        );
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("warden-sm-nfvo:shared-secret")
+        );
+        let issued = intake
+            .issue_token(Some(&basic), "grant_type=client_credentials")
+            .expect("token");
+        // The lifetime asked for (a day) is capped.
+        assert_eq!(issued["expires_in"], MAX_TOKEN_SECONDS);
+        let token = issued["access_token"].as_str().expect("token");
+        assert!(intake.token_valid(token));
+        // Whoever holds the client secret cannot mint one: the MAC key is not that secret.
+        let body = format!("{}.00", unix_now() + 60);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"shared-secret");
+        let forged = format!(
+            "{body}.{}",
+            hex::encode(ring::hmac::sign(&key, body.as_bytes()).as_ref())
+        );
+        assert!(!intake.token_valid(&forged));
+        // A token claiming to live longer than the cap is refused even with a good MAC.
+        let body = format!("{}.00", unix_now() + MAX_TOKEN_SECONDS + 600);
+        let long = format!("{body}.{}", intake.mac(&body));
+        assert!(!intake.token_valid(&long));
+        // The form is decoded as a form (percent-encoding, '+' for space).
+        assert!(intake
+            .issue_token(Some(&basic), "scope=a+b&grant_type=client%5Fcredentials")
+            .is_ok());
     }
 }

@@ -12,6 +12,8 @@
 //! - `sm_pending`: notifications journaled and not yet processed, in arrival order;
 //! - `sm_processed`: the same keys once processed: the time index that retention prunes by;
 //! - `sm_inventory`: the VNFs last seen, to notice additions, removals and changes;
+//! - `sm_absent`: VNFs gone from a complete view of the NSs without evidence yet that they
+//!   are terminated: their keys are kept until there is (see [`policy::removal_evidence`]);
 //! - `sm_actions`: actions with their steps and states (the enforcement journal);
 //! - `sm_own_ops`: NS LCM operation occurrences the SM started, so their effects are not
 //!   mistaken for someone else's change;
@@ -40,10 +42,16 @@ pub const NOTIFICATIONS: Table<NotificationRecord> = Table::new("sm_notification
 pub const PENDING: Table<String> = Table::new("sm_pending");
 pub const PROCESSED: Table<String> = Table::new("sm_processed");
 pub const INVENTORY: Table<VnfRecord> = Table::new("sm_inventory");
+pub const ABSENT: Table<AbsentVnf> = Table::new("sm_absent");
 pub const ACTIONS: Table<Action> = Table::new("sm_actions");
 pub const OWN_OPS: Table<String> = Table::new("sm_own_ops");
 pub const ERASURES: Table<ErasureReport> = Table::new("sm_erasures");
 pub const SEEN_FAILURES: Table<String> = Table::new("sm_seen_failures");
+/// This SM's subscription id at the NFVO (under the key "id"): notifications for any other
+/// subscription are refused.
+pub const SUBSCRIPTION: Table<String> = Table::new("sm_subscription");
+/// The HMAC key of the notification endpoint's OAuth2 tokens (hex), made once.
+pub const TOKEN_KEY: Table<String> = Table::new("sm_token_key");
 
 /// A journaled notification.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -78,6 +86,16 @@ pub struct VnfRecord {
     pub ext_virtual_links: BTreeMap<String, String>,
 }
 
+/// A VNF no longer in any NS of a complete view, not (yet) known to be terminated.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AbsentVnf {
+    /// As last seen.
+    pub record: VnfRecord,
+    /// When it was first missed (RFC 3339).
+    pub since: String,
+}
+
 /// One enforcement or security-VNF operation and its steps: the enforcement journal.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -95,6 +113,9 @@ pub struct Action {
     pub refused: Vec<String>,
     pub steps: Vec<Step>,
     pub state: ActionState,
+    /// Why it was cancelled or failed, in a sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub created: String,
     pub updated: String,
 }
@@ -129,6 +150,9 @@ pub enum ActionState {
     Completed,
     /// Finished, at least one step failed.
     Failed,
+    /// Stopped before its remaining steps were sent: by the operator (`warden sm cancel`),
+    /// or because the mode no longer allows them (checked before each step is sent).
+    Cancelled,
 }
 
 impl ActionState {
@@ -150,17 +174,28 @@ pub struct Step {
     pub detail: Option<String>,
 }
 
+/// Fields in camelCase like every other attribute of the action JSON (`rename_all` alone
+/// renames only the variants); the snake_case names of journals written before are still
+/// read.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "type")]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    tag = "type"
+)]
 pub enum StepKind {
     /// `POST ns_instances/{id}/update`; the request carries the step's marker.
     UpdateNs {
         interface: Interface,
+        #[serde(alias = "ns_instance_id")]
         ns_instance_id: String,
         request: Value,
     },
     /// `PATCH vnf_packages/{id}` operationalState DISABLED (IFA 033 6.4 NOTE 3).
-    DisablePackage { vnf_pkg_id: String },
+    DisablePackage {
+        #[serde(alias = "vnf_pkg_id")]
+        vnf_pkg_id: String,
+    },
     /// Destroy the keys the agent holds for the VNF, and check them gone.
     EraseLocal,
 }
@@ -189,6 +224,9 @@ pub struct ErasureReport {
     pub local_failed: Vec<String>,
     /// Erasure requested from NFV-MANO in the REMOVE_VNF requests, and their outcome.
     pub mano: Vec<ManoErasure>,
+    /// Why the VNF is known to be terminated (what allowed the local erasure).
+    #[serde(default)]
+    pub evidence: Vec<String>,
     pub updated: String,
 }
 
@@ -220,7 +258,20 @@ pub struct Sm {
     wake: tokio::sync::mpsc::UnboundedSender<Wake>,
     wake_rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Wake>>>,
     running: std::sync::Mutex<BTreeSet<String>>,
+    /// Held by each local erasure from listing the keys to the commit: an action's erasure
+    /// step and an erasure on a notification's evidence may come together for one VNF; the
+    /// second then finds the keys gone rather than failing to destroy them.
+    erasing: tokio::sync::Mutex<()>,
+    /// The id of this SM's subscription, once known (from the store at start, then from the
+    /// NFVO).
+    subscription: std::sync::Mutex<Option<String>>,
+    /// Notification bodies waiting in the processor's queue (bounded by [`QUEUED_BODIES`]).
+    queued_bodies: std::sync::atomic::AtomicUsize,
 }
+
+/// Notification bodies held in memory for the processor at most; beyond that the journal
+/// holds them and only keys are queued (memory stays bounded under sustained intake).
+pub const QUEUED_BODIES: usize = 1024;
 
 /// A notification to process.
 #[derive(Debug)]
@@ -301,7 +352,26 @@ impl Sm {
         let journal = store
             .group_commit(sm.group_commit_max.max(1))
             .map_err(|e| format!("store: {e}"))?;
-        let intake = intake::Intake::new(&sm).map_err(|e| format!("sm.notifications: {e}"))?;
+        let mut intake = intake::Intake::new(&sm).map_err(|e| format!("sm.notifications: {e}"))?;
+        // The token key: made once, kept in the store, so tokens outlive a restart.
+        let key = store
+            .write(|tx| {
+                if let Some(key) = tx.get(&TOKEN_KEY, "hmac-sha256")? {
+                    return Ok(Ok(key));
+                }
+                let key = match intake::new_token_key() {
+                    Ok(k) => hex::encode(k),
+                    Err(e) => return Ok(Err(e)),
+                };
+                tx.put(&TOKEN_KEY, "hmac-sha256", &key)?;
+                Ok(Ok(key))
+            })
+            .map_err(|e| format!("store: {e}"))?
+            .and_then(|k| hex::decode(k).map_err(|e| format!("sm_token_key: {e}")))?;
+        intake.set_token_key(&key);
+        let subscription = store
+            .read(|tx| tx.get(&SUBSCRIPTION, "id"))
+            .map_err(|e| format!("store: {e}"))?;
         let base = sm
             .callback_uri
             .clone()
@@ -321,6 +391,9 @@ impl Sm {
             wake,
             wake_rx: std::sync::Mutex::new(Some(wake_rx)),
             running: std::sync::Mutex::new(BTreeSet::new()),
+            erasing: tokio::sync::Mutex::new(()),
+            queued_bodies: std::sync::atomic::AtomicUsize::new(0),
+            subscription: std::sync::Mutex::new(subscription),
         }))
     }
 
@@ -353,11 +426,15 @@ impl Sm {
                     wake = wake_rx.recv() => match wake {
                         Some(Wake::Notification(first)) => {
                             // Whatever else is already waiting joins this batch.
+                            sm.dequeued(&first);
                             let mut batch = vec![first];
                             let mut reconciles = Vec::new();
                             while batch.len() < BATCH {
                                 match wake_rx.try_recv() {
-                                    Ok(Wake::Notification(next)) => batch.push(next),
+                                    Ok(Wake::Notification(next)) => {
+                                        sm.dequeued(&next);
+                                        batch.push(next)
+                                    }
                                     Ok(Wake::Reconcile(reply)) => reconciles.push(reply),
                                     Err(_) => break,
                                 }
@@ -402,21 +479,41 @@ impl Sm {
         }
     }
 
-    /// Queue a journaled notification for processing.
-    /// Hand a notification being journaled to the processor; send `true` on the returned
-    /// channel once it is durable and new.
+    /// Hand a notification being journaled to the processor with its body; send `true` on
+    /// the returned channel once it is durable and new. `None` when [`QUEUED_BODIES`] bodies
+    /// wait already: then the durable journal is the queue, and the caller hands over only
+    /// the key once it is committed ([`Sm::notify_stored`]).
     pub fn notify_received(
         &self,
         key: String,
         body: Arc<Value>,
-    ) -> tokio::sync::oneshot::Sender<bool> {
+    ) -> Option<tokio::sync::oneshot::Sender<bool>> {
+        use std::sync::atomic::Ordering;
+        if self.queued_bodies.fetch_add(1, Ordering::AcqRel) >= QUEUED_BODIES {
+            self.queued_bodies.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
         let (durable, receiver) = tokio::sync::oneshot::channel();
         let _ = self.wake.send(Wake::Notification(Pending {
             key,
             body: Some(body),
             durable: Some(receiver),
         }));
-        durable
+        Some(durable)
+    }
+
+    /// Hand over a notification already committed to the journal, by key only (the
+    /// processor reads its body back).
+    pub fn notify_stored(&self, key: String) {
+        let _ = self.wake.send(Wake::Notification(Pending::stored(key)));
+    }
+
+    /// The processor took a notification off the queue.
+    fn dequeued(&self, pending: &Pending) {
+        if pending.body.is_some() {
+            self.queued_bodies
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
     }
 
     async fn connect_until_subscribed(self: &Arc<Self>) {
@@ -445,16 +542,15 @@ impl Sm {
     /// IFA 033 6.2, SOL 005 6.4.16: keep exactly one subscription with our callback URI
     /// (and so our mode); delete ours that point elsewhere (an older mode or address).
     pub async fn reconcile_subscription(&self) -> Result<String, SmError> {
-        let existing = self
+        // Every page: a subscription of ours on a later page must not be created twice.
+        let existing: Vec<crate::sol::LccnSubscription> = self
             .nfvo
-            .get_json(Interface::NsLcm, Api::NsLcm, "/subscriptions")
+            .get_list(Interface::NsLcm, Api::NsLcm, "/subscriptions")
             .await?;
         let ours_prefix = format!("sm={}&", self.config.name);
         let mut keep = None;
-        for sub in existing.as_array().into_iter().flatten() {
-            let (Some(id), Some(uri)) = (sub["id"].as_str(), sub["callbackUri"].as_str()) else {
-                continue;
-            };
+        for sub in &existing {
+            let (id, uri) = (sub.id.as_str(), sub.callback_uri.as_str());
             if uri == self.callback_uri && keep.is_none() {
                 keep = Some(id.to_string());
             } else if uri.contains(&ours_prefix) {
@@ -466,10 +562,40 @@ impl Sm {
                 self.delete_subscription(id).await?;
             }
         }
-        if let Some(id) = keep {
-            return Ok(id);
+        let id = match keep {
+            Some(id) => id,
+            None => self.subscribe().await?,
+        };
+        self.remember_subscription(&id).await?;
+        Ok(id)
+    }
+
+    /// Keep `id` as this SM's only subscription (durably, for the next start).
+    async fn remember_subscription(&self, id: &str) -> Result<(), SmError> {
+        let known = self
+            .subscription
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if known.as_deref() == Some(id) {
+            return Ok(());
         }
-        self.subscribe().await
+        let id_owned = id.to_string();
+        self.journal
+            .write_async(move |tx| tx.put(&SUBSCRIPTION, "id", &id_owned))
+            .await?;
+        *self.subscription.lock().unwrap_or_else(|p| p.into_inner()) = Some(id.to_string());
+        Ok(())
+    }
+
+    /// Whether a notification for `subscription_id` is for this SM: its subscription, or
+    /// any while none is known yet (before the first subscription).
+    pub fn is_own_subscription(&self, subscription_id: &str) -> bool {
+        self.subscription
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            .is_none_or(|id| id == subscription_id)
     }
 
     /// `POST /subscriptions`: 201 created, 303 exists already, 422 the NFVO's test GET failed.
@@ -546,11 +672,13 @@ impl Sm {
         self.audit("sm.unsubscribe", id, Value::Null).await
     }
 
+    /// The NFVO's subscriptions, every page, as it sent them.
     pub async fn subscriptions(&self) -> Result<Value, SmError> {
-        Ok(self
+        let all: Vec<Value> = self
             .nfvo
-            .get_json(Interface::NsLcm, Api::NsLcm, "/subscriptions")
-            .await?)
+            .get_list(Interface::NsLcm, Api::NsLcm, "/subscriptions")
+            .await?;
+        Ok(Value::Array(all))
     }
 
     /// Write one audit event (its own durable commit).

@@ -270,6 +270,16 @@ impl Nfvo {
         })
     }
 
+    /// The NS LCM API version in use (negotiated with `api_versions`): also the version of
+    /// the notifications the SM receives and so of its answers to them.
+    pub fn nslcm_version(&self) -> String {
+        self.versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
     /// SOL 013 9.3: ask each API which versions it supports and use the highest 2.x.
     pub async fn discover_versions(&self) -> Result<(String, String), NfvoError> {
         let mut found = Vec::new();
@@ -345,7 +355,11 @@ impl Nfvo {
                 Ok(response) => refused(request.method, &path, &response),
                 Err(e) => e,
             };
+            // SOL 005 9.4.3.3.4: a 409 to a PATCH of a package means it is already in that
+            // state (or cannot change): retrying cannot help; the caller judges it at once.
+            let settled = request.method == "PATCH" && error.status() == Some(409);
             let again = attempt < self.attempts
+                && !settled
                 && error.is_transient()
                 && !(request.repeat == Repeat::Once && matches!(error, NfvoError::NoAnswer { .. }));
             if !again {
@@ -382,6 +396,85 @@ impl Nfvo {
             })
             .await?;
         parse_json(path, &response)
+    }
+
+    /// GET a JSON document as `T`.
+    pub async fn get_typed<T: serde::de::DeserializeOwned>(
+        &self,
+        interface: Interface,
+        api: Api,
+        path: &str,
+    ) -> Result<T, NfvoError> {
+        let response = self
+            .call(Request {
+                interface,
+                api,
+                method: "GET",
+                path,
+                body: None,
+                repeat: Repeat::Idempotent,
+            })
+            .await?;
+        serde_json::from_slice(&response.body).map_err(|e| NfvoError::Invalid {
+            what: format!("GET {path}"),
+            reason: e.to_string(),
+        })
+    }
+
+    /// GET every page of a list (SOL 013 5.4.2: each page may end with
+    /// `Link: <...>; rel="next"`, followed until a page has none). A page that cannot be
+    /// read fails the whole list: a partial view is never returned as the view.
+    pub async fn get_list<T: serde::de::DeserializeOwned>(
+        &self,
+        interface: Interface,
+        api: Api,
+        path: &str,
+    ) -> Result<Vec<T>, NfvoError> {
+        let prefix = format!("{}/{}/v2", self.root_path, api.prefix());
+        let mut items = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut next = Some(path.to_string());
+        while let Some(page) = next.take() {
+            let what = format!("GET {page}");
+            if seen.len() >= MAX_PAGES || !seen.insert(page.clone()) {
+                return Err(NfvoError::Invalid {
+                    what,
+                    reason: format!(
+                        "paging does not end (a repeated page, or more than {MAX_PAGES} pages)"
+                    ),
+                });
+            }
+            let response = self
+                .call(Request {
+                    interface,
+                    api,
+                    method: "GET",
+                    path: &page,
+                    body: None,
+                    repeat: Repeat::Idempotent,
+                })
+                .await?;
+            let mut list: Vec<T> =
+                serde_json::from_slice(&response.body).map_err(|e| NfvoError::Invalid {
+                    what: what.clone(),
+                    reason: format!("not a list of the expected items: {e}"),
+                })?;
+            items.append(&mut list);
+            if let Some(link) = next_link(&response.headers) {
+                let local =
+                    link_path(&link).and_then(|p| p.strip_prefix(&prefix).map(String::from));
+                match local {
+                    Some(p) if p.starts_with('/') => next = Some(p),
+                    _ => {
+                        return Err(NfvoError::Invalid {
+                            what,
+                            reason: format!("Link rel=\"next\" {link} is outside {prefix}"),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(items)
     }
 
     /// One attempt on a pooled connection of `interface`; `version` is None only for the
@@ -591,13 +684,68 @@ fn parse_json(path: &str, response: &ClientResponse) -> Result<Value, NfvoError>
     })
 }
 
+/// Pages of one list followed at most (a guard against an NFVO whose paging never ends).
+const MAX_PAGES: usize = 10_000;
+
+/// The target of `Link: <...>; rel="next"` (RFC 8288; SOL 013 5.4.2.3), if any. The URI may
+/// hold commas (a filter), so the header is scanned by its `<` `>` delimiters.
+pub fn next_link(headers: &hyper::HeaderMap) -> Option<String> {
+    for value in headers.get_all("link") {
+        let Ok(text) = value.to_str() else {
+            continue;
+        };
+        let mut rest = text;
+        while let Some(open) = rest.find('<') {
+            let after = &rest[open + 1..];
+            let close = after.find('>')?;
+            let uri = &after[..close];
+            let params_end = after[close..].find('<').map_or(after.len(), |i| close + i);
+            let params = &after[close + 1..params_end];
+            let next = params.split(';').any(|p| {
+                let p = p.trim().trim_end_matches(',').trim();
+                p.split_once('=').is_some_and(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case("rel")
+                        && v.trim()
+                            .trim_matches('"')
+                            .split_ascii_whitespace()
+                            .any(|r| r.eq_ignore_ascii_case("next"))
+                })
+            });
+            if next {
+                return Some(uri.to_string());
+            }
+            rest = &after[params_end..];
+        }
+    }
+    None
+}
+
+/// The path and query of a link target (absolute `https://host/...` or `/...`).
+fn link_path(link: &str) -> Option<String> {
+    let rest = link
+        .strip_prefix("https://")
+        .or_else(|| link.strip_prefix("http://"));
+    match rest {
+        Some(rest) => rest.find('/').map(|i| rest[i..].to_string()),
+        None => link.starts_with('/').then(|| link.to_string()),
+    }
+}
+
+/// `Retry-After` (RFC 9110 10.2.3): delta-seconds or an HTTP-date; a date in the past is 0.
+pub fn retry_after(headers: &hyper::HeaderMap) -> Option<Duration> {
+    let value = headers.get("retry-after")?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
 fn refused(method: &str, path: &str, response: &ClientResponse) -> NfvoError {
-    let retry_after = response
-        .headers
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = retry_after(&response.headers);
     NfvoError::Refused {
         what: format!("{method} {path}"),
         status: response.status,
@@ -615,3 +763,63 @@ pub fn location_id(response: &ClientResponse) -> Option<String> {
 
 /// Shared handle.
 pub type SharedNfvo = Arc<Nfvo>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(name: &'static str, values: &[&str]) -> hyper::HeaderMap {
+        let mut map = hyper::HeaderMap::new();
+        for v in values {
+            map.append(name, v.parse().expect("header value"));
+        }
+        map
+    }
+
+    #[test]
+    fn the_next_link_is_found_whatever_else_the_header_holds() {
+        let h = headers(
+            "link",
+            &[
+                r#"<https://nfvo/nslcm/v2/ns_lcm_op_occs?filter=(eq,nsInstanceId,a)&nextpage_opaque_marker=x>; rel="next""#,
+            ],
+        );
+        assert_eq!(
+            next_link(&h).as_deref(),
+            Some("https://nfvo/nslcm/v2/ns_lcm_op_occs?filter=(eq,nsInstanceId,a)&nextpage_opaque_marker=x")
+        );
+        let h = headers("link", &[r#"</a?p=1>; rel="prev", </a?p=3>; rel=next"#]);
+        assert_eq!(next_link(&h).as_deref(), Some("/a?p=3"));
+        let h = headers(
+            "link",
+            &[
+                r#"</a?p=1>; rel="prev""#,
+                r#"</a?p=2>; title="x"; rel="last next""#,
+            ],
+        );
+        assert_eq!(next_link(&h).as_deref(), Some("/a?p=2"));
+        assert_eq!(next_link(&headers("link", &[r#"</a>; rel="prev""#])), None);
+        assert_eq!(link_path("https://h:1/x/y?z").as_deref(), Some("/x/y?z"));
+        assert_eq!(link_path("ftp://h/x"), None);
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        assert_eq!(
+            retry_after(&headers("retry-after", &["7"])),
+            Some(Duration::from_secs(7))
+        );
+        let at = std::time::SystemTime::now() + Duration::from_secs(30);
+        let wait =
+            retry_after(&headers("retry-after", &[&httpdate::fmt_http_date(at)])).expect("a date");
+        assert!(
+            wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+        assert_eq!(
+            retry_after(&headers("retry-after", &["Sun, 06 Nov 1994 08:49:37 GMT"])),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&headers("retry-after", &["soon"])), None);
+    }
+}

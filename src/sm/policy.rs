@@ -19,10 +19,12 @@ use serde_json::{json, Value};
 use crate::config::{RuleAction, RuleConfig, RuleEvent, SmMode};
 
 use super::nfvo::{Api, Interface};
+use crate::sol::{Notification, NsInstance, NsLcmOpOcc, VnfPkgInfo, NS_FIELDS};
+
 use super::{
-    event_name, now, Action, ActionKind, ActionState, Sm, SmError, Step, StepKind, StepState,
-    TerminateOptions, VnfRecord, ACTIONS, ERASURE_PARAM, INVENTORY, NOTIFICATIONS, OWN_OPS,
-    PENDING, PROCESSED, SEEN_FAILURES,
+    event_name, now, AbsentVnf, Action, ActionKind, ActionState, Sm, SmError, Step, StepKind,
+    StepState, TerminateOptions, VnfRecord, ABSENT, ACTIONS, ERASURE_PARAM, INVENTORY,
+    NOTIFICATIONS, OWN_OPS, PENDING, PROCESSED, SEEN_FAILURES,
 };
 
 /// Something the rules look at.
@@ -50,10 +52,16 @@ pub(crate) struct Refreshed {
 /// The inventory writes a refresh calls for; the caller stores them in its own commit.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct InventoryChange {
-    /// VNFs no longer in any NS: terminated.
-    pub gone: Vec<String>,
+    /// VNFs no longer in any NS of a complete view: absent, not yet known to be terminated
+    /// (moved to `sm_absent`; their keys stay until there is evidence).
+    pub gone: Vec<VnfRecord>,
+    /// Absent VNFs that are back in the view.
+    pub returned: Vec<String>,
     /// New or changed inventory records.
     pub changed: Vec<VnfRecord>,
+    /// VNFs with evidence that they are terminated, and the evidence: their keys are erased
+    /// (per the mode, see [`Sm::may_erase`]) once this change is durable.
+    pub terminated: BTreeMap<String, String>,
 }
 
 impl InventoryChange {
@@ -62,112 +70,150 @@ impl InventoryChange {
         &self,
         tx: &mut crate::store::WriteTx<'_>,
     ) -> Result<(), crate::store::StoreError> {
-        for id in &self.gone {
-            tx.delete(&INVENTORY, id)?;
+        let since = super::now();
+        for record in &self.gone {
+            tx.delete(&INVENTORY, &record.vnf_instance_id)?;
+            tx.put(
+                &ABSENT,
+                &record.vnf_instance_id,
+                &AbsentVnf {
+                    record: record.clone(),
+                    since: since.clone(),
+                },
+            )?;
+        }
+        for id in &self.returned {
+            tx.delete(&ABSENT, id)?;
         }
         for record in &self.changed {
             tx.put(&INVENTORY, &record.vnf_instance_id, record)?;
+        }
+        for (id, evidence) in &self.terminated {
+            tx.delete(&ABSENT, id)?;
+            tx.audit(
+                crate::store::AuditEvent::new("warden-sm", "sm.vnf.terminated", id.clone())
+                    .with_detail(json!({ "evidence": evidence })),
+            );
         }
         Ok(())
     }
 }
 
-/// The VNFs of the NFVO's NS instances (a `GET /ns_instances` body), by VNF instance id.
-pub fn inventory_from(ns_instances: &Value) -> BTreeMap<String, VnfRecord> {
+/// The VNFs of the NFVO's NS instances (all pages of `GET /ns_instances?fields=vnfInstance`),
+/// by VNF instance id.
+pub fn inventory_from(ns_instances: &[NsInstance]) -> BTreeMap<String, VnfRecord> {
     let mut vnfs: BTreeMap<String, VnfRecord> = BTreeMap::new();
-    for ns in ns_instances.as_array().into_iter().flatten() {
-        let Some(ns_id) = ns["id"].as_str() else {
-            continue;
-        };
-        for vnf in ns["vnfInstance"].as_array().into_iter().flatten() {
-            let Some(id) = vnf["id"].as_str() else {
-                continue;
-            };
-            let record = vnfs.entry(id.to_string()).or_insert_with(|| {
-                let info = &vnf["instantiatedVnfInfo"];
+    for ns in ns_instances {
+        for vnf in ns.vnf_instance.iter().flatten() {
+            let record = vnfs.entry(vnf.id.clone()).or_insert_with(|| {
+                let info = vnf.instantiated_vnf_info.clone().unwrap_or_default();
                 VnfRecord {
-                    vnf_instance_id: id.to_string(),
+                    vnf_instance_id: vnf.id.clone(),
                     ns_instance_ids: BTreeSet::new(),
-                    vnfd_id: vnf["vnfdId"].as_str().unwrap_or_default().to_string(),
-                    vnf_pkg_id: vnf["vnfPkgId"].as_str().unwrap_or_default().to_string(),
-                    vnf_instance_name: vnf["vnfInstanceName"].as_str().map(String::from),
+                    vnfd_id: vnf.vnfd_id.clone(),
+                    vnf_pkg_id: vnf.vnf_pkg_id.clone(),
+                    vnf_instance_name: vnf.vnf_instance_name.clone(),
                     vnf_profile_id: None,
-                    flavour_id: info["flavourId"].as_str().map(String::from),
-                    instantiation_state: vnf["instantiationState"]
-                        .as_str()
-                        .unwrap_or("NOT_INSTANTIATED")
-                        .to_string(),
-                    vnf_state: info["vnfState"].as_str().map(String::from),
-                    ext_virtual_links: info["extVirtualLinkInfo"]
-                        .as_array()
+                    flavour_id: info.flavour_id,
+                    instantiation_state: vnf.instantiation_state.clone(),
+                    vnf_state: info.vnf_state,
+                    ext_virtual_links: info
+                        .ext_virtual_link_info
                         .into_iter()
-                        .flatten()
-                        .filter_map(|l| {
-                            Some((
-                                l["id"].as_str()?.to_string(),
-                                l["resourceHandle"]["resourceId"]
-                                    .as_str()
-                                    .unwrap_or_default()
-                                    .to_string(),
-                            ))
+                        .map(|l| {
+                            let resource = l
+                                .resource_handle
+                                .and_then(|h| h.resource_id)
+                                .unwrap_or_default();
+                            (l.id, resource)
                         })
                         .collect(),
                 }
             });
-            record.ns_instance_ids.insert(ns_id.to_string());
+            record.ns_instance_ids.insert(ns.id.clone());
         }
     }
     vnfs
 }
 
+/// Evidence in a notification that VNFs were removed or terminated: a RESULT whose operation
+/// succeeded, naming each as REMOVE or TERMINATE with changeResult COMPLETED.
+pub fn removal_evidence(notification: &Notification) -> Vec<(String, String)> {
+    let succeeded = matches!(
+        notification.operation_state.as_deref(),
+        Some("COMPLETED" | "PARTIALLY_COMPLETED")
+    );
+    if notification.notification_type != "NsLcmOperationOccurrenceNotification"
+        || notification.notification_status.as_deref() != Some("RESULT")
+        || !succeeded
+    {
+        return Vec::new();
+    }
+    notification
+        .affected_vnf
+        .iter()
+        .filter(|v| v.removed())
+        .map(|v| {
+            (
+                v.vnf_instance_id.clone(),
+                format!(
+                    "notification {}: operation {} {} {} COMPLETED",
+                    notification.id,
+                    notification.op_occ_id().unwrap_or("?"),
+                    notification.operation_state.as_deref().unwrap_or_default(),
+                    v.change_type.as_deref().unwrap_or_default(),
+                ),
+            )
+        })
+        .collect()
+}
+
 /// Events carried by one notification (besides what the inventory comparison finds).
-/// `own` = the notification is about an operation occurrence the SM started.
-pub fn notification_events(body: &Value, own: bool) -> (Vec<Event>, BTreeSet<String>) {
+/// `own` = the notification is about (or was caused by) an operation occurrence the SM
+/// started: its effects are expected, not someone else's change.
+pub fn notification_events(body: &Notification, own: bool) -> (Vec<Event>, BTreeSet<String>) {
     let mut events = Vec::new();
     let mut package_checks = BTreeSet::new();
     if own {
         return (events, package_checks);
     }
-    let kind = body["notificationType"].as_str().unwrap_or_default();
-    match kind {
+    match body.notification_type.as_str() {
         "NsLcmOperationOccurrenceNotification" => {
-            if body["notificationStatus"].as_str() != Some("RESULT") {
+            if body.notification_status.as_deref() != Some("RESULT") {
                 return (events, package_checks);
             }
-            let state = body["operationState"].as_str().unwrap_or_default();
+            let state = body.operation_state.as_deref().unwrap_or_default();
             let refused = matches!(state, "FAILED" | "FAILED_TEMP" | "ROLLED_BACK")
-                && matches!(body["error"]["status"].as_u64(), Some(401 | 403));
-            for vnf in body["affectedVnf"].as_array().into_iter().flatten() {
-                let Some(id) = vnf["vnfInstanceId"].as_str() else {
-                    continue;
-                };
-                let change = vnf["changeType"].as_str().unwrap_or_default();
+                && matches!(body.error.as_ref().and_then(|e| e.status), Some(401 | 403));
+            for vnf in &body.affected_vnf {
+                let id = &vnf.vnf_instance_id;
+                let change = vnf.change_type.as_deref().unwrap_or_default();
                 let detail = json!({
-                    "notificationId": body["id"], "nsInstanceId": body["nsInstanceId"],
-                    "nsLcmOpOccId": body["nsLcmOpOccId"], "operation": body["operation"],
+                    "notificationId": body.id, "nsInstanceId": body.ns_instance_id,
+                    "nsLcmOpOccId": body.ns_lcm_op_occ_id, "operation": body.operation,
                     "changeType": change, "operationState": state,
                 });
                 if refused {
                     // IFA 033 Sc-Or.NsLcm.003: an unauthorized attempt to change a VNF.
                     events.push(Event {
                         kind: RuleEvent::UnauthorizedChange,
-                        vnf_instance_id: id.to_string(),
-                        detail: json!({ "error": body["error"], "cause": detail }),
+                        vnf_instance_id: id.clone(),
+                        detail: json!({ "error": body.error, "cause": detail }),
                     });
                     continue;
                 }
-                if vnf["changeResult"].as_str() != Some("COMPLETED") {
+                if vnf.change_result.as_deref() != Some("COMPLETED") {
                     continue;
                 }
                 match change {
                     "INSTANTIATE" | "ADD" | "CHANGE_VNFPKG" => {
-                        package_checks.insert(id.to_string());
+                        package_checks.insert(id.clone());
                     }
                     "SCALE" | "HEAL" | "CHANGE_FLAVOUR" | "CHANGE_EXTERNAL_VNF_CONNECTIVITY" => {
                         // IFA 033 Sc-Or.NsLcm.004: topology changes.
                         events.push(Event {
                             kind: RuleEvent::TopologyChange,
-                            vnf_instance_id: id.to_string(),
+                            vnf_instance_id: id.clone(),
                             detail,
                         })
                     }
@@ -175,14 +221,15 @@ pub fn notification_events(body: &Value, own: bool) -> (Vec<Event>, BTreeSet<Str
                 }
             }
         }
-        "NsChangeNotification" if body["nsComponentType"].as_str() == Some("VNF") => {
-            if let Some(id) = body["nsComponentId"].as_str() {
+        "NsChangeNotification" if body.ns_component_type.as_deref() == Some("VNF") => {
+            if let Some(id) = &body.ns_component_id {
                 events.push(Event {
                     kind: RuleEvent::TopologyChange,
-                    vnf_instance_id: id.to_string(),
+                    vnf_instance_id: id.clone(),
                     detail: json!({
-                        "notificationId": body["id"], "nsInstanceId": body["nsInstanceId"],
-                        "lcmOpNameImpactingNsComponent": body["lcmOpNameImpactingNsComponent"],
+                        "notificationId": body.id, "nsInstanceId": body.ns_instance_id,
+                        "lcmOpNameImpactingNsComponent": body.lcm_op_name_impacting_ns_component,
+                        "lcmOpOccIdImpactingNsComponent": body.lcm_op_occ_id_impacting_ns_component,
                     }),
                 });
             }
@@ -361,15 +408,28 @@ impl Sm {
                         .map(|(_, id)| id)
                         .unwrap_or_default()
                         .to_string();
+                    let arriving = body.is_some();
                     let body = match body {
                         Some(body) => Some(body),
                         None => tx.get(&NOTIFICATIONS, &id)?.map(|r| r.body),
                     };
-                    let own = match body.as_ref().and_then(|b| b["nsLcmOpOccId"].as_str()) {
+                    // Every notification type that names an operation occurrence: the
+                    // occurrence itself, or the one that impacted an NS component.
+                    let op = body.as_ref().and_then(|b| {
+                        b["nsLcmOpOccId"]
+                            .as_str()
+                            .or(b["lcmOpOccIdImpactingNsComponent"].as_str())
+                    });
+                    let own = match op {
                         Some(op) => tx.contains(&OWN_OPS, op)?,
                         None => false,
                     };
-                    out.push((key, id, body, own));
+                    // A duplicate arriving (its id journaled before, under another pending
+                    // key) is not looked at: no Query NS for it.
+                    let duplicate = arriving
+                        && tx.contains(&NOTIFICATIONS, &id)?
+                        && !tx.contains(&PENDING, &key)?;
+                    out.push((key, id, body, own, duplicate));
                 }
                 Ok(out)
             })
@@ -387,34 +447,48 @@ impl Sm {
         // is checked, even when the notification is about our operation.
         let mut expected = BTreeSet::new();
         let mut profiles = BTreeMap::new();
+        let mut removed = BTreeMap::new();
         let mut needs_refresh = false;
         let mut items = Vec::new();
-        for (index, (key, id, body, own)) in loaded.into_iter().enumerate() {
+        for (index, (key, id, body, own, duplicate)) in loaded.into_iter().enumerate() {
+            if duplicate {
+                // Its durable answer is "not new": it is dropped below.
+                continue;
+            }
             let Some(body) = body else {
                 items.push((index, key, id, json!(null)));
                 continue;
             };
-            let (found, check) = notification_events(&body, own);
+            // The intake checked the common attributes; a body that still does not parse
+            // carries no event (and is marked processed with the parse error).
+            let typed = match <Notification as serde::Deserialize>::deserialize(&*body) {
+                Ok(n) => n,
+                Err(e) => {
+                    items.push((index, key, id, json!({ "unreadable": e.to_string() })));
+                    continue;
+                }
+            };
+            let (found, check) = notification_events(&typed, own);
             events.extend(found.into_iter().map(|e| (Some(index), e)));
             checks.extend(check);
-            for vnf in body["affectedVnf"].as_array().into_iter().flatten() {
-                if let Some(vnf_id) = vnf["vnfInstanceId"].as_str() {
-                    if own {
-                        expected.insert(vnf_id.to_string());
-                    }
-                    if let Some(profile) = vnf["vnfProfileId"].as_str() {
-                        profiles.insert(vnf_id.to_string(), profile.to_string());
-                    }
+            removed.extend(removal_evidence(&typed));
+            for vnf in &typed.affected_vnf {
+                if own {
+                    expected.insert(vnf.vnf_instance_id.clone());
+                }
+                if let Some(profile) = &vnf.vnf_profile_id {
+                    profiles.insert(vnf.vnf_instance_id.clone(), profile.clone());
                 }
             }
-            needs_refresh |=
-                body["notificationType"].as_str() != Some("NsLcmCapacityShortageNotification");
+            needs_refresh |= typed.notification_type != "NsLcmCapacityShortageNotification";
             let detail = json!({ "notificationType": body["notificationType"],
                                  "nsInstanceId": body["nsInstanceId"], "own": own });
             items.push((index, key, id, detail));
         }
         let outcome = if needs_refresh {
-            self.refresh(&checks, &expected, &profiles).await.map(Some)
+            self.refresh(&checks, &expected, &profiles, &removed)
+                .await
+                .map(Some)
         } else {
             Ok(None)
         };
@@ -457,47 +531,67 @@ impl Sm {
             .decide(events, &cause, refreshed.as_ref().map(|r| &r.inventory))
             .await;
         let change = refreshed.map(|r| r.change).unwrap_or_default();
-        let gone = change.gone.clone();
+        let terminated = change.terminated.clone();
         match self.finish_pending(done, actions, change).await {
             Ok(started) => {
                 for action in started {
                     self.spawn_action(action, true);
                 }
-                self.erase_gone(gone);
+                self.erase_terminated(terminated);
             }
             Err(e) => tracing::error!(error = %e, "journaling the outcome of notifications"),
         }
     }
 
-    /// Query NS, compare with the inventory, run the package checks. The caller stores the
-    /// new inventory ([`InventoryChange::store`]) in its own commit, then erases what is gone
-    /// ([`Sm::erase_gone`]).
+    /// Query NS (every page, with `vnfInstance`), compare with the inventory, run the
+    /// package checks, and judge which absent VNFs are terminated. `removed`: evidence of
+    /// removal or termination carried by the notifications being processed. The caller stores
+    /// the change ([`InventoryChange::store`]) in its own commit, then erases what has
+    /// evidence ([`Sm::erase_terminated`]).
     pub(crate) async fn refresh(
         self: &std::sync::Arc<Self>,
         checks: &BTreeSet<String>,
         expected: &BTreeSet<String>,
         profiles: &BTreeMap<String, String>,
+        removed: &BTreeMap<String, String>,
     ) -> Result<Refreshed, SmError> {
-        let ns = self
+        let ns: Vec<NsInstance> = self
             .nfvo
-            .get_json(Interface::StatusInfo, Api::NsLcm, "/ns_instances")
+            .get_list(
+                Interface::StatusInfo,
+                Api::NsLcm,
+                &format!("/ns_instances?{NS_FIELDS}"),
+            )
             .await?;
         let mut now = inventory_from(&ns);
-        let before: BTreeMap<String, VnfRecord> = self
-            .read(|tx| tx.list(&INVENTORY, "").map(|v| v.into_iter().collect()))
+        let (before, absent): (BTreeMap<String, VnfRecord>, BTreeMap<String, AbsentVnf>) = self
+            .read(|tx| {
+                Ok((
+                    tx.list(&INVENTORY, "")?.into_iter().collect(),
+                    tx.list(&ABSENT, "")?.into_iter().collect(),
+                ))
+            })
             .await?;
         // The VNF profile (needed to re-instantiate) is only in notifications' affectedVnf.
         for (id, record) in now.iter_mut() {
-            record.vnf_profile_id = profiles
-                .get(id)
-                .cloned()
-                .or_else(|| before.get(id).and_then(|old| old.vnf_profile_id.clone()));
+            record.vnf_profile_id = profiles.get(id).cloned().or_else(|| {
+                before
+                    .get(id)
+                    .or_else(|| absent.get(id).map(|a| &a.record))
+                    .and_then(|old| old.vnf_profile_id.clone())
+            });
         }
         let d = diff(&before, &now);
         let busy = self.busy_vnfs();
         let mut events = Vec::new();
         let mut to_check: BTreeSet<String> = checks.clone();
-        to_check.extend(d.added.iter().filter(|id| !expected.contains(*id)).cloned());
+        // New VNFs (not those that were only absent for a while) are checked.
+        to_check.extend(
+            d.added
+                .iter()
+                .filter(|id| !expected.contains(*id) && !absent.contains_key(*id))
+                .cloned(),
+        );
         for id in &d.relinked {
             if !busy.contains(id) && !expected.contains(id) {
                 events.push(Event {
@@ -517,14 +611,104 @@ impl Sm {
             .filter(|(id, record)| before.get(*id) != Some(*record))
             .map(|(_, record)| record.clone())
             .collect();
+        let gone: Vec<VnfRecord> = d
+            .gone
+            .iter()
+            .filter_map(|id| before.get(id).cloned())
+            .collect();
+        let returned: Vec<String> = absent
+            .keys()
+            .filter(|id| now.contains_key(*id))
+            .cloned()
+            .collect();
+        // Terminated, with evidence: absent from a complete view AND named as removed or
+        // terminated by a completed operation; or shown NOT_INSTANTIATED.
+        let mut terminated = BTreeMap::new();
+        let still_absent: BTreeSet<String> = absent
+            .keys()
+            .filter(|id| !now.contains_key(*id))
+            .cloned()
+            .chain(d.gone.iter().cloned())
+            .collect();
+        for id in &still_absent {
+            if let Some(evidence) = removed.get(id) {
+                terminated.insert(id.clone(), evidence.clone());
+            }
+        }
+        for (id, record) in &now {
+            let was = before.get(id).map(|b| b.instantiation_state.as_str());
+            if record.instantiation_state == "NOT_INSTANTIATED" && was != Some("NOT_INSTANTIATED") {
+                terminated.insert(
+                    id.clone(),
+                    format!(
+                        "Query NS: instantiationState NOT_INSTANTIATED in {:?}",
+                        record.ns_instance_ids
+                    ),
+                );
+            }
+        }
+        // Newly absent VNFs without evidence yet: look for the operation that removed them.
+        let newly: BTreeSet<String> = d
+            .gone
+            .iter()
+            .filter(|id| !terminated.contains_key(*id))
+            .cloned()
+            .collect();
+        if !newly.is_empty() {
+            terminated.extend(self.removal_in_op_occs(&newly).await?);
+        }
         Ok(Refreshed {
             events,
             inventory: now,
             change: InventoryChange {
-                gone: d.gone,
+                gone,
+                returned,
                 changed,
+                terminated,
             },
         })
+    }
+
+    /// Completed operation occurrences (every page of `ns_lcm_op_occs`) that name one of
+    /// `vnfs` as removed or terminated: evidence that it is terminated. An occurrence listed
+    /// without `resourceChanges` (left out by the NFVO) is read on its own.
+    pub(crate) async fn removal_in_op_occs(
+        &self,
+        vnfs: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, String>, SmError> {
+        let occs: Vec<NsLcmOpOcc> = self
+            .nfvo
+            .get_list(Interface::StatusInfo, Api::NsLcm, "/ns_lcm_op_occs")
+            .await?;
+        let mut found = BTreeMap::new();
+        for listed in occs {
+            if !listed.succeeded() || !matches!(listed.operation.as_str(), "UPDATE" | "TERMINATE") {
+                continue;
+            }
+            let occ = if listed.resource_changes.is_none() {
+                let path = format!("/ns_lcm_op_occs/{}", super::path_segment(&listed.id)?);
+                self.nfvo
+                    .get_typed::<NsLcmOpOcc>(Interface::StatusInfo, Api::NsLcm, &path)
+                    .await?
+            } else {
+                listed
+            };
+            for vnf in occ.resource_changes.iter().flat_map(|r| &r.affected_vnfs) {
+                if vnfs.contains(&vnf.vnf_instance_id) && vnf.removed() {
+                    found.insert(
+                        vnf.vnf_instance_id.clone(),
+                        format!(
+                            "ns_lcm_op_occs/{}: {} {} {} COMPLETED",
+                            occ.id,
+                            occ.operation,
+                            occ.operation_state,
+                            vnf.change_type.as_deref().unwrap_or_default()
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// IFA 033 6.2 NOTE: VnfPkgInfo gives the package checksum and state.
@@ -548,7 +732,7 @@ impl Sm {
         };
         match self
             .nfvo
-            .get_json(Interface::StatusInfo, Api::VnfPkgm, &path)
+            .get_typed::<VnfPkgInfo>(Interface::StatusInfo, Api::VnfPkgm, &path)
             .await
         {
             Err(e) if e.status() == Some(404) => {
@@ -556,16 +740,20 @@ impl Sm {
             }
             Err(e) => return Err(e.into()),
             Ok(package) => {
-                if package["operationalState"].as_str() == Some("DISABLED") {
+                if package.operational_state.as_deref() == Some("DISABLED") {
                     events.push(event(RuleEvent::PackageDisabled, detail(json!({}))));
                 }
                 if let Some(pinned) = self.config.pinned_packages.get(&vnf.vnf_pkg_id) {
-                    let actual = package["checksum"]["hash"].as_str().unwrap_or_default();
+                    let (actual, algorithm) = package
+                        .checksum
+                        .as_ref()
+                        .map(|c| (c.hash.as_str(), c.algorithm.as_str()))
+                        .unwrap_or_default();
                     if !actual.eq_ignore_ascii_case(pinned) {
                         events.push(event(
                             RuleEvent::PackageChecksumMismatch,
                             detail(json!({ "pinned": pinned, "actual": actual,
-                                           "algorithm": package["checksum"]["algorithm"] })),
+                                           "algorithm": algorithm })),
                         ));
                     }
                 }
@@ -691,55 +879,71 @@ impl Sm {
     }
 
     /// Recover what lost notifications would have said: the subscription, the NS state
-    /// (Query NS), refused operations (`ns_lcm_op_occs`), and pending notifications.
+    /// (Query NS), refused operations and removals (`ns_lcm_op_occs`), and pending
+    /// notifications. Rules are evaluated on the reconciled state: every known VNF's package
+    /// is checked again (a checksum that no longer matches is acted on, whether or not a
+    /// CHANGE_VNFPKG notification arrived).
     pub(crate) async fn reconcile(self: &std::sync::Arc<Self>) -> Result<(), SmError> {
         self.reconcile_subscription().await?;
+        let known: BTreeSet<String> = self
+            .read(|tx| {
+                Ok(tx
+                    .list(&INVENTORY, "")?
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .collect())
+            })
+            .await?;
         let mut refreshed = self
-            .refresh(&BTreeSet::new(), &BTreeSet::new(), &BTreeMap::new())
+            .refresh(&known, &BTreeSet::new(), &BTreeMap::new(), &BTreeMap::new())
             .await?;
         let mut events = std::mem::take(&mut refreshed.events);
-        let occs = self
+        let occs: Vec<NsLcmOpOcc> = self
             .nfvo
-            .get_json(Interface::StatusInfo, Api::NsLcm, "/ns_lcm_op_occs")
+            .get_list(Interface::StatusInfo, Api::NsLcm, "/ns_lcm_op_occs")
             .await?;
         let mut seen = Vec::new();
-        for occ in occs.as_array().into_iter().flatten() {
-            let Some(op) = occ["id"].as_str() else {
-                continue;
-            };
-            let state = occ["operationState"].as_str().unwrap_or_default();
-            if !matches!(state, "FAILED" | "FAILED_TEMP" | "ROLLED_BACK")
-                || !matches!(occ["error"]["status"].as_u64(), Some(401 | 403))
-            {
+        for occ in occs {
+            if !occ.refused_as_unauthorized() {
                 continue;
             }
-            let op_id = op.to_string();
+            let op_id = occ.id.clone();
             if self
                 .read(move |tx| tx.contains(&SEEN_FAILURES, &op_id))
                 .await?
             {
                 continue;
             }
-            seen.push(op.to_string());
-            for vnf in occ["resourceChanges"]["affectedVnfs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                if let Some(id) = vnf["vnfInstanceId"].as_str() {
-                    events.push(Event {
-                        kind: RuleEvent::UnauthorizedChange,
-                        vnf_instance_id: id.to_string(),
-                        detail: json!({ "nsLcmOpOccId": op, "error": occ["error"], "seenBy": "ns_lcm_op_occs" }),
-                    });
-                }
+            seen.push(occ.id.clone());
+            for vnf in occ.resource_changes.iter().flat_map(|r| &r.affected_vnfs) {
+                events.push(Event {
+                    kind: RuleEvent::UnauthorizedChange,
+                    vnf_instance_id: vnf.vnf_instance_id.clone(),
+                    detail: json!({ "nsLcmOpOccId": occ.id, "error": occ.error, "seenBy": "ns_lcm_op_occs" }),
+                });
             }
+        }
+        // VNFs absent for a while without evidence: look again (the operation that removed
+        // them may have completed since, or its notification been lost).
+        let absent: BTreeSet<String> = self
+            .read(|tx| Ok(tx.list(&ABSENT, "")?.into_iter().map(|(k, _)| k).collect()))
+            .await?;
+        let waiting: BTreeSet<String> = absent
+            .into_iter()
+            .filter(|id| {
+                !refreshed.inventory.contains_key(id)
+                    && !refreshed.change.terminated.contains_key(id)
+            })
+            .collect();
+        if !waiting.is_empty() {
+            let found = self.removal_in_op_occs(&waiting).await?;
+            refreshed.change.terminated.extend(found);
         }
         let actions = self
             .decide(events, "reconciliation", Some(&refreshed.inventory))
             .await;
         let change = refreshed.change;
-        let gone = change.gone.clone();
+        let terminated = change.terminated.clone();
         let started = self
             .journal
             .write_async(move |tx| {
@@ -750,7 +954,7 @@ impl Sm {
                 journal_actions(tx, actions)
             })
             .await?;
-        self.erase_gone(gone);
+        self.erase_terminated(terminated);
         for action in started {
             self.spawn_action(action, true);
         }
@@ -800,8 +1004,12 @@ fn journal_actions(
         let Some(mut action) = decision.action else {
             continue;
         };
-        if tx.contains(&ACTIONS, &action.id)? {
-            continue;
+        if let Some(existing) = tx.get(&ACTIONS, &action.id)? {
+            // A termination only recorded (in PASSIVE) does not block the VNF once the
+            // mode allows enforcing: the new decision replaces it.
+            if !(existing.state == ActionState::Recorded && action.state == ActionState::Running) {
+                continue;
+            }
         }
         let verb = match action.state {
             ActionState::Recorded => "sm.action.record",
@@ -861,6 +1069,7 @@ impl Action {
             } else {
                 ActionState::Running
             },
+            reason: None,
             created: created.clone(),
             updated: created,
         }

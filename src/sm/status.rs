@@ -8,47 +8,50 @@ use serde_json::{json, Value};
 
 use super::nfvo::{Api, Interface};
 use super::{path_segment, Sm, SmError};
+use crate::sol::{NsInstance, NS_FIELDS};
 
 impl Sm {
     /// Query NS, then each VNF package once.
     pub async fn status(&self) -> Result<Value, SmError> {
-        let ns_instances = self
+        // Every page, with vnfInstance (excluded by default, SOL 005 6.4.2.3.2): a view that
+        // cannot be read completely is an error, not a shorter status.
+        let ns_instances: Vec<NsInstance> = self
             .nfvo
-            .get_json(Interface::StatusInfo, Api::NsLcm, "/ns_instances")
+            .get_list(
+                Interface::StatusInfo,
+                Api::NsLcm,
+                &format!("/ns_instances?{NS_FIELDS}"),
+            )
             .await?;
         let mut vnfs: BTreeMap<String, Value> = BTreeMap::new();
         let mut ns_list = Vec::new();
-        for ns in ns_instances.as_array().into_iter().flatten() {
-            let ns_id = ns["id"].as_str().unwrap_or_default();
+        for ns in &ns_instances {
             let mut members = Vec::new();
-            for vnf in ns["vnfInstance"].as_array().into_iter().flatten() {
-                let Some(id) = vnf["id"].as_str() else {
-                    continue;
-                };
-                members.push(id.to_string());
-                let entry = vnfs.entry(id.to_string()).or_insert_with(|| {
-                    let info = &vnf["instantiatedVnfInfo"];
+            for vnf in ns.vnf_instance.iter().flatten() {
+                members.push(vnf.id.clone());
+                let entry = vnfs.entry(vnf.id.clone()).or_insert_with(|| {
+                    let info = vnf.instantiated_vnf_info.clone().unwrap_or_default();
                     json!({
-                        "vnfInstanceId": id,
-                        "vnfInstanceName": vnf["vnfInstanceName"],
+                        "vnfInstanceId": vnf.id,
+                        "vnfInstanceName": vnf.vnf_instance_name,
                         "nsInstanceIds": [],
-                        "instantiationState": vnf["instantiationState"],
-                        "vnfState": info["vnfState"],
-                        "vnfPkgId": vnf["vnfPkgId"],
-                        "vnfdId": vnf["vnfdId"],
-                        "vnfProductName": vnf["vnfProductName"],
-                        "vnfSoftwareVersion": vnf["vnfSoftwareVersion"],
-                        "extVirtualLinkInfo": info["extVirtualLinkInfo"].as_array().cloned().unwrap_or_default(),
+                        "instantiationState": vnf.instantiation_state,
+                        "vnfState": info.vnf_state,
+                        "vnfPkgId": vnf.vnf_pkg_id,
+                        "vnfdId": vnf.vnfd_id,
+                        "vnfProductName": vnf.vnf_product_name,
+                        "vnfSoftwareVersion": vnf.vnf_software_version,
+                        "extVirtualLinkInfo": info.ext_virtual_link_info,
                     })
                 });
                 if let Some(list) = entry["nsInstanceIds"].as_array_mut() {
-                    list.push(json!(ns_id));
+                    list.push(json!(ns.id));
                 }
             }
             ns_list.push(json!({
-                "nsInstanceId": ns_id,
-                "nsInstanceName": ns["nsInstanceName"],
-                "nsState": ns["nsState"],
+                "nsInstanceId": ns.id,
+                "nsInstanceName": ns.ns_instance_name,
+                "nsState": ns.ns_state,
                 "vnfInstanceIds": members,
             }));
         }

@@ -164,7 +164,11 @@ impl NfvoDouble {
             tasks: Mutex::new(Vec::new()),
             token_cache: tokio::sync::Mutex::new(HashMap::new()),
         });
-        inner.state.lock().unwrap().op_duration = Duration::from_millis(50);
+        {
+            let mut state = inner.state.lock().unwrap();
+            state.op_duration = Duration::from_millis(50);
+            state.page_size = 2;
+        }
         runtime.spawn(sender(inner.clone(), notify_rx));
         let double = NfvoDouble {
             runtime: Some(runtime),
@@ -239,6 +243,24 @@ impl NfvoDouble {
         }
     }
 
+    /// Take `vnf_id` out of `ns_id` behind the SM's back (another consumer's REMOVE_VNF); a
+    /// VNF in no NS any more is terminated. Tell the SM with [`NfvoDouble::notify_lcm`].
+    pub fn remove_vnf(&self, ns_id: &str, vnf_id: &str) {
+        let mut state = self.state();
+        if let Some(ns) = state.ns.get_mut(ns_id) {
+            ns.vnfs.retain(|v| v != vnf_id);
+        }
+        if !state
+            .ns
+            .values()
+            .any(|ns| ns.vnfs.iter().any(|v| v == vnf_id))
+        {
+            if let Some(vnf) = state.vnfs.remove(vnf_id) {
+                state.terminated.insert(vnf_id.into(), vnf);
+            }
+        }
+    }
+
     /// The NsInstance as served.
     pub fn ns(&self, id: &str) -> Option<Value> {
         self.state().ns_instance(&self.inner.base, id)
@@ -278,6 +300,7 @@ impl NfvoDouble {
         };
         let op_id = state.next_id("op");
         let now = timestamp();
+        let affected = state.affected_vnf(vnf_id, change_type);
         state.op_occs.insert(
             op_id.clone(),
             OpOcc {
@@ -287,9 +310,9 @@ impl NfvoDouble {
                 params,
                 start: now.clone(),
                 entered: now,
+                affected: vec![affected.clone()],
             },
         );
-        let affected = state.affected_vnf(vnf_id, change_type);
         let mut notification = op_notification(
             base,
             &state.next_id("notification"),
@@ -412,8 +435,43 @@ impl NfvoDouble {
             path: path_contains.into(),
             status,
             times,
-            retry_after,
+            retry_after: retry_after.map(RetryAfter::Seconds),
         });
+    }
+
+    /// As [`NfvoDouble::fail`], with `Retry-After` in either form.
+    pub fn fail_retry(
+        &self,
+        method: &str,
+        path_contains: &str,
+        status: u16,
+        times: usize,
+        retry_after: RetryAfter,
+    ) {
+        self.state().faults.push(Fault {
+            method: method.into(),
+            path: path_contains.into(),
+            status,
+            times,
+            retry_after: Some(retry_after),
+        });
+    }
+
+    /// Items per page of every list (default 2: every list of more than two pages).
+    pub fn page_size(&self, size: usize) {
+        self.state().page_size = size.max(1);
+    }
+
+    /// An NFVO starting up: while `true` its lists of NS instances and operation
+    /// occurrences are empty and single NS instances and occurrences are unknown (404).
+    pub fn set_restarting(&self, restarting: bool) {
+        self.state().restarting = restarting;
+    }
+
+    /// Leave `operationParams` (and the other `exclude_default` attributes) out of the
+    /// operation occurrences in lists, whatever the query asks for.
+    pub fn omit_op_params(&self, omit: bool) {
+        self.state().omit_op_params = omit;
     }
 
     /// Record and apply the next `times` matching requests at once, answer after `delay`.
@@ -594,6 +652,13 @@ struct State {
     delivery: Delivery,
     deliveries: Vec<(String, u16)>,
     violations: Vec<String>,
+    /// Items per page of every list (SOL 013 5.4.2); `Link: <...>; rel="next"` to the rest.
+    page_size: usize,
+    /// Starting up: the lists of NS instances and operation occurrences are empty.
+    restarting: bool,
+    /// Leave `operationParams` (and the other attributes `exclude_default` drops) out of
+    /// the NsLcmOpOcc entries of lists even without `exclude_default`, as NFVOs were seen to.
+    omit_op_params: bool,
 }
 
 struct Package {
@@ -662,6 +727,8 @@ struct OpOcc {
     params: Value,
     start: String,
     entered: String,
+    /// `resourceChanges.affectedVnfs` (SOL005 6.5.2.3), once the operation has completed.
+    affected: Vec<Value>,
 }
 
 struct Fault {
@@ -669,7 +736,15 @@ struct Fault {
     path: String,
     status: u16,
     times: usize,
-    retry_after: Option<u64>,
+    retry_after: Option<RetryAfter>,
+}
+
+/// The two forms of `Retry-After` (RFC 9110 10.2.3).
+#[derive(Clone, Copy, Debug)]
+pub enum RetryAfter {
+    Seconds(u64),
+    /// An HTTP-date this far in the future (rounded up to whole seconds).
+    Date(Duration),
 }
 
 struct Delay {
@@ -758,6 +833,7 @@ impl State {
             "operationParams": op.params,
             "startTime": op.start,
             "isCancelPending": false,
+            "resourceChanges": {"affectedVnfs": op.affected},
             "_links": {
                 "self": {"href": format!("{base}/nslcm/v2/ns_lcm_op_occs/{id}")},
                 "nsInstance": {"href": format!("{base}/nslcm/v2/ns_instances/{}", op.ns_id)},
@@ -1124,8 +1200,16 @@ fn take_fault(inner: &Inner, call: &Call) -> Option<Reply> {
     })?;
     fault.times -= 1;
     let mut reply = Reply::problem(fault.status, "injected fault");
-    if let Some(seconds) = fault.retry_after {
-        reply = reply.header("Retry-After", seconds.to_string());
+    match fault.retry_after {
+        Some(RetryAfter::Seconds(seconds)) => {
+            reply = reply.header("Retry-After", seconds.to_string());
+        }
+        Some(RetryAfter::Date(after)) => {
+            // IMF-fixdate has whole seconds: round up so the wait is at least `after`.
+            let at = SystemTime::now() + after + Duration::from_secs(1);
+            reply = reply.header("Retry-After", httpdate::fmt_http_date(at));
+        }
+        None => {}
     }
     Some(reply)
 }
@@ -1213,7 +1297,7 @@ async fn route(inner: &Arc<Inner>, call: &Call, bearer: Option<&str>) -> Reply {
             for s in &list {
                 check(inner, "sent", "LccnSubscription", &call.path, s);
             }
-            Reply::json(200, Value::Array(list))
+            paged(inner, call, list)
         }
         (method, [_, _, "subscriptions", id]) => {
             let mut state = inner.state.lock().unwrap();
@@ -1229,20 +1313,38 @@ async fn route(inner: &Arc<Inner>, call: &Call, bearer: Option<&str>) -> Reply {
             sent(inner, "LccnSubscription", 200, resource)
         }
         ("GET", [_, _, "ns_instances"]) => {
+            let selector = match Selector::parse(&call.query) {
+                Ok(s) => s,
+                Err(reply) => return reply,
+            };
             let state = inner.state.lock().unwrap();
-            let list = state
-                .ns
-                .keys()
-                .filter_map(|id| state.ns_instance(base, id))
-                .collect::<Vec<_>>();
+            let list = if state.restarting {
+                Vec::new()
+            } else {
+                state
+                    .ns
+                    .keys()
+                    .filter_map(|id| state.ns_instance(base, id))
+                    .map(|mut ns| {
+                        selector.apply(&mut ns, NS_DEFAULT_EXCLUDED, NS_OPTIONAL_COMPLEX);
+                        ns
+                    })
+                    .collect::<Vec<_>>()
+            };
             drop(state);
             for ns in &list {
                 check(inner, "sent", "NsInstance", &call.path, ns);
             }
-            Reply::json(200, Value::Array(list))
+            paged(inner, call, list)
         }
         ("GET", [_, _, "ns_instances", id]) => {
-            let ns = inner.state.lock().unwrap().ns_instance(base, id);
+            let state = inner.state.lock().unwrap();
+            let ns = if state.restarting {
+                None
+            } else {
+                state.ns_instance(base, id)
+            };
+            drop(state);
             match ns {
                 Some(ns) => sent(inner, "NsInstance", 200, ns),
                 None => Reply::problem(404, format!("no NS instance {id}")),
@@ -1266,21 +1368,57 @@ async fn route(inner: &Arc<Inner>, call: &Call, bearer: Option<&str>) -> Reply {
                     }
                 },
             };
+            let mut selector = match Selector::parse(&call.query) {
+                Ok(s) => s,
+                Err(reply) => return reply,
+            };
+            if selector.all {
+                return Reply::problem(
+                    400,
+                    "GET /ns_lcm_op_occs has no all_fields (SOL005 6.4.9.3.2)",
+                );
+            }
             let state = inner.state.lock().unwrap();
-            let list = state
-                .op_occs
-                .iter()
-                .filter(|(_, op)| ns_filter.as_ref().is_none_or(|ns| &op.ns_id == ns))
-                .filter_map(|(id, _)| state.op_occ(base, id))
-                .collect::<Vec<_>>();
+            if state.omit_op_params {
+                selector = Selector {
+                    exclude_default: true,
+                    ..Selector::default()
+                };
+            } else if selector.fields.is_empty()
+                && selector.exclude.is_empty()
+                && !selector.exclude_default
+            {
+                // Unlike NsInstance, NsLcmOpOcc excludes nothing by default.
+                selector.all = true;
+            }
+            let list = if state.restarting {
+                Vec::new()
+            } else {
+                state
+                    .op_occs
+                    .iter()
+                    .filter(|(_, op)| ns_filter.as_ref().is_none_or(|ns| &op.ns_id == ns))
+                    .filter_map(|(id, _)| state.op_occ(base, id))
+                    .map(|mut op| {
+                        selector.apply(&mut op, OP_DEFAULT_EXCLUDED, OP_DEFAULT_EXCLUDED);
+                        op
+                    })
+                    .collect::<Vec<_>>()
+            };
             drop(state);
             for op in &list {
                 check_op_occ(inner, op);
             }
-            Reply::json(200, Value::Array(list))
+            paged(inner, call, list)
         }
         ("GET", [_, _, "ns_lcm_op_occs", id]) => {
-            let op = inner.state.lock().unwrap().op_occ(base, id);
+            let state = inner.state.lock().unwrap();
+            let op = if state.restarting {
+                None
+            } else {
+                state.op_occ(base, id)
+            };
+            drop(state);
             match op {
                 Some(op) => {
                     check_op_occ(inner, &op);
@@ -1301,9 +1439,154 @@ async fn route(inner: &Arc<Inner>, call: &Call, bearer: Option<&str>) -> Reply {
     }
 }
 
+/// SOL005 6.4.2.3.2 (GET /ns_instances, `exclude_default`): the NsInstance attributes left
+/// out unless `all_fields`, `fields` or `exclude_fields` say otherwise. (The text spells the
+/// first "vnfInstances"; the attribute is `vnfInstance`.)
+const NS_DEFAULT_EXCLUDED: &[&str] = &[
+    "vnfInstance",
+    "pnfInfo",
+    "virtualLinkInfo",
+    "vnffgInfo",
+    "sapInfo",
+    "nsScaleStatus",
+    "additionalAffinityOrAntiAffinityRule",
+    "wanConnectionInfo",
+];
+
+/// NsInstance attributes that are complex with a minimum cardinality of zero: what `fields`
+/// alone leaves out unless listed (SOL013 5.3.2).
+const NS_OPTIONAL_COMPLEX: &[&str] = &[
+    "vnfInstance",
+    "pnfInfo",
+    "virtualLinkInfo",
+    "vnffgInfo",
+    "sapInfo",
+    "nsScaleStatus",
+    "additionalAffinityOrAntiAffinityRule",
+    "wanConnectionInfo",
+    "vnfSnapshotInfoIds",
+    "nestedNsInstanceId",
+];
+
+/// SOL005 6.4.9.3.2 (GET /ns_lcm_op_occs, `exclude_default`).
+const OP_DEFAULT_EXCLUDED: &[&str] = &[
+    "operationParams",
+    "changedVnfInfo",
+    "error",
+    "resourceChanges",
+    "lcmCoordinations",
+    "warnings",
+];
+
+/// The attribute selectors of SOL013 5.3 in a query.
+#[derive(Default)]
+struct Selector {
+    all: bool,
+    fields: Vec<String>,
+    exclude: Vec<String>,
+    exclude_default: bool,
+}
+
+impl Selector {
+    fn parse(query: &str) -> Result<Selector, Reply> {
+        let list = |name: &str| -> Vec<String> {
+            query_param(query, name)
+                .map(|v| v.split(',').map(|f| f.trim().to_string()).collect())
+                .unwrap_or_default()
+        };
+        let selector = Selector {
+            all: query_param(query, "all_fields").is_some(),
+            fields: list("fields"),
+            exclude: list("exclude_fields"),
+            exclude_default: query_param(query, "exclude_default").is_some(),
+        };
+        // SOL013 5.3.2: all_fields stands alone; fields and exclude_fields exclude each other.
+        let others =
+            !selector.fields.is_empty() || !selector.exclude.is_empty() || selector.exclude_default;
+        if (selector.all && others) || (!selector.fields.is_empty() && !selector.exclude.is_empty())
+        {
+            return Err(Reply::problem(
+                400,
+                "conflicting attribute selectors (SOL013 5.3.2)",
+            ));
+        }
+        Ok(selector)
+    }
+
+    /// Drop from `item` what the selectors leave out (top-level attributes only; a name in
+    /// `fields` keeps the whole attribute).
+    fn apply(&self, item: &mut Value, default_excluded: &[&str], optional: &[&str]) {
+        let Some(map) = item.as_object_mut() else {
+            return;
+        };
+        let listed = |name: &str| {
+            self.fields
+                .iter()
+                .any(|f| f.split('/').next() == Some(name))
+        };
+        let drop: Vec<&str> = if self.all {
+            Vec::new()
+        } else if !self.exclude.is_empty() {
+            self.exclude.iter().map(String::as_str).collect()
+        } else if !self.fields.is_empty() && !self.exclude_default {
+            optional.iter().copied().filter(|a| !listed(a)).collect()
+        } else {
+            default_excluded
+                .iter()
+                .copied()
+                .filter(|a| !listed(a))
+                .collect()
+        };
+        for name in drop {
+            map.remove(name);
+        }
+    }
+}
+
+/// One page of `items` (SOL013 5.4.2): `nextpage_opaque_marker` is where it starts; a
+/// `Link: <...>; rel="next"` header points to the rest.
+fn paged(inner: &Inner, call: &Call, items: Vec<Value>) -> Reply {
+    let size = inner.state.lock().unwrap().page_size.max(1);
+    let start = match query_param(&call.query, "nextpage_opaque_marker") {
+        None => 0,
+        Some(marker) => match marker
+            .strip_prefix("page-")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) if n <= items.len() => n,
+            // SOL013 5.4.2.2: an invalid or expired marker is a 400.
+            _ => return Reply::problem(400, format!("invalid nextpage_opaque_marker {marker}")),
+        },
+    };
+    let end = (start + size).min(items.len());
+    let page = items[start..end].to_vec();
+    let mut reply = Reply::json(200, Value::Array(page));
+    if end < items.len() {
+        let kept: Vec<String> = call
+            .query
+            .split('&')
+            .filter(|p| !p.is_empty() && !p.starts_with("nextpage_opaque_marker="))
+            .map(str::to_string)
+            .chain(std::iter::once(format!(
+                "nextpage_opaque_marker=page-{end}"
+            )))
+            .collect();
+        reply = reply.header(
+            "Link",
+            format!(
+                "<{}{}?{}>; rel=\"next\"",
+                inner.base,
+                call.path,
+                kept.join("&")
+            ),
+        );
+    }
+    reply
+}
+
 /// NsLcmOpOcc has no derived schema; its operationParams of an UPDATE are an UpdateNsRequest.
 fn check_op_occ(inner: &Inner, op: &Value) {
-    if op["operation"] == "UPDATE" {
+    if op["operation"] == "UPDATE" && op.get("operationParams").is_some() {
         let context = format!("operationParams of NsLcmOpOcc {}", op["id"]);
         check(
             inner,
@@ -1574,6 +1857,7 @@ fn update(inner: &Arc<Inner>, call: &Call, ns_id: &str) -> Reply {
             params: request,
             start: now.clone(),
             entered: now,
+            affected: Vec::new(),
         },
     );
     let start = op_notification(
@@ -1707,6 +1991,7 @@ async fn complete(
     if let Some(op) = state.op_occs.get_mut(&op_id) {
         op.state = "COMPLETED".into();
         op.entered = now;
+        op.affected = affected.clone();
     }
     let mut result = op_notification(
         &inner.base,
