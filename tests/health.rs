@@ -267,7 +267,7 @@ async fn ready_and_metrics_count_an_issuance() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_gone_makes_readiness_503_naming_the_key_while_liveness_stays() {
+async fn token_gone_makes_readiness_503_naming_the_key_while_liveness_stays_then_ready_again() {
     let metrics = free_port();
     let mut agent = CmfAgent::new(&health_config(metrics));
     agent.start();
@@ -317,8 +317,14 @@ async fn token_gone_makes_readiness_503_naming_the_key_while_liveness_stays() {
         "{text}"
     );
 
-    // Readiness returning to 200 once the token is back is the PKCS#11 recovery ladder's
-    // work (issue 8 section 2), asserted where that ladder lives; the probe only reports it.
+    // The token comes back: the key layer re-initializes (issue 8 section 2) and the next
+    // probe finds every key signing again, without a restart.
+    std::fs::rename(agent.dir().join("tokens.away"), agent.dir().join("tokens"))
+        .expect("move the token directory back");
+    let ready = readyz_becomes(metrics, 200);
+    assert_eq!(check_named(&ready, "CA key")["ready"], true, "{ready}");
+    let (_, text) = http_get(metrics, "/metrics").expect("scrape");
+    assert_eq!(sample(&text, "warden_ready"), Some(1.0), "{text}");
     agent.stop();
 }
 
@@ -522,7 +528,7 @@ async fn notifications_counted_and_sm_keys_probed() {
     );
     let notification = json!({
         "id": "n-health-1", "notificationType": "NsIdentifierCreationNotification",
-        "subscriptionId": "s", "timeStamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+        "subscriptionId": sm.subscription_id(), "timeStamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
         "_links": {"nsInstance": {"href": "x"}},
     })
     .to_string();

@@ -416,20 +416,6 @@ fn duplicate_reordered_and_lost_notifications() {
 }
 
 /// The id of the SM's subscription at the double.
-fn sub(sm: &SmAgent) -> String {
-    let needle = format!("127.0.0.1:{}/", sm.port);
-    sm.nfvo
-        .subscriptions()
-        .iter()
-        .find(|s| {
-            s["callbackUri"]
-                .as_str()
-                .is_some_and(|u| u.contains(&needle))
-        })
-        .and_then(|s| s["id"].as_str().map(String::from))
-        .expect("the SM's subscription")
-}
-
 /// A client posting to the agent's callback endpoint as the NFVO would.
 fn callback_client(sm: &SmAgent, identity: Option<(&str, &str)>) -> HttpsClient {
     let nfvo_dir = sm.dir().join("nfvo");
@@ -492,7 +478,7 @@ fn notification_endpoint_auth_parsing_and_methods() {
     let good = basic("warden-sm", "s3cret-notify-password");
     let valid = json!({
         "id": "n-manual-1", "notificationType": "NsIdentifierCreationNotification",
-        "subscriptionId": sub(&sm), "timeStamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+        "subscriptionId": sm.subscription_id(), "timeStamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
         "_links": {"nsInstance": {"href": "x"}}, "vendorExtension": {"x": 1},
     })
     .to_string();
@@ -535,7 +521,7 @@ fn notification_endpoint_auth_parsing_and_methods() {
         Some("application/problem+json")
     );
     let missing = json!({"id": "n2", "notificationType": "NsChangeNotification",
-        "subscriptionId": sub(&sm), "timestamp": "t", "nsInstanceId": "ns-a"});
+        "subscriptionId": sm.subscription_id(), "timestamp": "t", "nsInstanceId": "ns-a"});
     let r = post(
         &client,
         "POST",
@@ -557,7 +543,7 @@ fn notification_endpoint_auth_parsing_and_methods() {
         405
     );
     let unknown = json!({"id": "n3", "notificationType": "VendorNotification",
-        "subscriptionId": sub(&sm), "timestamp": "t"});
+        "subscriptionId": sm.subscription_id(), "timestamp": "t"});
     assert_eq!(
         post(
             &client,
@@ -588,7 +574,7 @@ fn tls_cert_notifications_need_the_nfvos_certificate() {
     );
     let body = json!({
         "id": "n-tls", "notificationType": "NsIdentifierCreationNotification",
-        "subscriptionId": sub(&sm), "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+        "subscriptionId": sm.subscription_id(), "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
     })
     .to_string();
     let anonymous = callback_client(&sm, None);
@@ -914,7 +900,7 @@ fn processed_notifications_leave_the_journal_after_the_retention() {
     let auth = basic("warden-sm", "s3cret-notify-password");
     let body = json!({
         "id": "n-retained", "notificationType": "NsIdentifierCreationNotification",
-        "subscriptionId": sub(&sm), "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+        "subscriptionId": sm.subscription_id(), "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
     })
     .to_string();
     assert_eq!(
@@ -1307,7 +1293,7 @@ fn notifications_need_json_and_answers_carry_the_negotiated_version() {
     let good = basic("warden-sm", "s3cret-notify-password");
     let body = json!({
         "id": "n-typed", "notificationType": "NsIdentifierCreationNotification",
-        "subscriptionId": sub(&sm), "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
+        "subscriptionId": sm.subscription_id(), "timestamp": "2026-11-26T00:00:00Z", "nsInstanceId": "ns-a",
     })
     .to_string();
     for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
@@ -1333,7 +1319,7 @@ fn notifications_need_json_and_answers_carry_the_negotiated_version() {
     );
     assert_eq!(r.status, 204);
     // A notification for a subscription that is not this SM's is refused.
-    let foreign = body.replace(&sub(&sm), "someone-elses-subscription");
+    let foreign = body.replace(&sm.subscription_id(), "someone-elses-subscription");
     assert_eq!(
         post(&client, "POST", std::slice::from_ref(&good), &foreign).status,
         422

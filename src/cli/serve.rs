@@ -81,15 +81,16 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
             sm: sm.clone(),
         };
         let socket = admin_socket(config);
-        match nfv_warden::api::admin::bind(&socket) {
-            Ok(listener) => {
-                tokio::spawn(async move {
-                    nfv_warden::api::admin::serve(listener, &socket, admin, admin_stopped).await
-                });
-            }
+        let admin_task = match nfv_warden::api::admin::bind(&socket) {
+            Ok(listener) => Some(tokio::spawn(async move {
+                nfv_warden::api::admin::serve(listener, &socket, admin, admin_stopped).await
+            })),
             // The CA keeps serving; only the operator's commands are missing.
-            Err(e) => tracing::error!(error = %e, socket = %socket.display(), "admin socket"),
-        }
+            Err(e) => {
+                tracing::error!(error = %e, socket = %socket.display(), "admin socket");
+                None
+            }
+        };
         // Type=notify: systemd starts dependants only once we listen.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         nfv_warden::api::health::notify_systemd(&probe, addr);
@@ -111,6 +112,11 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
             let _ = stop_admin.send(true);
         })
         .await;
+        // The admin task removes its socket once told to stop: let it, before the runtime
+        // goes (a bounded wait: a command in progress does not hold up the exit).
+        if let Some(task) = admin_task {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+        }
         Ok::<(), Failure>(())
     });
     // A readiness probe may still be stuck inside a hung device (a blocking thread no one

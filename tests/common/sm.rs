@@ -65,6 +65,22 @@ impl Default for SmSetup<'_> {
 }
 
 impl SmAgent {
+    /// The id of this SM's subscription at the NFVO double (the one notifications must name).
+    #[allow(dead_code)]
+    pub fn subscription_id(&self) -> String {
+        let needle = format!("127.0.0.1:{}/", self.port);
+        self.nfvo
+            .subscriptions()
+            .iter()
+            .find(|s| {
+                s["callbackUri"]
+                    .as_str()
+                    .is_some_and(|u| u.contains(&needle))
+            })
+            .and_then(|s| s["id"].as_str().map(String::from))
+            .expect("the SM's subscription")
+    }
+
     /// Token, CA, TLS identity, the NFVO double, config, interface keys; not yet serving.
     pub fn new(setup: SmSetup<'_>) -> SmAgent {
         let agent = Agent::new("");

@@ -112,7 +112,14 @@ impl KeyStore for Pkcs11KeyStore {
         let uri = self.own_uri(key)?;
         self.with_session("C_GetAttributeValue", |call| {
             let found = self.find_private(call, uri)?;
-            let spki = public_key_der(call.session, uri, found.private, found.algorithm)?;
+            let spki = match public_key_der(call.session, uri, found.private, found.algorithm) {
+                // An empty search for the public object is no proof either: SoftHSM answers
+                // one when its token directory is gone or it cannot open files (EMFILE).
+                // Decide as for the private key: a token that does not answer, or a key
+                // found before, means re-initialize and look again.
+                Err(OpError::Key(KeyError::NotFound(_))) => return Err(self.missing(call, uri)),
+                other => other?,
+            };
             Ok(PublicKey {
                 algorithm: found.algorithm,
                 spki_der: spki,
