@@ -666,7 +666,8 @@ fn in_process(setup: &Setup, rounds: u32, seconds: u64) {
     std::env::set_var("SOFTHSM2_CONF", &setup.softhsm_conf);
     let config = Config::load(&setup.config).expect("config");
     let backends = Backends::open(&config).expect("backends");
-    let store = Arc::new(nfv_warden::store::Store::open(&config.store.path).expect("store"));
+    let store =
+        Arc::new(nfv_warden::store::Store::open_existing(&config.store.path).expect("store"));
     let cmf = Arc::new(Cmf::new(&config, &backends, store).expect("cmf"));
     let consumer = Consumer {
         id: "vnfm-a".into(),

@@ -325,7 +325,11 @@ fn signing_error(error: x509_cert::builder::Error) -> CaError {
             let key_error = std::error::Error::source(signature)
                 .and_then(|s| s.downcast_ref::<crate::keys::KeyError>());
             CaError::Signing {
-                transient: key_error.is_some_and(|k| k.is_transient()),
+                // A CA key not found (a token wiped or swapped) is an outage of the CA, like
+                // an unavailable device: the answer is 503, never a 500.
+                transient: key_error.is_some_and(|k| {
+                    k.is_transient() || matches!(k, crate::keys::KeyError::NotFound(_))
+                }),
                 reason: key_error.map_or_else(|| error.to_string(), |k| k.to_string()),
             }
         }

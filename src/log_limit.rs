@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 use crate::metrics::{self, KindLabels};
 
 /// The kinds used by the agent's error sites (their counters exist from the start).
-pub const KINDS: [&str; 6] = [
+pub const KINDS: [&str; 7] = [
     "cmf.key",
     "cmf.key_unavailable",
     "cmf.store",
     "sm.journal",
+    "store.group",
     "signer.x509",
     "signer.tls",
 ];

@@ -18,6 +18,7 @@
 //! | `warden_ready` | gauge | | 1 if every check of `/readyz` passes |
 //! | `warden_connections_open` | gauge | | HTTPS connections open |
 //! | `warden_connections_refused_total` | counter | `reason` | HTTPS connections refused (caps, limits) |
+//! | `warden_connections_closed_total` | counter | `reason` | HTTPS connections closed by a limit: handshake failed or timed out, headers, body or idle timeout |
 //! | `warden_store_commit_duration_seconds` | histogram | `writer` | durable commits, measured by the caller |
 //! | `warden_certificates_issued` | gauge | | certificates in the store |
 //! | `warden_certificates_expiring` | gauge | | of those, with notAfter within `[health] expiry_warning_days` (not yet expired) |
@@ -105,6 +106,7 @@ pub struct Metrics {
     pub ready: Gauge,
     pub connections_open: Gauge,
     pub connections_refused: Family<ReasonLabels, Counter>,
+    pub connections_closed: Family<ReasonLabels, Counter>,
     pub store_commit_seconds: HistogramFamily<WriterLabels>,
     pub certificates_issued: Gauge,
     pub certificates_expiring: Gauge,
@@ -134,6 +136,7 @@ impl Metrics {
             ready: Gauge::default(),
             connections_open: Gauge::default(),
             connections_refused: Family::default(),
+            connections_closed: Family::default(),
             store_commit_seconds: Family::new_with_constructor(latency_histogram as fn() -> _),
             certificates_issued: Gauge::default(),
             certificates_expiring: Gauge::default(),
@@ -195,6 +198,11 @@ impl Metrics {
             "connections_refused",
             "HTTPS connections refused, by reason",
             metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "HTTPS connections closed by a server limit, by reason",
+            metrics.connections_closed.clone(),
         );
         registry.register(
             "store_commit_duration_seconds",
@@ -431,4 +439,12 @@ mod tests {
         assert!(text.contains("warden_issuance_duration_seconds_count{ca=\"test-ca\"}"));
         assert!(text.trim_end().ends_with("# EOF"));
     }
+}
+
+/// One more HTTPS connection closed by a server limit (`warden_connections_closed_total`).
+pub fn connection_closed(reason: &'static str) {
+    global()
+        .connections_closed
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
 }

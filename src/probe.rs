@@ -305,7 +305,6 @@ impl Runner {
                 self.key_probes[i] = None;
             }
             let target = &self.targets[i];
-            let backend = target.key.backend();
             let ready = matches!(outcome, Outcome::Ready);
             metrics::global()
                 .key_ready
@@ -314,11 +313,6 @@ impl Runner {
                     key: target.key.to_string(),
                 })
                 .set(i64::from(ready));
-            if !ready {
-                metrics::global().device_error(backend);
-            } else if !self.last_ready[i] {
-                metrics::global().device_recovery(backend);
-            }
             checks.push(check(&target.name, target.key.to_string(), outcome));
         }
         let outcome = match self.store_probe.as_mut() {

@@ -387,7 +387,8 @@ fn problem(status: u16, detail: &str) -> Response {
 }
 
 fn error(e: SmError) -> Response {
-    problem(e.status(), &e.to_string())
+    // The whole cause chain (e.g. the ENOSPC under a store error), on one line.
+    problem(e.status(), &crate::error::chain(&e))
 }
 
 fn accepted(value: Value) -> Response {

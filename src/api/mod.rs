@@ -479,6 +479,7 @@ impl Connections {
                 self.stats
                     .handshake_failures
                     .fetch_add(1, Ordering::Relaxed);
+                crate::metrics::connection_closed("handshake_failed");
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 return;
             }
@@ -486,6 +487,7 @@ impl Connections {
                 self.stats
                     .handshake_timeouts
                     .fetch_add(1, Ordering::Relaxed);
+                crate::metrics::connection_closed("handshake_timeout");
                 tracing::debug!(%peer, "TLS handshake timed out");
                 return;
             }
@@ -529,6 +531,7 @@ impl Connections {
                     if let Err(e) = ended {
                         if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
                             self.stats.header_read_timeouts.fetch_add(1, Ordering::Relaxed);
+                            crate::metrics::connection_closed("header_read_timeout");
                         }
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
@@ -537,6 +540,7 @@ impl Connections {
                 () = idle_check, if grace.is_none() => {
                     if activity.idle_for(self.limits.idle_timeout) {
                         self.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::connection_closed("idle_timeout");
                         tracing::debug!(%peer, "idle connection closed");
                         conn.as_mut().graceful_shutdown();
                         grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
@@ -621,6 +625,7 @@ impl Connections {
             }
             let response = if timed_out.load(Ordering::Relaxed) {
                 stats.body_read_timeouts.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::connection_closed("body_read_timeout");
                 let mut response = problem_details(
                     408,
                     None,

@@ -220,7 +220,9 @@ impl CmfError {
 
 impl From<KeyError> for CmfError {
     fn from(e: KeyError) -> Self {
-        if e.is_transient() {
+        // The CA's own key not found is no fault of the client either: the CA cannot sign
+        // until the operator brings the key (or its token) back, so 503 names it.
+        if e.is_transient() || matches!(e, KeyError::NotFound(_)) {
             if crate::log_limit::allow("cmf.key_unavailable") {
                 tracing::warn!(error = %e, "the CA key is unavailable");
             }

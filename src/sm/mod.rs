@@ -327,7 +327,8 @@ impl SmError {
         match self {
             SmError::Nfvo(e) if e.status().is_some() => 502,
             SmError::Nfvo(_) => 503,
-            SmError::Store(_) => 500,
+            // The store refusing commits (a full disk) is an outage, not a fault of the call.
+            SmError::Store(_) => 503,
             SmError::Refused(_) => 403,
             SmError::NotFound(_) => 404,
             SmError::Invalid(_) => 422,

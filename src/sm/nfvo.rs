@@ -25,6 +25,9 @@ use crate::config::{NfvoAuth, NfvoConfig};
 use crate::keys::backends::Backends;
 use crate::keys::signer::HardwareKey;
 
+/// How long a TLS client handshake waits for its signature by the HSM/TPM.
+const CLIENT_SIGN_DEADLINE: Duration = Duration::from_secs(5);
+
 /// The Sc-Or interfaces of IFA 033 clause 6.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -184,6 +187,21 @@ impl Nfvo {
             .map(|i| rest[i..].trim_end_matches('/').to_string())
             .unwrap_or_default();
         let mut interfaces = Vec::new();
+        // The interface keys sign inside the TLS handshake, which tokio-rustls drives on a
+        // runtime worker: sign on the pool's threads and wait at most its deadline, so a hung
+        // HSM/TPM fails that connection instead of holding a worker for ever.
+        let signing = match config.auth {
+            NfvoAuth::Oauth2 => None,
+            NfvoAuth::Mtls => Some(Arc::new(
+                crate::keys::signer::SigningPool::new(
+                    2,
+                    16,
+                    CLIENT_SIGN_DEADLINE,
+                    Arc::new(std::sync::atomic::AtomicU64::new(0)),
+                )
+                .map_err(|e| NfvoError::Setup("signing threads", e.to_string()))?,
+            )),
+        };
         for interface in Interface::ALL {
             let key = match config.auth {
                 NfvoAuth::Oauth2 => ClientKey::None,
@@ -215,10 +233,11 @@ impl Nfvo {
                         .map_err(|e| setup(e.to_string()))?;
                     let key = HardwareKey::new(store, entry.key.clone())
                         .map_err(|e| setup(e.to_string()))?;
-                    ClientKey::Hardware {
-                        chain,
-                        key: key.into_rustls(),
-                    }
+                    let key = match &signing {
+                        Some(pool) => key.into_rustls_bounded(pool.clone()),
+                        None => key.into_rustls(),
+                    };
+                    ClientKey::Hardware { chain, key }
                 }
             };
             let https = HttpsClient::with_key(&config.api_root, &config.ca, key)

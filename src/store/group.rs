@@ -208,11 +208,14 @@ impl GroupShared {
 }
 
 fn log_failure(batch: usize, err: &StoreError) {
-    tracing::error!(
-        batch,
-        error = %crate::error::chain(err),
-        "store group commit failed; every caller of the batch is refused"
-    );
+    // Under a full disk every batch fails: a few lines per window, the rest counted.
+    if crate::log_limit::allow("store.group") {
+        tracing::error!(
+            batch,
+            error = %crate::error::chain(err),
+            "store group commit failed; every caller of the batch is refused"
+        );
+    }
 }
 
 struct CloseOnExit<'a>(&'a GroupShared);

@@ -258,6 +258,7 @@ impl Pkcs11KeyStore {
 
     fn unavailable(&self, operation: &'static str, reason: String) -> KeyError {
         self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global().device_error(crate::keys::BackendKind::Pkcs11);
         KeyError::unavailable(self.device_name(), operation, reason)
     }
 
@@ -327,6 +328,8 @@ impl Pkcs11KeyStore {
                     match outcome {
                         Outcome::Reinitialized => {
                             self.stats.reinitializations.fetch_add(1, Ordering::Relaxed);
+                            crate::metrics::global()
+                                .device_recovery(crate::keys::BackendKind::Pkcs11);
                             tracing::info!(operation, %reason, "PKCS#11 library re-initialized");
                         }
                         Outcome::AlreadyDone => {}
