@@ -417,6 +417,14 @@ impl Drop for OpenConnection {
     }
 }
 
+/// One more HTTPS connection closed by a server limit (`warden_connections_closed_total`).
+pub fn connection_closed(reason: &'static str) {
+    global()
+        .connections_closed
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
+}
+
 #[cfg(test)]
 mod tests {
     /// The reference config's commented `[metrics]` section parses once enabled.
@@ -439,12 +447,4 @@ mod tests {
         assert!(text.contains("warden_issuance_duration_seconds_count{ca=\"test-ca\"}"));
         assert!(text.trim_end().ends_with("# EOF"));
     }
-}
-
-/// One more HTTPS connection closed by a server limit (`warden_connections_closed_total`).
-pub fn connection_closed(reason: &'static str) {
-    global()
-        .connections_closed
-        .get_or_create(&ReasonLabels { reason })
-        .inc();
 }
