@@ -1,0 +1,599 @@
+//! The owner of the TPM connection: one thread drives the ESAPI context, callers hand it
+//! commands and wait for the answer at most a deadline, and a supervisor replaces an owner
+//! thread that stays stuck in the TPM.
+//!
+//! Why a supervisor: the swtpm and mssim TCTIs of libtss2 3.2 block in `read(2)` for the
+//! response (their receive refuses any timeout but "block", ESYS's synchronous calls ask for
+//! "block" anyway, and tss-esapi 7.7 exposes neither `Esys_SetTimeout` nor the socket). A
+//! stopped or hung TPM therefore holds the owner thread for as long as it hangs, and nothing
+//! can interrupt it. So nothing waits on that thread without a bound:
+//!
+//! - a caller waits for its answer at most the command deadline (`command_timeout_ms`,
+//!   `keygen_timeout_ms` for key generation), then gets [`KeyError::Unavailable`];
+//! - when the command in flight passes its deadline, the supervisor abandons that owner
+//!   thread (it exits whenever its read returns, sending nothing more to the TPM, and its
+//!   result is discarded), fails every queued command at once, marks the TPM down, and starts
+//!   a new owner thread that reconnects with backoff;
+//! - while the TPM is down, commands fail immediately with `Unavailable` naming the cause,
+//!   until a reconnection has answered a command (TPM2_GetCapability of the transient
+//!   handles, which are then flushed: the abandoned connection may have left one loaded);
+//! - at most `max_waiting_commands` callers wait at a time; more fail at once, so callers
+//!   blocked on the TPM can never fill a thread pool that other work needs;
+//! - at most [`MAX_ABANDONED`] abandoned threads are alive at a time: while a TPM hangs, the
+//!   reconnection also hangs, and the supervisor waits for one to come back before it tries
+//!   again, instead of piling up threads.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::connection::{explain, Target, Worker};
+use crate::keys::KeyError;
+
+/// Deadlines and the bound on waiting callers.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Limits {
+    pub command: Duration,
+    pub keygen: Duration,
+    pub max_waiting: usize,
+}
+
+/// Which deadline a command gets.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Deadline {
+    /// Every command but key generation.
+    Command,
+    /// TPM2_Create / TPM2_CreatePrimary: an RSA key takes a hardware TPM seconds.
+    KeyGeneration,
+}
+
+impl Limits {
+    fn of(&self, deadline: Deadline) -> Duration {
+        match deadline {
+            Deadline::Command => self.command,
+            Deadline::KeyGeneration => self.keygen,
+        }
+    }
+}
+
+/// Abandoned owner threads that may be alive at once (each holds one stuck connection).
+pub(super) const MAX_ABANDONED: usize = 2;
+
+const RECONNECT_FIRST: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
+/// The callers' side: queue a command, wait for its answer within its deadline.
+pub(super) struct Owner {
+    shared: Arc<Shared>,
+    supervisor: Option<JoinHandle<()>>,
+}
+
+type Job = Box<dyn FnOnce(&mut Worker, Instant) + Send>;
+
+struct Shared {
+    state: Mutex<State>,
+    /// Owner threads wait here for jobs (and reconnection pauses end here early).
+    jobs: Condvar,
+    /// The supervisor and `Drop` wait here.
+    watch: Condvar,
+    /// Callers inside [`Owner::call`].
+    waiting: AtomicUsize,
+    limits: Limits,
+    target: Arc<Target>,
+}
+
+struct State {
+    queue: VecDeque<Queued>,
+    next_id: u64,
+    /// Generation of the current owner thread; older generations are abandoned.
+    generation: u64,
+    /// The current owner thread's abandon flag, while it runs.
+    owner: Option<Arc<AtomicBool>>,
+    /// What the current owner thread is waiting for the TPM on, and until when.
+    busy: Option<Busy>,
+    health: Health,
+    abandoned_alive: usize,
+    /// The supervisor waits without a timeout: a new `busy` must wake it.
+    supervisor_idle: bool,
+    stopping: bool,
+}
+
+struct Queued {
+    id: u64,
+    operation: &'static str,
+    deadline: Deadline,
+    job: Job,
+}
+
+struct Busy {
+    what: &'static str,
+    deadline: Instant,
+    limit: Duration,
+}
+
+#[derive(Clone, Debug)]
+enum Health {
+    /// The first connection is being made: commands queue.
+    Starting,
+    Up,
+    /// Commands fail at once with this reason until a reconnection succeeds.
+    Down(String),
+}
+
+impl Owner {
+    pub fn start(target: Target, limits: Limits) -> Result<Owner, KeyError> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                next_id: 0,
+                generation: 0,
+                owner: None,
+                busy: None,
+                health: Health::Starting,
+                abandoned_alive: 0,
+                supervisor_idle: false,
+                stopping: false,
+            }),
+            jobs: Condvar::new(),
+            watch: Condvar::new(),
+            waiting: AtomicUsize::new(0),
+            limits,
+            target: Arc::new(target),
+        });
+        spawn_owner(&shared, &mut shared.lock())?;
+        let watched = shared.clone();
+        let supervisor = std::thread::Builder::new()
+            .name("tpm-supervisor".to_string())
+            .spawn(move || supervise(&watched));
+        let supervisor = match supervisor {
+            Ok(handle) => handle,
+            Err(e) => {
+                shared.stop();
+                return Err(KeyError::TpmOther(format!(
+                    "cannot start the TPM supervisor thread: {e}"
+                )));
+            }
+        };
+        Ok(Owner {
+            shared,
+            supervisor: Some(supervisor),
+        })
+    }
+
+    /// Run `job` on the owner thread and wait for its answer at most the deadline of its
+    /// kind. `Unavailable` at once when the TPM is down or too many callers already wait.
+    pub fn call<T, F>(
+        &self,
+        operation: &'static str,
+        deadline: Deadline,
+        job: F,
+    ) -> Result<T, KeyError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Worker, Instant) -> Result<T, KeyError> + Send + 'static,
+    {
+        let _permit = Permit::take(&self.shared, operation)?;
+        let limit = self.shared.limits.of(deadline);
+        let (reply, answer) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |worker, deadline| {
+            // The caller may have gone away (deadline passed); the answer is dropped then.
+            let _ = reply.send(job(worker, deadline));
+        });
+        let id = {
+            let mut state = self.shared.lock();
+            if state.stopping {
+                return Err(stopped(operation));
+            }
+            if let Health::Down(reason) = &state.health {
+                return Err(KeyError::Unavailable {
+                    operation,
+                    reason: reason.clone(),
+                });
+            }
+            let id = state.next_id;
+            state.next_id += 1;
+            state.queue.push_back(Queued {
+                id,
+                operation,
+                deadline,
+                job,
+            });
+            id
+        };
+        self.shared.jobs.notify_all();
+        match answer.recv_timeout(limit) {
+            Ok(result) => result,
+            // The job was dropped unrun: the TPM went down (or the store is closing).
+            Err(RecvTimeoutError::Disconnected) => Err(KeyError::Unavailable {
+                operation,
+                reason: self.shared.down_reason(),
+            }),
+            Err(RecvTimeoutError::Timeout) => {
+                let queued = {
+                    let mut state = self.shared.lock();
+                    let before = state.queue.len();
+                    state.queue.retain(|q| q.id != id);
+                    state.queue.len() != before
+                };
+                // The answer may have come in between the timeout and the lock.
+                if let Ok(result) = answer.try_recv() {
+                    return result;
+                }
+                let waited = limit.as_millis();
+                Err(KeyError::Unavailable {
+                    operation,
+                    reason: if queued {
+                        format!("the TPM did not take the command within {waited} ms (busy)")
+                    } else {
+                        format!("no answer from the TPM within {waited} ms")
+                    },
+                })
+            }
+        }
+    }
+}
+
+impl Owner {
+    /// Why the TPM counts as down (commands fail at once), or `None` while it is up.
+    pub fn down_reason(&self) -> Option<String> {
+        match &self.shared.lock().health {
+            Health::Down(reason) => Some(reason.clone()),
+            Health::Starting | Health::Up => None,
+        }
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.shared.stop();
+        if let Some(supervisor) = self.supervisor.take() {
+            let _ = supervisor.join();
+        }
+        // Let the current owner thread close its connection (a new store on the same TPM may
+        // follow), but never wait on a TPM that hangs: past the deadline it is left to exit
+        // on its own.
+        let until = Instant::now() + self.shared.limits.command;
+        let mut state = self.shared.lock();
+        while state.owner.is_some() {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            state = self
+                .shared
+                .watch
+                .wait_timeout(state, until - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// One caller inside [`Owner::call`]; at most `max_waiting` exist.
+struct Permit<'a>(&'a AtomicUsize);
+
+impl<'a> Permit<'a> {
+    fn take(shared: &'a Shared, operation: &'static str) -> Result<Permit<'a>, KeyError> {
+        let max = shared.limits.max_waiting;
+        if shared.waiting.fetch_add(1, Ordering::AcqRel) >= max {
+            shared.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(KeyError::Unavailable {
+                operation,
+                reason: format!("{max} TPM commands are already waiting (max_waiting_commands)"),
+            });
+        }
+        Ok(Permit(&shared.waiting))
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn stopped(operation: &'static str) -> KeyError {
+    KeyError::Unavailable {
+        operation,
+        reason: "the TPM key store is closing".to_string(),
+    }
+}
+
+impl Shared {
+    /// The state lock. No code panics while holding it (jobs run outside it), so a poisoned
+    /// lock still guards consistent state and is used as is.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stop(&self) {
+        {
+            let mut state = self.lock();
+            state.stopping = true;
+            state.queue.clear();
+        }
+        self.jobs.notify_all();
+        self.watch.notify_all();
+    }
+
+    fn down_reason(&self) -> String {
+        let state = self.lock();
+        match &state.health {
+            Health::Down(reason) => reason.clone(),
+            _ if state.stopping => "the TPM key store is closing".to_string(),
+            _ => "the TPM connection was reset".to_string(),
+        }
+    }
+
+    /// Mark `generation` as waiting on the TPM for `what` until `limit` from now; false when
+    /// that generation was abandoned or the store is closing.
+    fn begin(&self, generation: u64, what: &'static str, limit: Duration) -> bool {
+        let mut state = self.lock();
+        if state.stopping || state.generation != generation {
+            return false;
+        }
+        state.busy = Some(Busy {
+            what,
+            deadline: Instant::now() + limit,
+            limit,
+        });
+        if state.supervisor_idle {
+            self.watch.notify_all();
+        }
+        true
+    }
+
+    /// The TPM answered; false when the answer came too late (the generation was abandoned).
+    fn end(&self, generation: u64) -> bool {
+        let mut state = self.lock();
+        if state.generation != generation {
+            return false;
+        }
+        state.busy = None;
+        true
+    }
+
+    /// The next job for `generation` (waiting for one), marked busy; `None` when that
+    /// generation was abandoned or the store is closing.
+    fn next_job(&self, generation: u64) -> Option<(Job, Instant)> {
+        let mut state = self.lock();
+        loop {
+            if state.stopping || state.generation != generation {
+                return None;
+            }
+            if let Some(queued) = state.queue.pop_front() {
+                let limit = self.limits.of(queued.deadline);
+                let deadline = Instant::now() + limit;
+                state.busy = Some(Busy {
+                    what: queued.operation,
+                    deadline,
+                    limit,
+                });
+                if state.supervisor_idle {
+                    self.watch.notify_all();
+                }
+                return Some((queued.job, deadline));
+            }
+            state = self
+                .jobs
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// The connection of `generation` is up.
+    fn up(&self, generation: u64) {
+        let mut state = self.lock();
+        if state.generation != generation {
+            return;
+        }
+        if let Health::Down(reason) = &state.health {
+            tracing::info!(tcti = %self.target.tcti_text, was = %reason, "TPM connection re-established");
+        }
+        state.health = Health::Up;
+    }
+
+    /// The connection of `generation` is lost: down with `reason`, queued commands fail.
+    fn down(&self, generation: u64, reason: String) {
+        let mut state = self.lock();
+        if state.generation != generation {
+            return;
+        }
+        if !matches!(&state.health, Health::Down(_)) {
+            tracing::error!(tcti = %self.target.tcti_text, reason = %reason, "TPM unavailable; reconnecting with backoff");
+        }
+        state.health = Health::Down(reason);
+        // Dropping a job drops its reply channel: its caller fails at once.
+        state.queue.clear();
+    }
+
+    /// Sleep `delay` before the next reconnection; false when `generation` was abandoned or
+    /// the store is closing.
+    fn pause(&self, generation: u64, delay: Duration) -> bool {
+        let until = Instant::now() + delay;
+        let mut state = self.lock();
+        loop {
+            if state.stopping || state.generation != generation {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return true;
+            }
+            state = self
+                .jobs
+                .wait_timeout(state, until - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// An owner thread ends.
+    fn exited(&self, generation: u64) {
+        let mut state = self.lock();
+        if state.generation == generation {
+            state.owner = None;
+            state.busy = None;
+        } else {
+            state.abandoned_alive = state.abandoned_alive.saturating_sub(1);
+        }
+        self.watch.notify_all();
+    }
+}
+
+fn spawn_owner(shared: &Arc<Shared>, state: &mut State) -> Result<(), KeyError> {
+    let generation = state.generation;
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let flag = abandoned.clone();
+    let owned = shared.clone();
+    std::thread::Builder::new()
+        .name(format!("tpm-owner-{generation}"))
+        .spawn(move || owner_thread(&owned, generation, flag))
+        .map_err(|e| KeyError::TpmOther(format!("cannot start a TPM owner thread: {e}")))?;
+    state.owner = Some(abandoned);
+    Ok(())
+}
+
+/// The supervisor: abandons an owner thread whose TPM call passed its deadline, and starts
+/// the next owner thread once no more than [`MAX_ABANDONED`] abandoned ones are alive.
+fn supervise(shared: &Arc<Shared>) {
+    let mut state = shared.lock();
+    loop {
+        state.supervisor_idle = false;
+        if state.stopping {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(busy) = &state.busy {
+            if now < busy.deadline {
+                let wait = busy.deadline - now;
+                state = shared
+                    .watch
+                    .wait_timeout(state, wait)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                continue;
+            }
+            let reason = format!(
+                "{} got no answer from the TPM within {} ms; the connection was abandoned and \
+                 is being rebuilt",
+                busy.what,
+                busy.limit.as_millis()
+            );
+            tracing::error!(tcti = %shared.target.tcti_text, reason = %reason, "TPM hung");
+            abandon(&mut state, reason);
+            shared.jobs.notify_all();
+            continue;
+        }
+        if state.owner.is_none() && state.abandoned_alive < MAX_ABANDONED {
+            if let Err(e) = spawn_owner(shared, &mut state) {
+                state.health = Health::Down(e.to_string());
+                state = shared
+                    .watch
+                    .wait_timeout(state, RECONNECT_MAX)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            continue;
+        }
+        state.supervisor_idle = true;
+        state = shared
+            .watch
+            .wait(state)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
+/// Give up on the current owner thread: it may stay stuck in the TPM for good.
+fn abandon(state: &mut State, reason: String) {
+    if let Some(flag) = state.owner.take() {
+        flag.store(true, Ordering::Release);
+        state.abandoned_alive += 1;
+    }
+    state.generation += 1;
+    state.busy = None;
+    state.health = Health::Down(reason);
+    state.queue.clear();
+}
+
+/// One owner thread: connect (with backoff), then run jobs until abandoned, stopped, or the
+/// connection is lost (then back to connecting).
+fn owner_thread(shared: &Arc<Shared>, generation: u64, abandoned: Arc<AtomicBool>) {
+    let mut worker = Worker::new(shared.target.clone(), abandoned);
+    let mut delay: Option<Duration> = None;
+    'connect: loop {
+        // Connect: the reconnection has to answer a real command (the transient flush) to
+        // count as up; a stopped swtpm still accepts TCP connections.
+        loop {
+            if let Some(wait) = delay {
+                if !shared.pause(generation, wait) {
+                    break 'connect;
+                }
+            }
+            if !shared.begin(generation, "connecting", shared.limits.command) {
+                break 'connect;
+            }
+            let connected = worker.connect();
+            if !shared.end(generation) {
+                break 'connect;
+            }
+            match connected {
+                Ok(()) => {
+                    shared.up(generation);
+                    break;
+                }
+                Err(e) => {
+                    shared.down(
+                        generation,
+                        format!(
+                            "cannot connect to TPM '{}': {}",
+                            shared.target.tcti_text,
+                            explain(&e)
+                        ),
+                    );
+                    delay = Some(next_delay(delay));
+                }
+            }
+        }
+        // Serve.
+        loop {
+            let Some((job, deadline)) = shared.next_job(generation) else {
+                break 'connect;
+            };
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                job(&mut worker, deadline)
+            }));
+            if outcome.is_err() {
+                // The job's reply channel is gone, so its caller gets Unavailable. Start from
+                // a fresh context: the old one may be mid-command.
+                tracing::error!("TPM command panicked; resetting the TPM connection");
+                worker.connection = None;
+                worker.lost = Some("a TPM command panicked".to_string());
+            }
+            if !shared.end(generation) {
+                break 'connect;
+            }
+            if worker.connection.is_none() {
+                let reason = worker
+                    .lost
+                    .take()
+                    .unwrap_or_else(|| "the TPM connection was lost".to_string());
+                shared.down(generation, reason);
+                delay = Some(RECONNECT_FIRST);
+                continue 'connect;
+            }
+        }
+    }
+    worker.close();
+    shared.exited(generation);
+}
+
+fn next_delay(delay: Option<Duration>) -> Duration {
+    match delay {
+        None => RECONNECT_FIRST,
+        Some(d) => (d * 2).min(RECONNECT_MAX),
+    }
+}
