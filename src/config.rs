@@ -126,8 +126,9 @@ pub struct TpmConfig {
     /// hardware TPM takes seconds for an RSA key.
     #[serde(default = "default_tpm_keygen_timeout_ms")]
     pub keygen_timeout_ms: u64,
-    /// Callers that may wait on the TPM at once; more are refused at once (503). Keep it
-    /// well below the server's blocking threads (16), so a hung TPM cannot hold them all.
+    /// Callers that may wait on the TPM at once. More wait for a slot only while the TPM
+    /// keeps answering, and are refused (503) once it stalls. Keep it well below the
+    /// server's blocking threads (16), so a hung TPM cannot hold them all.
     #[serde(default = "default_tpm_max_waiting_commands")]
     pub max_waiting_commands: usize,
 }

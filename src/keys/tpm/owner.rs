@@ -17,14 +17,16 @@
 //! - while the TPM is down, commands fail immediately with `Unavailable` naming the cause,
 //!   until a reconnection has answered a command (TPM2_GetCapability of the transient
 //!   handles, which are then flushed: the abandoned connection may have left one loaded);
-//! - at most `max_waiting_commands` callers wait at a time; more fail at once, so callers
-//!   blocked on the TPM can never fill a thread pool that other work needs;
+//! - at most `max_waiting_commands` callers wait on the TPM at a time, so callers blocked on
+//!   a hung TPM can never fill a thread pool that other work needs. More callers wait for a
+//!   slot only while the TPM keeps answering (its command in flight is younger than
+//!   [`STALL`]); once it stalls they fail at once;
 //! - at most [`MAX_ABANDONED`] abandoned threads are alive at a time: while a TPM hangs, the
 //!   reconnection also hangs, and the supervisor waits for one to come back before it tries
 //!   again, instead of piling up threads.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -59,6 +61,10 @@ impl Limits {
     }
 }
 
+/// A command in flight for longer than this counts as a stall: callers beyond
+/// `max_waiting` stop waiting for a slot (a TPM command normally takes 1-300 ms).
+pub(super) const STALL: Duration = Duration::from_millis(500);
+
 /// Abandoned owner threads that may be alive at once (each holds one stuck connection).
 pub(super) const MAX_ABANDONED: usize = 2;
 
@@ -79,8 +85,8 @@ struct Shared {
     jobs: Condvar,
     /// The supervisor and `Drop` wait here.
     watch: Condvar,
-    /// Callers inside [`Owner::call`].
-    waiting: AtomicUsize,
+    /// Callers beyond `max_waiting` wait here for a slot.
+    slots: Condvar,
     limits: Limits,
     target: Arc<Target>,
 }
@@ -98,6 +104,10 @@ struct State {
     abandoned_alive: usize,
     /// The supervisor waits without a timeout: a new `busy` must wake it.
     supervisor_idle: bool,
+    /// Callers holding a slot (queued or in flight), at most `max_waiting`.
+    waiting: usize,
+    /// Callers waiting for a slot.
+    waiting_for_slot: usize,
     stopping: bool,
 }
 
@@ -110,6 +120,7 @@ struct Queued {
 
 struct Busy {
     what: &'static str,
+    started: Instant,
     deadline: Instant,
     limit: Duration,
 }
@@ -135,11 +146,13 @@ impl Owner {
                 health: Health::Starting,
                 abandoned_alive: 0,
                 supervisor_idle: false,
+                waiting: 0,
+                waiting_for_slot: 0,
                 stopping: false,
             }),
             jobs: Condvar::new(),
             watch: Condvar::new(),
-            waiting: AtomicUsize::new(0),
+            slots: Condvar::new(),
             limits,
             target: Arc::new(target),
         });
@@ -175,24 +188,15 @@ impl Owner {
         T: Send + 'static,
         F: FnOnce(&mut Worker, Instant) -> Result<T, KeyError> + Send + 'static,
     {
-        let _permit = Permit::take(&self.shared, operation)?;
         let limit = self.shared.limits.of(deadline);
+        let until = Instant::now() + limit;
         let (reply, answer) = mpsc::sync_channel(1);
         let job: Job = Box::new(move |worker, deadline| {
             // The caller may have gone away (deadline passed); the answer is dropped then.
             let _ = reply.send(job(worker, deadline));
         });
         let id = {
-            let mut state = self.shared.lock();
-            if state.stopping {
-                return Err(stopped(operation));
-            }
-            if let Health::Down(reason) = &state.health {
-                return Err(KeyError::Unavailable {
-                    operation,
-                    reason: reason.clone(),
-                });
-            }
+            let mut state = self.shared.slot(operation, until)?;
             let id = state.next_id;
             state.next_id += 1;
             state.queue.push_back(Queued {
@@ -203,6 +207,7 @@ impl Owner {
             });
             id
         };
+        let _slot = Slot(&self.shared);
         self.shared.jobs.notify_all();
         match answer.recv_timeout(limit) {
             Ok(result) => result,
@@ -272,26 +277,16 @@ impl Drop for Owner {
     }
 }
 
-/// One caller inside [`Owner::call`]; at most `max_waiting` exist.
-struct Permit<'a>(&'a AtomicUsize);
+/// A caller's slot among the `max_waiting` (taken by [`Shared::slot`]); released on drop.
+struct Slot<'a>(&'a Shared);
 
-impl<'a> Permit<'a> {
-    fn take(shared: &'a Shared, operation: &'static str) -> Result<Permit<'a>, KeyError> {
-        let max = shared.limits.max_waiting;
-        if shared.waiting.fetch_add(1, Ordering::AcqRel) >= max {
-            shared.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(KeyError::Unavailable {
-                operation,
-                reason: format!("{max} TPM commands are already waiting (max_waiting_commands)"),
-            });
-        }
-        Ok(Permit(&shared.waiting))
-    }
-}
-
-impl Drop for Permit<'_> {
+impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut state = self.0.lock();
+        state.waiting = state.waiting.saturating_sub(1);
+        if state.waiting_for_slot > 0 {
+            self.0.slots.notify_one();
+        }
     }
 }
 
@@ -309,6 +304,55 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Take a slot among the `max_waiting` for a caller whose deadline is `until`: at once
+    /// when one is free; otherwise wait for one while the TPM keeps answering. Fails at once
+    /// while the TPM is down or the store is closing. On success the state is still locked
+    /// and the caller must queue its job and then hold a [`Slot`].
+    fn slot(
+        &self,
+        operation: &'static str,
+        until: Instant,
+    ) -> Result<MutexGuard<'_, State>, KeyError> {
+        let max = self.limits.max_waiting;
+        let mut state = self.lock();
+        loop {
+            if state.stopping {
+                return Err(stopped(operation));
+            }
+            if let Health::Down(reason) = &state.health {
+                return Err(KeyError::Unavailable {
+                    operation,
+                    reason: reason.clone(),
+                });
+            }
+            if state.waiting < max {
+                state.waiting += 1;
+                return Ok(state);
+            }
+            let now = Instant::now();
+            let stalled = state
+                .busy
+                .as_ref()
+                .is_some_and(|busy| now.duration_since(busy.started) >= STALL);
+            if stalled || now >= until {
+                return Err(KeyError::Unavailable {
+                    operation,
+                    reason: format!(
+                        "{max} TPM commands are already waiting (max_waiting_commands) and \
+                         the TPM is not keeping up"
+                    ),
+                });
+            }
+            state.waiting_for_slot += 1;
+            state = self
+                .slots
+                .wait_timeout(state, (until - now).min(STALL))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            state.waiting_for_slot -= 1;
+        }
+    }
+
     fn stop(&self) {
         {
             let mut state = self.lock();
@@ -317,6 +361,7 @@ impl Shared {
         }
         self.jobs.notify_all();
         self.watch.notify_all();
+        self.slots.notify_all();
     }
 
     fn down_reason(&self) -> String {
@@ -335,9 +380,11 @@ impl Shared {
         if state.stopping || state.generation != generation {
             return false;
         }
+        let started = Instant::now();
         state.busy = Some(Busy {
             what,
-            deadline: Instant::now() + limit,
+            started,
+            deadline: started + limit,
             limit,
         });
         if state.supervisor_idle {
@@ -366,9 +413,11 @@ impl Shared {
             }
             if let Some(queued) = state.queue.pop_front() {
                 let limit = self.limits.of(queued.deadline);
-                let deadline = Instant::now() + limit;
+                let started = Instant::now();
+                let deadline = started + limit;
                 state.busy = Some(Busy {
                     what: queued.operation,
+                    started,
                     deadline,
                     limit,
                 });
@@ -406,8 +455,10 @@ impl Shared {
             tracing::error!(tcti = %self.target.tcti_text, reason = %reason, "TPM unavailable; reconnecting with backoff");
         }
         state.health = Health::Down(reason);
-        // Dropping a job drops its reply channel: its caller fails at once.
+        // Dropping a job drops its reply channel: its caller fails at once; so do callers
+        // waiting for a slot.
         state.queue.clear();
+        self.slots.notify_all();
     }
 
     /// Sleep `delay` before the next reconnection; false when `generation` was abandoned or
@@ -486,6 +537,7 @@ fn supervise(shared: &Arc<Shared>) {
             tracing::error!(tcti = %shared.target.tcti_text, reason = %reason, "TPM hung");
             abandon(&mut state, reason);
             shared.jobs.notify_all();
+            shared.slots.notify_all();
             continue;
         }
         if state.owner.is_none() && state.abandoned_alive < MAX_ABANDONED {
