@@ -66,7 +66,7 @@ impl Limits {
 pub(super) const STALL: Duration = Duration::from_millis(500);
 
 /// Abandoned owner threads that may be alive at once (each holds one stuck connection).
-pub(super) const MAX_ABANDONED: usize = 2;
+pub(super) const MAX_ABANDONED: usize = 3;
 
 const RECONNECT_FIRST: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
