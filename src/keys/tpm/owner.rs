@@ -21,9 +21,15 @@
 //!   a hung TPM can never fill a thread pool that other work needs. More callers wait for a
 //!   slot only while the TPM keeps answering (its command in flight is younger than
 //!   [`STALL`]); once it stalls they fail at once;
-//! - at most [`MAX_ABANDONED`] abandoned threads are alive at a time: while a TPM hangs, the
-//!   reconnection also hangs, and the supervisor waits for one to come back before it tries
-//!   again, instead of piling up threads.
+//! - a fresh connection helps when only the old connection hung (a half-open connection);
+//!   when the reconnection hangs too, the TPM itself hangs. And a TPM without a resource
+//!   manager (swtpm, mssim) serves one connection at a time, so a new connection is served
+//!   only after the stuck one anyway. In both cases the supervisor waits until the abandoned
+//!   thread comes back (the TPM answers again) or a long pause passes (six command
+//!   deadlines) before it tries again, and never keeps more than [`MAX_ABANDONED`]
+//!   abandoned threads alive. Piling up connections would not help and hurts: swtpm listens with a
+//!   backlog of 1, so connection attempts refused during the stall come back only on TCP's
+//!   SYN retransmission timer (1 s, 3 s, ...), competing with the recovered connection.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +70,13 @@ impl Limits {
 /// A command in flight for longer than this counts as a stall: callers beyond
 /// `max_waiting` stop waiting for a slot (a TPM command normally takes 1-300 ms).
 pub(super) const STALL: Duration = Duration::from_millis(500);
+
+/// What an owner thread is busy with while it (re)connects.
+const CONNECTING: &str = "connecting to the TPM";
+
+/// After a reconnection hung, wait this many command deadlines before the next attempt
+/// (unless an abandoned thread comes back first).
+const HUNG_RECONNECT_PAUSE: u32 = 6;
 
 /// Abandoned owner threads that may be alive at once (each holds one stuck connection).
 pub(super) const MAX_ABANDONED: usize = 3;
@@ -108,6 +121,9 @@ struct State {
     waiting: usize,
     /// Callers waiting for a slot.
     waiting_for_slot: usize,
+    /// After a reconnection hung: no new owner thread before this, unless an abandoned
+    /// thread comes back first.
+    respawn_after: Option<Instant>,
     stopping: bool,
 }
 
@@ -148,6 +164,7 @@ impl Owner {
                 supervisor_idle: false,
                 waiting: 0,
                 waiting_for_slot: 0,
+                respawn_after: None,
                 stopping: false,
             }),
             jobs: Condvar::new(),
@@ -489,7 +506,9 @@ impl Shared {
             state.owner = None;
             state.busy = None;
         } else {
+            // Its TPM call returned: the TPM answers again, so reconnect now.
             state.abandoned_alive = state.abandoned_alive.saturating_sub(1);
+            state.respawn_after = None;
         }
         self.watch.notify_all();
     }
@@ -535,12 +554,29 @@ fn supervise(shared: &Arc<Shared>) {
                 busy.limit.as_millis()
             );
             tracing::error!(tcti = %shared.target.tcti_text, reason = %reason, "TPM hung");
+            // A TPM without a resource manager (swtpm, mssim) serves one connection at a
+            // time: a new one is served only after the stuck one, so wait for it to come back.
+            // So does a reconnection that hung: the TPM itself hangs, not a connection.
+            if busy.what == CONNECTING || shared.target.shares_transients() {
+                state.respawn_after = Some(now + shared.limits.command * HUNG_RECONNECT_PAUSE);
+            }
             abandon(&mut state, reason);
             shared.jobs.notify_all();
             shared.slots.notify_all();
             continue;
         }
         if state.owner.is_none() && state.abandoned_alive < MAX_ABANDONED {
+            if let Some(after) = state.respawn_after {
+                if now < after {
+                    state = shared
+                        .watch
+                        .wait_timeout(state, after - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                    continue;
+                }
+                state.respawn_after = None;
+            }
             if let Err(e) = spawn_owner(shared, &mut state) {
                 state.health = Health::Down(e.to_string());
                 state = shared
@@ -585,7 +621,7 @@ fn owner_thread(shared: &Arc<Shared>, generation: u64, abandoned: Arc<AtomicBool
                     break 'connect;
                 }
             }
-            if !shared.begin(generation, "connecting", shared.limits.command) {
+            if !shared.begin(generation, CONNECTING, shared.limits.command) {
                 break 'connect;
             }
             let connected = worker.connect();
