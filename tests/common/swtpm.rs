@@ -230,10 +230,10 @@ pub fn tpm_config(tcti: &str) -> nfv_warden::config::TpmConfig {
     }
 }
 
-/// Poll `probe` until it gives a value; a generous bound (60 s) guards against a hang, it is
+/// Poll `probe` until it gives a value; a generous bound (120 s) guards against a hang, it is
 /// not what a test checks.
 pub fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Some(value) = probe() {
             return value;
