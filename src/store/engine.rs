@@ -93,7 +93,8 @@ impl Store {
         }
         // redb initializes an empty file as a new database. On failure the half-made file is
         // removed so that a second `store init` is not refused by our own leftover.
-        let created = redb::Database::create(path)
+        let created = builder()
+            .create(path)
             .map_err(|source| StoreError::Open {
                 path: path.to_path_buf(),
                 source,
@@ -119,7 +120,7 @@ impl Store {
     /// [`Store::open_existing`] so that a lost store is never replaced by an empty one.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         create_parent(path)?;
-        let db = redb::Database::create(path).map_err(|source| StoreError::Open {
+        let db = builder().create(path).map_err(|source| StoreError::Open {
             path: path.to_path_buf(),
             source,
         })?;
@@ -340,11 +341,24 @@ fn inspect(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// redb's page cache ceiling. redb's own default is 1 GiB, and the cache is a ceiling, not a
+/// reservation: pages once touched stay resident, so the agent's RSS grew with the number of
+/// certificates it had issued. The interior B-tree pages, which every lookup re-touches, of a
+/// store with millions of certificates fit in a few MiB; the kernel's page cache still holds
+/// the file for reads that miss.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+fn builder() -> redb::Builder {
+    let mut builder = redb::Builder::new();
+    builder.set_cache_size(CACHE_BYTES);
+    builder
+}
+
 /// Opens an existing redb file, verifying every page's checksum: a plain redb open trusts a
 /// file that was shut down cleanly and may panic on one altered outside redb (redb 4.6
 /// `Database::open` docs), where the check reports `StorageError::Corrupted` instead.
 fn open_checked(path: &Path) -> Result<redb::Database, StoreError> {
-    redb::Builder::new()
+    builder()
         .set_check_integrity_on_open(true)
         .open(path)
         .map_err(|source| StoreError::Open {
