@@ -404,17 +404,7 @@ impl Nfvo {
         api: Api,
         path: &str,
     ) -> Result<Value, NfvoError> {
-        let response = self
-            .call(Request {
-                interface,
-                api,
-                method: "GET",
-                path,
-                body: None,
-                repeat: Repeat::Idempotent,
-            })
-            .await?;
-        parse_json(path, &response)
+        self.get_typed(interface, api, path).await
     }
 
     /// GET a JSON document as `T`.
