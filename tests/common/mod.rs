@@ -3,6 +3,7 @@ pub mod agent;
 pub mod attest;
 pub mod cmf;
 pub mod nfvo;
+pub mod openstack;
 pub mod shell;
 pub mod sm;
 pub mod softhsm;
