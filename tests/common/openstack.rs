@@ -6,7 +6,8 @@
 //!   `tests/peers/openstack-up.sh DIR` (it is never stopped by the tests; handy while
 //!   developing, and CI may start one before `cargo test`).
 //! - Otherwise `tests/peers/openstack-up.sh` runs in a fresh directory under the temp dir, on
-//!   free loopback ports, with two fake compute hosts (`OS_COMPUTES=2`, migrations need two).
+//!   free loopback ports, with two fake compute hosts (`OS_COMPUTES=2`, migrations need two)
+//!   and Aodh (`OS_AODH=1`, event alarms).
 //!   It needs root (it installs the Debian packages on first use and runs MariaDB/RabbitMQ as
 //!   plain processes). A watcher process (its own session) waits for this test process to exit
 //!   and then runs `openstack-down.sh DIR --wipe`, which stops exactly the PIDs the up script
@@ -110,6 +111,7 @@ impl Cloud {
         up.arg(peers_dir().join("openstack-up.sh"))
             .arg(&dir)
             .env("OS_COMPUTES", "2")
+            .env("OS_AODH", "1")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup up.log"))
             .stderr(log_file);
