@@ -511,3 +511,72 @@ fn sh_ok(dir: &std::path::Path, script: &str) {
     let (ok, out) = run(dir, script);
     assert!(ok, "{script}: {out}");
 }
+
+/// The CA key in a real swtpm: the CRL and the OCSP responses are signed by the TPM; while
+/// the TPM is gone the last CRL is still served and OCSP answers tryLater, the revocation is
+/// durable anyway, and once the TPM is back the new CRL follows without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crl_and_ocsp_signed_in_the_tpm_survive_a_tpm_outage() {
+    let mut swtpm = common::swtpm::Swtpm::start();
+    let mut agent = CmfAgent::with_ca_key("", Some(&swtpm.tcti()));
+    agent.start();
+    let dir = agent.dir().to_path_buf();
+    register(&agent, "vnfm-a", "vnfc-t1", None).await;
+    register(&agent, "vnfm-a", "vnfc-t2", None).await;
+    let (first, pem) = enroll(&agent, "vnfm-a", "vnfc-t1", "t1").await;
+    let (second, _) = enroll(&agent, "vnfm-a", "vnfc-t2", "t2").await;
+    let (crl_url, ocsp_url) = revocation_urls(&pem);
+    agent.warden(&["certs", "revoke", &first, "--reason", "keyCompromise"]);
+    let (number, _) = crl_until(&dir, &crl_url, "the first revocation", |_, t| {
+        t.contains(&crl_serial(&first))
+    });
+    let (ok, out) = run(
+        &dir,
+        "openssl verify -crl_check -CAfile ca.pem -CRLfile crl.pem t1.pem",
+    );
+    assert!(!ok && out.contains("certificate revoked"), "{out}");
+    let (ok, out) = run(
+        &dir,
+        &format!("openssl ocsp -issuer ca.pem -cert t1.pem -url {ocsp_url} -CAfile ca.pem -nonce"),
+    );
+    assert!(
+        ok && out.contains("Response verify OK") && out.contains("t1.pem: revoked"),
+        "{out}"
+    );
+
+    // The TPM goes away: the revocation is still recorded, OCSP says tryLater, the last
+    // CRL is still served.
+    swtpm.kill();
+    agent.warden(&["certs", "revoke", &second, "--reason", "superseded"]);
+    let (_, out) = run(
+        &dir,
+        &format!("openssl ocsp -issuer ca.pem -cert t2.pem -url {ocsp_url} -CAfile ca.pem -nonce"),
+    );
+    assert!(out.to_ascii_lowercase().contains("trylater"), "{out}");
+    let (still, text) = fetch_crl(&dir, &crl_url);
+    assert_eq!(still, number, "{text}");
+    assert!(!text.contains(&crl_serial(&second)), "{text}");
+
+    // The TPM is back: the next CRL has the second revocation, without an agent restart.
+    swtpm.restart();
+    let (after, _) = crl_until(
+        &dir,
+        &crl_url,
+        "the revocation made during the outage",
+        |_, t| t.contains(&crl_serial(&second)),
+    );
+    assert!(after > number);
+    let (ok, out) = run(
+        &dir,
+        "openssl verify -crl_check -CAfile ca.pem -CRLfile crl.pem t2.pem",
+    );
+    assert!(!ok && out.contains("certificate revoked"), "{out}");
+    let (ok, out) = run(
+        &dir,
+        &format!("openssl ocsp -issuer ca.pem -cert t2.pem -url {ocsp_url} -CAfile ca.pem -nonce"),
+    );
+    assert!(
+        ok && out.contains("Response verify OK") && out.contains("t2.pem: revoked"),
+        "{out}"
+    );
+}
