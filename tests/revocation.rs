@@ -580,3 +580,132 @@ async fn crl_and_ocsp_signed_in_the_tpm_survive_a_tpm_outage() {
         "{out}"
     );
 }
+
+/// pkilint (PyPI, installed by this test into a venv under target/) on what this CMF
+/// publishes: an issued certificate of each certType the CSR operation issues, a CRL with
+/// entries, and OCSP responses (good, revoked): no ERROR or FATAL finding. Without network
+/// the venv cannot be made and the test fails saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pkilint_finds_no_error_in_certificates_crls_and_ocsp_responses() {
+    let bin = pkilint_venv();
+    let mut agent = CmfAgent::new("");
+    agent.start();
+    let dir = agent.dir().to_path_buf();
+    // VNFCI_CERT, with host names only (what a VNFC's TLS peers check).
+    let mut client = agent.client(Some("vnfm-a")).connect().await.unwrap();
+    let created = client
+        .post_json(
+            REGISTRATIONS,
+            &json!({
+                "certType": "VNFCI_CERT",
+                "subjectIds": ["vnfc-l1.vnf.example", "vnfc-l2.vnf.example"],
+                "typeOfVnfcCertHandling": "DELEGATION_MODE",
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.status, 201, "{}", created.problem_detail());
+    let mut serials = Vec::new();
+    for name in ["vnfc-l1.vnf.example", "vnfc-l2.vnf.example"] {
+        let csr = openssl_csr(&dir, name, &format!("/CN={name}"), &[name]);
+        let issued = client
+            .post_json(
+                CSRS,
+                &json!({ "vnfcId": name, "certType": "VNFCI_CERT", "certChainRequest": false, "csr": csr }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(issued.status, 201, "{}", issued.problem_detail());
+        let issued = issued.json().unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.pem")),
+            issued["certificate"].as_str().unwrap(),
+        )
+        .unwrap();
+        serials.push(issued["serialNumber"].as_str().unwrap().to_string());
+    }
+    // VNF_OAM_CERT.
+    let created = client
+        .post_json(
+            REGISTRATIONS,
+            &json!({
+                "certType": "VNF_OAM_CERT",
+                "subjectIds": ["oam.vnf.example"],
+                "typeOfVnfcCertHandling": "DELEGATION_MODE",
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.status, 201, "{}", created.problem_detail());
+    let csr = openssl_csr(&dir, "oam", "/CN=oam.vnf.example", &["oam.vnf.example"]);
+    let issued = client
+        .post_json(
+            CSRS,
+            &json!({ "certType": "VNF_OAM_CERT", "certChainRequest": false, "csr": csr }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(issued.status, 201, "{}", issued.problem_detail());
+    let oam = issued.json().unwrap()["certificate"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(dir.join("oam.pem"), &oam).unwrap();
+
+    let (crl_url, ocsp_url) = revocation_urls(&oam);
+    for (serial, reason) in [(&serials[0], "keyCompromise")] {
+        agent.warden(&["certs", "revoke", serial, "--reason", reason]);
+    }
+    crl_until(&dir, &crl_url, "the revocation", |_, t| {
+        t.contains(&crl_serial(&serials[0]))
+    });
+    sh_ok(
+        &dir,
+        &format!(
+            "openssl ocsp -issuer ca.pem -cert vnfc-l1.vnf.example.pem -url {ocsp_url} -nonce \
+             -respout revoked.ocsp -noverify && \
+             openssl ocsp -issuer ca.pem -cert oam.pem -url {ocsp_url} -no_nonce \
+             -respout good.ocsp -noverify"
+        ),
+    );
+    let lint = |tool: &str, args: &str, file: &str| {
+        let (ok, out) = run(&dir, &format!("{bin}/{tool} lint {args} -s ERROR {file}"));
+        assert!(
+            ok && out.trim().is_empty(),
+            "pkilint {tool} {file}: ERROR/FATAL findings or failure:\n{out}"
+        );
+    };
+    lint("lint_pkix_cert", "", "vnfc-l1.vnf.example.pem");
+    lint("lint_pkix_cert", "", "oam.pem");
+    lint("lint_crl", "-t CRL -p PKIX", "crl.der");
+    lint("lint_ocsp_response", "", "revoked.ocsp");
+    lint("lint_ocsp_response", "", "good.ocsp");
+    // pkilint sees what it lints: a broken file is reported (the check can fail).
+    std::fs::write(dir.join("broken.der"), b"\x30\x03\x02\x01").unwrap();
+    let (ok, out) = run(
+        &dir,
+        &format!("{bin}/lint_crl lint -t CRL -p PKIX -s ERROR broken.der"),
+    );
+    assert!(!ok || !out.trim().is_empty(), "{out}");
+}
+
+/// A venv with pkilint under target/ (made once, reused); its bin directory.
+fn pkilint_venv() -> String {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pkilint-venv");
+    let bin = venv.join("bin");
+    if !bin.join("lint_crl").exists() {
+        let (ok, out) = run(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
+            &format!(
+                "python3 -m venv {venv} && {venv}/bin/pip install --quiet pkilint",
+                venv = venv.display()
+            ),
+        );
+        assert!(
+            ok,
+            "cannot make the pkilint venv (python3-venv and network access to PyPI are \
+             needed; this test never passes without pkilint): {out}"
+        );
+    }
+    bin.display().to_string()
+}
