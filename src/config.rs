@@ -795,6 +795,26 @@ fn one_line_toml_error(error: &toml::de::Error) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn revocation_settings_that_would_let_a_crl_expire_are_refused() {
+        let base = "[cmf]\nclient_ca = \"/x\"\n[cmf.revocation]\n";
+        let refused = |extra: &str| Config::parse(&format!("{base}{extra}")).unwrap_err();
+        assert!(
+            refused("crl_validity_seconds = 100\ncrl_regenerate_before_seconds = 100")
+                .contains("crl_regenerate_before_seconds")
+        );
+        assert!(refused("crl_validity_seconds = 10").contains("crl_validity_seconds"));
+        assert!(refused("max_connections = 0").contains("max_connections"));
+        assert!(refused("base_url = \"ftp://x\"").contains("base_url"));
+        assert!(refused("bogus = 1").contains("bogus"));
+        let ok = Config::parse(&format!("{base}base_url = \"http://pki.example:8080\""))
+            .expect("parses");
+        assert_eq!(
+            ok.cmf.unwrap().revocation.base_url.as_deref(),
+            Some("http://pki.example:8080")
+        );
+    }
+
     /// The annotated reference config must stay a valid config showing the defaults.
     #[test]
     fn reference_config_parses_and_shows_the_defaults() {
@@ -807,6 +827,31 @@ mod tests {
         assert_eq!(tpm.key_handle_first, default_key_handle_first());
         assert_eq!(tpm.key_handle_last, default_key_handle_last());
         let cmf = config.cmf.expect("cmf");
+        let revocation = &cmf.revocation;
+        let defaults = RevocationConfig::default();
+        assert!(revocation.enabled && revocation.listen.is_none());
+        assert_eq!(
+            revocation.crl_validity_seconds,
+            defaults.crl_validity_seconds
+        );
+        assert_eq!(
+            revocation.crl_regenerate_before_seconds,
+            defaults.crl_regenerate_before_seconds
+        );
+        assert_eq!(revocation.crl_debounce_ms, defaults.crl_debounce_ms);
+        assert_eq!(
+            revocation.ocsp_validity_seconds,
+            defaults.ocsp_validity_seconds
+        );
+        assert_eq!(revocation.max_connections, defaults.max_connections);
+        assert_eq!(
+            revocation.read_timeout_seconds,
+            defaults.read_timeout_seconds
+        );
+        assert_eq!(
+            revocation.ocsp_max_request_bytes,
+            defaults.ocsp_max_request_bytes
+        );
         assert_eq!(cmf.max_body_bytes, default_max_body_bytes());
         assert_eq!(cmf.group_commit_max, default_group_commit());
         let profile = &cmf.profile["VNFCI_CERT"];
