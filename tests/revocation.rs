@@ -709,3 +709,111 @@ fn pkilint_venv() -> String {
     }
     bin.display().to_string()
 }
+
+/// The SM's VNF-termination erasure, on evidence (a COMPLETED REMOVE from the NFVO double),
+/// revokes the certificates the CMF of the same agent issued for that VNF, and lists them in
+/// the erasure report; another VNF's certificate stays good.
+#[test]
+fn vnf_termination_erasure_revokes_the_vnfs_certificates() {
+    use common::sm::{wait_for, SmAgent, SmSetup};
+    use std::time::Duration;
+
+    let mut sm = SmAgent::new(SmSetup {
+        rules: "",
+        ..Default::default()
+    });
+    let dir = sm.dir().to_path_buf();
+    // A VNFM identity and the CMF in the same agent.
+    sh_ok(
+        &dir,
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+         -keyout vnfm-root.key -out vnfm-root.pem -subj /CN=vnfm-root -days 30 2>/dev/null && \
+         printf 'subjectAltName=DNS:vnfm-a\\nextendedKeyUsage=clientAuth\\n' > vnfm-a.ext && \
+         openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+         -keyout vnfm-a.key -out vnfm-a.csr -subj /CN=vnfm-a 2>/dev/null && \
+         openssl x509 -req -in vnfm-a.csr -CA vnfm-root.pem -CAkey vnfm-root.key \
+         -CAcreateserial -days 30 -extfile vnfm-a.ext -out vnfm-a.pem 2>/dev/null",
+    );
+    let config = std::fs::read_to_string(&sm.agent.config).unwrap()
+        + &format!(
+            "\n[cmf]\nclient_ca = \"{d}/vnfm-root.pem\"\n\n[[cmf.consumer]]\nid = \"vnfm-a\"\n\
+             trust_domain = \"operator-a\"\n",
+            d = dir.display()
+        );
+    std::fs::write(&sm.agent.config, config).unwrap();
+    sm.nfvo.add_ns("ns-a", "core");
+    sm.nfvo
+        .add_vnf(&["ns-a"], "vnf-2", "vnfd-1", "pkg-good", "profile-2");
+    sm.nfvo
+        .add_vnf(&["ns-a"], "vnf-3", "vnfd-1", "pkg-good", "profile-3");
+    sm.start();
+    sm.sm(&["reconcile"]);
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let base = format!("https://127.0.0.1:{}", sm.port);
+    let enroll_for = |vnfc: &str, vnf: &str| -> String {
+        runtime.block_on(async {
+            let client = nfv_warden::client::HttpsClient::new(
+                &base,
+                &dir.join("ca.pem"),
+                Some((&dir.join("vnfm-a.pem"), &dir.join("vnfm-a.key"))),
+            )
+            .unwrap();
+            let mut vnfm = client.connect().await.unwrap();
+            let created = vnfm
+                .post_json(
+                    REGISTRATIONS,
+                    &json!({
+                        "certType": "VNFCI_CERT", "subjectIds": [vnfc],
+                        "typeOfVnfcCertHandling": "DELEGATION_MODE", "vnfInstanceId": vnf,
+                    }),
+                )
+                .await
+                .unwrap();
+            assert_eq!(created.status, 201, "{}", created.problem_detail());
+            let csr = openssl_csr(&dir, vnfc, &format!("/CN={vnfc}"), &[]);
+            let issued = vnfm
+                .post_json(
+                    CSRS,
+                    &json!({ "vnfcId": vnfc, "certType": "VNFCI_CERT", "certChainRequest": false, "csr": csr }),
+                )
+                .await
+                .unwrap();
+            assert_eq!(issued.status, 201, "{}", issued.problem_detail());
+            issued.json().unwrap()["serialNumber"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+    };
+    let of_vnf2 = enroll_for("vnfc-e1", "vnf-2");
+    let of_vnf3 = enroll_for("vnfc-e3", "vnf-3");
+
+    sm.nfvo.remove_vnf("ns-a", "vnf-2");
+    sm.nfvo.notify_lcm("ns-a", "vnf-2", "REMOVE");
+    let report = || {
+        let out = sm.agent.run(&["sm", "erasure", "vnf-2"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON"))
+    };
+    wait_for("the erasure of vnf-2", Duration::from_secs(90), || {
+        report().is_some_and(|r| r["revokedCertificates"].as_array().is_some())
+    });
+    let report = report().unwrap();
+    assert_eq!(
+        report["revokedCertificates"],
+        json!([format!("default/{of_vnf2}")]),
+        "{report:#}"
+    );
+    let show = |serial: &str| -> serde_json::Value {
+        serde_json::from_str(&sm.warden(&["certs", "show", serial, "--json"])).unwrap()
+    };
+    let revoked = show(&of_vnf2);
+    assert_eq!(
+        revoked["revocation"]["reason"], "cessationOfOperation",
+        "{revoked}"
+    );
+    assert_eq!(show(&of_vnf3)["revoked"], false);
+    sm.kill9();
+}
