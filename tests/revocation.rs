@@ -653,11 +653,12 @@ async fn pkilint_finds_no_error_in_certificates_crls_and_ocsp_responses() {
     std::fs::write(dir.join("oam.pem"), &oam).unwrap();
 
     let (crl_url, ocsp_url) = revocation_urls(&oam);
-    for (serial, reason) in [(&serials[0], "keyCompromise")] {
+    // Entries with and without a reasonCode (none for unspecified, RFC 5280 5.3.1).
+    for (serial, reason) in [(&serials[0], "keyCompromise"), (&serials[1], "unspecified")] {
         agent.warden(&["certs", "revoke", serial, "--reason", reason]);
     }
-    crl_until(&dir, &crl_url, "the revocation", |_, t| {
-        t.contains(&crl_serial(&serials[0]))
+    crl_until(&dir, &crl_url, "the revocations", |_, t| {
+        t.contains(&crl_serial(&serials[0])) && t.contains(&crl_serial(&serials[1]))
     });
     sh_ok(
         &dir,
