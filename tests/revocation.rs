@@ -818,3 +818,103 @@ fn vnf_termination_erasure_revokes_the_vnfs_certificates() {
     assert_eq!(show(&of_vnf3)["revoked"], false);
     sm.kill9();
 }
+
+/// Bad input on the revocation listener: clear answers (OCSP error statuses as OCSP
+/// responses, ProblemDetails otherwise), and the listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_revocation_listener_refuses_bad_input_clearly() {
+    let mut agent = CmfAgent::new("");
+    // A cap below any OCSP request is refused at start, naming the key.
+    let good = std::fs::read_to_string(&agent.agent.config).unwrap();
+    std::fs::write(
+        &agent.agent.config,
+        format!("{good}\n[cmf.revocation]\nocsp_max_request_bytes = 0\n"),
+    )
+    .unwrap();
+    let line = agent.agent.fails(&["serve"]);
+    assert!(line.contains("ocsp_max_request_bytes"), "{line}");
+    std::fs::write(&agent.agent.config, good).unwrap();
+    agent.start();
+    let dir = agent.dir().to_path_buf();
+    register(&agent, "vnfm-a", "vnfc-b1", None).await;
+    let (_, pem) = enroll(&agent, "vnfm-a", "vnfc-b1", "b1").await;
+    let (crl_url, ocsp_url) = revocation_urls(&pem);
+    let base = crl_url.trim_end_matches("/crl/default.crl").to_string();
+
+    // curl: (HTTP status, content type, body file) of a request.
+    let fetch = |args: &str| -> (String, String) {
+        let (ok, out) = run(
+            &dir,
+            &format!("curl -sS -o body.out -w '%{{http_code}} %{{content_type}}' {args}"),
+        );
+        assert!(ok, "{out}");
+        let body = std::fs::read(dir.join("body.out")).unwrap();
+        (out, String::from_utf8_lossy(&body).into_owned())
+    };
+    let (status, body) = fetch(&format!("{base}/crl/nope.crl"));
+    assert!(
+        status.starts_with("404 application/problem+json"),
+        "{status}"
+    );
+    assert!(body.contains("no CA 'nope'"), "{body}");
+    let (status, _) = fetch(&format!("{base}/elsewhere"));
+    assert!(
+        status.starts_with("404 application/problem+json"),
+        "{status}"
+    );
+    let (status, body) = fetch(&format!(
+        "-X POST -H 'Content-Type: text/plain' --data-binary hello {ocsp_url}"
+    ));
+    assert!(
+        status.starts_with("415 application/problem+json"),
+        "{status}"
+    );
+    assert!(body.contains("application/ocsp-request"), "{body}");
+    std::fs::write(dir.join("big.req"), vec![b'x'; 9000]).unwrap();
+    let (status, _) = fetch(&format!(
+        "-X POST -H 'Content-Type: application/ocsp-request' --data-binary @big.req {ocsp_url}"
+    ));
+    assert!(
+        status.starts_with("413 application/problem+json"),
+        "{status}"
+    );
+    // Not DER, and not base64: malformedRequest (RFC 6960 2.3), as an OCSP response.
+    let (ok, _) = run(
+        &dir,
+        &format!(
+            "curl -sS -o bad.resp -H 'Content-Type: application/ocsp-request' \
+             --data-binary hello {ocsp_url}"
+        ),
+    );
+    assert!(ok);
+    assert_eq!(
+        std::fs::read(dir.join("bad.resp")).unwrap(),
+        [0x30, 0x03, 0x0a, 0x01, 0x01]
+    );
+    let (status, _) = fetch(&format!("{ocsp_url}/not-base64!"));
+    assert!(
+        status.starts_with("200 application/ocsp-response"),
+        "{status}"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("body.out")).unwrap(),
+        [0x30, 0x03, 0x0a, 0x01, 0x01]
+    );
+    // A CertID of an issuer this responder does not serve: unauthorized.
+    sh_ok(
+        &dir,
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout other.key \
+         -out other-ca.pem -subj /CN=other-ca -days 1 2>/dev/null",
+    );
+    let (_, out) = run(
+        &dir,
+        &format!("openssl ocsp -issuer other-ca.pem -serial 0x01 -url {ocsp_url} -nonce"),
+    );
+    assert!(out.to_ascii_lowercase().contains("unauthorized"), "{out}");
+    // Still serving.
+    let (ok, out) = run(
+        &dir,
+        &format!("openssl ocsp -issuer ca.pem -cert b1.pem -url {ocsp_url} -CAfile ca.pem -nonce"),
+    );
+    assert!(ok && out.contains("b1.pem: good"), "{out}");
+}
