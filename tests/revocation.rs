@@ -918,3 +918,36 @@ async fn the_revocation_listener_refuses_bad_input_clearly() {
     );
     assert!(ok && out.contains("b1.pem: good"), "{out}");
 }
+
+/// Without any revocation, a CRL is made again before its nextUpdate (the background task),
+/// with a higher CRLNumber: a relying party never has to use an expired CRL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_is_renewed_before_its_next_update() {
+    let mut agent = CmfAgent::new("");
+    let config = std::fs::read_to_string(&agent.agent.config).unwrap();
+    // Valid 60 s, renewed when less than 57 s are left: a few seconds after each CRL.
+    std::fs::write(
+        &agent.agent.config,
+        format!(
+            "{config}\n[cmf.revocation]\ncrl_validity_seconds = 60\n\
+             crl_regenerate_before_seconds = 57\n"
+        ),
+    )
+    .unwrap();
+    agent.start();
+    let dir = agent.dir().to_path_buf();
+    register(&agent, "vnfm-a", "vnfc-n1", None).await;
+    let (_, pem) = enroll(&agent, "vnfm-a", "vnfc-n1", "n1").await;
+    let (crl_url, _) = revocation_urls(&pem);
+    let (first, _) = crl_until(&dir, &crl_url, "a CRL", |_, _| true);
+    let (renewed, text) = crl_until(&dir, &crl_url, "a renewed CRL", |n, _| n > first);
+    assert!(renewed > first);
+    let (ok, out) = run(
+        &dir,
+        "openssl verify -crl_check -CAfile ca.pem -CRLfile crl.pem n1.pem",
+    );
+    assert!(
+        ok,
+        "a fresh CRL verifies the good certificate: {out}\n{text}"
+    );
+}
