@@ -437,6 +437,133 @@ pub struct CmfConfig {
     /// Writes batched into one durable commit at most (group commit).
     #[serde(default = "default_group_commit")]
     pub group_commit_max: usize,
+    /// Revocation: CRLs and the OCSP responder (`[cmf.revocation]`), on by default.
+    #[serde(default)]
+    pub revocation: RevocationConfig,
+}
+
+/// `[cmf.revocation]`: CRLs per issuing CA (RFC 5280 5) and an OCSP responder (RFC 6960),
+/// both signed by the CA key in the HSM/TPM and served over plain HTTP on a listener of their
+/// own: relying parties fetch them without client certificates, and often without TLS at all
+/// (a CRL or OCSP response is signed; RFC 5280 8 and RFC 6960 5 do not rely on transport).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// false: no listener, no CRL DP / AIA in issued certificates, no CRLs made.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Plain-HTTP listener for `/crl/{caId}.crl` and `/ocsp`. Default: the `[server]` listen
+    /// address with port 8080 (port 0, any free port, when the server's port is 0).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// The URL relying parties reach that listener at, written into issued certificates
+    /// (CRL distribution point `{base_url}/crl/{caId}.crl`, AIA OCSP `{base_url}/ocsp`).
+    /// Default: `http://{listen address}:{port}`, or, when listening on every address, the
+    /// first DNS name of the agent's TLS certificate.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// A CRL's nextUpdate is thisUpdate plus this (RFC 5280 5.1.2.5).
+    #[serde(default = "default_crl_validity_seconds")]
+    pub crl_validity_seconds: u64,
+    /// A CRL is made again when its nextUpdate is less than this far away, even without a
+    /// revocation (relying parties never see an expired CRL while the agent runs).
+    #[serde(default = "default_crl_regenerate_before_seconds")]
+    pub crl_regenerate_before_seconds: u64,
+    /// After a revocation, wait this long for more before making the CRL (one signature for
+    /// a burst, e.g. a VNF's certificates revoked one by one).
+    #[serde(default = "default_crl_debounce_ms")]
+    pub crl_debounce_ms: u64,
+    /// nextUpdate of OCSP responses (RFC 6960 2.4): how long a relying party may cache one.
+    #[serde(default = "default_ocsp_validity_seconds")]
+    pub ocsp_validity_seconds: u64,
+    /// Open connections at most on the revocation listener; beyond it a new connection is
+    /// closed at once.
+    #[serde(default = "default_revocation_max_connections")]
+    pub max_connections: usize,
+    /// Request line and headers of one request (and the wait for the next on a kept-alive
+    /// connection), and the whole of an OCSP POST body.
+    #[serde(default = "default_revocation_read_timeout_seconds")]
+    pub read_timeout_seconds: u64,
+    /// Largest OCSP request (POST body or base64 GET path) accepted.
+    #[serde(default = "default_ocsp_max_request_bytes")]
+    pub ocsp_max_request_bytes: usize,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            enabled: true,
+            listen: None,
+            base_url: None,
+            crl_validity_seconds: default_crl_validity_seconds(),
+            crl_regenerate_before_seconds: default_crl_regenerate_before_seconds(),
+            crl_debounce_ms: default_crl_debounce_ms(),
+            ocsp_validity_seconds: default_ocsp_validity_seconds(),
+            max_connections: default_revocation_max_connections(),
+            read_timeout_seconds: default_revocation_read_timeout_seconds(),
+            ocsp_max_request_bytes: default_ocsp_max_request_bytes(),
+        }
+    }
+}
+
+impl RevocationConfig {
+    /// Values that would make CRLs expire before they are replaced, or refuse every client.
+    pub fn check(&self) -> Result<(), String> {
+        if self.crl_validity_seconds < 60 {
+            return Err("cmf.revocation.crl_validity_seconds: at least 60".into());
+        }
+        if self.crl_regenerate_before_seconds >= self.crl_validity_seconds {
+            return Err(
+                "cmf.revocation.crl_regenerate_before_seconds must be less than \
+                 crl_validity_seconds"
+                    .into(),
+            );
+        }
+        if self.ocsp_validity_seconds == 0
+            || self.max_connections == 0
+            || self.read_timeout_seconds == 0
+            || self.ocsp_max_request_bytes < 64
+        {
+            return Err(
+                "cmf.revocation: ocsp_validity_seconds, max_connections and \
+                 read_timeout_seconds must be at least 1, ocsp_max_request_bytes at least 64"
+                    .into(),
+            );
+        }
+        if let Some(url) = &self.base_url {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.ends_with('/')
+                || !url.is_ascii()
+            {
+                return Err(format!(
+                    "cmf.revocation.base_url '{url}': an http:// URL without a trailing '/'"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_crl_validity_seconds() -> u64 {
+    7 * 86_400
+}
+fn default_crl_regenerate_before_seconds() -> u64 {
+    3 * 86_400
+}
+fn default_crl_debounce_ms() -> u64 {
+    500
+}
+fn default_ocsp_validity_seconds() -> u64 {
+    3_600
+}
+fn default_revocation_max_connections() -> usize {
+    256
+}
+fn default_revocation_read_timeout_seconds() -> u64 {
+    10
+}
+fn default_ocsp_max_request_bytes() -> usize {
+    8 * 1024
 }
 
 fn default_max_body_bytes() -> usize {
@@ -580,6 +707,9 @@ impl Config {
         if let Some(sm) = &self.sm {
             sm.check()?;
         }
+        if let Some(cmf) = &self.cmf {
+            cmf.revocation.check()?;
+        }
         if self.health.probe_seconds == 0 || self.health.probe_timeout_seconds == 0 {
             return Err(
                 "health: probe_seconds and probe_timeout_seconds must be at least 1".into(),
@@ -665,6 +795,26 @@ fn one_line_toml_error(error: &toml::de::Error) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn revocation_settings_that_would_let_a_crl_expire_are_refused() {
+        let base = "[cmf]\nclient_ca = \"/x\"\n[cmf.revocation]\n";
+        let refused = |extra: &str| Config::parse(&format!("{base}{extra}")).unwrap_err();
+        assert!(
+            refused("crl_validity_seconds = 100\ncrl_regenerate_before_seconds = 100")
+                .contains("crl_regenerate_before_seconds")
+        );
+        assert!(refused("crl_validity_seconds = 10").contains("crl_validity_seconds"));
+        assert!(refused("max_connections = 0").contains("max_connections"));
+        assert!(refused("base_url = \"ftp://x\"").contains("base_url"));
+        assert!(refused("bogus = 1").contains("bogus"));
+        let ok = Config::parse(&format!("{base}base_url = \"http://pki.example:8080\""))
+            .expect("parses");
+        assert_eq!(
+            ok.cmf.unwrap().revocation.base_url.as_deref(),
+            Some("http://pki.example:8080")
+        );
+    }
+
     /// The annotated reference config must stay a valid config showing the defaults.
     #[test]
     fn reference_config_parses_and_shows_the_defaults() {
@@ -677,6 +827,31 @@ mod tests {
         assert_eq!(tpm.key_handle_first, default_key_handle_first());
         assert_eq!(tpm.key_handle_last, default_key_handle_last());
         let cmf = config.cmf.expect("cmf");
+        let revocation = &cmf.revocation;
+        let defaults = RevocationConfig::default();
+        assert!(revocation.enabled && revocation.listen.is_none());
+        assert_eq!(
+            revocation.crl_validity_seconds,
+            defaults.crl_validity_seconds
+        );
+        assert_eq!(
+            revocation.crl_regenerate_before_seconds,
+            defaults.crl_regenerate_before_seconds
+        );
+        assert_eq!(revocation.crl_debounce_ms, defaults.crl_debounce_ms);
+        assert_eq!(
+            revocation.ocsp_validity_seconds,
+            defaults.ocsp_validity_seconds
+        );
+        assert_eq!(revocation.max_connections, defaults.max_connections);
+        assert_eq!(
+            revocation.read_timeout_seconds,
+            defaults.read_timeout_seconds
+        );
+        assert_eq!(
+            revocation.ocsp_max_request_bytes,
+            defaults.ocsp_max_request_bytes
+        );
         assert_eq!(cmf.max_body_bytes, default_max_body_bytes());
         assert_eq!(cmf.group_commit_max, default_group_commit());
         let profile = &cmf.profile["VNFCI_CERT"];

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cmf;
 pub mod est;
 pub mod health;
+pub mod revocation;
 pub mod sm;
 
 use std::net::SocketAddr;
@@ -198,6 +199,7 @@ pub fn router(state: AppState) -> Router {
     if let Some(cmf) = &state.cmf {
         router = router.merge(cmf::routes(cmf.clone()));
         router = router.merge(est::routes(cmf.clone()));
+        router = router.merge(revocation::consumer_routes(cmf.clone()));
     }
     if let Some(sm) = &state.sm {
         router = router.merge(sm::routes(sm.clone()).layer(axum::middleware::from_fn(
