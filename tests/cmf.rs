@@ -388,10 +388,11 @@ async fn every_refusal_has_its_status_and_reason() {
         "belongs to another consumer",
         c.get(&format!("{REGISTRATIONS}/{id}")).await.unwrap(),
     ));
+    // One manager per name (issue 10): 409, without naming a consumer of another domain.
     cases.push((
         "other trust domain registers the same subject",
-        403,
-        "managed by another consumer",
+        409,
+        "managed by a consumer of another trust domain",
         c.post_json(REGISTRATIONS, &register_body(&["vnfc-a1"]))
             .await
             .unwrap(),
