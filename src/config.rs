@@ -441,6 +441,11 @@ pub struct CmfConfig {
     /// consumer's `trust_domain` must be one of them; no domain permits every name.
     #[serde(default, rename = "trust_domain")]
     pub trust_domains: Vec<TrustDomainConfig>,
+    /// A VNFC identifier is certified in the subject commonName (always); with this, also as
+    /// the subjectAltName URI `urn:etsi:nfv:vnfc:<id>` (RFC 5280 permits URNs, but pkilint
+    /// 0.13 flags every URN as pkix.invalid_uri_syntax, so it is off by default).
+    #[serde(default)]
+    pub vnfc_id_uri: bool,
 }
 
 /// `[[cmf.trust_domain]]`: what the consumers of one trust domain may register. A name is

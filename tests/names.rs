@@ -1,7 +1,8 @@
 //! Names and trust domains (issue 10 section 1), end to end over HTTPS with mutual TLS, with
 //! two consumers in two trust domains: one namespace of names across certTypes, the
 //! domains' permitted DNS suffixes / VNFC identifier patterns / IP ranges / CAs / certTypes,
-//! reserved names, name syntax at Register, VNFC identifiers issued as URIs, MANO
+//! reserved names, name syntax at Register, VNFC identifiers in the subject (and as URIs
+//! where configured), MANO
 //! certificates, the operator's registration commands, and the upgrade of a subject index
 //! written before one namespace. The CA key is in a real SoftHSM token.
 
@@ -110,6 +111,16 @@ fn sans(pem: &str) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// The subject DN of a PEM certificate (RFC 4514).
+fn subject(pem: &str) -> String {
+    let (_, der) = der::pem::decode_vec(pem.as_bytes()).expect("PEM");
+    Certificate::from_der(&der)
+        .expect("certificate")
+        .tbs_certificate()
+        .subject()
+        .to_string()
 }
 
 fn extended_key_usages(pem: &str) -> Vec<String> {
@@ -363,15 +374,21 @@ async fn register_enforces_syntax_domains_reserved_names_and_one_namespace() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vnfc_identifiers_are_issued_as_urns_and_mano_certificates_issue() {
+async fn vnfc_identifiers_are_never_dns_names_and_mano_certificates_issue() {
     let agent = started();
     let mut a = agent.client(Some("vnfm-a")).connect().await.unwrap();
 
-    // A single-label VNFC identifier: never a dNSName, the URI form instead.
+    // A single-label VNFC identifier: never a dNSName; the subject's commonName certifies
+    // it (and, with vnfc_id_uri, a URI: the next test).
     let r = a
         .post_json(
             REGISTRATIONS_PATH,
-            &vnfci(&["vnfc-0001", "vnfc-0001.a.example.net", "10.1.0.7"]),
+            &vnfci(&[
+                "vnfc-0001",
+                "vnfc-0001.a.example.net",
+                "10.1.0.7",
+                "vnfc-0002",
+            ]),
         )
         .await
         .unwrap();
@@ -396,18 +413,17 @@ async fn vnfc_identifiers_are_issued_as_urns_and_mano_certificates_issue() {
         .to_string();
     assert_eq!(
         sans(&pem),
-        vec![
-            ("URI".to_string(), "urn:etsi:nfv:vnfc:vnfc-0001".to_string()),
-            ("DNS".to_string(), "vnfc-0001.a.example.net".to_string()),
-        ]
+        vec![("DNS".to_string(), "vnfc-0001.a.example.net".to_string())]
     );
+    assert_eq!(subject(&pem), "CN=vnfc-0001");
     std::fs::write(agent.dir().join("v1.pem"), &pem).unwrap();
     sh(
         agent.dir(),
         "openssl verify -CAfile ca.pem v1.pem >/dev/null",
     );
 
-    // The same identifier asked for by its URI in the CSR, and the address by its CN.
+    // The identifier asked for by its URI in the CSR, the address by the CN: the address is
+    // an iPAddress, the identifier the commonName.
     sh(
         agent.dir(),
         "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout v2.key \
@@ -427,12 +443,44 @@ async fn vnfc_identifiers_are_issued_as_urns_and_mano_certificates_issue() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(
-        sans(&pem),
-        vec![
-            ("IP".to_string(), "0a010007".to_string()),
-            ("URI".to_string(), "urn:etsi:nfv:vnfc:vnfc-0001".to_string()),
-        ]
+    assert_eq!(sans(&pem), vec![("IP".to_string(), "0a010007".to_string())]);
+    assert_eq!(subject(&pem), "CN=vnfc-0001");
+    // Only a VNFC identifier: no subjectAltName at all (never an empty one).
+    let only = openssl_csr(agent.dir(), "v5", "/CN=vnfc-0002", &[]);
+    let r = a
+        .post_json(
+            CSRS,
+            &json!({ "vnfcId": "vnfc-0002", "certType": "VNFCI_CERT", "certChainRequest": false, "csr": only }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.problem_detail());
+    let pem = r.json().unwrap()["certificate"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(sans(&pem), Vec::<(String, String)>::new());
+    assert_eq!(subject(&pem), "CN=vnfc-0002");
+    // One certificate is for one VNFC instance.
+    sh(
+        agent.dir(),
+        "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout v6.key \
+         -out v6.csr -subj /CN=vnfc-0001 -addext subjectAltName=URI:urn:etsi:nfv:vnfc:vnfc-0002 \
+         2>/dev/null",
+    );
+    let two = std::fs::read_to_string(agent.dir().join("v6.csr")).unwrap();
+    let r = a
+        .post_json(
+            CSRS,
+            &json!({ "vnfcId": "vnfc-0001", "certType": "VNFCI_CERT", "certChainRequest": false, "csr": two }),
+        )
+        .await
+        .unwrap();
+    check(
+        "two VNFC ids",
+        &r,
+        422,
+        "a certificate is for one VNFC instance",
     );
 
     // A CSR naming a badly formed name is a 422 naming the rule, never a 500.
@@ -498,6 +546,52 @@ async fn vnfc_identifiers_are_issued_as_urns_and_mano_certificates_issue() {
         agent.dir(),
         "openssl verify -CAfile ca.pem -purpose sslserver m.pem >/dev/null && \
          openssl verify -CAfile ca.pem -purpose sslclient m.pem >/dev/null",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vnfc_identifiers_also_as_uris_when_configured() {
+    let mut agent = CmfAgent::new(&format!("vnfc_id_uri = true\n{DOMAINS}"));
+    agent.start();
+    let mut a = agent.client(Some("vnfm-a")).connect().await.unwrap();
+    let r = a
+        .post_json(
+            REGISTRATIONS_PATH,
+            &vnfci(&["vnfc-0001", "vnfc-0001.a.example.net"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.problem_detail());
+    let csr = openssl_csr(
+        agent.dir(),
+        "u1",
+        "/CN=vnfc-0001",
+        &["vnfc-0001.a.example.net"],
+    );
+    let r = a
+        .post_json(
+            CSRS,
+            &json!({ "vnfcId": "vnfc-0001", "certType": "VNFCI_CERT", "certChainRequest": false, "csr": csr }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.problem_detail());
+    let pem = r.json().unwrap()["certificate"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        sans(&pem),
+        vec![
+            ("URI".to_string(), "urn:etsi:nfv:vnfc:vnfc-0001".to_string()),
+            ("DNS".to_string(), "vnfc-0001.a.example.net".to_string()),
+        ]
+    );
+    assert_eq!(subject(&pem), "CN=vnfc-0001");
+    std::fs::write(agent.dir().join("u1.pem"), &pem).unwrap();
+    sh(
+        agent.dir(),
+        "openssl verify -CAfile ca.pem u1.pem >/dev/null",
     );
 }
 

@@ -285,6 +285,7 @@ impl Cmf {
             formats: self.formats.clone(),
             unattested: self.unattested,
             profile: self.profile(cert_type),
+            vnfc_id_uri: self.vnfc_id_uri,
             consumer: consumer.clone(),
             cert_type,
             vnfc_id,
@@ -417,6 +418,7 @@ struct Prepare {
     formats: Arc<attest::Formats>,
     unattested: UnattestedPolicy,
     profile: ProfileConfig,
+    vnfc_id_uri: bool,
     consumer: Consumer,
     cert_type: CertType,
     vnfc_id: Option<String>,
@@ -477,10 +479,11 @@ impl Prepare {
             profile,
             verified.key_type.is_rsa(),
             &subject_names,
+            self.vnfc_id_uri,
             policies,
         )
         .map_err(CmfError::Internal)?;
-        let subject = subject_name(&verified, &names)?;
+        let subject = subject_name(&verified, &subject_names)?;
         let spki = SubjectPublicKeyInfoOwned::from_der(&verified.spki_der)
             .map_err(|e| CmfError::BadRequest(format!("csr: public key: {e}")))?;
         let spki_sha256 = hex::encode(sha2::Sha256::digest(&verified.spki_der));
@@ -680,6 +683,7 @@ fn leaf_profile(
     profile: &ProfileConfig,
     rsa: bool,
     names: &[SubjectName],
+    vnfc_id_uri: bool,
     policies: Vec<ObjectIdentifier>,
 ) -> Result<LeafProfile, String> {
     let mut key_usage = key_usages(&profile.key_usage)?;
@@ -688,9 +692,11 @@ fn leaf_profile(
         key_usage -= KeyUsages::KeyEncipherment;
     }
     // Each name in the form valid for its kind (names.rs): host names as dNSName, addresses
-    // as iPAddress, VNFC identifiers as a URI; never a single label as a dNSName.
+    // as iPAddress; never a single label as a dNSName. A VNFC identifier is the subject's
+    // commonName ([`subject_name`]) and, where configured, a URI.
     let subject_alt_names = names
         .iter()
+        .filter(|name| vnfc_id_uri || !matches!(name, SubjectName::Vnfc(_)))
         .map(SubjectName::general_name)
         .collect::<Result<Vec<_>, _>>()?;
     Ok(LeafProfile {
@@ -702,16 +708,30 @@ fn leaf_profile(
     })
 }
 
-/// The issued subject: the CSR's commonName if it has one, else the first requested name.
-/// Only validated names go into the certificate; other subject attributes are not vouched
-/// for and are dropped.
-fn subject_name(verified: &VerifiedCsr, names: &[String]) -> Result<Name, CmfError> {
-    let cn = verified
-        .common_names
-        .first()
-        .cloned()
-        .or_else(|| names.first().cloned())
-        .unwrap_or_default();
+/// The issued subject: `CN=<VNFC identifier>` when the certificate is for a VNFC instance
+/// (its identifier is certified there, names.rs), else the CSR's commonName if it has one,
+/// else the first requested name. Only validated names go into the certificate; other
+/// subject attributes are not vouched for and are dropped. One certificate is for one VNFC
+/// instance: two VNFC identifiers in one CSR are refused.
+fn subject_name(verified: &VerifiedCsr, names: &[SubjectName]) -> Result<Name, CmfError> {
+    let mut vnfc_ids = names.iter().filter(|n| matches!(n, SubjectName::Vnfc(_)));
+    let vnfc = vnfc_ids.next();
+    if let Some(second) = vnfc_ids.next() {
+        return Err(CmfError::Unprocessable(format!(
+            "csr: '{}' and '{second}' are both VNFC identifiers: a certificate is for one VNFC \
+             instance",
+            vnfc.map(SubjectName::canonical).unwrap_or_default()
+        )));
+    }
+    let cn = match vnfc {
+        Some(id) => id.canonical(),
+        None => verified
+            .common_names
+            .first()
+            .cloned()
+            .or_else(|| names.first().map(SubjectName::canonical))
+            .unwrap_or_default(),
+    };
     let escaped: String = cn
         .chars()
         .flat_map(|c| {

@@ -254,6 +254,8 @@ pub struct Cmf {
     consumers: HashMap<String, String>,
     /// Trust-domain name policy per consumer, and the reserved names (issue 10).
     pub(crate) policies: names::Policies,
+    /// Also certify VNFC identifiers as URI SANs (`[cmf] vnfc_id_uri`).
+    pub(crate) vnfc_id_uri: bool,
     cas: Arc<[IssuingCa]>,
     profiles: HashMap<CertType, ProfileConfig>,
     pub(crate) max_body_bytes: usize,
@@ -366,6 +368,7 @@ impl Cmf {
         Ok(Cmf {
             consumers,
             policies,
+            vnfc_id_uri: cmf.vnfc_id_uri,
             cas: cas.into(),
             profiles,
             max_body_bytes: cmf.max_body_bytes,

@@ -18,9 +18,12 @@
 //!   canonical form (RFC 5952). Issued as an iPAddress.
 //! - a **VNFC identifier** (VNFCI_CERT only): a single label of the same LDH syntax,
 //!   lower-cased: `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?` (a UUID fits). A single label is not
-//!   a valid dNSName for a relying party (pkilint `pkix.invalid_domain_name_syntax`), so it is
-//!   issued as the URI `urn:etsi:nfv:vnfc:<id>` ([`VNFC_URN_PREFIX`]). A CSR may ask for it
-//!   by that URI or by the bare identifier (its commonName).
+//!   a valid dNSName for a relying party (pkilint `pkix.invalid_domain_name_syntax`), so it
+//!   is never issued as one: it is the certificate subject's commonName (RFC 5280 4.1.2.6,
+//!   one VNFC instance per certificate), and with `[cmf] vnfc_id_uri = true` also the URI
+//!   `urn:etsi:nfv:vnfc:<id>` ([`VNFC_URN_PREFIX`]; RFC 5280 4.2.1.6 permits URNs, pkilint
+//!   0.13 flags every URN, hence off by default). A CSR may ask for it by its commonName or
+//!   by that URI.
 //!
 //! MANO_CERT subjects are DNS host names only (IFA 033 11.2.2.2: "FQDN of the certificate
 //! target MANO entity"); VNF_OAM_CERT subjects are DNS host names or IP addresses.
@@ -47,9 +50,10 @@ use super::{CertType, Registration, REGISTRATIONS, SUBJECTS};
 use crate::config::{CmfConfig, Config};
 use crate::store::{AuditEvent, Store, StoreError};
 
-/// The URI under which a VNFC identifier is certified (a subjectAltName
-/// uniformResourceIdentifier, RFC 5280 4.2.1.6). ETSI defines no URN for VNFC instances;
-/// this is nfv-warden's form, and a relying party compares the whole URI.
+/// The URI under which a VNFC identifier is certified where `[cmf] vnfc_id_uri` asks for it
+/// (a subjectAltName uniformResourceIdentifier, RFC 5280 4.2.1.6), and by which a CSR may
+/// ask for one. ETSI defines no URN for VNFC instances; this is nfv-warden's form, and a
+/// relying party compares the whole URI.
 pub const VNFC_URN_PREFIX: &str = "urn:etsi:nfv:vnfc:";
 
 const MAX_NAME: usize = 253;
@@ -166,7 +170,8 @@ impl SubjectName {
         }
     }
 
-    /// The subjectAltName it is issued as (RFC 5280 4.2.1.6).
+    /// The subjectAltName it is issued as (RFC 5280 4.2.1.6); a VNFC identifier's only
+    /// where configured (module notes).
     pub fn general_name(&self) -> Result<GeneralName, String> {
         match self {
             SubjectName::Dns(name) => Ia5String::new(name)
@@ -219,6 +224,25 @@ pub fn stored_index_key(subject: &str) -> String {
         Ok(name) => name.index_key(),
         Err(_) => format!("raw:{}", subject.to_ascii_lowercase()),
     }
+}
+
+/// The syntax of a dNSName in the agent's own certificates (`tls init --san`): the label
+/// rules of [`SubjectName::parse`], a single label allowed (`localhost`), and a wildcard only
+/// as the whole leftmost label (RFC 6125 6.4.3).
+pub fn check_host_name(text: &str) -> Result<(), String> {
+    if text.is_empty() || text.len() > MAX_NAME || !text.is_ascii() {
+        return Err("must be 1 to 253 ASCII characters (A-labels for IDNs)".into());
+    }
+    if text.ends_with('.') {
+        return Err("ends with '.' (RFC 5280 4.2.1.6)".into());
+    }
+    for (i, label) in text.split('.').enumerate() {
+        if i == 0 && label == "*" && text.contains('.') {
+            continue;
+        }
+        check_label(&label.to_ascii_lowercase())?;
+    }
+    Ok(())
 }
 
 /// One LDH label (RFC 1035 2.3.1, RFC 1123 2.1, RFC 5891 4.2.3.1).
@@ -879,6 +903,17 @@ mod tests {
         );
         assert!(SubjectName::parse("xn--bcher-kva.example").is_ok());
         assert!(SubjectName::parse("urn:etsi:nfv:vnfc:a.b").is_err());
+    }
+
+    #[test]
+    fn own_certificate_host_names() {
+        assert!(check_host_name("localhost").is_ok());
+        assert!(check_host_name("*.example.net").is_ok());
+        assert!(check_host_name("-lead").is_err());
+        assert!(check_host_name("a*.example.net").is_err());
+        assert!(check_host_name("a_b.example.net").is_err());
+        assert!(check_host_name("a..b").is_err());
+        assert!(check_host_name(":").is_err());
     }
 
     #[test]
