@@ -917,6 +917,59 @@ mod tests {
     }
 
     #[test]
+    fn reference_config_reserves_consumer_and_sm_names() {
+        let config = Config::parse(include_str!("../../systemd/warden.toml")).expect("parses");
+        let policies = Policies::from_config(&config).expect("policies");
+        let reserved = |name: &str| policies.reserved(&SubjectName::parse(name).unwrap());
+        assert!(reserved("vnfm-1.operator.example").is_some_and(|why| why.contains("consumer")));
+        assert!(reserved("warden-sm").is_some_and(|why| why.contains("own names")));
+        assert!(reserved("warden-sm.ns-lcm").is_some());
+        assert!(reserved("warden-sm.security-vnf-mgmt").is_some());
+        assert!(reserved("vnfc-1").is_none());
+        let policy = policies
+            .consumer("vnfm-1.operator.example")
+            .expect("consumer");
+        assert_eq!(policy.trust_domain, "operator");
+        assert_eq!(policy.cas, vec!["default".to_string()]);
+        assert!(policy
+            .permits(&SubjectName::parse("web.vnf.operator.example").unwrap())
+            .is_ok());
+        assert!(policy
+            .permits(&SubjectName::parse("10.21.0.1").unwrap())
+            .unwrap_err()
+            .contains("ip_ranges"));
+    }
+
+    #[test]
+    fn trust_domain_config_errors_name_the_key() {
+        let base = "[cmf]\nclient_ca = \"/r.pem\"\n";
+        let parse = |rest: &str| Config::parse(&format!("{base}{rest}")).unwrap_err();
+        let consumer = "[[cmf.consumer]]\nid = \"v\"\ntrust_domain = \"d\"\n";
+        assert!(parse(consumer).contains("cmf.consumer 'v': trust_domain 'd' is not defined"));
+        let domain = |body: &str| format!("[[cmf.trust_domain]]\nid = \"d\"\n{body}\n{consumer}");
+        assert!(parse(&domain("cas = [\"x\"]")).contains("'x' is not a CA of this CMF"));
+        assert!(parse(&domain("cas = []")).contains("cmf.trust_domain 'd'.cas"));
+        assert!(parse(&domain(
+            "cas = [\"default\"]\nip_ranges = [\"10.0.0.0/33\"]"
+        ))
+        .contains("ip_ranges: '10.0.0.0/33'"));
+        assert!(
+            parse(&domain("cas = [\"default\"]\ndns_suffixes = [\".x\"]"))
+                .contains("dns_suffixes: '.x'")
+        );
+        assert!(
+            parse(&domain("cas = [\"default\"]\nvnfc_id_patterns = [\"a_*\"]"))
+                .contains("vnfc_id_patterns: 'a_*'")
+        );
+        assert!(parse(&domain("cas = [\"default\"]\ncert_types = [\"X\"]"))
+            .contains("cert_types: unknown certType 'X'"));
+        let narrowed = format!(
+            "[[cmf.trust_domain]]\nid = \"d\"\ncas = [\"default\"]\n{consumer}cert_types = [\"MANO_CERT\"]\n"
+        );
+        assert!(parse(&narrowed).contains("MANO_CERT is not permitted by trust domain 'd'"));
+    }
+
+    #[test]
     fn suffixes_patterns_ranges() {
         assert!(dns_in("a.example.net", "example.net"));
         assert!(dns_in("example.net", "example.net"));
