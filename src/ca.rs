@@ -220,16 +220,9 @@ pub fn general_name(text: &str) -> Result<GeneralName, CaError> {
             .map(GeneralName::IpAddress)
             .map_err(|_| CaError::SubjectAltName(text.into()));
     }
-    let valid = !text.is_empty()
-        && text.len() <= 253
-        && text.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
-        });
-    if !valid {
+    // The preferred name syntax (cmf::names): no `-lead`, `_`, empty labels or a wildcard
+    // inside a label, which relying parties and pkilint reject.
+    if crate::cmf::names::check_host_name(text).is_err() {
         return Err(CaError::SubjectAltName(text.into()));
     }
     Ia5String::new(text)

@@ -440,6 +440,15 @@ pub struct CmfConfig {
     /// Revocation: CRLs and the OCSP responder (`[cmf.revocation]`), on by default.
     #[serde(default)]
     pub revocation: RevocationConfig,
+    /// Trust domains: the names, certTypes and CAs their consumers may use (issue 10). Every
+    /// consumer's `trust_domain` must be one of them; no domain permits every name.
+    #[serde(default, rename = "trust_domain")]
+    pub trust_domains: Vec<TrustDomainConfig>,
+    /// A VNFC identifier is certified in the subject commonName (always); with this, also as
+    /// the subjectAltName URI `urn:etsi:nfv:vnfc:<id>` (RFC 5280 permits URNs, but pkilint
+    /// 0.13 flags every URN as pkix.invalid_uri_syntax, so it is off by default).
+    #[serde(default)]
+    pub vnfc_id_uri: bool,
 }
 
 /// `[cmf.revocation]`: CRLs per issuing CA (RFC 5280 5) and an OCSP responder (RFC 6960),
@@ -566,6 +575,35 @@ fn default_ocsp_max_request_bytes() -> usize {
     8 * 1024
 }
 
+/// `[[cmf.trust_domain]]`: what the consumers of one trust domain may register. A name is
+/// permitted when it is inside the list for its kind; an empty list permits no name of that
+/// kind (see `cmf::names` and the README, "Names and trust domains").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustDomainConfig {
+    pub id: String,
+    /// DNS names permitted: each suffix itself and every name under it (label boundary).
+    #[serde(default)]
+    pub dns_suffixes: Vec<String>,
+    /// VNFC identifiers permitted: shell-style patterns (`*`, `?`), e.g. "vnfc-*".
+    #[serde(default)]
+    pub vnfc_id_patterns: Vec<String>,
+    /// IP addresses permitted: CIDR ranges, e.g. "10.20.0.0/16", "2001:db8::/48".
+    #[serde(default)]
+    pub ip_ranges: Vec<String>,
+    /// CAs that issue for this domain (ids of `[[cmf.ca]]`, or "default" for `[ca]`), in
+    /// order of preference: Register without caId takes the first that issues the certType.
+    pub cas: Vec<String>,
+    /// certTypes its consumers may register. MANO_CERT (serverAuth+clientAuth certificates
+    /// for MANO entities' FQDNs) only when listed.
+    #[serde(default = "default_domain_cert_types")]
+    pub cert_types: Vec<String>,
+}
+
+fn default_domain_cert_types() -> Vec<String> {
+    vec!["VNFCI_CERT".into(), "VNF_OAM_CERT".into()]
+}
+
 fn default_max_body_bytes() -> usize {
     64 * 1024
 }
@@ -586,8 +624,23 @@ pub enum UnattestedPolicy {
 pub struct ConsumerConfig {
     /// The identity in the client certificate.
     pub id: String,
-    /// Consumers of different trust domains never see each other's registrations.
+    /// Consumers of different trust domains never see each other's registrations; the
+    /// domain (`[[cmf.trust_domain]]`) says which names, certTypes and CAs it may use.
     pub trust_domain: String,
+    /// Narrowing for this consumer: a name must be permitted by the domain and by these
+    /// (absent = the domain's alone).
+    #[serde(default)]
+    pub dns_suffixes: Option<Vec<String>>,
+    #[serde(default)]
+    pub vnfc_id_patterns: Option<Vec<String>>,
+    #[serde(default)]
+    pub ip_ranges: Option<Vec<String>>,
+    /// A subset of the domain's CAs, in order of preference.
+    #[serde(default)]
+    pub cas: Option<Vec<String>>,
+    /// A subset of the domain's certTypes.
+    #[serde(default)]
+    pub cert_types: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -709,6 +762,7 @@ impl Config {
         }
         if let Some(cmf) = &self.cmf {
             cmf.revocation.check()?;
+            crate::cmf::names::check_config(cmf)?;
         }
         if self.health.probe_seconds == 0 || self.health.probe_timeout_seconds == 0 {
             return Err(

@@ -140,7 +140,11 @@ async fn register_csr_and_openssl_verifies_the_chain() {
         .unwrap()
         .unwrap();
     let names: Vec<String> = san.0.iter().map(|n| format!("{n:?}")).collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    // The host name only: the VNFC identifier vnfc-1 is the subject CN, never a dNSName
+    // (issue 10, README "Names and trust domains").
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].contains("vnfc-1.vnf.example"), "{names:?}");
+    assert_eq!(leaf.tbs_certificate().subject().to_string(), "CN=vnfc-1");
     let validity = leaf.tbs_certificate().validity();
     let lifetime = validity.not_after.to_unix_duration() - validity.not_before.to_unix_duration();
     assert!(
@@ -388,10 +392,11 @@ async fn every_refusal_has_its_status_and_reason() {
         "belongs to another consumer",
         c.get(&format!("{REGISTRATIONS}/{id}")).await.unwrap(),
     ));
+    // One manager per name (issue 10): 409, without naming a consumer of another domain.
     cases.push((
         "other trust domain registers the same subject",
-        403,
-        "managed by another consumer",
+        409,
+        "managed by a consumer of another trust domain",
         c.post_json(REGISTRATIONS, &register_body(&["vnfc-a1"]))
             .await
             .unwrap(),

@@ -18,6 +18,9 @@
 //! GET    /ops/v1/keys/{key}                  one key (the reference percent-encoded)
 //! DELETE /ops/v1/keys/{key}?vnfInstanceId=X  destroy, verify gone, record the erasure
 //! POST   /ops/v1/keys/{key}/sign_test        {scheme, count}
+//! GET    /ops/v1/registrations?consumer=     CMF registrations, every consumer's
+//! POST   /ops/v1/registrations/{id}/transfer {to}: to another consumer, as policy permits
+//! DELETE /ops/v1/registrations/{id}          deregister (as the consumer's DELETE does)
 //!
 //! (only with [sm] configured)
 //! GET    /sm/v1/status                       NSs and VNFs, packages and integrity (6.3)
@@ -89,6 +92,15 @@ pub fn router(state: AdminState) -> Router {
         .route("/ops/v1/keys", get(keys_list).post(keys_generate))
         .route("/ops/v1/keys/{key}", get(key_show).delete(key_destroy))
         .route("/ops/v1/keys/{key}/sign_test", post(key_sign_test))
+        .route("/ops/v1/registrations", get(registrations_list))
+        .route(
+            "/ops/v1/registrations/{id}",
+            axum::routing::delete(registration_delete),
+        )
+        .route(
+            "/ops/v1/registrations/{id}/transfer",
+            post(registration_transfer),
+        )
         .with_state(Arc::new(state));
     match sm {
         Some(sm) => ops.merge(routes(sm)),
@@ -308,6 +320,63 @@ async fn certificate_revoke(
         Ok(status) => (StatusCode::OK, Json(status)).into_response(),
         Err(e) => problem(e.status(), &e.to_string()),
     }
+}
+
+async fn registrations_list(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<ops::registrations::RegistrationQuery>,
+) -> Response {
+    blocking(StatusCode::OK, move || {
+        ops::registrations::list(&state.store, &state.config, &query)
+    })
+    .await
+}
+
+async fn registration_transfer(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Json(request): Json<ops::registrations::TransferRequest>,
+) -> Response {
+    blocking(StatusCode::OK, move || {
+        // The running CMF's policy; an agent without [cmf] has none to transfer under.
+        let policies = match &state.cmf {
+            Some(cmf) => cmf.policies().clone(),
+            None => crate::cmf::names::Policies::from_config(&state.config)
+                .map_err(OpsError::Refused)?,
+        };
+        ops::registrations::transfer(
+            &state.store,
+            &state.config,
+            &policies,
+            &id,
+            &request.to,
+            &caller.0,
+        )
+    })
+    .await
+}
+
+async fn registration_delete(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    let cmf = state.cmf.clone();
+    blocking(StatusCode::OK, move || {
+        let (registration, revoked) = ops::registrations::delete(&state.store, &id, &caller.0)?;
+        // The running agent remakes the CRLs of the CAs that just got revocations.
+        if let Some(cmf) = &cmf {
+            cmf.crl_signal.mark(
+                revoked
+                    .revoked
+                    .iter()
+                    .filter_map(|key| key.split_once('/').map(|(ca, _)| ca.to_string())),
+            );
+        }
+        Ok(registration)
+    })
+    .await
 }
 
 async fn audit_verify(State(state): State<Arc<AdminState>>) -> Response {

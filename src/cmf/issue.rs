@@ -12,7 +12,6 @@ use der::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use spki::{ObjectIdentifier, SubjectPublicKeyInfoOwned};
-use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::KeyUsages;
 use x509_cert::name::Name;
 use x509_cert::time::Validity;
@@ -20,7 +19,8 @@ use x509_cert::Certificate;
 
 use super::attest::{self, Attester};
 use super::csr::{self, VerifiedCsr};
-use super::register::{normalize, owned_by, rejected_or, subject_key};
+use super::names::SubjectName;
+use super::register::{owned_by, rejected_or};
 use super::{
     CertType, Cmf, CmfError, Consumer, IssuedRecord, Registration, CERTIFICATES, REGISTRATIONS,
     SUBJECTS,
@@ -179,7 +179,7 @@ impl Cmf {
         let cert_type = CertType::parse(&request.cert_type)
             .ok_or_else(|| {
                 CmfError::BadRequest(format!(
-                    "certType '{}': expected VNFCI_CERT or VNF_OAM_CERT",
+                    "certType '{}': expected VNFCI_CERT, VNF_OAM_CERT or MANO_CERT",
                     request.cert_type
                 ))
             })
@@ -285,6 +285,7 @@ impl Cmf {
             formats: self.formats.clone(),
             unattested: self.unattested,
             profile: self.profile(cert_type),
+            vnfc_id_uri: self.vnfc_id_uri,
             consumer: consumer.clone(),
             cert_type,
             vnfc_id,
@@ -427,6 +428,7 @@ struct Prepare {
     formats: Arc<attest::Formats>,
     unattested: UnattestedPolicy,
     profile: ProfileConfig,
+    vnfc_id_uri: bool,
     consumer: Consumer,
     cert_type: CertType,
     vnfc_id: Option<String>,
@@ -459,17 +461,9 @@ impl Prepare {
             CsrInput::Der(der) => csr::verify(&der)?,
             CsrInput::Verified(verified) => *verified,
         };
-        // 2. The caller's registration.
-        let registration = self.registration_for(&verified)?;
-        let names = verified.requested_names();
-        for name in &names {
-            if !registration.subject_ids.contains(&normalize(name)) {
-                return Err(CmfError::Unprocessable(format!(
-                    "csr: '{name}' is not among the subjects registered in registration {}",
-                    registration.id
-                )));
-            }
-        }
+        // 2. The caller's registration, holding every requested name.
+        let (registration, subject_names) = self.registration_for(&verified)?;
+        let names: Vec<String> = subject_names.iter().map(SubjectName::canonical).collect();
         // 3. Key policy of the profile.
         let profile = &self.profile;
         let key_type = verified.key_type.name();
@@ -494,15 +488,21 @@ impl Prepare {
                 ))
             })?;
         let _ = self.chosen_ca.set(ca_index);
-        let mut leaf = leaf_profile(profile, verified.key_type.is_rsa(), &names, policies)
-            .map_err(CmfError::Internal)?;
+        let mut leaf = leaf_profile(
+            profile,
+            verified.key_type.is_rsa(),
+            &subject_names,
+            self.vnfc_id_uri,
+            policies,
+        )
+        .map_err(CmfError::Internal)?;
         if let Some(base) = &self.revocation_base {
             let ca_id = &self.cas[ca_index].id;
             leaf.crl_distribution_point
                 .get_or_insert_with(|| super::crl::crl_url(base, ca_id));
             leaf.ocsp_url = Some(super::crl::ocsp_url(base));
         }
-        let subject = subject_name(&verified, &names)?;
+        let subject = subject_name(&verified, &subject_names)?;
         let spki = SubjectPublicKeyInfoOwned::from_der(&verified.spki_der)
             .map_err(|e| CmfError::BadRequest(format!("csr: public key: {e}")))?;
         let spki_sha256 = hex::encode(sha2::Sha256::digest(&verified.spki_der));
@@ -529,38 +529,68 @@ impl Prepare {
         })
     }
 
-    /// The registration that covers this request: by vnfcId, else (VNF OAM) the one of the
-    /// caller's registrations that holds every requested name.
-    fn registration_for(&self, verified: &VerifiedCsr) -> Result<Registration, CmfError> {
+    /// The registration that covers this request: by vnfcId, else (VNF OAM, MANO) the one
+    /// holding the CSR's first name; every requested name must be held by it in the one
+    /// namespace of names. The names come back parsed, in the CSR's order.
+    fn registration_for(
+        &self,
+        verified: &VerifiedCsr,
+    ) -> Result<(Registration, Vec<SubjectName>), CmfError> {
         let (consumer, cert_type, vnfc_id) =
             (&self.consumer, self.cert_type, self.vnfc_id.as_deref());
+        let names = verified
+            .requested_names()
+            .iter()
+            .map(|name| {
+                SubjectName::parse(name).map_err(|e| CmfError::Unprocessable(format!("csr: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let lookup = match vnfc_id {
-            Some(id) => subject_key(cert_type, id),
-            None => {
-                let first = verified
-                    .requested_names()
-                    .into_iter()
-                    .next()
-                    .unwrap_or_default();
-                subject_key(cert_type, &first)
-            }
+            Some(id) => SubjectName::parse(id)
+                .map_err(|e| CmfError::Unprocessable(format!("vnfcId: {e}")))?
+                .index_key(),
+            // csr::verify refuses a CSR without any name.
+            None => names
+                .first()
+                .map(SubjectName::index_key)
+                .unwrap_or_default(),
         };
         let what = vnfc_id.map_or_else(
             || "the CSR's subject".to_string(),
             |id| format!("vnfcId '{id}'"),
         );
-        let registration = self.store.read(|tx| {
+        let (registration, holders) = self.store.read(|tx| {
             let Some(id) = tx.get(&SUBJECTS, &lookup)? else {
-                return Ok(None);
+                return Ok((None, Vec::new()));
             };
-            tx.get(&REGISTRATIONS, &id)
+            let registration = tx.get(&REGISTRATIONS, &id)?;
+            let holders = names
+                .iter()
+                .map(|name| tx.get(&SUBJECTS, &name.index_key()))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((registration, holders))
         })?;
         let registration = registration.ok_or_else(|| {
             CmfError::Unprocessable(format!("{what} is not registered for {cert_type}"))
         })?;
         owned_by(&registration, consumer)
             .map_err(|_| CmfError::Forbidden(format!("{what} is managed by another consumer")))?;
-        Ok(registration)
+        if registration.cert_type != cert_type {
+            return Err(CmfError::Unprocessable(format!(
+                "{what} is registered for {} (registration {}), not {cert_type}: a name has \
+                 one registration whatever the certType",
+                registration.cert_type, registration.id
+            )));
+        }
+        for (name, holder) in names.iter().zip(holders) {
+            if holder.as_deref() != Some(registration.id.as_str()) {
+                return Err(CmfError::Unprocessable(format!(
+                    "csr: '{name}' is not among the subjects registered in registration {}",
+                    registration.id
+                )));
+            }
+        }
+        Ok((registration, names))
     }
 
     /// The attestation verdict: ("verified" | "not-requested" | "unattested: why", format,
@@ -649,13 +679,10 @@ fn issue_leaf(
 
 /// What the CSR operation applies to (IFA 033 11.2.3.1, 11.2.3.2).
 fn check_operation(cert_type: CertType, vnfc_id: Option<&str>) -> Result<(), CmfError> {
-    if cert_type == CertType::ManoCert {
-        return Err(CmfError::Unprocessable(
-            "certType MANO_CERT: the CSR operation applies to VNFCI_CERT and VNF_OAM_CERT \
-             (IFA 033 11.2.3.1)"
-                .into(),
-        ));
-    }
+    // IFA 033 11.2.3.1 defines the CSR operation for VNFCI and VNF OAM certificates and
+    // leaves NFV-MANO credentials for further study (11.2.2.3 NOTE); Register accepts
+    // MANO_CERT, so a consumer whose trust domain permits MANO_CERT (cert_types) gets the
+    // MANO profile for the FQDNs it registered, looked up by the CSR's names like VNF OAM.
     if cert_type == CertType::VnfciCert && vnfc_id.is_none() {
         return Err(CmfError::BadRequest(
             "vnfcId is required for VNFCI_CERT (IFA 033 11.2.3.2)".into(),
@@ -674,7 +701,8 @@ pub async fn verify_blocking(der: Vec<u8>) -> Result<VerifiedCsr, CmfError> {
 fn leaf_profile(
     profile: &ProfileConfig,
     rsa: bool,
-    names: &[String],
+    names: &[SubjectName],
+    vnfc_id_uri: bool,
     policies: Vec<ObjectIdentifier>,
 ) -> Result<LeafProfile, String> {
     let mut key_usage = key_usages(&profile.key_usage)?;
@@ -682,17 +710,13 @@ fn leaf_profile(
         // keyEncipherment is meaningless for EC keys (RFC 5480 3).
         key_usage -= KeyUsages::KeyEncipherment;
     }
+    // Each name in the form valid for its kind (names.rs): host names as dNSName, addresses
+    // as iPAddress; never a single label as a dNSName. A VNFC identifier is the subject's
+    // commonName ([`subject_name`]) and, where configured, a URI.
     let subject_alt_names = names
         .iter()
-        .map(|name| {
-            if name.contains(':') {
-                Ia5String::new(name)
-                    .map(GeneralName::UniformResourceIdentifier)
-                    .map_err(|e| e.to_string())
-            } else {
-                crate::ca::general_name(name).map_err(|e| e.to_string())
-            }
-        })
+        .filter(|name| vnfc_id_uri || !matches!(name, SubjectName::Vnfc(_)))
+        .map(SubjectName::general_name)
         .collect::<Result<Vec<_>, _>>()?;
     Ok(LeafProfile {
         key_usage,
@@ -704,16 +728,30 @@ fn leaf_profile(
     })
 }
 
-/// The issued subject: the CSR's commonName if it has one, else the first requested name.
-/// Only validated names go into the certificate; other subject attributes are not vouched
-/// for and are dropped.
-fn subject_name(verified: &VerifiedCsr, names: &[String]) -> Result<Name, CmfError> {
-    let cn = verified
-        .common_names
-        .first()
-        .cloned()
-        .or_else(|| names.first().cloned())
-        .unwrap_or_default();
+/// The issued subject: `CN=<VNFC identifier>` when the certificate is for a VNFC instance
+/// (its identifier is certified there, names.rs), else the CSR's commonName if it has one,
+/// else the first requested name. Only validated names go into the certificate; other
+/// subject attributes are not vouched for and are dropped. One certificate is for one VNFC
+/// instance: two VNFC identifiers in one CSR are refused.
+fn subject_name(verified: &VerifiedCsr, names: &[SubjectName]) -> Result<Name, CmfError> {
+    let mut vnfc_ids = names.iter().filter(|n| matches!(n, SubjectName::Vnfc(_)));
+    let vnfc = vnfc_ids.next();
+    if let Some(second) = vnfc_ids.next() {
+        return Err(CmfError::Unprocessable(format!(
+            "csr: '{}' and '{second}' are both VNFC identifiers: a certificate is for one VNFC \
+             instance",
+            vnfc.map(SubjectName::canonical).unwrap_or_default()
+        )));
+    }
+    let cn = match vnfc {
+        Some(id) => id.canonical(),
+        None => verified
+            .common_names
+            .first()
+            .cloned()
+            .or_else(|| names.first().map(SubjectName::canonical))
+            .unwrap_or_default(),
+    };
     let escaped: String = cn
         .chars()
         .flat_map(|c| {

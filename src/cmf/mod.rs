@@ -15,6 +15,7 @@
 pub mod crl;
 pub mod csr;
 pub mod issue;
+pub mod names;
 pub mod ocsp;
 pub mod register;
 pub mod revoke;
@@ -160,7 +161,8 @@ pub struct Revocation {
 
 /// Registrations by id.
 pub const REGISTRATIONS: Table<Registration> = Table::new("cmf_registrations");
-/// Subject index: `{certType}/{subjectId}` -> registration id. One manager per subject.
+/// Subject index: one key per name whatever the certType (`dns:<name>`, `ip:<address>`,
+/// `vnfc:<id>`, see [`names`]) -> registration id. One manager per name.
 pub const SUBJECTS: Table<String> = Table::new("cmf_subjects");
 /// Issued certificates: `{caId}/{serial hex}`; `insert_new` keeps serials unique per issuer.
 pub const CERTIFICATES: Table<IssuedRecord> = Table::new("cmf_certificates");
@@ -259,6 +261,10 @@ impl From<StoreError> for CmfError {
 /// The CMF service: configuration resolved once, the CAs, the store.
 pub struct Cmf {
     consumers: HashMap<String, String>,
+    /// Trust-domain name policy per consumer, and the reserved names (issue 10).
+    pub(crate) policies: names::Policies,
+    /// Also certify VNFC identifiers as URI SANs (`[cmf] vnfc_id_uri`).
+    pub(crate) vnfc_id_uri: bool,
     cas: Arc<[IssuingCa]>,
     profiles: HashMap<CertType, ProfileConfig>,
     pub(crate) max_body_bytes: usize,
@@ -353,11 +359,29 @@ impl Cmf {
             };
             formats = formats.with_alias(format, kind);
         }
+        let policies = names::Policies::from_config(config)?;
+        // A store written before one namespace of names gets its subject index rewritten
+        // before the CMF answers anything (see names::upgrade_index).
+        let upgrade = names::upgrade_index(&store, "warden").map_err(|e| {
+            format!(
+                "cmf: upgrading the subject index: {}",
+                crate::error::chain(&e)
+            )
+        })?;
+        if upgrade.migrated > 0 {
+            tracing::info!(
+                migrated = upgrade.migrated,
+                conflicts = upgrade.conflicts.len(),
+                "subject index rewritten to one namespace of names"
+            );
+        }
         let group = store
             .group_commit(cmf.group_commit_max)
             .map_err(|e| format!("store group commit: {e}"))?;
         Ok(Cmf {
             consumers,
+            policies,
+            vnfc_id_uri: cmf.vnfc_id_uri,
             cas: cas.into(),
             profiles,
             max_body_bytes: cmf.max_body_bytes,
@@ -393,6 +417,11 @@ impl Cmf {
 
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
+    }
+
+    /// The trust-domain name policy (issue 10).
+    pub fn policies(&self) -> &names::Policies {
+        &self.policies
     }
 
     pub fn cas(&self) -> &[IssuingCa] {

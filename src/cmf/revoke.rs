@@ -342,61 +342,7 @@ impl Cmf {
         let actor = actor.to_string();
         let outcome = self
             .group
-            .write_async(move |tx| {
-                let now = crate::keys::rfc3339_now();
-                let mut outcome = RevokeOutcome::default();
-                for key in keys {
-                    let Some(mut record) = tx.get(&CERTIFICATES, &key)? else {
-                        continue;
-                    };
-                    if !filter(&record) {
-                        continue;
-                    }
-                    if record.revocation.is_some() {
-                        outcome.already_revoked.push(key);
-                        continue;
-                    }
-                    record.revocation = Some(Revocation {
-                        revoked_at: now.clone(),
-                        reason: reason.as_str().to_string(),
-                    });
-                    tx.put(&CERTIFICATES, &key, &record)?;
-                    tx.put(
-                        &REVOKED,
-                        &key,
-                        &RevokedEntry {
-                            revoked_at: now.clone(),
-                            reason,
-                            not_after: record.not_after.clone(),
-                        },
-                    )?;
-                    outcome.revoked.push(key);
-                }
-                // Each CA's CRL is stale from this commit on (the CRL task compares).
-                let cas: BTreeSet<&str> = outcome
-                    .revoked
-                    .iter()
-                    .filter_map(|key| key.split_once('/').map(|(ca, _)| ca))
-                    .collect();
-                for ca in cas {
-                    let changes = tx.get(&CRL_CHANGES, ca)?.unwrap_or(0);
-                    tx.put(&CRL_CHANGES, ca, &(changes + 1))?;
-                }
-                if !outcome.revoked.is_empty() {
-                    let subject = match outcome.revoked.as_slice() {
-                        [one] => one.clone(),
-                        many => format!("{} certificates", many.len()),
-                    };
-                    tx.audit(AuditEvent::new(&actor, "cmf.revoke", subject).with_detail(
-                        serde_json::json!({
-                            "reason": reason.as_str(),
-                            "revokedAt": now,
-                            "certificates": outcome.revoked,
-                        }),
-                    ));
-                }
-                Ok::<_, StoreError>(outcome)
-            })
+            .write_async(move |tx| revoke_in_tx(tx, keys, &filter, reason, &actor))
             .await
             .map_err(rejected_or)?;
         self.crl_signal.mark(
@@ -491,6 +437,105 @@ impl Cmf {
             revoked_now,
         })
     }
+}
+
+/// The revocation itself, inside the caller's write transaction: each certificate at `keys`
+/// that still passes `filter` and is not yet revoked gets its revocation, its entry in the
+/// revoked index and its CA's CRL change counter bumped, with one audit entry. The CRL task
+/// sees the counters at its next wake (`CrlSignal::mark`) or at start.
+pub(crate) fn revoke_in_tx(
+    tx: &mut crate::store::WriteTx<'_>,
+    keys: Vec<String>,
+    filter: &dyn Fn(&IssuedRecord) -> bool,
+    reason: RevocationReason,
+    actor: &str,
+) -> Result<RevokeOutcome, StoreError> {
+    let now = crate::keys::rfc3339_now();
+    let mut outcome = RevokeOutcome::default();
+    for key in keys {
+        let Some(mut record) = tx.get(&CERTIFICATES, &key)? else {
+            continue;
+        };
+        if !filter(&record) {
+            continue;
+        }
+        if record.revocation.is_some() {
+            outcome.already_revoked.push(key);
+            continue;
+        }
+        record.revocation = Some(Revocation {
+            revoked_at: now.clone(),
+            reason: reason.as_str().to_string(),
+        });
+        tx.put(&CERTIFICATES, &key, &record)?;
+        tx.put(
+            &REVOKED,
+            &key,
+            &RevokedEntry {
+                revoked_at: now.clone(),
+                reason,
+                not_after: record.not_after.clone(),
+            },
+        )?;
+        outcome.revoked.push(key);
+    }
+    // Each CA's CRL is stale from this commit on (the CRL task compares).
+    let cas: BTreeSet<&str> = outcome
+        .revoked
+        .iter()
+        .filter_map(|key| key.split_once('/').map(|(ca, _)| ca))
+        .collect();
+    for ca in cas {
+        let changes = tx.get(&CRL_CHANGES, ca)?.unwrap_or(0);
+        tx.put(&CRL_CHANGES, ca, &(changes + 1))?;
+    }
+    if !outcome.revoked.is_empty() {
+        let subject = match outcome.revoked.as_slice() {
+            [one] => one.clone(),
+            many => format!("{} certificates", many.len()),
+        };
+        tx.audit(
+            AuditEvent::new(actor, "cmf.revoke", subject).with_detail(serde_json::json!({
+                "reason": reason.as_str(),
+                "revokedAt": now,
+                "certificates": outcome.revoked,
+            })),
+        );
+    }
+    Ok(outcome)
+}
+
+/// Revoke a registration's certificates (cessationOfOperation) on the store directly: the
+/// operator's `warden cmf registrations delete`, with or without a running agent (a running
+/// agent is then told to remake the CRLs; otherwise it does at its next start).
+pub(crate) fn revoke_registration_sync(
+    store: &crate::store::Store,
+    id: &str,
+    actor: &str,
+) -> Result<RevokeOutcome, StoreError> {
+    let keys = store.read(|tx| {
+        let mut keys = Vec::new();
+        tx.scan(&CERTIFICATES, None, |key, record: IssuedRecord| {
+            if record.registration_id == id {
+                keys.push(key.to_string());
+            }
+            true
+        })?;
+        Ok(keys)
+    })?;
+    if keys.is_empty() {
+        return Ok(RevokeOutcome::default());
+    }
+    let id = id.to_string();
+    store.write(|tx| {
+        revoke_in_tx(
+            tx,
+            keys,
+            &|r: &IssuedRecord| r.registration_id == id,
+            RevocationReason::CessationOfOperation,
+            actor,
+        )
+    })
 }
 
 /// A VNF instance id as a registration may carry it: what SOL 003 identifiers look like
