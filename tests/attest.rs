@@ -1003,6 +1003,7 @@ mod anchored {
             .activate_credential(
                 work.path(),
                 ak_handle,
+                common::tpm_pki::RSA_EK_HANDLE,
                 &unb64(made["credentialBlob"].as_str().unwrap()),
                 &unb64(made["encryptedSecret"].as_str().unwrap()),
             )
@@ -1025,6 +1026,66 @@ mod anchored {
         let issued = issued.json().unwrap();
         assert_eq!(issued["attestation"], "verified-anchored");
         assert_eq!(policies(&issued), TCG_POLICIES);
+        agent.stop();
+    }
+
+    /// The ECC branch of MakeCredential (ECDH, KDFe, TPMS_ECC_POINT) against a real
+    /// ActivateCredential: a P-256 EK of the default template with a certificate from the
+    /// test manufacturer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ecc_ek_credential_activation_anchors_the_ak() {
+        let tpm = ManufacturedTpm::start();
+        let work = tempfile::tempdir().unwrap();
+        let issuer_pem = std::fs::read_to_string(tpm.issuer_pem()).unwrap();
+        let mut agent = agent_with(&[&tpm.root_pem()], "");
+        let mut vnfm = agent.client(Some("vnfm-a")).connect().await.unwrap();
+        let store =
+            Arc::new(TpmKeyStore::open(&common::swtpm::tpm_config(&tpm.tcti())).expect("open"));
+        let ak = store
+            .create_attestation_key(&KeySpec {
+                label: "ak".into(),
+                algorithm: KeyAlgorithm::Rsa2048,
+            })
+            .unwrap();
+        let ak_handle = handle(&ak);
+        let registration = register(
+            &mut vnfm,
+            &register_body("vnfc-ecc", &pem_public(&ak.public_key.spki_der), &[]),
+        )
+        .await;
+        let id = registration["id"].as_str().unwrap().to_string();
+        drop(store);
+        let ek_certificate = tpm.ecc_ek(work.path(), "0x81010002");
+        let ek_der = nfv_warden::pki::certificates_from_pem(&ek_certificate)
+            .unwrap()
+            .remove(0)
+            .to_der()
+            .unwrap();
+        let ak_public = tpm.public_area(work.path(), ak_handle);
+        let made = challenge(&mut vnfm, &id, &ek_der, &[issuer_pem], &ak_public).await;
+        assert_eq!(made.status, 201, "{}", made.problem_detail());
+        let made = made.json().unwrap();
+        let secret = tpm
+            .activate_credential(
+                work.path(),
+                ak_handle,
+                "0x81010002",
+                &unb64(made["credentialBlob"].as_str().unwrap()),
+                &unb64(made["encryptedSecret"].as_str().unwrap()),
+            )
+            .expect("TPM2_ActivateCredential with the ECC EK");
+        let anchored = answer(
+            &mut vnfm,
+            &id,
+            made["challengeId"].as_str().unwrap(),
+            &secret,
+        )
+        .await;
+        assert_eq!(anchored.status, 200, "{}", anchored.problem_detail());
+        assert_eq!(
+            anchored.json().unwrap()["keyAttestation"]["anchor"]["method"],
+            "EK_CREDENTIAL_ACTIVATION"
+        );
         agent.stop();
     }
 

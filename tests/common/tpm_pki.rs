@@ -97,13 +97,14 @@ impl ManufacturedTpm {
         std::fs::read(dir.join(file)).expect("public area")
     }
 
-    /// TPM2_ActivateCredential with the AK at `ak` and the RSA EK (its policy:
-    /// PolicySecret(TPM_RH_ENDORSEMENT), EK Credential Profile B.6): the credential, or the
-    /// TPM's refusal (stderr).
+    /// TPM2_ActivateCredential with the AK at `ak` and the EK at `ek` (a low-range
+    /// template, whose policy is PolicySecret(TPM_RH_ENDORSEMENT), EK Credential Profile
+    /// B.6): the credential, or the TPM's refusal (stderr).
     pub fn activate_credential(
         &self,
         dir: &Path,
         ak: u32,
+        ek: &str,
         credential_blob: &[u8],
         encrypted_secret: &[u8],
     ) -> Result<Vec<u8>, String> {
@@ -133,7 +134,7 @@ impl ManufacturedTpm {
                 "-c",
                 &format!("0x{ak:08x}"),
                 "-C",
-                RSA_EK_HANDLE,
+                ek,
                 "-i",
                 "credential.blob",
                 "-o",
