@@ -162,43 +162,68 @@ impl ManufacturedTpm {
     /// An AK certificate over `ak_spki_pem` (EKU tcg-kp-AIKCertificate), issued by the
     /// manufacturer's issuing CA with openssl, as an attestation CA would: PEM.
     pub fn ak_certificate(&self, dir: &Path, ak_spki_pem: &str) -> String {
-        std::fs::write(dir.join("ak-public.pem"), ak_spki_pem).expect("AK key");
-        std::fs::write(
-            dir.join("ak-cert.ext"),
+        self.certificate(
+            dir,
+            "ak",
+            ak_spki_pem,
             "extendedKeyUsage=2.23.133.8.3\nbasicConstraints=critical,CA:FALSE\n\
              keyUsage=critical,digitalSignature\n",
         )
-        .expect("extensions");
+    }
+
+    /// An ECC P-256 EK from the default template (EK Credential Profile L-2), persisted at
+    /// `handle`, with an EK certificate by the manufacturer's issuing CA (as swtpm_setup
+    /// makes for the RSA EK): the certificate, PEM.
+    pub fn ecc_ek(&self, dir: &Path, handle: &str) -> String {
+        self.tpm2(
+            dir,
+            &[
+                "tpm2_createek",
+                "-c",
+                handle,
+                "-G",
+                "ecc",
+                "-u",
+                "ek-ecc.pem",
+                "-f",
+                "pem",
+            ],
+        );
+        let public = std::fs::read_to_string(dir.join("ek-ecc.pem")).expect("EK public key");
+        self.certificate(
+            dir,
+            "ek-ecc",
+            &public,
+            "extendedKeyUsage=2.23.133.8.1\nbasicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,keyAgreement\n",
+        )
+    }
+
+    /// A certificate over `spki_pem` with `extensions`, by the issuing CA: PEM.
+    fn certificate(&self, dir: &Path, name: &str, spki_pem: &str, extensions: &str) -> String {
+        std::fs::write(dir.join(format!("{name}-public.pem")), spki_pem).expect("key");
+        std::fs::write(dir.join(format!("{name}.ext")), extensions).expect("extensions");
         let out = Command::new("openssl")
-            .args([
-                "x509",
-                "-new",
-                "-force_pubkey",
-                "ak-public.pem",
-                "-subj",
-                "/CN=test AK",
-            ])
+            .args(["x509", "-new", "-force_pubkey"])
+            .arg(format!("{name}-public.pem"))
+            .args(["-subj", &format!("/CN=test {name}")])
             .arg("-CA")
             .arg(self.issuer_pem())
             .arg("-CAkey")
             .arg(self.issuer_key())
-            .args([
-                "-days",
-                "30",
-                "-extfile",
-                "ak-cert.ext",
-                "-out",
-                "ak-cert.pem",
-            ])
+            .args(["-days", "30", "-extfile"])
+            .arg(format!("{name}.ext"))
+            .arg("-out")
+            .arg(format!("{name}-cert.pem"))
             .current_dir(dir)
             .output()
             .expect("openssl");
         assert!(
             out.status.success(),
-            "AK certificate: {}",
+            "{name} certificate: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        std::fs::read_to_string(dir.join("ak-cert.pem")).expect("AK certificate")
+        std::fs::read_to_string(dir.join(format!("{name}-cert.pem"))).expect("certificate")
     }
 }
 
