@@ -463,7 +463,9 @@ pub(crate) fn check_freshness(
                 Some(_) => Ok(Freshness::Nonce(key)),
             }
         }
-        _ if policy.require_nonce => Err(AttestationError::Nonce(
+        // X.509 key certificates carry no qualifying data: nothing to require.
+        None => Ok(Freshness::NotRequested),
+        Some(_) if policy.require_nonce => Err(AttestationError::Nonce(
             "this CMF requires a nonce from .../attestation_nonces in the attestation's \
              qualifying data"
                 .into(),
