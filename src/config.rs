@@ -431,6 +431,9 @@ pub struct CmfConfig {
     /// Aliases of attestation format OIDs: OID -> "tpm2-certify" | "x509-key-certificate".
     #[serde(default)]
     pub attestation_formats: std::collections::BTreeMap<String, String>,
+    /// Anchoring attesters in a TPM PKI, and freshness nonces (issue 10 §2).
+    #[serde(default)]
+    pub attestation: AttestationConfig,
     /// Certificate profiles by certType; defaults apply to a type not listed.
     #[serde(default)]
     pub profile: std::collections::BTreeMap<String, ProfileConfig>,
@@ -609,6 +612,62 @@ fn default_max_body_bytes() -> usize {
 }
 fn default_group_commit() -> usize {
     64
+}
+
+/// `[cmf.attestation]`: which TPM PKI anchors attesters, what an unanchored one earns, and
+/// the freshness nonces and AK challenges.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// PEM files of TPM manufacturer (EK) and attestation (AK) CA roots. Empty: no attester
+    /// is ever anchored, and no certificate gets the TCG policies 2.23.133.11.1.1 / .2.
+    #[serde(default)]
+    pub roots: Vec<PathBuf>,
+    /// A valid attestation by an attester that is not anchored: "issue" (issued without the
+    /// TCG policies, recorded "verified-unanchored") or "refuse" (422).
+    #[serde(default)]
+    pub unanchored: UnanchoredPolicy,
+    /// Lifetime of a freshness nonce, seconds.
+    #[serde(default = "default_attestation_ttl")]
+    pub nonce_ttl_seconds: u64,
+    /// Lifetime of an AK credential challenge, seconds.
+    #[serde(default = "default_attestation_ttl")]
+    pub challenge_ttl_seconds: u64,
+    /// Require a CMF nonce in every TPM attestation's qualifying data (unless the
+    /// registration pins expectedQualifyingData).
+    #[serde(default)]
+    pub require_nonce: bool,
+    /// Unused nonces (and, separately, challenges) one registration may hold at once.
+    #[serde(default = "default_attestation_outstanding")]
+    pub max_outstanding: usize,
+}
+
+impl Default for AttestationConfig {
+    fn default() -> Self {
+        AttestationConfig {
+            roots: Vec::new(),
+            unanchored: UnanchoredPolicy::default(),
+            nonce_ttl_seconds: default_attestation_ttl(),
+            challenge_ttl_seconds: default_attestation_ttl(),
+            require_nonce: false,
+            max_outstanding: default_attestation_outstanding(),
+        }
+    }
+}
+
+fn default_attestation_ttl() -> u64 {
+    300
+}
+fn default_attestation_outstanding() -> usize {
+    32
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnanchoredPolicy {
+    #[default]
+    Issue,
+    Refuse,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

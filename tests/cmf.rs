@@ -224,7 +224,7 @@ mod tpm_attested {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn tpm_attested_csr_is_issued_with_tcg_policies_and_forgeries_are_refused() {
+    async fn tpm_attested_csr_is_issued_without_an_anchor_and_forgeries_are_refused() {
         let (attested, plain, ak_pem) = vectors(KeyAlgorithm::EcP256, NONCE);
         let (wrong_nonce, _, _) = vectors(KeyAlgorithm::Rsa2048, b"another nonce");
         let mut agent = CmfAgent::new("");
@@ -256,22 +256,18 @@ mod tpm_attested {
         let issued = vnfm.post_json(CSRS, &csr_body(&attested)).await.unwrap();
         assert_eq!(issued.status, 201, "{}", issued.problem_detail());
         let issued = issued.json().unwrap();
-        assert_eq!(issued["attestation"], "verified");
+        // The AK is the consumer's own, anchored in no TPM PKI: verified, but no TCG policy
+        // (issue 10 §2; the anchored cases are in tests/attest.rs).
+        assert_eq!(issued["attestation"], "verified-unanchored");
         let leaf = nfv_warden::pki::certificates_from_pem(issued["certificate"].as_str().unwrap())
             .unwrap()
             .remove(0);
         use x509_cert::ext::pkix::CertificatePolicies;
-        let (_, policies) = leaf
+        assert!(leaf
             .tbs_certificate()
             .get_extension::<CertificatePolicies>()
             .unwrap()
-            .unwrap();
-        let oids: Vec<String> = policies
-            .0
-            .iter()
-            .map(|p| p.policy_identifier.to_string())
-            .collect();
-        assert_eq!(oids, ["2.23.133.11.1.1", "2.23.133.11.1.2"]);
+            .is_none());
         agent.stop();
         assert_eq!(issued_count(&agent), 1, "only the attested CSR was issued");
     }

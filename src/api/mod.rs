@@ -4,6 +4,7 @@
 //! a verified client certificate reaches handlers as [`ClientIdentity`].
 
 pub mod admin;
+pub mod attestation;
 pub mod cmf;
 pub mod est;
 pub mod health;
@@ -198,6 +199,7 @@ pub fn router(state: AppState) -> Router {
     let mut router = health::routes(state.health.clone());
     if let Some(cmf) = &state.cmf {
         router = router.merge(cmf::routes(cmf.clone()));
+        router = router.merge(attestation::routes(cmf.clone()));
         router = router.merge(est::routes(cmf.clone()));
         router = router.merge(revocation::consumer_routes(cmf.clone()));
     }

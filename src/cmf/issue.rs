@@ -26,7 +26,7 @@ use super::{
     SUBJECTS,
 };
 use crate::ca::{Issuer, LeafProfile, Profile};
-use crate::config::{ProfileConfig, UnattestedPolicy};
+use crate::config::{ProfileConfig, UnanchoredPolicy, UnattestedPolicy};
 use crate::keys::backends::Backends;
 use crate::keys::signer::HardwareKey;
 use crate::keys::KeyRef;
@@ -34,7 +34,10 @@ use crate::pki;
 use crate::store::{AuditEvent, Store, StoreError};
 
 /// TCG key provenance policies (TCG EK Credential Profile / CSR attestation draft):
-/// the key was verified resident in a TPM, and fixed to it.
+/// the key was verified resident in a TPM, and fixed to it. Asserted only when the attester
+/// is anchored in a TPM PKI ([`attest::anchor`]); an attestation verified with an
+/// unanchored attester key earns no policy OID at all: the consumer chose that key, so a
+/// relying party could learn nothing from one (README, "Key attestation").
 const TCG_VERIFIED_TPM_RESIDENCY: ObjectIdentifier =
     ObjectIdentifier::new_unwrap("2.23.133.11.1.1");
 const TCG_VERIFIED_TPM_FIXED: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.23.133.11.1.2");
@@ -283,6 +286,7 @@ impl Cmf {
             store: self.store.clone(),
             cas: self.cas.clone(),
             formats: self.formats.clone(),
+            attestation: self.attestation.clone(),
             unattested: self.unattested,
             profile: self.profile(cert_type),
             vnfc_id_uri: self.vnfc_id_uri,
@@ -297,6 +301,7 @@ impl Cmf {
             names,
             attestation,
             attestation_format,
+            nonce_key,
             leaf,
             subject,
             spki,
@@ -365,6 +370,7 @@ impl Cmf {
             let key = format!("{}/{}", ca.id, serial_hex);
             let consumer_id = consumer.id.clone();
             let committing = std::time::Instant::now();
+            let nonce_key = nonce_key.clone();
             let outcome = self
                 .group
                 .write_async(move |tx| {
@@ -375,6 +381,11 @@ impl Cmf {
                             "registration {} was deleted while the CSR was processed",
                             record.registration_id
                         ))));
+                    }
+                    // The nonce is spent in the same commit as the record: of two CSRs
+                    // carrying it, exactly one is issued.
+                    if let Some(nonce) = &nonce_key {
+                        attest::service::consume_nonce(tx, nonce)?;
                     }
                     tx.insert_new(&CERTIFICATES, &key, &record)?;
                     tx.audit(AuditEvent::new(&consumer_id, "cmf.issue", &key).with_detail(detail));
@@ -426,6 +437,7 @@ struct Prepare {
     store: Arc<Store>,
     cas: Arc<[IssuingCa]>,
     formats: Arc<attest::Formats>,
+    attestation: Arc<attest::service::AttestationPolicy>,
     unattested: UnattestedPolicy,
     profile: ProfileConfig,
     vnfc_id_uri: bool,
@@ -444,6 +456,8 @@ struct Prepared {
     names: Vec<String>,
     attestation: String,
     attestation_format: Option<String>,
+    /// The nonce the issuance commit consumes (store key).
+    nonce_key: Option<String>,
     leaf: LeafProfile,
     subject: Name,
     spki: SubjectPublicKeyInfoOwned,
@@ -474,8 +488,12 @@ impl Prepare {
             )));
         }
         // 4. Key attestation against the registered attester.
-        let (attestation, attestation_format, policies) =
-            self.check_attestation(&registration, &verified)?;
+        let AttestationVerdict {
+            attestation,
+            format: attestation_format,
+            policies,
+            nonce_key,
+        } = self.check_attestation(&registration, &verified)?;
         // 5. Issue.
         let ca_index = self
             .cas
@@ -520,6 +538,7 @@ impl Prepare {
             names,
             attestation,
             attestation_format,
+            nonce_key,
             leaf,
             subject,
             spki,
@@ -593,15 +612,22 @@ impl Prepare {
         Ok((registration, names))
     }
 
-    /// The attestation verdict: ("verified" | "not-requested" | "unattested: why", format,
-    /// certificate policies to add).
+    /// The attestation verdict (IFA 033 11.2.1 and issue 10 §2): the signature, Name, key
+    /// and attributes of the statement; then freshness (a CMF nonce in the qualifying
+    /// data); then whether the attester is anchored in a TPM PKI, which alone earns the
+    /// TCG policies.
     fn check_attestation(
         &self,
         registration: &Registration,
         verified: &VerifiedCsr,
-    ) -> Result<(String, Option<String>, Vec<ObjectIdentifier>), CmfError> {
+    ) -> Result<AttestationVerdict, CmfError> {
         let Some(registered) = &registration.key_attestation else {
-            return Ok(("not-requested".into(), None, Vec::new()));
+            return Ok(AttestationVerdict {
+                attestation: "not-requested".into(),
+                format: None,
+                policies: Vec::new(),
+                nonce_key: None,
+            });
         };
         let b64 = base64::engine::general_purpose::STANDARD;
         let attester = Attester {
@@ -619,38 +645,85 @@ impl Prepare {
                 .transpose()
                 .map_err(|e| CmfError::Internal(format!("stored qualifying data: {e}")))?,
         };
-        let outcome = attest::verify_csr_attestation(
+        let outcome = attest::verify_csr_attestation_evidence(
             &self.formats,
             &verified.request.info.attributes,
             &verified.spki_der,
             &attester,
-        );
-        match outcome {
-            Ok(v) => {
-                let mut policies = Vec::new();
-                if v.tpm_residency {
-                    policies.push(TCG_VERIFIED_TPM_RESIDENCY);
-                }
-                if v.tpm_fixed {
-                    policies.push(TCG_VERIFIED_TPM_FIXED);
-                }
-                Ok((
-                    "verified".into(),
-                    Some(registered.format_oid.clone()),
-                    policies,
-                ))
-            }
+        )
+        .and_then(|evidence| {
+            let freshness = attest::service::check_freshness(
+                &self.attestation,
+                &self.store,
+                registration,
+                attester.expected_qualifying_data.is_some(),
+                evidence.qualifying_data.as_deref(),
+            )?;
+            Ok((evidence, freshness))
+        });
+        let (evidence, freshness) = match outcome {
+            Ok(found) => found,
             Err(e) if self.unattested == UnattestedPolicy::Issue => {
                 tracing::warn!(registration = %registration.id, reason = %e, "issuing un-attested by local policy");
-                Ok((
-                    format!("unattested: {e}"),
-                    Some(registered.format_oid.clone()),
-                    Vec::new(),
-                ))
+                return Ok(AttestationVerdict {
+                    attestation: format!("unattested: {e}"),
+                    format: Some(registered.format_oid.clone()),
+                    policies: Vec::new(),
+                    nonce_key: None,
+                });
             }
-            Err(e) => Err(CmfError::Unprocessable(format!("key attestation: {e}"))),
-        }
+            Err(e) => return Err(CmfError::Unprocessable(format!("key attestation: {e}"))),
+        };
+        let nonce_key = match freshness {
+            attest::service::Freshness::Nonce(key) => Some(key),
+            _ => None,
+        };
+        // Anchored at Register or by challenge, else by an AK certificate in the bundle.
+        let anchored = registered.anchor.is_some()
+            || (!evidence.certs.is_empty()
+                && self
+                    .attestation
+                    .roots
+                    .anchor_by_ak_certificate(&evidence.certs, &attester.public_key_spki_der)
+                    .is_ok());
+        let mut policies = Vec::new();
+        let attestation = if anchored {
+            if evidence.verified.tpm_residency {
+                policies.push(TCG_VERIFIED_TPM_RESIDENCY);
+            }
+            if evidence.verified.tpm_fixed {
+                policies.push(TCG_VERIFIED_TPM_FIXED);
+            }
+            "verified-anchored"
+        } else if self.attestation.unanchored == UnanchoredPolicy::Refuse {
+            return Err(CmfError::Unprocessable(format!(
+                "key attestation: the attestation verifies, but the attester key of \
+                 registration {} is not anchored in a TPM PKI, and this CMF refuses \
+                 unanchored attesters: give an AK certificate chain at Register or in the \
+                 bundle's certs, or answer an AK challenge (.../ak_challenges)",
+                registration.id
+            )));
+        } else {
+            "verified-unanchored"
+        };
+        Ok(AttestationVerdict {
+            attestation: attestation.into(),
+            format: Some(registered.format_oid.clone()),
+            policies,
+            nonce_key,
+        })
     }
+}
+
+/// What [`Prepare::check_attestation`] decided.
+struct AttestationVerdict {
+    /// The record's and response's `attestation`.
+    attestation: String,
+    format: Option<String>,
+    /// Certificate policies to add.
+    policies: Vec<ObjectIdentifier>,
+    /// The nonce the issuance commit consumes.
+    nonce_key: Option<String>,
 }
 
 /// Sign a leaf certificate with a fresh serial: (serial hex, certificate).

@@ -116,6 +116,9 @@ pub struct RegisteredAttester {
     /// Base64.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expected_qualifying_data: Option<String>,
+    /// How the attester key is tied to a TPM PKI; absent: not anchored (issue 10 §2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<attest::anchor::AttesterAnchor>,
 }
 
 /// The record of an issued certificate.
@@ -130,7 +133,10 @@ pub struct IssuedRecord {
     pub subjects: Vec<String>,
     /// SHA-256 of the SubjectPublicKeyInfo DER, hex.
     pub spki_sha256: String,
-    /// "verified", "not-requested", or "unattested: <reason>" (local policy issued anyway).
+    /// "verified-anchored" (the attester is anchored in a TPM PKI), "verified-unanchored"
+    /// (verified with a registered attester key nobody vouches for), "not-requested", or
+    /// "unattested: <reason>" (local policy issued anyway). Records before issue 10 say
+    /// "verified" for what is now "verified-unanchored".
     pub attestation: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attestation_format: Option<String>,
@@ -270,6 +276,7 @@ pub struct Cmf {
     pub(crate) max_body_bytes: usize,
     pub(crate) unattested: UnattestedPolicy,
     pub(crate) formats: Arc<attest::Formats>,
+    pub(crate) attestation: Arc<attest::service::AttestationPolicy>,
     pub(crate) store: Arc<Store>,
     pub(crate) group: GroupCommit,
     /// CAs whose CRL must be made again (a revocation), for the CRL task ([`crl`]).
@@ -387,6 +394,9 @@ impl Cmf {
             max_body_bytes: cmf.max_body_bytes,
             unattested: cmf.unattested,
             formats: Arc::new(formats),
+            attestation: Arc::new(attest::service::AttestationPolicy::from_config(
+                &cmf.attestation,
+            )?),
             store,
             group,
             crl_signal: Arc::new(revoke::CrlSignal::default()),

@@ -39,6 +39,10 @@ pub struct KeyAttestationRequest {
     /// Base64.
     #[serde(default)]
     pub expected_qualifying_data: Option<String>,
+    /// The attester's (AK's) certificate and the intermediates up to a configured
+    /// attestation root, PEM or base64 DER: anchors the attester (issue 10 §2).
+    #[serde(default)]
+    pub ak_certificate_chain: Vec<String>,
 }
 
 const MAX_SUBJECTS: usize = 64;
@@ -123,7 +127,7 @@ impl Cmf {
         }
         let key_attestation = request
             .key_attestation
-            .map(|k| check_attester(&k))
+            .map(|k| check_attester(self, &k))
             .transpose()?;
         let issues = |id: &str| {
             self.ca(id)
@@ -198,6 +202,7 @@ impl Cmf {
                             "caId": stored.ca_id,
                             "trustDomain": stored.trust_domain,
                             "attested": stored.key_attestation.is_some(),
+                            "anchored": stored.key_attestation.as_ref().is_some_and(|k| k.anchor.is_some()),
                         }),
                     ),
                 );
@@ -374,7 +379,10 @@ pub(crate) fn owned_by(registration: &Registration, consumer: &Consumer) -> Resu
     }
 }
 
-fn check_attester(request: &KeyAttestationRequest) -> Result<RegisteredAttester, CmfError> {
+fn check_attester(
+    cmf: &Cmf,
+    request: &KeyAttestationRequest,
+) -> Result<RegisteredAttester, CmfError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let text = request.attester_public_key.trim();
     let der = if text.starts_with("-----BEGIN") {
@@ -400,12 +408,19 @@ fn check_attester(request: &KeyAttestationRequest) -> Result<RegisteredAttester,
     })?;
     crate::cmf::csr::key_type_of(&der)
         .map_err(|e| CmfError::BadRequest(format!("keyAttestation.attesterPublicKey: {e}")))?;
-    request.format_oid.parse::<FormatOid>().map_err(|e| {
+    let format = request.format_oid.parse::<FormatOid>().map_err(|e| {
         CmfError::BadRequest(format!(
             "keyAttestation.formatOid '{}': {e}",
             request.format_oid
         ))
     })?;
+    // Every CSR of a registration in an unknown format would fail: refuse it here.
+    if cmf.formats.kind(&format).is_none() {
+        return Err(CmfError::Unprocessable(format!(
+            "keyAttestation.formatOid {format} is not a known attestation format (known: {})",
+            cmf.formats.known().join(", ")
+        )));
+    }
     if let Some(q) = &request.expected_qualifying_data {
         b64.decode(q).map_err(|e| {
             CmfError::BadRequest(format!(
@@ -413,10 +428,28 @@ fn check_attester(request: &KeyAttestationRequest) -> Result<RegisteredAttester,
             ))
         })?;
     }
+    let anchor = if request.ak_certificate_chain.is_empty() {
+        None
+    } else {
+        let certs = super::attest::anchor::certificates_from_text(
+            &request.ak_certificate_chain,
+            "keyAttestation.akCertificateChain",
+        )
+        .map_err(CmfError::BadRequest)?;
+        Some(
+            cmf.attestation
+                .roots
+                .anchor_by_ak_certificate(&certs, &der)
+                .map_err(|e| {
+                    CmfError::Unprocessable(format!("keyAttestation.akCertificateChain: {e}"))
+                })?,
+        )
+    };
     Ok(RegisteredAttester {
         attester_public_key: b64.encode(&der),
-        format_oid: request.format_oid.clone(),
+        format_oid: format.to_string(),
         expected_qualifying_data: request.expected_qualifying_data.clone(),
+        anchor,
     })
 }
 

@@ -28,11 +28,18 @@ pub struct Swtpm {
 impl Swtpm {
     /// Start a fresh (unmanufactured, empty-auth) TPM.
     pub fn start() -> Swtpm {
+        Swtpm::start_prepared(|_| {})
+    }
+
+    /// Start a TPM on a state directory that `prepare` fills first (e.g. `swtpm_setup`
+    /// manufacturing it with EK certificates: tests/common/tpm_pki.rs).
+    pub fn start_prepared(prepare: impl FnOnce(&Path)) -> Swtpm {
         let dir = tempfile::Builder::new()
             .prefix("swtpm-")
             .tempdir()
             .expect("temp dir");
         std::fs::create_dir_all(dir.path().join("tpm")).expect("state dir");
+        prepare(&dir.path().join("tpm"));
         let mut last_error = String::new();
         for _ in 0..40 {
             let port = random_port();
