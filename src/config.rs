@@ -191,9 +191,34 @@ pub struct TpmConfig {
     /// agent never takes ownership nor changes hierarchy auth).
     #[serde(default)]
     pub owner_auth: Option<SecretSource>,
-    /// How many times one command reconnects to the TPM before it fails as unavailable.
+    /// How many times one command reconnects to the TPM (within its deadline) before it
+    /// fails as unavailable and the TPM is marked down.
     #[serde(default = "default_recovery_attempts")]
     pub recovery_attempts: u32,
+    /// Deadline of one TPM command, in milliseconds: a caller waits at most this long for
+    /// the answer, then gets 503 (unavailable); a command still in the TPM past it makes the
+    /// agent abandon that connection and build a new one.
+    #[serde(default = "default_tpm_command_timeout_ms")]
+    pub command_timeout_ms: u64,
+    /// Deadline of a key generation (TPM2_Create, TPM2_CreatePrimary), in milliseconds: a
+    /// hardware TPM takes seconds for an RSA key.
+    #[serde(default = "default_tpm_keygen_timeout_ms")]
+    pub keygen_timeout_ms: u64,
+    /// Callers that may wait on the TPM at once. More wait for a slot only while the TPM
+    /// keeps answering, and are refused (503) once it stalls. Keep it well below the
+    /// server's blocking threads (16), so a hung TPM cannot hold them all.
+    #[serde(default = "default_tpm_max_waiting_commands")]
+    pub max_waiting_commands: usize,
+}
+
+fn default_tpm_command_timeout_ms() -> u64 {
+    5_000
+}
+fn default_tpm_keygen_timeout_ms() -> u64 {
+    60_000
+}
+fn default_tpm_max_waiting_commands() -> usize {
+    8
 }
 
 fn default_tcti() -> String {
