@@ -215,7 +215,15 @@ fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-/// The agent's TPM backend configuration for a swtpm at `tcti`, with the default handles.
+/// The command deadline of tests that are not about a hung TPM: a failure guard (as in
+/// [`eventually`]), never what they check. The production default (5 s) is tripped on this
+/// shared 2-core machine: a TPM2_GetCapability or TPM2_Sign next to an RSA-3072 key
+/// generation of a parallel test took 4-5 s, and a test then failed with `Unavailable` in
+/// the middle of its work. Tests of the deadline itself (tests/tpm_faults.rs) set their own.
+pub const GUARD_DEADLINE_MS: u64 = 120_000;
+
+/// The agent's TPM backend configuration for a swtpm at `tcti`, with the default handles
+/// and [`GUARD_DEADLINE_MS`] as the command deadline.
 pub fn tpm_config(tcti: &str) -> nfv_warden::config::TpmConfig {
     nfv_warden::config::TpmConfig {
         tcti: tcti.to_string(),
@@ -224,8 +232,8 @@ pub fn tpm_config(tcti: &str) -> nfv_warden::config::TpmConfig {
         key_handle_last: 0x8100_01ff,
         owner_auth: None,
         recovery_attempts: 4,
-        command_timeout_ms: 5_000,
-        keygen_timeout_ms: 60_000,
+        command_timeout_ms: GUARD_DEADLINE_MS,
+        keygen_timeout_ms: GUARD_DEADLINE_MS,
         max_waiting_commands: 8,
     }
 }

@@ -31,35 +31,30 @@ pub(super) fn certify(
             qualifying_data.len()
         ))
     })?;
-    let object = c.esys_handle(key)?;
-    let signer = c.esys_handle(attestation_key)?;
-    let result = c.tpm()?.execute_with_sessions(
-        (
-            Some(AuthSession::Password),
-            Some(AuthSession::Password),
-            None,
-        ),
-        |ctx| {
-            ctx.certify(
-                object,
-                KeyHandle::from(signer),
-                data,
-                TpmSignatureScheme::Null,
-            )
-        },
-    );
-    let (attest, signature) = match result {
-        Ok(evidence) => evidence,
-        Err(e) => {
-            c.forget(key);
-            c.forget(attestation_key);
-            return Err(KeyError::Tpm {
-                command: "TPM2_Certify",
-                source: e,
-            });
-        }
-    };
-    let public = c.read_public_of(key)?;
+    let (attest, signature, public) = c.with_object(key, |c, object| {
+        c.with_object(attestation_key, |c, signer| {
+            let (attest, signature) = c
+                .tpm()?
+                .execute_with_sessions(
+                    (
+                        Some(AuthSession::Password),
+                        Some(AuthSession::Password),
+                        None,
+                    ),
+                    |ctx| {
+                        ctx.certify(
+                            object,
+                            KeyHandle::from(signer),
+                            data,
+                            TpmSignatureScheme::Null,
+                        )
+                    },
+                )
+                .map_err(tpm_error("TPM2_Certify"))?;
+            let public = c.read_public(key, object)?;
+            Ok((attest, signature, public))
+        })
+    })?;
     let marshal = tpm_error("Tss2_MU_Marshal");
     Ok(CertifyEvidence {
         attest: attest.marshall().map_err(&marshal)?,

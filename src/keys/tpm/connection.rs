@@ -143,7 +143,6 @@ impl Worker {
         let mut connection = Connection {
             context,
             abandoned: self.abandoned.clone(),
-            objects: HashMap::new(),
             algorithms: HashMap::new(),
         };
         let flushed = connection.flush_transients()?;
@@ -171,38 +170,55 @@ impl Worker {
     }
 }
 
-/// An ESAPI context and the ESYS handles opened through it. Dropped as a whole when the TPM
-/// connection is lost: ESYS handles do not survive a new context.
+/// An ESAPI context. Dropped as a whole when the TPM connection is lost.
+///
+/// No ESYS handle outlives the command that opened it: every command resolves the persistent
+/// objects it uses (Esys_TR_FromTPMPublic, one TPM2_ReadPublic) and closes them before it
+/// returns ([`Connection::with_object`]). A per-connection cache of ESYS handles (and of the
+/// key algorithm per handle) was tried and removed: a persistent handle is a slot, not a key,
+/// so the cached entry stays right only while nobody else evicts and re-fills that slot
+/// (another process behind a resource manager, `warden keys` on the direct path, tpm2-tools),
+/// and ESYS itself keeps its own object per TPM handle: libtss2-esys 3.2 leaves the object of
+/// a key evicted with TPM2_EvictControl in the context, and its Esys_TR_FromTPMPublic hands
+/// out an existing object for the same TPM handle, so a key regenerated at that handle failed
+/// with 0x00070001 "Name mismatch between two calls of Esys_TR_FromTPMPublic" until the next
+/// reconnection (tests/tpm.rs `regenerated_keys_at_the_same_handle_sign_as_themselves`).
 pub(super) struct Connection {
     context: Context,
     abandoned: Arc<AtomicBool>,
-    /// ESYS handles of persistent objects (TR_FromTPMPublic costs a TPM2_ReadPublic; a sign
-    /// should not pay it every time).
-    pub objects: HashMap<u32, ObjectHandle>,
-    /// Key algorithms read with TPM2_ReadPublic, so a sign checks the scheme without a
-    /// round trip. Dropped with the ESYS handle.
-    pub algorithms: HashMap<u32, KeyAlgorithm>,
+    /// Key algorithm by object Name. The Name is the hash of the public area (TPM 2.0 Part 1,
+    /// 16), which fixes the algorithm, so an entry can never describe another key: this is
+    /// a pure function cached, not a view of the TPM that can go stale. Saves a second
+    /// TPM2_ReadPublic per signature.
+    algorithms: HashMap<Vec<u8>, KeyAlgorithm>,
 }
+
+/// Bound on [`Connection::algorithms`] (the key range holds at most 256 keys; keys come and
+/// go, so the map is emptied when it reaches this size rather than grown forever).
+const ALGORITHMS_MAX: usize = 1024;
 
 impl Connection {
     /// The ESAPI context, unless this connection was abandoned after a deadline: a late
     /// thread must not send more commands to a TPM that a newer connection now drives.
     pub fn tpm(&mut self) -> Result<&mut Context, KeyError> {
         if self.abandoned.load(Ordering::Acquire) {
-            return Err(KeyError::Unavailable {
-                device: "TPM".to_string(),
-                operation: "TPM command",
-                reason: "the connection was abandoned after its deadline".to_string(),
-            });
+            return Err(KeyError::unavailable(
+                "TPM",
+                "TPM command",
+                "the connection was abandoned after its deadline".to_string(),
+            ));
         }
         Ok(&mut self.context)
     }
 
-    /// The ESYS handle of a persistent object or NV index; `NotFound` when the TPM has none.
-    pub fn esys_handle(&mut self, handle: TpmHandle) -> Result<ObjectHandle, KeyError> {
-        if let Some(object) = self.objects.get(&handle.0) {
-            return Ok(*object);
-        }
+    /// Run `f` with an ESYS handle for the persistent object or NV index at `handle`, opened
+    /// for this call only (`NotFound` when the TPM has nothing there) and closed afterwards,
+    /// whatever `f` did to the object.
+    pub fn with_object<T>(
+        &mut self,
+        handle: TpmHandle,
+        f: impl FnOnce(&mut Connection, ObjectHandle) -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
         let tpm_handle = if handle.is_nv_index() {
             EsysTpmHandle::NvIndex(
                 NvIndexTpmHandle::new(handle.0).map_err(tpm_error("Esys_TR_FromTPMPublic"))?,
@@ -216,42 +232,58 @@ impl Connection {
             .tpm()?
             .execute_without_session(|c| c.tr_from_tpm_public(tpm_handle))
             .map_err(|e| not_found_or(handle, e, "Esys_TR_FromTPMPublic"))?;
-        if handle.is_persistent() {
-            self.objects.insert(handle.0, object);
-        }
-        Ok(object)
+        let result = f(self, object);
+        self.close(object);
+        result
     }
 
-    /// Forget a cached ESYS handle (the object is gone or the TPM refused it).
-    pub fn forget(&mut self, handle: TpmHandle) {
-        self.algorithms.remove(&handle.0);
-        if let Some(mut object) = self.objects.remove(&handle.0) {
-            // TR_Close only frees ESYS memory; it sends nothing to the TPM.
-            let _ = self.context.tr_close(&mut object);
-        }
+    /// Drop the ESYS object `object` from the context (Esys_TR_Close: ESYS memory only, no
+    /// TPM command, so also allowed on an abandoned connection). After a successful
+    /// TPM2_EvictControl or TPM2_NV_UndefineSpace tss-esapi already counts the handle as
+    /// closed while libtss2-esys 3.2 may still hold the object: the close still removes it
+    /// from ESYS, and tss-esapi's complaint about a handle it no longer tracks is expected.
+    pub fn close(&mut self, object: ObjectHandle) {
+        let mut object = object;
+        let _ = self.context.tr_close(&mut object);
     }
 
-    pub fn algorithm_of(&mut self, handle: TpmHandle) -> Result<KeyAlgorithm, KeyError> {
-        if let Some(algorithm) = self.algorithms.get(&handle.0) {
+    /// The public area of the object behind `object` (TPM2_ReadPublic, no session).
+    pub fn read_public(
+        &mut self,
+        handle: TpmHandle,
+        object: ObjectHandle,
+    ) -> Result<Public, KeyError> {
+        self.tpm()?
+            .execute_without_session(|c| c.read_public(KeyHandle::from(object)))
+            .map(|(public, _, _)| public)
+            .map_err(|e| not_found_or(handle, e, "TPM2_ReadPublic"))
+    }
+
+    /// The public area of the persistent object at `handle`.
+    pub fn read_public_of(&mut self, handle: TpmHandle) -> Result<Public, KeyError> {
+        self.with_object(handle, |c, object| c.read_public(handle, object))
+    }
+
+    /// The algorithm of the key behind `object`, by its Name (see [`Connection::algorithms`]).
+    pub fn algorithm_of(
+        &mut self,
+        handle: TpmHandle,
+        object: ObjectHandle,
+    ) -> Result<KeyAlgorithm, KeyError> {
+        let name = self
+            .context
+            .tr_get_name(object)
+            .map_err(tpm_error("Esys_TR_GetName"))?;
+        let name = name.value().to_vec();
+        if let Some(algorithm) = self.algorithms.get(&name) {
             return Ok(*algorithm);
         }
-        let algorithm = key_algorithm(&self.read_public_of(handle)?)?;
-        self.algorithms.insert(handle.0, algorithm);
-        Ok(algorithm)
-    }
-
-    pub fn read_public_of(&mut self, handle: TpmHandle) -> Result<Public, KeyError> {
-        let object = self.esys_handle(handle)?;
-        let result = self
-            .tpm()?
-            .execute_without_session(|c| c.read_public(KeyHandle::from(object)));
-        match result {
-            Ok((public, _, _)) => Ok(public),
-            Err(e) => {
-                self.forget(handle);
-                Err(not_found_or(handle, e, "TPM2_ReadPublic"))
-            }
+        let algorithm = key_algorithm(&self.read_public(handle, object)?)?;
+        if self.algorithms.len() >= ALGORITHMS_MAX {
+            self.algorithms.clear();
         }
+        self.algorithms.insert(name, algorithm);
+        Ok(algorithm)
     }
 
     /// Handles present in the TPM between `first` and `last` (one handle type).
@@ -267,7 +299,7 @@ impl Connection {
         object: ObjectHandle,
         f: impl FnOnce(&mut Context) -> Result<T, KeyError>,
     ) -> Result<T, KeyError> {
-        let result = f(self.tpm()?);
+        let result = self.tpm().and_then(f);
         // An abandoned connection leaves the flush to its successor (see `tpm`).
         let flushed = self.tpm().and_then(|c| {
             c.flush_context(object)

@@ -27,7 +27,9 @@ use crate::keys::{
     TpmHandle,
 };
 
-pub(super) fn ensure_primary(c: &mut Connection, layout: &Layout) -> Result<KeyHandle, KeyError> {
+/// Make sure the storage primary exists at its handle: checked (a restricted decryption
+/// key, as a storage parent must be), or created and persisted when the handle is empty.
+pub(super) fn ensure_primary(c: &mut Connection, layout: &Layout) -> Result<(), KeyError> {
     let handle = TpmHandle(layout.primary);
     match c.read_public_of(handle) {
         Ok(public) => {
@@ -38,7 +40,7 @@ pub(super) fn ensure_primary(c: &mut Connection, layout: &Layout) -> Result<KeyH
                      configure another storage_primary_handle"
                 )));
             }
-            Ok(KeyHandle::from(c.esys_handle(handle)?))
+            Ok(())
         }
         Err(KeyError::NotFound(_)) => {
             tracing::info!(handle = %handle, "creating the ECC P-256 storage primary key");
@@ -63,8 +65,8 @@ pub(super) fn ensure_primary(c: &mut Connection, layout: &Layout) -> Result<KeyH
                 })
                 .map_err(tpm_error("TPM2_EvictControl"))
             })?;
-            c.objects.insert(handle.0, object);
-            Ok(KeyHandle::from(object))
+            c.close(object);
+            Ok(())
         }
         Err(e) => Err(e),
     }
@@ -100,36 +102,40 @@ pub(super) fn generate(
                 ))
             })?,
     };
-    let parent = ensure_primary(c, layout)?;
-    let created = c
-        .tpm()?
-        .execute_with_session(Some(AuthSession::Password), |ctx| {
-            ctx.create(
-                parent,
-                template.public(spec.algorithm)?,
-                None,
-                None,
-                None,
-                None,
-            )
-        })
-        .map_err(tpm_error("TPM2_Create"))?;
-    let public_key = public_key_of(&created.out_public)?;
-    let loaded = c
-        .tpm()?
-        .execute_with_session(Some(AuthSession::Password), |ctx| {
-            ctx.load(parent, created.out_private, created.out_public)
-        })
-        .map_err(tpm_error("TPM2_Load"))?;
-    let target = persistent(free)?;
-    let mut object = c.with_transient(loaded.into(), |ctx| {
-        ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
-            ctx.evict_control(Provision::Owner, loaded.into(), target)
-        })
-        .map_err(tpm_error("TPM2_EvictControl"))
+    ensure_primary(c, layout)?;
+    let (public_key, object) = c.with_object(TpmHandle(layout.primary), |c, parent| {
+        let parent = KeyHandle::from(parent);
+        let created = c
+            .tpm()?
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.create(
+                    parent,
+                    template.public(spec.algorithm)?,
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+            })
+            .map_err(tpm_error("TPM2_Create"))?;
+        let public_key = public_key_of(&created.out_public)?;
+        let loaded = c
+            .tpm()?
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.load(parent, created.out_private, created.out_public)
+            })
+            .map_err(tpm_error("TPM2_Load"))?;
+        let target = persistent(free)?;
+        let object = c.with_transient(loaded.into(), |ctx| {
+            ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.evict_control(Provision::Owner, loaded.into(), target)
+            })
+            .map_err(tpm_error("TPM2_EvictControl"))
+        })?;
+        Ok((public_key, object))
     })?;
-    // Resolved again on first use; the ESYS object of a fresh key is cheap to drop.
-    let _ = c.tpm()?.tr_close(&mut object);
+    // Every command resolves the key afresh (see `Connection`).
+    c.close(object);
     let handle = TpmHandle(free);
     tracing::info!(key = %handle, algorithm = %spec.algorithm, label = %spec.label, "TPM key generated");
     Ok(KeyInfo {
@@ -145,13 +151,6 @@ pub(super) fn sign(
     scheme: SignatureScheme,
     digest: &[u8],
 ) -> Result<Vec<u8>, KeyError> {
-    let object = c.esys_handle(handle)?;
-    let algorithm = c.algorithm_of(handle)?;
-    if !scheme.fits(algorithm) {
-        return Err(KeyError::InvalidArgument(format!(
-            "scheme {scheme} does not fit the {algorithm} key {handle}"
-        )));
-    }
     let hash = match scheme.hash_algorithm() {
         crate::keys::HashAlgorithm::Sha256 => HashingAlgorithm::Sha256,
         crate::keys::HashAlgorithm::Sha384 => HashingAlgorithm::Sha384,
@@ -170,18 +169,26 @@ pub(super) fn sign(
         TpmSignatureScheme::RsaSsa { hash_scheme }
     };
     let digest = Digest::try_from(digest.to_vec()).map_err(tpm_error("TPM2_Sign"))?;
-    let result = c
-        .tpm()?
-        .execute_with_session(Some(AuthSession::Password), |ctx| {
-            ctx.sign(KeyHandle::from(object), digest, tpm_scheme, null_ticket()?)
-        });
-    let signature = match result {
-        Ok(signature) => signature,
-        Err(e) => {
-            c.forget(handle);
-            return Err(not_found_or(handle, e, "TPM2_Sign"));
+    c.with_object(handle, |c, object| {
+        let algorithm = c.algorithm_of(handle, object)?;
+        if !scheme.fits(algorithm) {
+            return Err(KeyError::InvalidArgument(format!(
+                "scheme {scheme} does not fit the {algorithm} key {handle}"
+            )));
         }
-    };
+        let signature = c
+            .tpm()?
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.sign(KeyHandle::from(object), digest, tpm_scheme, null_ticket()?)
+            })
+            .map_err(|e| not_found_or(handle, e, "TPM2_Sign"))?;
+        signature_der(algorithm, signature)
+    })
+}
+
+/// The TPM's signature as the key layer returns it: DER ECDSA-Sig-Value (RFC 3279 2.2.3)
+/// or the RSA signature octets.
+fn signature_der(algorithm: KeyAlgorithm, signature: Signature) -> Result<Vec<u8>, KeyError> {
     match signature {
         Signature::EcDsa(ecc) => {
             let size = field_size(algorithm);
@@ -202,28 +209,18 @@ pub(super) fn destroy_persistent(
     handle: TpmHandle,
 ) -> Result<(&'static str, bool), KeyError> {
     if !c.handles_in(handle.0, handle.0)?.contains(&handle.0) {
-        c.forget(handle);
         return Err(KeyError::NotFound(handle.to_string()));
     }
-    let object = c.esys_handle(handle)?;
     let target = persistent(handle.0)?;
-    let result = c
-        .tpm()?
-        .execute_with_session(Some(AuthSession::Password), |ctx| {
-            ctx.evict_control(Provision::Owner, object, target)
-        });
-    // On success ESYS has closed the object; on failure it may be stale. Either way drop it
-    // from the cache (forget ignores the close error of an already closed handle).
-    match result {
-        Ok(_) => {
-            c.objects.remove(&handle.0);
-            c.algorithms.remove(&handle.0);
-        }
-        Err(e) => {
-            c.forget(handle);
-            return Err(not_found_or(handle, e, "TPM2_EvictControl"));
-        }
-    }
+    // `with_object` closes the ESYS object afterwards: libtss2-esys 3.2 keeps the object of
+    // an evicted key, and a stale object would make the next key at this handle unusable.
+    c.with_object(handle, |c, object| {
+        c.tpm()?
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.evict_control(Provision::Owner, object, target)
+            })
+            .map_err(|e| not_found_or(handle, e, "TPM2_EvictControl"))
+    })?;
     let verified = !c.handles_in(handle.0, handle.0)?.contains(&handle.0);
     Ok(("persistent key (private and public area)", verified))
 }

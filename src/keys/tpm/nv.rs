@@ -81,17 +81,13 @@ pub(super) fn destroy_nv_index(
     if !c.handles_in(handle.0, handle.0)?.contains(&handle.0) {
         return Err(KeyError::NotFound(handle.to_string()));
     }
-    let object = c.esys_handle(handle)?;
-    let result = c
-        .tpm()?
-        .execute_with_session(Some(AuthSession::Password), |ctx| {
-            ctx.nv_undefine_space(Provision::Owner, NvIndexHandle::from(object))
-        });
-    if let Err(e) = result {
-        let mut object = object;
-        let _ = c.tpm()?.tr_close(&mut object);
-        return Err(not_found_or(handle, e, "TPM2_NV_UndefineSpace"));
-    }
+    c.with_object(handle, |c, object| {
+        c.tpm()?
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.nv_undefine_space(Provision::Owner, NvIndexHandle::from(object))
+            })
+            .map_err(|e| not_found_or(handle, e, "TPM2_NV_UndefineSpace"))
+    })?;
     let verified = !c.handles_in(handle.0, handle.0)?.contains(&handle.0);
     Ok(("NV index", verified))
 }
