@@ -53,6 +53,12 @@ impl Target {
     /// abandoned context is leaked rather than finalized (finalizing flushes the handles it
     /// tracks). Device and tabrmd connections go through a resource manager that virtualizes
     /// transients per connection, so they are closed normally.
+    /// How errors and metrics name this TPM: "TPM" and the TCTI it is reached through (the
+    /// operator's configuration names it the same way), e.g. "TPM device:/dev/tpmrm0".
+    pub fn device(&self) -> String {
+        format!("TPM {}", self.tcti_text)
+    }
+
     pub fn shares_transients(&self) -> bool {
         self.tcti_text.starts_with("swtpm") || self.tcti_text.starts_with("mssim")
     }
@@ -125,7 +131,11 @@ impl Worker {
             }
         }
         self.lost = Some(reason.clone());
-        Err(KeyError::unavailable("TPM", operation, reason))
+        Err(KeyError::unavailable(
+            self.target.device(),
+            operation,
+            reason,
+        ))
     }
 
     /// Open a new ESAPI context and flush the transient objects an earlier connection may
@@ -142,6 +152,7 @@ impl Worker {
         }
         let mut connection = Connection {
             context,
+            device: self.target.device(),
             abandoned: self.abandoned.clone(),
             algorithms: HashMap::new(),
         };
@@ -185,6 +196,8 @@ impl Worker {
 /// reconnection (tests/tpm.rs `regenerated_keys_at_the_same_handle_sign_as_themselves`).
 pub(super) struct Connection {
     context: Context,
+    /// [`Target::device`], for the errors of this connection.
+    device: String,
     abandoned: Arc<AtomicBool>,
     /// Key algorithm by object Name. The Name is the hash of the public area (TPM 2.0 Part 1,
     /// 16), which fixes the algorithm, so an entry can never describe another key: this is
@@ -203,7 +216,7 @@ impl Connection {
     pub fn tpm(&mut self) -> Result<&mut Context, KeyError> {
         if self.abandoned.load(Ordering::Acquire) {
             return Err(KeyError::unavailable(
-                "TPM",
+                self.device.clone(),
                 "TPM command",
                 "the connection was abandoned after its deadline".to_string(),
             ));

@@ -230,7 +230,7 @@ impl Owner {
             Ok(result) => result,
             // The job was dropped unrun: the TPM went down (or the store is closing).
             Err(RecvTimeoutError::Disconnected) => Err(KeyError::Unavailable {
-                device: "TPM".to_string(),
+                device: self.shared.target.device(),
                 operation,
                 reason: self.shared.down_reason(),
             }),
@@ -247,7 +247,7 @@ impl Owner {
                 }
                 let waited = limit.as_millis();
                 Err(KeyError::Unavailable {
-                    device: "TPM".to_string(),
+                    device: self.shared.target.device(),
                     operation,
                     reason: if queued {
                         format!("the TPM did not take the command within {waited} ms (busy)")
@@ -309,9 +309,9 @@ impl Drop for Slot<'_> {
     }
 }
 
-fn stopped(operation: &'static str) -> KeyError {
+fn stopped(device: String, operation: &'static str) -> KeyError {
     KeyError::Unavailable {
-        device: "TPM".to_string(),
+        device,
         operation,
         reason: "the TPM key store is closing".to_string(),
     }
@@ -337,11 +337,11 @@ impl Shared {
         let mut state = self.lock();
         loop {
             if state.stopping {
-                return Err(stopped(operation));
+                return Err(stopped(self.target.device(), operation));
             }
             if let Health::Down(reason) = &state.health {
                 return Err(KeyError::Unavailable {
-                    device: "TPM".to_string(),
+                    device: self.target.device(),
                     operation,
                     reason: reason.clone(),
                 });
@@ -357,7 +357,7 @@ impl Shared {
                 .is_some_and(|busy| now.duration_since(busy.started) >= STALL);
             if stalled || now >= until {
                 return Err(KeyError::Unavailable {
-                    device: "TPM".to_string(),
+                    device: self.target.device(),
                     operation,
                     reason: format!(
                         "{max} TPM commands are already waiting (max_waiting_commands) and \
@@ -561,6 +561,11 @@ fn supervise(shared: &Arc<Shared>) {
                 busy.limit.as_millis()
             );
             tracing::error!(tcti = %shared.target.tcti_text, reason = %reason, "TPM hung");
+            // One device error per loss, as in `down` (a reconnection that hangs again while
+            // the TPM is already down is the same outage).
+            if !matches!(state.health, Health::Down(_)) {
+                crate::metrics::global().device_error(crate::keys::BackendKind::Tpm);
+            }
             // A TPM without a resource manager (swtpm, mssim) serves one connection at a
             // time: a new one is served only after the stuck one, so wait for it to come back.
             // So does a reconnection that hung: the TPM itself hangs, not a connection.
