@@ -94,6 +94,26 @@ pub struct MetricsConfig {
     /// Listen address; plain HTTP, so keep it on loopback or a management network.
     #[serde(default = "default_metrics_listen")]
     pub listen: SocketAddr,
+    /// Connections open at once; beyond, a new one is closed at once. A scraper needs one
+    /// or two: the cap only keeps a stray client from holding descriptors.
+    #[serde(default = "default_metrics_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a client has to send the request headers (as `[server]`).
+    #[serde(default = "default_metrics_header_read_timeout_seconds")]
+    pub header_read_timeout_seconds: u64,
+    /// Seconds a connection may stay open without a request (as `[server]`).
+    #[serde(default = "default_metrics_idle_timeout_seconds")]
+    pub idle_timeout_seconds: u64,
+}
+
+fn default_metrics_max_connections() -> usize {
+    16
+}
+fn default_metrics_header_read_timeout_seconds() -> u64 {
+    10
+}
+fn default_metrics_idle_timeout_seconds() -> u64 {
+    60
 }
 
 fn default_metrics_listen() -> SocketAddr {

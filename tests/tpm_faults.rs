@@ -106,18 +106,26 @@ fn stopped_tpm_fails_within_the_deadline_then_signs_again_after_sigcont() {
         store.sign(&key, SignatureScheme::EcdsaSha256, MESSAGE).ok()
     });
     common::suite::verify(&spki, SignatureScheme::EcdsaSha256, MESSAGE, &signature);
-    // And it keeps signing. swtpm listens with a backlog of 1: connection attempts it refused
-    // during the stall come back on TCP's SYN retransmission timer (1 s, 3 s) and can still
-    // cost one command its deadline right after SIGCONT; that heals by itself like any hang.
-    eventually("20 signs in a row succeed after SIGCONT", || {
-        (0..20)
-            .all(|_| {
-                store
-                    .sign(&key, SignatureScheme::EcdsaSha256, MESSAGE)
-                    .is_ok()
-            })
-            .then_some(())
+    // And it keeps signing: 20 more signatures, each verified. swtpm listens with a backlog
+    // of 1: connection attempts it refused during the stall come back on TCP's SYN
+    // retransmission timer (1 s, 3 s), and on a loaded machine a command can pass the 5 s
+    // deadline; either costs a command an `Unavailable` and heals by itself like any hang.
+    // So failures in between are allowed, as long as each is transient; the bound is a
+    // failure guard.
+    let mut signed = 0;
+    let mut transient_failures = 0;
+    eventually("20 more signatures after SIGCONT", || {
+        match store.sign(&key, SignatureScheme::EcdsaSha256, MESSAGE) {
+            Ok(signature) => {
+                common::suite::verify(&spki, SignatureScheme::EcdsaSha256, MESSAGE, &signature);
+                signed += 1;
+            }
+            Err(e) if e.is_transient() => transient_failures += 1,
+            Err(e) => panic!("a permanent error after SIGCONT: {e:?}"),
+        }
+        (signed >= 20).then_some(())
     });
+    eprintln!("after SIGCONT: 20 signatures, {transient_failures} transient failures between");
     let listed = eventually("list answers after SIGCONT", || store.list().ok());
     assert_eq!(listed.len(), 1);
     let transients = eventually("the transient handles can be counted", || {
