@@ -232,6 +232,16 @@ impl Connection {
         handle: TpmHandle,
         f: impl FnOnce(&mut Connection, ObjectHandle) -> Result<T, KeyError>,
     ) -> Result<T, KeyError> {
+        let object = self.open(handle)?;
+        let result = f(self, object);
+        self.close(object);
+        result
+    }
+
+    /// An ESYS handle for the persistent object or NV index at `handle` (Esys_TR_FromTPMPublic,
+    /// one TPM2_ReadPublic); `NotFound` when the TPM has nothing there. The caller closes it
+    /// ([`Connection::with_object`] does).
+    pub fn open(&mut self, handle: TpmHandle) -> Result<ObjectHandle, KeyError> {
         let tpm_handle = if handle.is_nv_index() {
             EsysTpmHandle::NvIndex(
                 NvIndexTpmHandle::new(handle.0).map_err(tpm_error("Esys_TR_FromTPMPublic"))?,
@@ -241,20 +251,17 @@ impl Connection {
                 PersistentTpmHandle::new(handle.0).map_err(tpm_error("Esys_TR_FromTPMPublic"))?,
             )
         };
-        let object = self
-            .tpm()?
+        self.tpm()?
             .execute_without_session(|c| c.tr_from_tpm_public(tpm_handle))
-            .map_err(|e| not_found_or(handle, e, "Esys_TR_FromTPMPublic"))?;
-        let result = f(self, object);
-        self.close(object);
-        result
+            .map_err(|e| not_found_or(handle, e, "Esys_TR_FromTPMPublic"))
     }
 
     /// Drop the ESYS object `object` from the context (Esys_TR_Close: ESYS memory only, no
     /// TPM command, so also allowed on an abandoned connection). After a successful
-    /// TPM2_EvictControl or TPM2_NV_UndefineSpace tss-esapi already counts the handle as
-    /// closed while libtss2-esys 3.2 may still hold the object: the close still removes it
-    /// from ESYS, and tss-esapi's complaint about a handle it no longer tracks is expected.
+    /// TPM2_EvictControl of a persistent key tss-esapi already counts the handle as closed
+    /// while libtss2-esys 3.2 still holds the object: the close removes it from ESYS, and
+    /// tss-esapi's complaint about a handle it no longer tracks is expected. (A successful
+    /// TPM2_NV_UndefineSpace is different: ESYS closes the NV object itself.)
     pub fn close(&mut self, object: ObjectHandle) {
         let mut object = object;
         let _ = self.context.tr_close(&mut object);

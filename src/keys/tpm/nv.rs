@@ -81,13 +81,18 @@ pub(super) fn destroy_nv_index(
     if !c.handles_in(handle.0, handle.0)?.contains(&handle.0) {
         return Err(KeyError::NotFound(handle.to_string()));
     }
-    c.with_object(handle, |c, object| {
-        c.tpm()?
-            .execute_with_session(Some(AuthSession::Password), |ctx| {
-                ctx.nv_undefine_space(Provision::Owner, NvIndexHandle::from(object))
-            })
-            .map_err(|e| not_found_or(handle, e, "TPM2_NV_UndefineSpace"))
-    })?;
+    let object = c.open(handle)?;
+    let undefined = c.tpm().and_then(|ctx| {
+        ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
+            ctx.nv_undefine_space(Provision::Owner, NvIndexHandle::from(object))
+        })
+        .map_err(|e| not_found_or(handle, e, "TPM2_NV_UndefineSpace"))
+    });
+    // On success libtss2-esys has closed the NV object itself; otherwise it is still open.
+    if let Err(e) = undefined {
+        c.close(object);
+        return Err(e);
+    }
     let verified = !c.handles_in(handle.0, handle.0)?.contains(&handle.0);
     Ok(("NV index", verified))
 }
