@@ -49,8 +49,9 @@ impl CmfAgent {
                 "key = \"tpm:handle=0x81000110\"",
             ) + &format!(
                 "\n[[backend]]\ntype = \"tpm\"\ntcti = \"{tcti}\"\nrecovery_attempts = 2\n\
-                 command_timeout_ms = {}\n",
-                super::swtpm::GUARD_DEADLINE_MS
+                 command_timeout_ms = {}\nkeygen_timeout_ms = {}\n",
+                super::swtpm::GUARD_DEADLINE_MS,
+                super::swtpm::GUARD_KEYGEN_DEADLINE_MS
             );
             std::fs::write(&agent.config, text).expect("config");
         }
