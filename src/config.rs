@@ -94,6 +94,26 @@ pub struct MetricsConfig {
     /// Listen address; plain HTTP, so keep it on loopback or a management network.
     #[serde(default = "default_metrics_listen")]
     pub listen: SocketAddr,
+    /// Connections open at once; beyond, a new one is closed at once. A scraper needs one
+    /// or two: the cap only keeps a stray client from holding descriptors.
+    #[serde(default = "default_metrics_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a client has to send the request headers (as `[server]`).
+    #[serde(default = "default_metrics_header_read_timeout_seconds")]
+    pub header_read_timeout_seconds: u64,
+    /// Seconds a connection may stay open without a request (as `[server]`).
+    #[serde(default = "default_metrics_idle_timeout_seconds")]
+    pub idle_timeout_seconds: u64,
+}
+
+fn default_metrics_max_connections() -> usize {
+    16
+}
+fn default_metrics_header_read_timeout_seconds() -> u64 {
+    10
+}
+fn default_metrics_idle_timeout_seconds() -> u64 {
+    60
 }
 
 fn default_metrics_listen() -> SocketAddr {
@@ -191,9 +211,34 @@ pub struct TpmConfig {
     /// agent never takes ownership nor changes hierarchy auth).
     #[serde(default)]
     pub owner_auth: Option<SecretSource>,
-    /// How many times one command reconnects to the TPM before it fails as unavailable.
+    /// How many times one command reconnects to the TPM (within its deadline) before it
+    /// fails as unavailable and the TPM is marked down.
     #[serde(default = "default_recovery_attempts")]
     pub recovery_attempts: u32,
+    /// Deadline of one TPM command, in milliseconds: a caller waits at most this long for
+    /// the answer, then gets 503 (unavailable); a command still in the TPM past it makes the
+    /// agent abandon that connection and build a new one.
+    #[serde(default = "default_tpm_command_timeout_ms")]
+    pub command_timeout_ms: u64,
+    /// Deadline of a key generation (TPM2_Create, TPM2_CreatePrimary), in milliseconds: a
+    /// hardware TPM takes seconds for an RSA key.
+    #[serde(default = "default_tpm_keygen_timeout_ms")]
+    pub keygen_timeout_ms: u64,
+    /// Callers that may wait on the TPM at once. More wait for a slot only while the TPM
+    /// keeps answering, and are refused (503) once it stalls. Keep it well below the
+    /// server's blocking threads (16), so a hung TPM cannot hold them all.
+    #[serde(default = "default_tpm_max_waiting_commands")]
+    pub max_waiting_commands: usize,
+}
+
+fn default_tpm_command_timeout_ms() -> u64 {
+    5_000
+}
+fn default_tpm_keygen_timeout_ms() -> u64 {
+    60_000
+}
+fn default_tpm_max_waiting_commands() -> usize {
+    8
 }
 
 fn default_tcti() -> String {

@@ -931,14 +931,23 @@ async fn ca_key_unavailable_is_503_with_retry_after_then_recovers() {
         response.problem_detail()
     );
 
+    // Back without a restart: the agent reconnects with backoff; until it has, CSRs keep
+    // getting 503 (polled with a generous bound, not timed).
     swtpm.restart();
-    let response = vnfm.post_json(CSRS, &body).await.unwrap();
-    assert_eq!(
-        response.status,
-        201,
-        "service back once the TPM is: {}",
-        response.problem_detail()
-    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let response = vnfm.post_json(CSRS, &body).await.unwrap();
+        if response.status == 201 {
+            break;
+        }
+        assert_eq!(response.status, 503, "{}", response.problem_detail());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "service not back once the TPM is: {}",
+            response.problem_detail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     drop(vnfm);
     agent.stop();
     assert_eq!(

@@ -376,6 +376,30 @@ pub async fn serve(
     stats: Arc<ServerStats>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    serve_with(listener, Some(tls), app, limits, stats, shutdown).await;
+}
+
+/// [`serve`] without TLS, for the plain-HTTP metrics listener: the same connection cap,
+/// header-read, body and idle timeouts and drain (the handshake limits do not apply), so
+/// that a client of that listener can hold no more than a client of the HTTPS one.
+pub async fn serve_plain(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    stats: Arc<ServerStats>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    serve_with(listener, None, app, limits, stats, shutdown).await;
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    app: Router,
+    limits: ServerLimits,
+    stats: Arc<ServerStats>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -461,7 +485,8 @@ pub async fn serve(
 
 /// What every connection task shares.
 struct Connections {
-    tls: Arc<rustls::ServerConfig>,
+    /// `None`: plain HTTP ([`serve_plain`]).
+    tls: Option<Arc<rustls::ServerConfig>>,
     app: Router,
     builder: auto::Builder<TokioExecutor>,
     handshakes: Arc<tokio::sync::Semaphore>,
@@ -476,8 +501,12 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 impl Connections {
     async fn serve_connection(self: &Arc<Self>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+        let Some(config) = self.tls.clone() else {
+            let (identity, certificate) = (ClientIdentity(None), PeerCertificate(None));
+            return self.serve_io(tcp, identity, certificate, peer).await;
+        };
         let deadline = tokio::time::Instant::now() + self.limits.handshake_timeout;
-        let tls = match tokio::time::timeout_at(deadline, self.handshake(tcp)).await {
+        let tls = match tokio::time::timeout_at(deadline, self.handshake(tcp, config)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 self.stats
@@ -506,6 +535,20 @@ impl Connections {
             ClientIdentity::from_certificate(leaf)
         });
         let peer_certificate = PeerCertificate(leaf);
+        self.serve_io(tls, identity, peer_certificate, peer).await;
+    }
+
+    /// HTTP on an established connection (TLS or plain), until it ends, is closed by a
+    /// limit, or the server drains.
+    async fn serve_io<I>(
+        self: &Arc<Self>,
+        io: I,
+        identity: ClientIdentity,
+        peer_certificate: PeerCertificate,
+        peer: SocketAddr,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let activity = Arc::new(Activity::new());
         let service = {
             let app = TowerToHyperService::new(self.app.clone());
@@ -523,7 +566,7 @@ impl Connections {
         };
         let conn = self
             .builder
-            .serve_connection_with_upgrades(TokioIo::new(tls), service);
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         let mut closing = self.closing.subscribe();
         let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
@@ -567,6 +610,7 @@ impl Connections {
     async fn handshake(
         &self,
         tcp: tokio::net::TcpStream,
+        config: Arc<rustls::ServerConfig>,
     ) -> std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
         let _in_flight = Gauge::up(&self.stats, |s| &s.handshakes_in_flight);
         let _slot = self
@@ -576,7 +620,6 @@ impl Connections {
             .map_err(std::io::Error::other)?;
         let start =
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
-        let config = self.tls.clone();
         let accept = tokio::task::spawn_blocking(move || start.into_stream(config))
             .await
             .map_err(std::io::Error::other)?;

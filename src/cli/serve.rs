@@ -68,6 +68,7 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
             tokio::spawn(nfv_warden::api::health::serve_metrics(
                 listener,
                 health.clone(),
+                nfv_warden::api::health::metrics_limits(metrics),
                 async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 },

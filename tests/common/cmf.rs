@@ -70,7 +70,10 @@ impl CmfAgent {
                 "key = \"pkcs11:token=warden;object=warden-ca\"",
                 "key = \"tpm:handle=0x81000110\"",
             ) + &format!(
-                "\n[[backend]]\ntype = \"tpm\"\ntcti = \"{tcti}\"\nrecovery_attempts = 2\n"
+                "\n[[backend]]\ntype = \"tpm\"\ntcti = \"{tcti}\"\nrecovery_attempts = 2\n\
+                 command_timeout_ms = {}\nkeygen_timeout_ms = {}\n",
+                super::swtpm::GUARD_DEADLINE_MS,
+                super::swtpm::GUARD_KEYGEN_DEADLINE_MS
             );
             std::fs::write(&agent.config, text).expect("config");
         }
