@@ -345,6 +345,7 @@ impl Cmf {
                 issued_at: crate::keys::rfc3339_now(),
                 certificate: None,
                 revocation: None,
+                vnf_instance_id: registration.vnf_instance_id.clone(),
             };
             // The audit entry records the issuance without the certificate bytes (the
             // record holds them).
@@ -365,6 +366,14 @@ impl Cmf {
             let outcome = self
                 .group
                 .write_async(move |tx| {
+                    // A registration deleted while this CSR was in flight: nothing may be
+                    // issued under it any more (its certificates were revoked with it).
+                    if !tx.contains(&REGISTRATIONS, &record.registration_id)? {
+                        return Err(StoreError::rejected(CmfError::Conflict(format!(
+                            "registration {} was deleted while the CSR was processed",
+                            record.registration_id
+                        ))));
+                    }
                     tx.insert_new(&CERTIFICATES, &key, &record)?;
                     tx.audit(AuditEvent::new(&consumer_id, "cmf.issue", &key).with_detail(detail));
                     Ok(())

@@ -15,6 +15,7 @@
 pub mod csr;
 pub mod issue;
 pub mod register;
+pub mod revoke;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -96,6 +97,10 @@ pub struct Registration {
     /// The CA chosen for this registration (11.2.2.4).
     pub ca_id: String,
     pub created: String,
+    /// The VNF instance the registered subjects belong to, when known: its certificates are
+    /// revoked when the VNF is terminated (SM erasure) or removed (direct mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnf_instance_id: Option<String>,
 }
 
 /// The attester registered with a subject: its public key and statement format.
@@ -133,10 +138,12 @@ pub struct IssuedRecord {
     /// subject, PEM). Absent in records written before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<String>,
-    /// Set when the certificate is revoked. Nothing revokes yet; the field is here so that
-    /// records and the operator's views carry the state from the start.
+    /// Set when the certificate is revoked ([`revoke`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation: Option<Revocation>,
+    /// The VNF instance the certificate is for (from its registration), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnf_instance_id: Option<String>,
 }
 
 /// A revocation of an issued certificate.
@@ -257,6 +264,8 @@ pub struct Cmf {
     pub(crate) formats: Arc<attest::Formats>,
     pub(crate) store: Arc<Store>,
     pub(crate) group: GroupCommit,
+    /// CAs whose CRL must be made again (a revocation), for the CRL task ([`crl`]).
+    pub(crate) crl_signal: Arc<revoke::CrlSignal>,
 }
 
 pub mod attest;
@@ -352,6 +361,7 @@ impl Cmf {
             formats: Arc::new(formats),
             store,
             group,
+            crl_signal: Arc::new(revoke::CrlSignal::default()),
         })
     }
 

@@ -23,6 +23,10 @@ pub struct RegisterRequest {
     pub key_attestation: Option<KeyAttestationRequest>,
     #[serde(default)]
     pub ca_id: Option<String>,
+    /// The VNF instance these subjects belong to (an extension of IFA 033 11.2.2.2): its
+    /// certificates are revoked when that VNF is terminated.
+    #[serde(default)]
+    pub vnf_instance_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +125,9 @@ impl Cmf {
                     CmfError::Unprocessable(format!("no CA of this CMF issues {cert_type}"))
                 })?,
         };
+        if let Some(vnf) = &request.vnf_instance_id {
+            super::revoke::check_vnf_instance_id(vnf)?;
+        }
         let registration = Registration {
             id: new_id()?,
             consumer: consumer.id.clone(),
@@ -131,6 +138,7 @@ impl Cmf {
             key_attestation,
             ca_id,
             created: crate::keys::rfc3339_now(),
+            vnf_instance_id: request.vnf_instance_id.clone(),
         };
         let stored = registration.clone();
         let consumer_id = consumer.id.clone();
@@ -192,8 +200,10 @@ impl Cmf {
         Ok(registration)
     }
 
-    /// Delete a registration and its subject index; issued certificates stay recorded.
+    /// Delete a registration and its subject index; its certificates are revoked first
+    /// (cessationOfOperation) and stay recorded.
     pub async fn delete_registration(&self, consumer: &Consumer, id: &str) -> Result<(), CmfError> {
+        self.revoke_registration(consumer, id).await?;
         let id = id.to_string();
         let consumer = consumer.clone();
         self.group
