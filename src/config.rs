@@ -487,7 +487,7 @@ pub struct DirectVnfmConfig {
     pub api_root: String,
     /// PEM roots of the VNFM's (and the token endpoint's) server certificate; https only.
     #[serde(default)]
-    pub ca: Option<PathBuf>,
+    pub tls_roots: Option<PathBuf>,
     /// The CMF's TLS client key towards this VNFM, in the HSM/TPM (https only).
     #[serde(default)]
     pub client_key: Option<KeyRef>,
@@ -509,7 +509,7 @@ pub struct DirectVnfmConfig {
     /// The CMF CA (cmf.ca id, or "default") that issues these VNFCs' certificates; the first
     /// CA issuing VNFCI_CERT when absent.
     #[serde(default)]
-    pub ca: Option<String>,
+    pub issuing_ca: Option<String>,
     /// The callback URI given to the VNFM; default
     /// `https://<server.listen>/cmf/v1/direct/notifications/<id>`.
     #[serde(default)]

@@ -13,6 +13,7 @@
 //! durable record (group commit) -> response. Nothing is acknowledged before it is durable.
 
 pub mod csr;
+pub mod direct;
 pub mod issue;
 pub mod register;
 pub mod revoke;

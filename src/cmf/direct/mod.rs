@@ -20,11 +20,10 @@
 
 pub mod vnfm;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::Digest;
@@ -244,7 +243,7 @@ impl Direct {
                     v.id
                 ));
             }
-            let ca_id = match &v.ca {
+            let ca_id = match &v.issuing_ca {
                 Some(id) => {
                     let ca = cmf.cas().iter().find(|c| &c.id == id).ok_or_else(|| {
                         format!("cmf.direct.vnfm '{}': ca '{id}' is not a CMF CA", v.id)
@@ -500,13 +499,23 @@ impl Direct {
                     return Ok(());
                 }
                 let evidence = format!("Query VNF {vnf_id}: 404 (the VNF instance is deleted)");
+                let existing = self
+                    .store
+                    .read(|tx| tx.list(&VNFCS, &format!("{vnf_id}/")))?;
                 self.store.write(move |tx| {
                     if let Some(mut vnf) = tx.get(&VNFS, &vnf_id)? {
                         vnf.instantiation_state = "DELETED".into();
                         vnf.updated = now();
                         tx.put(&VNFS, &vnf_id, &vnf)?;
                     }
-                    remove_all_of(tx, &vnf_id, &evidence)
+                    for (key, _) in &existing {
+                        if let Some(vnfc) = tx.get(&VNFCS, key)? {
+                            if vnfc.state == "alive" {
+                                intend_removal(tx, key, vnfc, &evidence)?;
+                            }
+                        }
+                    }
+                    Ok(())
                 })?;
                 Ok(())
             }
@@ -528,11 +537,16 @@ impl Direct {
                     updated: now(),
                     vnf_instance: instance.clone(),
                 };
+                let existing = self
+                    .store
+                    .read(|tx| tx.list(&VNFCS, &format!("{vnf_id}/")))?;
                 self.store.write(move |tx| {
                     tx.put(&VNFS, &vnf_id, &record)?;
-                    let existing = tx.list(&VNFCS, &format!("{vnf_id}/"))?;
                     // A direct read without the VNFC while the VNF is readable is evidence.
-                    for (key, vnfc) in &existing {
+                    for (key, _) in &existing {
+                        let Some(vnfc) = tx.get(&VNFCS, key)? else {
+                            continue;
+                        };
                         if vnfc.state == "alive" && !current.iter().any(|c| c.vnfc_id == vnfc.vnfc_id)
                         {
                             let evidence = format!(
@@ -540,7 +554,7 @@ impl Direct {
                                  vnfcResourceInfo",
                                 vnfc.vnfc_id
                             );
-                            intend_removal(tx, key, vnfc.clone(), &evidence)?;
+                            intend_removal(tx, key, vnfc, &evidence)?;
                         }
                     }
                     if state != "INSTANTIATED" {
@@ -887,6 +901,248 @@ impl Direct {
     }
 }
 
+impl Direct {
+    /// Revoke every certificate issued under the VNFC's registration (cessationOfOperation,
+    /// RFC 5280 5.3.1). Idempotent: a repeat after a crash revokes nothing twice.
+    async fn revoke_vnfc(&self, vnfc: &VnfcRecord) -> Result<Vec<String>, DirectError> {
+        let Some(registration) = vnfc.registration_id.clone() else {
+            return Ok(Vec::new());
+        };
+        let actor = format!("direct:{}", vnfc.vnfm);
+        let outcome = self
+            .cmf
+            .revoke_where(
+                move |record| record.registration_id == registration,
+                super::revoke::RevocationReason::CessationOfOperation,
+                &actor,
+            )
+            .await
+            .map_err(|e| DirectError::Invalid(format!("revocation: {e}")))?;
+        let mut all = outcome.revoked;
+        all.extend(outcome.already_revoked);
+        all.sort();
+        Ok(all)
+    }
+
+    /// Direct enrollment (EST simpleenroll, RFC 7030 4.2.1; client authentication by HTTP
+    /// Basic, RFC 7030 3.2.3): user `vnfInstanceId/vnfcId`, password the single-use
+    /// credential the CMF delivered to that VNFC. Issued only while the VNFM shows the VNFC
+    /// alive in an INSTANTIATED, direct-mode VNF (a live Query VNF, not only the inventory).
+    pub async fn enroll(
+        &self,
+        authorization: Option<&str>,
+        verified: super::csr::VerifiedCsr,
+    ) -> Result<super::issue::CsrResponse, CmfError> {
+        use base64::Engine;
+        let unauthenticated = || {
+            CmfError::Unauthenticated(
+                "direct enrollment: HTTP Basic authentication with user \
+                 '<vnfInstanceId>/<vnfcId>' and the enrollment credential from the VNFC's \
+                 vnfcConfigurableProperties is required"
+                    .into(),
+            )
+        };
+        let encoded = authorization
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+            .map(|(_, rest)| rest.trim())
+            .ok_or_else(unauthenticated)?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(unauthenticated)?;
+        let (user, secret) = decoded.split_once(':').ok_or_else(unauthenticated)?;
+        let (vnf_id, vnfc_id) = user.split_once('/').ok_or_else(unauthenticated)?;
+        let key = format!("{vnf_id}/{vnfc_id}");
+        let (vnfc, vnf, elsewhere) = self.store.read(|tx| {
+            let vnfc = tx.get(&VNFCS, &key)?;
+            let vnf = tx.get(&VNFS, vnf_id)?;
+            let elsewhere = if vnfc.is_none() {
+                tx.list(&VNFCS, "")?
+                    .into_iter()
+                    .find(|(_, v)| v.vnfc_id == vnfc_id)
+                    .map(|(_, v)| v.vnf_instance_id)
+            } else {
+                None
+            };
+            Ok((vnfc, vnf, elsewhere))
+        })?;
+        let Some(vnfc) = vnfc else {
+            return Err(CmfError::Forbidden(match (elsewhere, vnf) {
+                (Some(other), _) => format!(
+                    "direct enrollment: VNFC {vnfc_id} belongs to another VNF instance \
+                     ({other}), not {vnf_id}"
+                ),
+                (None, Some(vnf)) if vnf.instantiation_state != "INSTANTIATED" => format!(
+                    "direct enrollment: VNF instance {vnf_id} is {} (never instantiated or \
+                     terminated): it has no VNFC {vnfc_id}",
+                    vnf.instantiation_state
+                ),
+                (None, Some(_)) => format!(
+                    "direct enrollment: VNF instance {vnf_id} has no VNFC {vnfc_id}"
+                ),
+                (None, None) => format!(
+                    "direct enrollment: no direct-mode VNF instance {vnf_id} with a VNFC \
+                     {vnfc_id} is known to this CMF"
+                ),
+            }));
+        };
+        if vnfc.state != "alive" {
+            return Err(CmfError::Forbidden(format!(
+                "direct enrollment: VNFC {vnfc_id} of {vnf_id} has been removed ({})",
+                vnfc.report
+                    .as_ref()
+                    .map_or("removal in progress".to_string(), |r| r.evidence.clone())
+            )));
+        }
+        let Some(vnfm) = self.vnfm(&vnfc.vnfm) else {
+            return Err(CmfError::Forbidden(format!(
+                "direct enrollment: VNFM '{}' is no longer configured",
+                vnfc.vnfm
+            )));
+        };
+        let credential = vnfc
+            .credential
+            .as_ref()
+            .filter(|c| c.delivered)
+            .ok_or_else(|| {
+                CmfError::Forbidden(format!(
+                    "direct enrollment: no enrollment credential was delivered to VNFC \
+                     {vnfc_id} yet"
+                ))
+            })?;
+        let digest = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
+        let matches = digest.len() == credential.sha256.len()
+            && digest
+                .bytes()
+                .zip(credential.sha256.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !matches {
+            return Err(CmfError::Forbidden(format!(
+                "direct enrollment: wrong enrollment credential for VNFC {vnfc_id}"
+            )));
+        }
+        if credential.used_at.is_some() {
+            return Err(CmfError::Forbidden(format!(
+                "direct enrollment: the enrollment credential of VNFC {vnfc_id} was used \
+                 already (single use)"
+            )));
+        }
+        if credential.expires_unix <= unix_now() {
+            return Err(CmfError::Forbidden(format!(
+                "direct enrollment: the enrollment credential of VNFC {vnfc_id} has expired"
+            )));
+        }
+        if credential.server_id != vnfc.server_id {
+            return Err(CmfError::Forbidden(format!(
+                "direct enrollment: the credential of VNFC {vnfc_id} was bound to another \
+                 server"
+            )));
+        }
+        // Alive now, as the VNFM shows it: a live Query VNF.
+        let instance = vnfm
+            .client
+            .vnf_instance(vnf_id)
+            .await
+            .map_err(|e| CmfError::Unavailable(format!("direct enrollment: Query VNF: {e}")))?
+            .ok_or_else(|| {
+                CmfError::Forbidden(format!(
+                    "direct enrollment: the VNFM no longer knows VNF instance {vnf_id}"
+                ))
+            })?;
+        let live = instance["instantiationState"] == "INSTANTIATED"
+            && Self::in_direct_mode(vnfm, &instance)
+            && vnfcs_of(&instance)
+                .iter()
+                .any(|c| c.vnfc_id == vnfc_id && c.server_id == vnfc.server_id);
+        if !live {
+            return Err(CmfError::Forbidden(format!(
+                "direct enrollment: the VNFM does not show VNFC {vnfc_id} (server {}) alive \
+                 in an INSTANTIATED direct-mode VNF {vnf_id}",
+                vnfc.server_id
+            )));
+        }
+        // Consume the credential and make the VNFC's registration, atomically: a concurrent
+        // replay finds it used.
+        let urn = vnfc_urn(vnf_id, vnfc_id);
+        let vdu = vdu_urn(vnf_id, &vnfc.vdu_id);
+        let consumer = super::Consumer {
+            id: format!("direct:{}", vnfc.vnfm),
+            trust_domain: vnfc.trust_domain.clone(),
+        };
+        let new_registration = Registration {
+            id: super::new_id()?,
+            consumer: consumer.id.clone(),
+            trust_domain: consumer.trust_domain.clone(),
+            cert_type: CertType::VnfciCert,
+            subject_ids: vec![urn.to_ascii_lowercase(), vdu.to_ascii_lowercase()],
+            type_of_vnfc_cert_handling: Some(super::VnfcCertHandling::DirectMode),
+            key_attestation: None,
+            ca_id: vnfm.ca_id.clone(),
+            created: now(),
+            vnf_instance_id: Some(vnf_id.to_string()),
+        };
+        let (k, expected, subject) = (
+            key.clone(),
+            credential.sha256.clone(),
+            super::register::subject_key(CertType::VnfciCert, &urn.to_ascii_lowercase()),
+        );
+        let registration_id = self
+            .cmf
+            .group
+            .write_async(move |tx| {
+                let Some(mut v) = tx.get(&VNFCS, &k)? else {
+                    return Ok(None);
+                };
+                let fresh = v.state == "alive"
+                    && v.credential
+                        .as_ref()
+                        .is_some_and(|c| c.sha256 == expected && c.used_at.is_none());
+                if !fresh {
+                    return Ok(None);
+                }
+                if let Some(c) = v.credential.as_mut() {
+                    c.used_at = Some(now());
+                }
+                let id = match &v.registration_id {
+                    Some(id) => id.clone(),
+                    None => {
+                        tx.put(&REGISTRATIONS, &new_registration.id, &new_registration)?;
+                        tx.put(&SUBJECTS, &subject, &new_registration.id)?;
+                        tx.audit(
+                            AuditEvent::new(&new_registration.consumer, "cmf.register", &new_registration.id)
+                                .with_detail(json!({
+                                    "subjectIds": new_registration.subject_ids,
+                                    "typeOfVnfcCertHandling": "DIRECT_MODE",
+                                })),
+                        );
+                        new_registration.id.clone()
+                    }
+                };
+                v.registration_id = Some(id.clone());
+                tx.put(&VNFCS, &k, &v)?;
+                Ok(Some(id))
+            })
+            .await?;
+        if registration_id.is_none() {
+            return Err(CmfError::Forbidden(format!(
+                "direct enrollment: the enrollment credential of VNFC {vnfc_id} was used \
+                 already (single use)"
+            )));
+        }
+        // Names from the lifecycle data, never from the CSR: the VNFC URN (subject CN and
+        // URI SAN) and its VDU's URN.
+        let mut verified = verified;
+        verified.common_names = vec![urn.clone()];
+        verified.alt_names = vec![urn.clone(), vdu];
+        self.cmf
+            .enroll_verified(&consumer, CertType::VnfciCert, Some(urn.to_ascii_lowercase()), verified, true)
+            .await
+    }
+}
+
 /// Journal the removal intent of one VNFC (inside the caller's transaction).
 fn intend_removal(
     tx: &mut crate::store::WriteTx<'_>,
@@ -907,26 +1163,6 @@ fn intend_removal(
         )?;
     }
     Ok(())
-}
-
-fn remove_all_of(
-    tx: &mut crate::store::WriteTx<'_>,
-    vnf_id: &str,
-    evidence: &str,
-) -> Result<(), StoreError> {
-    for (key, vnfc) in tx_list_vnfcs(tx, vnf_id)? {
-        if vnfc.state == "alive" {
-            intend_removal(tx, &key, vnfc, evidence)?;
-        }
-    }
-    Ok(())
-}
-
-fn tx_list_vnfcs(
-    tx: &mut crate::store::WriteTx<'_>,
-    vnf_id: &str,
-) -> Result<Vec<(String, VnfcRecord)>, StoreError> {
-    tx.list(&VNFCS, &format!("{vnf_id}/"))
 }
 
 /// The VNFCs of a VNF instance (SOL 003 5.5.3.3 VnfcResourceInfo, 5.5.3.23 VnfcInfo).

@@ -208,7 +208,7 @@ impl Vnfm {
                 ))
             }
         };
-        let (api, root_path) = endpoint(&config.api_root, config.ca.as_deref(), key).map_err(setup)?;
+        let (api, root_path) = endpoint(&config.api_root, config.tls_roots.as_deref(), key).map_err(setup)?;
         let auth = match &config.auth {
             VnfmAuthConfig::KeystonePassword {
                 url,
@@ -219,7 +219,7 @@ impl Vnfm {
                 password,
             } => {
                 let (endpoint, path) =
-                    endpoint(url, config.ca.as_deref(), ClientKey::None).map_err(setup)?;
+                    endpoint(url, config.tls_roots.as_deref(), ClientKey::None).map_err(setup)?;
                 let password = password.read().map_err(setup)?;
                 Auth::Keystone {
                     endpoint,
@@ -235,7 +235,7 @@ impl Vnfm {
             }
             VnfmAuthConfig::KeystoneApplicationCredential { url, id, secret } => {
                 let (endpoint, path) =
-                    endpoint(url, config.ca.as_deref(), ClientKey::None).map_err(setup)?;
+                    endpoint(url, config.tls_roots.as_deref(), ClientKey::None).map_err(setup)?;
                 let secret = secret.read().map_err(setup)?;
                 Auth::Keystone {
                     endpoint,
@@ -253,7 +253,7 @@ impl Vnfm {
                 client_secret,
             } => {
                 let (endpoint, path) =
-                    endpoint(token_url, config.ca.as_deref(), ClientKey::None).map_err(setup)?;
+                    endpoint(token_url, config.tls_roots.as_deref(), ClientKey::None).map_err(setup)?;
                 Auth::Oauth2 {
                     endpoint,
                     path: if path.is_empty() { "/".into() } else { path },
@@ -375,7 +375,7 @@ impl Vnfm {
         path: &str,
         body: Option<(&str, Value)>,
     ) -> Result<ClientResponse, VnfmError> {
-        let full = if path.starts_with(&format!("{}/vnflcm/", self.root_path)) && !path.is_empty() && path.starts_with('/') && path.contains("/vnflcm/v2") {
+        let full = if path.starts_with(&format!("{}/vnflcm/v2/", self.root_path)) {
             path.to_string()
         } else {
             format!("{}/vnflcm/v2{path}", self.root_path)
