@@ -1279,3 +1279,70 @@ pub fn parse_notification(body: &[u8]) -> Result<Option<Value>, String> {
     }
     Ok(Some(value))
 }
+
+/// `warden cmf vnfs`: every VNF followed with its VNFCs (inventory, state, credential state
+/// without secrets, registration).
+pub fn vnfs_view(store: &Store) -> Result<Value, StoreError> {
+    store.read(|tx| {
+        let vnfcs = tx.list(&VNFCS, "")?;
+        let mut out = Vec::new();
+        for (id, vnf) in tx.list(&VNFS, "")? {
+            let mine: Vec<Value> = vnfcs
+                .iter()
+                .filter(|(k, _)| k.starts_with(&format!("{id}/")))
+                .map(|(_, v)| vnfc_json(v))
+                .collect();
+            out.push(json!({
+                "vnfInstanceId": id, "vnfm": vnf.vnfm, "vnfdId": vnf.vnfd_id,
+                "vnfProductName": vnf.vnf_product_name,
+                "instantiationState": vnf.instantiation_state, "updated": vnf.updated,
+                "vnfcs": mine,
+            }));
+        }
+        Ok(Value::Array(out))
+    })
+}
+
+fn vnfc_json(v: &VnfcRecord) -> Value {
+    json!({
+        "vnfcId": v.vnfc_id, "vnfInstanceId": v.vnf_instance_id, "vduId": v.vdu_id,
+        "vnfcInfoId": v.vnfc_info_id, "vimConnectionId": v.vim_connection_id,
+        "serverId": v.server_id, "addresses": v.addresses, "state": v.state,
+        "addedAt": v.added_at, "trustDomain": v.trust_domain, "vnfm": v.vnfm,
+        "credential": v.credential.as_ref().map(|c| json!({
+            "delivered": c.delivered, "usedAt": c.used_at, "expiresUnix": c.expires_unix,
+        })),
+        "registrationId": v.registration_id, "report": v.report,
+        "uri": vnfc_urn(&v.vnf_instance_id, &v.vnfc_id),
+    })
+}
+
+/// `warden cmf vnfc VNFC_ID`: one VNFC (by vnfcId, or `vnfInstanceId/vnfcId`), with its
+/// certificates and their revocation state, and its removal report.
+pub fn vnfc_view(store: &Store, id: &str) -> Result<Option<Value>, StoreError> {
+    store.read(|tx| {
+        let found = tx
+            .list(&VNFCS, "")?
+            .into_iter()
+            .find(|(k, v)| k == id || v.vnfc_id == id);
+        let Some((_, vnfc)) = found else {
+            return Ok(None);
+        };
+        let mut certificates = Vec::new();
+        if let Some(registration) = &vnfc.registration_id {
+            tx.scan(&super::CERTIFICATES, None, |key, record| {
+                if &record.registration_id == registration {
+                    certificates.push(json!({
+                        "id": key, "serialNumber": record.serial_number,
+                        "subjects": record.subjects, "notAfter": record.not_after,
+                        "revocation": record.revocation,
+                    }));
+                }
+                true
+            })?;
+        }
+        let mut view = vnfc_json(&vnfc);
+        view["certificates"] = Value::Array(certificates);
+        Ok(Some(view))
+    })
+}
