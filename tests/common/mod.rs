@@ -9,3 +9,4 @@ pub mod sm;
 pub mod softhsm;
 pub mod suite;
 pub mod swtpm;
+pub mod tacker;

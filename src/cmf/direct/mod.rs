@@ -697,8 +697,12 @@ impl Direct {
         let wanted = self.subscription_request(vnfm)?;
         let subscriptions = vnfm.client.get_all("/subscriptions").await?;
         let mut kept = false;
+        let ours_path = format!("/cmf/v1/direct/notifications/{}", vnfm.config.id);
         for s in subscriptions {
-            if s["callbackUri"] != wanted["callbackUri"] {
+            // Ours: our callback URI, or one of an earlier run of this CMF (same path; the
+            // port may have changed). The path carries the VNFM id, unique per CMF.
+            let callback = s["callbackUri"].as_str().unwrap_or_default();
+            if callback != vnfm.callback_uri && !callback.ends_with(&ours_path) {
                 continue;
             }
             let id = s["id"].as_str().unwrap_or_default();
@@ -709,15 +713,13 @@ impl Direct {
                 .filter_map(Value::as_str)
                 .collect();
             let same = !kept
+                && callback == vnfm.callback_uri
                 && NOTIFICATION_TYPES.iter().all(|t| types.contains(t))
                 && types.len() == NOTIFICATION_TYPES.len()
-                && s["filter"]["vnfInstanceSubscriptionFilter"]
-                    == wanted["filter"]["vnfInstanceSubscriptionFilter"]
-                        .clone()
-                        .as_object()
-                        .map_or(Value::Null, |_| {
-                            wanted["filter"]["vnfInstanceSubscriptionFilter"].clone()
-                        });
+                && ["vnfdIds", "vnfInstanceIds"].iter().all(|f| {
+                    s["filter"]["vnfInstanceSubscriptionFilter"][f]
+                        == wanted["filter"]["vnfInstanceSubscriptionFilter"][f]
+                });
             if same {
                 kept = true;
             } else {
