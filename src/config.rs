@@ -454,11 +454,6 @@ pub struct DirectConfig {
     /// Lifetime of an enrollment credential (single use), in seconds.
     #[serde(default = "default_enrollment_seconds")]
     pub enrollment_seconds: u64,
-    /// Refuse an EST request whose TCP source address is not one of the VNFC's connection
-    /// point addresses (a check with no secret: weak alone, see the README). Off by default
-    /// because NAT or a proxy in front of the agent hides the source.
-    #[serde(default)]
-    pub require_source_address: bool,
     /// Largest notification body accepted.
     #[serde(default = "default_sm_max_body")]
     pub max_body_bytes: usize,

@@ -84,7 +84,10 @@ fn json_of(agent: &CmfAgent, args: &[&str]) -> Value {
 }
 
 fn vnfc_view(agent: &CmfAgent, id: &str) -> Option<Value> {
-    let out = agent.command(&["cmf", "vnfc", id]).output().expect("warden");
+    let out = agent
+        .command(&["cmf", "vnfc", id])
+        .output()
+        .expect("warden");
     out.status
         .success()
         .then(|| serde_json::from_slice(&out.stdout).expect("json"))
@@ -97,7 +100,10 @@ fn delivered(tacker: &Tacker, vnf: &str, vnfc: &str) -> Option<(String, String)>
     let info = inst["instantiatedVnfInfo"]["vnfcInfo"].as_array()?.clone();
     let entry = info.iter().find(|v| v["vnfcResourceInfoId"] == vnfc)?;
     let e = &entry["vnfcConfigurableProperties"]["wardenEstEnrollment"];
-    Some((e["user"].as_str()?.to_string(), e["credential"].as_str()?.to_string()))
+    Some((
+        e["user"].as_str()?.to_string(),
+        e["credential"].as_str()?.to_string(),
+    ))
 }
 
 fn vnfc_ids(tacker: &Tacker, vnf: &str) -> Vec<String> {
@@ -192,12 +198,8 @@ impl Drop for Cleanup<'_> {
             let shown = self.tacker.op(&["show", vnf]);
             if shown["instantiationState"] == "INSTANTIATED" {
                 let _ = std::panic::catch_unwind(|| {
-                    self.tacker.op(&[
-                        "lcm",
-                        vnf,
-                        "terminate",
-                        r#"{"terminationType":"FORCEFUL"}"#,
-                    ])
+                    self.tacker
+                        .op(&["lcm", vnf, "terminate", r#"{"terminationType":"FORCEFUL"}"#])
                 });
             }
             let _ = std::panic::catch_unwind(|| self.tacker.op(&["delete", vnf]));
@@ -256,7 +258,10 @@ password = {{ file = "{{dir}}/os-password" }}
     let config = std::fs::read_to_string(&agent.agent.config).expect("config");
     std::fs::write(
         &agent.agent.config,
-        config.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\"")),
+        config.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        ),
     )
     .expect("config");
 
@@ -303,7 +308,9 @@ password = {{ file = "{{dir}}/os-password" }}
         let vnfs = json_of(&agent, &["cmf", "vnfs", "--json"]);
         vnfs.as_array()?
             .iter()
-            .any(|v| v["vnfInstanceId"] == b.as_str() && v["instantiationState"] == "NOT_INSTANTIATED")
+            .any(|v| {
+                v["vnfInstanceId"] == b.as_str() && v["instantiationState"] == "NOT_INSTANTIATED"
+            })
             .then_some(())
     });
     let occ = tacker.op(&["instantiate", &a]);
@@ -315,24 +322,43 @@ password = {{ file = "{{dir}}/os-password" }}
     assert_eq!(user1, format!("{a}/{vnfc1}"));
     let view = vnfc_view(&agent, &vnfc1).expect("VNFC 1 in the inventory");
     assert_eq!(view["vduId"], "VDU1");
-    assert_eq!(view["serverId"], vnfc1.as_str(), "Tacker's vnfcResourceInfo id is the server id");
+    assert_eq!(
+        view["serverId"],
+        vnfc1.as_str(),
+        "Tacker's vnfcResourceInfo id is the server id"
+    );
     assert_eq!(view["vimConnectionId"], "vim1");
     assert_eq!(view["state"], "alive");
 
     // Refusals before any enrollment.
-    let csr = openssl_csr(&dir, "vnfc1", "/CN=whatever-the-vnfc-asks", &["chosen.example"]);
+    let csr = openssl_csr(
+        &dir,
+        "vnfc1",
+        "/CN=whatever-the-vnfc-asks",
+        &["chosen.example"],
+    );
     let (status, body) = enroll(&agent, port, None, &csr);
     assert_eq!(status, 401, "{body}");
     let (status, body) = enroll(&agent, port, Some((&user1, "not-the-credential")), &csr);
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("wrong enrollment credential"), "{body}");
-    let (status, body) = enroll(&agent, port, Some((&format!("{a}/{}", uuid()), &cred1)), &csr);
+    let (status, body) = enroll(
+        &agent,
+        port,
+        Some((&format!("{a}/{}", uuid()), &cred1)),
+        &csr,
+    );
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("has no VNFC"), "{body}");
     let (status, body) = enroll(&agent, port, Some((&format!("{b}/{vnfc1}"), &cred1)), &csr);
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("belongs to another VNF"), "{body}");
-    let (status, body) = enroll(&agent, port, Some((&format!("{b}/{}", uuid()), &cred1)), &csr);
+    let (status, body) = enroll(
+        &agent,
+        port,
+        Some((&format!("{b}/{}", uuid()), &cred1)),
+        &csr,
+    );
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("NOT_INSTANTIATED"), "{body}");
 
@@ -342,8 +368,14 @@ password = {{ file = "{{dir}}/os-password" }}
     let text = certificate_text(&dir, "vnfc1-cert", &body);
     let urn = format!("urn:etsi:nfv:vnf:{a}:vnfc:{vnfc1}");
     assert!(text.contains(&format!("URI:{urn}")), "{text}");
-    assert!(text.contains(&format!("URI:urn:etsi:nfv:vnf:{a}:vdu:vdu1")), "{text}");
-    assert!(!text.contains("chosen.example") && !text.contains("whatever-the-vnfc-asks"), "{text}");
+    assert!(
+        text.contains(&format!("URI:urn:etsi:nfv:vnf:{a}:vdu:vdu1")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("chosen.example") && !text.contains("whatever-the-vnfc-asks"),
+        "{text}"
+    );
     // Replay of the single-use credential.
     let (status, body) = enroll(&agent, port, Some((&user1, &cred1)), &csr);
     assert_eq!(status, 403, "{body}");
@@ -380,7 +412,11 @@ password = {{ file = "{{dir}}/os-password" }}
     assert_eq!(occ["operationState"], "COMPLETED", "{occ}");
     let remaining = vnfc_ids(tacker, &a);
     assert_eq!(remaining.len(), 1);
-    let removed = if remaining[0] == vnfc1 { vnfc2.clone() } else { vnfc1.clone() };
+    let removed = if remaining[0] == vnfc1 {
+        vnfc2.clone()
+    } else {
+        vnfc1.clone()
+    };
     let kept = remaining[0].clone();
     child = serve(&agent, &[]);
     let report = poll("the removal of the scaled-in VNFC", 180, || {
@@ -395,8 +431,14 @@ password = {{ file = "{{dir}}/os-password" }}
     );
     let certs = report["certificates"].as_array().expect("certificates");
     assert_eq!(certs.len(), 1, "{report}");
-    assert_eq!(certs[0]["revocation"]["reason"], "cessationOfOperation", "{report}");
-    assert!(report["report"]["keys"].as_str().unwrap_or("").starts_with("none"));
+    assert_eq!(
+        certs[0]["revocation"]["reason"], "cessationOfOperation",
+        "{report}"
+    );
+    assert!(report["report"]["keys"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("none"));
     let removed_user = format!("{a}/{removed}");
     let (status, body) = enroll(&agent, port, Some((&removed_user, "x")), &csr);
     assert_eq!(status, 403, "{body}");
@@ -431,7 +473,10 @@ password = {{ file = "{{dir}}/os-password" }}
     let entries = audit(&agent);
     let removals = entries
         .iter()
-        .filter(|e| e["action"] == "cmf.direct.vnfc_removed" && e["subject"] == format!("{a}/{kept}").as_str())
+        .filter(|e| {
+            e["action"] == "cmf.direct.vnfc_removed"
+                && e["subject"] == format!("{a}/{kept}").as_str()
+        })
         .count();
     assert_eq!(removals, 1, "one removal audit entry");
     let revocations = entries

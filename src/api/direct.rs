@@ -71,8 +71,7 @@ async fn test_notification(
     Path(vnfm): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    authenticate(&direct, &vnfm, &headers)
-        .unwrap_or_else(|| StatusCode::NO_CONTENT.into_response())
+    authenticate(&direct, &vnfm, &headers).unwrap_or_else(|| StatusCode::NO_CONTENT.into_response())
 }
 
 async fn notification(

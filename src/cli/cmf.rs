@@ -64,10 +64,7 @@ pub(super) fn run(command: CmfCommand, config: &Config) -> Result<ExitCode, Fail
         }
         CmfCommand::Vnfc { vnfc_id } => {
             let view: Value = match &agent {
-                Some(agent) => agent.get(&format!(
-                    "/cmf/v1/direct/vnfcs/{}",
-                    segment(&vnfc_id)
-                ))?,
+                Some(agent) => agent.get(&format!("/cmf/v1/direct/vnfcs/{}", segment(&vnfc_id)))?,
                 None => nfv_warden::cmf::direct::vnfc_view(&*open_store(config)?, &vnfc_id)
                     .map_err(|e| Failure(format!("store: {e}")))?
                     .ok_or_else(|| Failure(format!("no VNFC '{vnfc_id}' in the inventory")))?,

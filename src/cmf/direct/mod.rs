@@ -228,7 +228,9 @@ impl Direct {
             if vnfms.iter().any(|f: &Followed| f.config.id == v.id) {
                 return Err(format!("cmf.direct.vnfm '{}' listed twice", v.id));
             }
-            if v.vnfd_ids.is_empty() && v.vnf_product_names.is_empty() && v.vnf_instance_ids.is_empty()
+            if v.vnfd_ids.is_empty()
+                && v.vnf_product_names.is_empty()
+                && v.vnf_instance_ids.is_empty()
             {
                 return Err(format!(
                     "cmf.direct.vnfm '{}': name the VNFs in direct mode (vnfd_ids, \
@@ -381,7 +383,9 @@ impl Direct {
         let _busy = self.busy.lock().await;
         let pending = self.store.read(|tx| tx.list(&PENDING, ""))?;
         for (key, notification) in pending {
-            let record = self.store.read(|tx| tx.get(&NOTIFICATIONS, &notification))?;
+            let record = self
+                .store
+                .read(|tx| tx.get(&NOTIFICATIONS, &notification))?;
             if let Some(record) = record {
                 match self.process(&record).await {
                     Ok(()) => {}
@@ -476,7 +480,8 @@ impl Direct {
         }
         // Evidence first, journaled before anything else can fail.
         if !removed.is_empty() {
-            self.journal_removals(vnf_id, removed).await?;
+            self.journal_removals(&vnfm.config.id, vnf_id, removed)
+                .await?;
         }
         let queried = vnfm.client.vnf_instance(vnf_id).await?;
         self.apply_query(vnfm, vnf_id, queried).await
@@ -490,6 +495,12 @@ impl Direct {
         queried: Option<Value>,
     ) -> Result<(), DirectError> {
         let known = self.store.read(|tx| tx.get(&VNFS, vnf_id))?;
+        // A VNF instance belongs to the VNFM that first reported it: another VNFM (another
+        // trust domain, perhaps) reporting the same id affects nothing of it.
+        if known.as_ref().is_some_and(|k| k.vnfm != vnfm.config.id) {
+            tracing::warn!(vnfm = %vnfm.config.id, vnf = %vnf_id, "direct mode: VNF instance of another VNFM ignored");
+            return Ok(());
+        }
         let vnf_id = vnf_id.to_string();
         let vnfm_id = vnfm.config.id.clone();
         let trust_domain = vnfm.config.trust_domain.clone();
@@ -547,7 +558,8 @@ impl Direct {
                         let Some(vnfc) = tx.get(&VNFCS, key)? else {
                             continue;
                         };
-                        if vnfc.state == "alive" && !current.iter().any(|c| c.vnfc_id == vnfc.vnfc_id)
+                        if vnfc.state == "alive"
+                            && !current.iter().any(|c| c.vnfc_id == vnfc.vnfc_id)
                         {
                             let evidence = format!(
                                 "Query VNF {vnf_id} ({state}): VNFC {} no longer in \
@@ -596,15 +608,17 @@ impl Direct {
 
     async fn journal_removals(
         &self,
+        vnfm: &str,
         vnf_id: &str,
         removed: Vec<(String, String)>,
     ) -> Result<(), StoreError> {
         let vnf_id = vnf_id.to_string();
+        let vnfm = vnfm.to_string();
         self.store.write(move |tx| {
             for (vnfc_id, evidence) in &removed {
                 let key = format!("{vnf_id}/{vnfc_id}");
                 if let Some(vnfc) = tx.get(&VNFCS, &key)? {
-                    if vnfc.state == "alive" {
+                    if vnfc.state == "alive" && vnfc.vnfm == vnfm {
                         intend_removal(tx, &key, vnfc, evidence)?;
                     }
                 }
@@ -628,7 +642,9 @@ impl Direct {
                 .collect();
             let known = self.store.read(|tx| tx.list(&VNFS, ""))?;
             for (id, vnf) in known {
-                if vnf.vnfm == vnfm.config.id && vnf.instantiation_state != "DELETED" && !ids.contains(&id)
+                if vnf.vnfm == vnfm.config.id
+                    && vnf.instantiation_state != "DELETED"
+                    && !ids.contains(&id)
                 {
                     ids.push(id);
                 }
@@ -662,10 +678,14 @@ impl Direct {
         // One filter per subscription: SOL 013 5.2 ANDs attributes; the three ways of naming
         // VNFs are alternatives, so with more than one way configured no instance filter is
         // sent and the CMF filters on its side.
-        let ways = [!c.vnfd_ids.is_empty(), !c.vnf_instance_ids.is_empty(), !c.vnf_product_names.is_empty()]
-            .iter()
-            .filter(|w| **w)
-            .count();
+        let ways = [
+            !c.vnfd_ids.is_empty(),
+            !c.vnf_instance_ids.is_empty(),
+            !c.vnf_product_names.is_empty(),
+        ]
+        .iter()
+        .filter(|w| **w)
+        .count();
         let mut filter = json!({ "notificationTypes": NOTIFICATION_TYPES });
         if ways == 1 && c.vnf_product_names.is_empty() {
             filter["vnfInstanceSubscriptionFilter"] = Value::Object(instance_filter);
@@ -724,7 +744,11 @@ impl Direct {
                 kept = true;
             } else {
                 tracing::info!(vnfm = %vnfm.config.id, subscription = %id, "direct mode: stale subscription deleted");
-                match vnfm.client.request("DELETE", &format!("/subscriptions/{id}"), None).await {
+                match vnfm
+                    .client
+                    .request("DELETE", &format!("/subscriptions/{id}"), None)
+                    .await
+                {
                     Ok(_) => {}
                     Err(e) if e.status() == Some(404) => {}
                     Err(e) => return Err(e.into()),
@@ -767,8 +791,10 @@ impl Direct {
             };
             let needs = match &vnfc.credential {
                 None => true,
-                Some(c) => !c.delivered && c.undelivered_secret.is_none()
-                    || (c.used_at.is_none() && c.expires_unix <= unix_now()),
+                Some(c) => {
+                    !c.delivered && c.undelivered_secret.is_none()
+                        || (c.used_at.is_none() && c.expires_unix <= unix_now())
+                }
             };
             let secret = if needs {
                 let mut bytes = [0u8; 32];
@@ -794,7 +820,11 @@ impl Direct {
                 })?;
                 secret
             } else {
-                match vnfc.credential.as_ref().and_then(|c| c.undelivered_secret.clone()) {
+                match vnfc
+                    .credential
+                    .as_ref()
+                    .and_then(|c| c.undelivered_secret.clone())
+                {
                     Some(s) => s,
                     None => continue,
                 }
@@ -884,10 +914,13 @@ impl Direct {
                     v.report = Some(report.clone());
                     tx.put(&VNFCS, &k, &v)?;
                     if let Some(id) = &v.registration_id {
-                        tx.delete(&SUBJECTS, &super::register::subject_key(
-                            CertType::VnfciCert,
-                            &vnfc_urn(&v.vnf_instance_id, &v.vnfc_id),
-                        ))?;
+                        tx.delete(
+                            &SUBJECTS,
+                            &super::register::subject_key(
+                                CertType::VnfciCert,
+                                &vnfc_urn(&v.vnf_instance_id, &v.vnfc_id),
+                            ),
+                        )?;
                         let _ = id;
                     }
                 }
@@ -981,9 +1014,9 @@ impl Direct {
                      terminated): it has no VNFC {vnfc_id}",
                     vnf.instantiation_state
                 ),
-                (None, Some(_)) => format!(
-                    "direct enrollment: VNF instance {vnf_id} has no VNFC {vnfc_id}"
-                ),
+                (None, Some(_)) => {
+                    format!("direct enrollment: VNF instance {vnf_id} has no VNFC {vnfc_id}")
+                }
                 (None, None) => format!(
                     "direct enrollment: no direct-mode VNF instance {vnf_id} with a VNFC \
                      {vnfc_id} is known to this CMF"
@@ -1114,11 +1147,15 @@ impl Direct {
                         tx.put(&REGISTRATIONS, &new_registration.id, &new_registration)?;
                         tx.put(&SUBJECTS, &subject, &new_registration.id)?;
                         tx.audit(
-                            AuditEvent::new(&new_registration.consumer, "cmf.register", &new_registration.id)
-                                .with_detail(json!({
-                                    "subjectIds": new_registration.subject_ids,
-                                    "typeOfVnfcCertHandling": "DIRECT_MODE",
-                                })),
+                            AuditEvent::new(
+                                &new_registration.consumer,
+                                "cmf.register",
+                                &new_registration.id,
+                            )
+                            .with_detail(json!({
+                                "subjectIds": new_registration.subject_ids,
+                                "typeOfVnfcCertHandling": "DIRECT_MODE",
+                            })),
                         );
                         new_registration.id.clone()
                     }
@@ -1140,7 +1177,13 @@ impl Direct {
         verified.common_names = vec![urn.clone()];
         verified.alt_names = vec![urn.clone(), vdu];
         self.cmf
-            .enroll_verified(&consumer, CertType::VnfciCert, Some(urn.to_ascii_lowercase()), verified, true)
+            .enroll_verified(
+                &consumer,
+                CertType::VnfciCert,
+                Some(urn.to_ascii_lowercase()),
+                verified,
+                true,
+            )
             .await
     }
 }
@@ -1224,7 +1267,11 @@ pub fn vnfcs_of(instance: &Value) -> Vec<VnfcRecord> {
 fn addresses_of(protocol_info: &Value) -> Vec<String> {
     let mut out = Vec::new();
     for p in protocol_info.as_array().into_iter().flatten() {
-        for a in p["ipOverEthernet"]["ipAddresses"].as_array().into_iter().flatten() {
+        for a in p["ipOverEthernet"]["ipAddresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             for addr in a["addresses"].as_array().into_iter().flatten() {
                 if let Some(s) = addr.as_str() {
                     out.push(s.to_string());
@@ -1270,7 +1317,9 @@ pub fn parse_notification(body: &[u8]) -> Result<Option<Value>, String> {
         string(field)?;
     }
     if let Some(affected) = object.get("affectedVnfcs") {
-        let list = affected.as_array().ok_or("'affectedVnfcs' is not an array")?;
+        let list = affected
+            .as_array()
+            .ok_or("'affectedVnfcs' is not an array")?;
         for (i, v) in list.iter().enumerate() {
             for field in ["id", "vduId", "changeType"] {
                 if !v.get(field).is_some_and(Value::is_string) {

@@ -55,7 +55,11 @@ enum Endpoint {
 }
 
 /// Split `scheme://authority/path` and build the endpoint.
-fn endpoint(url: &str, ca: Option<&std::path::Path>, key: ClientKey<'_>) -> Result<(Endpoint, String), String> {
+fn endpoint(
+    url: &str,
+    ca: Option<&std::path::Path>,
+    key: ClientKey<'_>,
+) -> Result<(Endpoint, String), String> {
     if let Some(rest) = url.strip_prefix("http://") {
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/').to_string()),
@@ -208,7 +212,8 @@ impl Vnfm {
                 ))
             }
         };
-        let (api, root_path) = endpoint(&config.api_root, config.tls_roots.as_deref(), key).map_err(setup)?;
+        let (api, root_path) =
+            endpoint(&config.api_root, config.tls_roots.as_deref(), key).map_err(setup)?;
         let auth = match &config.auth {
             VnfmAuthConfig::KeystonePassword {
                 url,
@@ -253,7 +258,8 @@ impl Vnfm {
                 client_secret,
             } => {
                 let (endpoint, path) =
-                    endpoint(token_url, config.tls_roots.as_deref(), ClientKey::None).map_err(setup)?;
+                    endpoint(token_url, config.tls_roots.as_deref(), ClientKey::None)
+                        .map_err(setup)?;
                 Auth::Oauth2 {
                     endpoint,
                     path: if path.is_empty() { "/".into() } else { path },
@@ -340,10 +346,7 @@ impl Vnfm {
                         "POST",
                         path,
                         &[
-                            (
-                                "content-type",
-                                "application/x-www-form-urlencoded".into(),
-                            ),
+                            ("content-type", "application/x-www-form-urlencoded".into()),
                             ("authorization", format!("Basic {basic}")),
                         ],
                         b"grant_type=client_credentials".to_vec(),
@@ -359,7 +362,10 @@ impl Vnfm {
                     .ok_or_else(|| fail(format!("{}: {body}", response.status)))?
                     .to_string();
                 let seconds = body["expires_in"].as_u64().unwrap_or(300);
-                (token, Duration::from_secs(seconds.saturating_sub(30).max(10)))
+                (
+                    token,
+                    Duration::from_secs(seconds.saturating_sub(30).max(10)),
+                )
             }
         };
         let token = SecretString::from(token);
@@ -406,12 +412,10 @@ impl Vnfm {
                 }
                 None => Vec::new(),
             };
-            let outcome = tokio::time::timeout(
-                self.timeout,
-                self.api.send(method, &full, &headers, bytes),
-            )
-            .await
-            .unwrap_or_else(|_| Err("timed out".into()));
+            let outcome =
+                tokio::time::timeout(self.timeout, self.api.send(method, &full, &headers, bytes))
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".into()));
             match outcome {
                 Ok(response) if response.status == 401 && !renew => {
                     renew = true;
