@@ -1176,7 +1176,8 @@ impl Direct {
         let mut verified = verified;
         verified.common_names = vec![urn.clone()];
         verified.alt_names = vec![urn.clone(), vdu];
-        self.cmf
+        let issued = self
+            .cmf
             .enroll_verified(
                 &consumer,
                 CertType::VnfciCert,
@@ -1184,7 +1185,29 @@ impl Direct {
                 verified,
                 true,
             )
-            .await
+            .await;
+        if let Err(e) = &issued {
+            // Nothing was issued (key policy, CA unavailable...): the credential is given
+            // back so that the VNFC can try again with a better request.
+            let k = key.clone();
+            let restored = self
+                .cmf
+                .group
+                .write_async(move |tx| {
+                    if let Some(mut v) = tx.get(&VNFCS, &k)? {
+                        if let Some(c) = v.credential.as_mut() {
+                            c.used_at = None;
+                        }
+                        tx.put(&VNFCS, &k, &v)?;
+                    }
+                    Ok(())
+                })
+                .await;
+            if let Err(store) = restored {
+                tracing::warn!(vnfc = %key, error = %store, refused = %e, "direct enrollment: credential not restored");
+            }
+        }
+        issued
     }
 }
 
@@ -1396,4 +1419,92 @@ pub fn vnfc_view(store: &Store, id: &str) -> Result<Option<Value>, StoreError> {
         view["certificates"] = Value::Array(certificates);
         Ok(Some(view))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Trimmed from a real Tacker (v2 API) Query VNF after a scale out.
+    fn tacker_instance() -> Value {
+        json!({
+            "id": "4d11a8ff-4177-4101-b576-a7120e7cb20d",
+            "vnfdId": "a3933467-b8d3-4e40-9588-3e20351e002b",
+            "instantiationState": "INSTANTIATED",
+            "instantiatedVnfInfo": {
+                "vnfcResourceInfo": [{
+                    "id": "ecd7a88e-6a76-42d2-8509-756b026aab7d",
+                    "vduId": "VDU1",
+                    "computeResource": {"resourceId": "ecd7a88e-6a76-42d2-8509-756b026aab7d",
+                        "vimConnectionId": "vim1", "vimLevelResourceType": "OS::Nova::Server"},
+                    "vnfcCpInfo": [{"cpdId": "VDU1_CP1",
+                        "id": "VDU1_CP1-ecd7a88e-6a76-42d2-8509-756b026aab7d",
+                        "vnfExtCpId": "cp-f363f363"}]
+                }],
+                "vnfcInfo": [{"id": "VDU1-ecd7a88e-6a76-42d2-8509-756b026aab7d", "vduId": "VDU1",
+                    "vnfcResourceInfoId": "ecd7a88e-6a76-42d2-8509-756b026aab7d",
+                    "vnfcState": "STARTED"}],
+                "extCpInfo": [{"id": "cp-f363f363", "cpdId": "VDU1_CP1",
+                    "cpProtocolInfo": [{"layerProtocol": "IP_OVER_ETHERNET", "ipOverEthernet":
+                        {"ipAddresses": [{"type": "IPV4", "addresses": ["10.10.0.200"]}]}}]}]
+            }
+        })
+    }
+
+    #[test]
+    fn inventory_from_query_vnf() {
+        let vnfcs = vnfcs_of(&tacker_instance());
+        assert_eq!(vnfcs.len(), 1);
+        let v = &vnfcs[0];
+        assert_eq!(v.vnfc_id, "ecd7a88e-6a76-42d2-8509-756b026aab7d");
+        assert_eq!(v.vdu_id, "VDU1");
+        assert_eq!(v.server_id, "ecd7a88e-6a76-42d2-8509-756b026aab7d");
+        assert_eq!(v.vim_connection_id.as_deref(), Some("vim1"));
+        assert_eq!(
+            v.vnfc_info_id.as_deref(),
+            Some("VDU1-ecd7a88e-6a76-42d2-8509-756b026aab7d")
+        );
+        // The external CP's address reaches the VNFC through vnfcCpInfo.vnfExtCpId.
+        assert_eq!(v.addresses, vec!["10.10.0.200".to_string()]);
+        // Not instantiated: no VNFCs.
+        assert!(vnfcs_of(&json!({"id": "x", "instantiationState": "NOT_INSTANTIATED"})).is_empty());
+    }
+
+    #[test]
+    fn notifications_are_parsed_strictly() {
+        let good = json!({
+            "id": "n1", "notificationType": "VnfLcmOperationOccurrenceNotification",
+            "subscriptionId": "s", "timeStamp": "2026-12-01T00:00:00Z",
+            "notificationStatus": "RESULT", "operationState": "COMPLETED",
+            "vnfInstanceId": "v", "operation": "SCALE", "vnfLcmOpOccId": "o",
+            "affectedVnfcs": [{"id": "c", "vduId": "VDU1", "changeType": "REMOVED"}],
+        });
+        assert!(parse_notification(good.to_string().as_bytes())
+            .unwrap()
+            .is_some());
+        let mut missing = good.clone();
+        missing.as_object_mut().unwrap().remove("vnfLcmOpOccId");
+        let err = parse_notification(missing.to_string().as_bytes()).unwrap_err();
+        assert!(err.contains("vnfLcmOpOccId"), "{err}");
+        let mut bad_vnfc = good.clone();
+        bad_vnfc["affectedVnfcs"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("changeType");
+        let err = parse_notification(bad_vnfc.to_string().as_bytes()).unwrap_err();
+        assert!(err.contains("affectedVnfcs[0].changeType"), "{err}");
+        // Another type is acknowledged and ignored.
+        let other = json!({"id": "n", "notificationType": "VnfPmJobNotification",
+            "subscriptionId": "s", "timeStamp": "t"});
+        assert!(parse_notification(other.to_string().as_bytes())
+            .unwrap()
+            .is_none());
+        assert!(parse_notification(b"[1]").is_err());
+    }
+
+    #[test]
+    fn names_are_urns() {
+        assert_eq!(vnfc_urn("v-1", "c-2"), "urn:etsi:nfv:vnf:v-1:vnfc:c-2");
+        assert_eq!(vdu_urn("v-1", "VDU1"), "urn:etsi:nfv:vnf:v-1:vdu:VDU1");
+    }
 }
