@@ -20,8 +20,9 @@ use x509_cert::ext::pkix::crl::dp::DistributionPoint;
 use x509_cert::ext::pkix::name::DistributionPointName;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, CertificatePolicies, CrlDistributionPoints,
-    ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName, SubjectKeyIdentifier,
+    AccessDescription, AuthorityInfoAccessSyntax, AuthorityKeyIdentifier, BasicConstraints,
+    CertificatePolicies, CrlDistributionPoints, ExtendedKeyUsage, KeyUsage, KeyUsages,
+    SubjectAltName, SubjectKeyIdentifier,
 };
 use x509_cert::ext::{Extension, ToExtension};
 use x509_cert::name::Name;
@@ -64,6 +65,9 @@ pub struct LeafProfile {
     pub extended_key_usage: Vec<ObjectIdentifier>,
     pub subject_alt_names: Vec<GeneralName>,
     pub crl_distribution_point: Option<String>,
+    /// The OCSP responder's URL, as an authorityInfoAccess id-ad-ocsp entry (RFC 5280
+    /// 4.2.2.1, RFC 6960 3.1).
+    pub ocsp_url: Option<String>,
     /// certificatePolicies, e.g. the TCG key-provenance OIDs after a verified attestation.
     pub policies: Vec<ObjectIdentifier>,
 }
@@ -82,6 +86,7 @@ impl LeafProfile {
                 .map(|s| general_name(s))
                 .collect::<Result<_, _>>()?,
             crl_distribution_point: None,
+            ocsp_url: None,
             policies: Vec::new(),
         })
     }
@@ -172,6 +177,17 @@ impl BuilderProfile for Issuing {
                     extensions.push(
                         CrlDistributionPoints(vec![point])
                             .to_extension(tbs.subject(), &extensions)?,
+                    );
+                }
+                if let Some(uri) = &leaf.ocsp_url {
+                    extensions.push(
+                        AuthorityInfoAccessSyntax(vec![AccessDescription {
+                            access_method: const_oid::db::rfc5280::ID_AD_OCSP,
+                            access_location: GeneralName::UniformResourceIdentifier(
+                                Ia5String::new(uri)?,
+                            ),
+                        }])
+                        .to_extension(tbs.subject(), &extensions)?,
                     );
                 }
                 if !leaf.policies.is_empty() {

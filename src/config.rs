@@ -441,6 +441,9 @@ pub struct CmfConfig {
     /// (Cm-Vnfm, SOL 003 vnflcm v2) and enrolls their VNFC instances itself; absent = off.
     #[serde(default)]
     pub direct: Option<DirectConfig>,
+    /// Revocation: CRLs and the OCSP responder (`[cmf.revocation]`), on by default.
+    #[serde(default)]
+    pub revocation: RevocationConfig,
 }
 
 /// `[cmf.direct]`: the notification endpoint and the loops shared by every VNFM followed.
@@ -556,6 +559,131 @@ pub enum VnfmAuthConfig {
 
 fn default_domain() -> String {
     "Default".into()
+
+}
+
+/// `[cmf.revocation]`: CRLs per issuing CA (RFC 5280 5) and an OCSP responder (RFC 6960),
+/// both signed by the CA key in the HSM/TPM and served over plain HTTP on a listener of their
+/// own: relying parties fetch them without client certificates, and often without TLS at all
+/// (a CRL or OCSP response is signed; RFC 5280 8 and RFC 6960 5 do not rely on transport).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// false: no listener, no CRL DP / AIA in issued certificates, no CRLs made.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Plain-HTTP listener for `/crl/{caId}.crl` and `/ocsp`. Default: the `[server]` listen
+    /// address with port 8080 (port 0, any free port, when the server's port is 0).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// The URL relying parties reach that listener at, written into issued certificates
+    /// (CRL distribution point `{base_url}/crl/{caId}.crl`, AIA OCSP `{base_url}/ocsp`).
+    /// Default: `http://{listen address}:{port}`, or, when listening on every address, the
+    /// first DNS name of the agent's TLS certificate.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// A CRL's nextUpdate is thisUpdate plus this (RFC 5280 5.1.2.5).
+    #[serde(default = "default_crl_validity_seconds")]
+    pub crl_validity_seconds: u64,
+    /// A CRL is made again when its nextUpdate is less than this far away, even without a
+    /// revocation (relying parties never see an expired CRL while the agent runs).
+    #[serde(default = "default_crl_regenerate_before_seconds")]
+    pub crl_regenerate_before_seconds: u64,
+    /// After a revocation, wait this long for more before making the CRL (one signature for
+    /// a burst, e.g. a VNF's certificates revoked one by one).
+    #[serde(default = "default_crl_debounce_ms")]
+    pub crl_debounce_ms: u64,
+    /// nextUpdate of OCSP responses (RFC 6960 2.4): how long a relying party may cache one.
+    #[serde(default = "default_ocsp_validity_seconds")]
+    pub ocsp_validity_seconds: u64,
+    /// Open connections at most on the revocation listener; beyond it a new connection is
+    /// closed at once.
+    #[serde(default = "default_revocation_max_connections")]
+    pub max_connections: usize,
+    /// Request line and headers of one request (and the wait for the next on a kept-alive
+    /// connection), and the whole of an OCSP POST body.
+    #[serde(default = "default_revocation_read_timeout_seconds")]
+    pub read_timeout_seconds: u64,
+    /// Largest OCSP request (POST body or base64 GET path) accepted.
+    #[serde(default = "default_ocsp_max_request_bytes")]
+    pub ocsp_max_request_bytes: usize,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            enabled: true,
+            listen: None,
+            base_url: None,
+            crl_validity_seconds: default_crl_validity_seconds(),
+            crl_regenerate_before_seconds: default_crl_regenerate_before_seconds(),
+            crl_debounce_ms: default_crl_debounce_ms(),
+            ocsp_validity_seconds: default_ocsp_validity_seconds(),
+            max_connections: default_revocation_max_connections(),
+            read_timeout_seconds: default_revocation_read_timeout_seconds(),
+            ocsp_max_request_bytes: default_ocsp_max_request_bytes(),
+        }
+    }
+}
+
+impl RevocationConfig {
+    /// Values that would make CRLs expire before they are replaced, or refuse every client.
+    pub fn check(&self) -> Result<(), String> {
+        if self.crl_validity_seconds < 60 {
+            return Err("cmf.revocation.crl_validity_seconds: at least 60".into());
+        }
+        if self.crl_regenerate_before_seconds >= self.crl_validity_seconds {
+            return Err(
+                "cmf.revocation.crl_regenerate_before_seconds must be less than \
+                 crl_validity_seconds"
+                    .into(),
+            );
+        }
+        if self.ocsp_validity_seconds == 0
+            || self.max_connections == 0
+            || self.read_timeout_seconds == 0
+            || self.ocsp_max_request_bytes < 64
+        {
+            return Err(
+                "cmf.revocation: ocsp_validity_seconds, max_connections and \
+                 read_timeout_seconds must be at least 1, ocsp_max_request_bytes at least 64"
+                    .into(),
+            );
+        }
+        if let Some(url) = &self.base_url {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.ends_with('/')
+                || !url.is_ascii()
+            {
+                return Err(format!(
+                    "cmf.revocation.base_url '{url}': an http:// URL without a trailing '/'"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_crl_validity_seconds() -> u64 {
+    7 * 86_400
+}
+fn default_crl_regenerate_before_seconds() -> u64 {
+    3 * 86_400
+}
+fn default_crl_debounce_ms() -> u64 {
+    500
+}
+fn default_ocsp_validity_seconds() -> u64 {
+    3_600
+}
+fn default_revocation_max_connections() -> usize {
+    256
+}
+fn default_revocation_read_timeout_seconds() -> u64 {
+    10
+}
+fn default_ocsp_max_request_bytes() -> usize {
+    8 * 1024
 }
 
 fn default_max_body_bytes() -> usize {
@@ -698,6 +826,9 @@ impl Config {
         }
         if let Some(sm) = &self.sm {
             sm.check()?;
+        }
+        if let Some(cmf) = &self.cmf {
+            cmf.revocation.check()?;
         }
         if self.health.probe_seconds == 0 || self.health.probe_timeout_seconds == 0 {
             return Err(

@@ -227,3 +227,287 @@ async fn revoke_where_revokes_matching_certificates_once_and_is_idempotent() {
         .expect("nothing");
     assert_eq!(none, Default::default());
 }
+
+/// Run a command in `dir`: (success, stdout + stderr).
+fn run(dir: &std::path::Path, script: &str) -> (bool, String) {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .expect("sh");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The URI of the CRL distribution point and of the AIA OCSP entry of a certificate.
+fn revocation_urls(pem: &str) -> (String, String) {
+    use x509_cert::ext::pkix::name::{DistributionPointName, GeneralName};
+    use x509_cert::ext::pkix::{AuthorityInfoAccessSyntax, CrlDistributionPoints};
+    let cert = nfv_warden::pki::certificates_from_pem(pem)
+        .unwrap()
+        .remove(0);
+    let (_, dps) = cert
+        .tbs_certificate()
+        .get_extension::<CrlDistributionPoints>()
+        .unwrap()
+        .expect("a CRL distribution point");
+    let crl = match &dps.0[0].distribution_point {
+        Some(DistributionPointName::FullName(names)) => match &names[0] {
+            GeneralName::UniformResourceIdentifier(uri) => uri.to_string(),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    let (_, aia) = cert
+        .tbs_certificate()
+        .get_extension::<AuthorityInfoAccessSyntax>()
+        .unwrap()
+        .expect("an AIA");
+    let ocsp = aia
+        .0
+        .iter()
+        .find(|a| a.access_method == const_oid::db::rfc5280::ID_AD_OCSP)
+        .map(|a| match &a.access_location {
+            GeneralName::UniformResourceIdentifier(uri) => uri.to_string(),
+            other => panic!("{other:?}"),
+        })
+        .expect("an OCSP URL");
+    (crl, ocsp)
+}
+
+/// Fetch the CRL at `url` (curl, as a relying party would) into `crl.der`/`crl.pem`; its
+/// CRLNumber and text.
+fn fetch_crl(dir: &std::path::Path, url: &str) -> (u64, String) {
+    let (ok, out) = run(
+        dir,
+        &format!(
+            "curl -sS --fail -o crl.der '{url}' && openssl crl -inform DER -in crl.der -out crl.pem \
+             && openssl crl -in crl.pem -noout -text"
+        ),
+    );
+    assert!(ok, "fetching the CRL at {url}: {out}");
+    let number = out
+        .lines()
+        .skip_while(|l| !l.contains("X509v3 CRL Number"))
+        .nth(1)
+        .map(|l| l.trim().to_string())
+        .expect("a CRL number");
+    (number.parse().expect("decimal CRL number"), out)
+}
+
+/// Poll (a failure guard, not a timing assertion) until `done` holds for the CRL at `url`.
+fn crl_until(
+    dir: &std::path::Path,
+    url: &str,
+    what: &str,
+    done: impl Fn(u64, &str) -> bool,
+) -> (u64, String) {
+    let start = std::time::Instant::now();
+    loop {
+        let (number, text) = fetch_crl(dir, url);
+        if done(number, &text) {
+            return (number, text);
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(90),
+            "the CRL never showed {what}: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// The serial as `openssl crl -text` prints it (upper-case hex).
+fn crl_serial(serial: &str) -> String {
+    serial.to_ascii_uppercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_and_operator_revocations_reach_the_crl_and_ocsp() {
+    let mut agent = CmfAgent::new("");
+    agent.start();
+    let dir = agent.dir().to_path_buf();
+    register(&agent, "vnfm-a", "vnfc-r1", None).await;
+    register(&agent, "vnfm-a", "vnfc-r2", None).await;
+    register(&agent, "vnfm-a", "vnfc-r3", None).await;
+    let (revoked, revoked_pem) = enroll(&agent, "vnfm-a", "vnfc-r1", "r1").await;
+    let (good, _) = enroll(&agent, "vnfm-a", "vnfc-r2", "r2").await;
+    let (later, _) = enroll(&agent, "vnfm-a", "vnfc-r3", "r3").await;
+
+    // The certificate names where its status is published.
+    let (crl_url, ocsp_url) = revocation_urls(&revoked_pem);
+    assert!(crl_url.ends_with("/crl/default.crl"), "{crl_url}");
+    assert!(ocsp_url.ends_with("/ocsp"), "{ocsp_url}");
+    let (first_number, first) = crl_until(&dir, &crl_url, "a first CRL", |_, _| true);
+    assert!(!first.contains(&crl_serial(&revoked)), "{first}");
+
+    // Another consumer cannot revoke it, nor learn that it exists.
+    let path = format!("/certmgmt/v1/certificates/{revoked}/revoke");
+    let mut intruder = agent.client(Some("vnfm-b")).connect().await.unwrap();
+    let refused = intruder
+        .post_json(&path, &json!({ "reason": "keyCompromise" }))
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 404, "{}", refused.problem_detail());
+    assert_eq!(refused.headers["content-type"], "application/problem+json");
+    let mut owner = agent.client(Some("vnfm-a")).connect().await.unwrap();
+    let bad = owner
+        .post_json(&path, &json!({ "reason": "removeFromCRL" }))
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 400, "{}", bad.problem_detail());
+    // The owner revokes it.
+    let done = owner
+        .post_json(&path, &json!({ "reason": "keyCompromise" }))
+        .await
+        .unwrap();
+    assert_eq!(done.status, 200, "{}", done.problem_detail());
+    let status = done.json().unwrap();
+    assert_eq!(status["reason"], "keyCompromise");
+    assert_eq!(status["revokedNow"], true);
+    let again = owner.post_json(&path, &json!({})).await.unwrap();
+    assert_eq!(again.status, 200, "{}", again.problem_detail());
+    assert_eq!(again.json().unwrap()["revokedNow"], false);
+
+    // The CRL, fetched from the certificate's distribution point, lists it with its reason
+    // and a higher CRLNumber; openssl refuses the certificate with it, accepts the other.
+    let (number, text) = crl_until(&dir, &crl_url, "the revocation", |_, text| {
+        text.contains(&crl_serial(&revoked))
+    });
+    assert!(number > first_number, "{first_number} -> {number}");
+    assert!(text.contains("Key Compromise"), "{text}");
+    assert!(text.contains("Authority Key Identifier"), "{text}");
+    assert!(text.contains("Next Update"), "{text}");
+    assert!(text.contains("Version 2"), "{text}");
+    let (ok, out) = run(
+        &dir,
+        "openssl verify -crl_check -CAfile ca.pem -CRLfile crl.pem r1.pem",
+    );
+    assert!(!ok && out.contains("certificate revoked"), "{out}");
+    let (ok, out) = run(
+        &dir,
+        "openssl verify -crl_check -CAfile ca.pem -CRLfile crl.pem r2.pem",
+    );
+    assert!(ok, "{out}");
+
+    // OCSP, POST with a nonce: revoked / good, signature and nonce checked by openssl.
+    let ocsp = |cert: &str| {
+        run(
+            &dir,
+            &format!(
+                "openssl ocsp -issuer ca.pem -cert {cert} -url {ocsp_url} -CAfile ca.pem -nonce"
+            ),
+        )
+    };
+    let (ok, out) = ocsp("r1.pem");
+    assert!(ok, "{out}");
+    assert!(out.contains("Response verify OK"), "{out}");
+    assert!(out.contains("r1.pem: revoked"), "{out}");
+    assert!(out.contains("Reason: keyCompromise"), "{out}");
+    assert!(!out.contains("WARNING: no nonce"), "{out}");
+    let (ok, out) = ocsp("r2.pem");
+    assert!(ok && out.contains("r2.pem: good"), "{out}");
+    // A serial this CA never issued is unknown.
+    let (ok, out) = run(
+        &dir,
+        &format!(
+            "openssl ocsp -issuer ca.pem -serial 0x0123456789 -url {ocsp_url} -CAfile ca.pem -nonce"
+        ),
+    );
+    assert!(ok && out.contains("0x0123456789: unknown"), "{out}");
+
+    // OCSP over GET (RFC 6960 A.1): the request base64 in the path, fetched with curl.
+    sh_ok(
+        &dir,
+        "openssl ocsp -issuer ca.pem -cert r2.pem -no_nonce -reqout get.req",
+    );
+    let request = std::fs::read(dir.join("get.req")).unwrap();
+    let encoded = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &request);
+    let escaped: String = encoded
+        .chars()
+        .map(|c| match c {
+            '/' => "%2F".to_string(),
+            '+' => "%2B".to_string(),
+            '=' => "%3D".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    let (ok, out) = run(
+        &dir,
+        &format!(
+            "curl -sS --fail -D get.headers -o get.resp '{ocsp_url}/{escaped}' && \
+             openssl ocsp -respin get.resp -reqin get.req -issuer ca.pem -cert r2.pem -CAfile ca.pem"
+        ),
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("Response verify OK") && out.contains("r2.pem: good"),
+        "{out}"
+    );
+    let headers = std::fs::read_to_string(dir.join("get.headers")).unwrap();
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("application/ocsp-response"),
+        "{headers}"
+    );
+
+    // The operator revokes another one, audited with the caller; the next CRL has both.
+    let out = agent.warden(&["certs", "revoke", &later, "--reason", "superseded"]);
+    assert!(
+        out.contains("revoked default/") && out.contains("superseded"),
+        "{out}"
+    );
+    let out = agent.warden(&["certs", "revoke", &later, "--reason", "keyCompromise"]);
+    assert!(
+        out.contains("was revoked before") && out.contains("superseded"),
+        "{out}"
+    );
+    let line = agent
+        .agent
+        .fails(&["certs", "revoke", &later, "--reason", "no-such-reason"]);
+    assert!(line.contains("unknown revocation reason"), "{line}");
+    let line = agent.agent.fails(&["certs", "revoke", "00ff00ff"]);
+    assert!(line.contains("does not exist"), "{line}");
+    let (after_operator, text) = crl_until(&dir, &crl_url, "the operator's revocation", |_, t| {
+        t.contains(&crl_serial(&later))
+    });
+    assert!(after_operator > number);
+    assert!(
+        text.contains(&crl_serial(&revoked)) && text.contains("Superseded"),
+        "{text}"
+    );
+    let audit = agent.warden(&["audit", "list", "--limit", "100", "--json"]);
+    assert!(audit.contains("cli:uid="), "{audit}");
+    assert!(audit.contains("cmf.crl"), "{audit}");
+
+    // The CRL survives a restart: the same CRL (same number) is served before anything else
+    // happens, and it still lists both.
+    agent.stop();
+    agent.start();
+    let (restarted_url, _) = {
+        // The port may change across restarts in tests (port 0): read the new one from a
+        // certificate issued now.
+        register(&agent, "vnfm-a", "vnfc-r4", None).await;
+        let (_, pem) = enroll(&agent, "vnfm-a", "vnfc-r4", "r4").await;
+        revocation_urls(&pem)
+    };
+    let (number_after_restart, text) = fetch_crl(&dir, &restarted_url);
+    assert_eq!(number_after_restart, after_operator, "{text}");
+    assert!(
+        text.contains(&crl_serial(&revoked)) && text.contains(&crl_serial(&later)),
+        "{text}"
+    );
+    let _ = good;
+}
+
+fn sh_ok(dir: &std::path::Path, script: &str) {
+    let (ok, out) = run(dir, script);
+    assert!(ok, "{script}: {out}");
+}

@@ -9,6 +9,7 @@
 //! GET    /ops/v1/certificates?consumer=&after=&limit=    a page of issued certificates
 //! GET    /ops/v1/certificates/{serial}       one certificate, with its PEM
 //! GET    /ops/v1/certificates/{serial}/pem?chain=true     PEM (and the CA chain)
+//! POST   /ops/v1/certificates/{serial}/revoke  {reason}  revoke (audited with the caller)
 //! GET    /ops/v1/audit/verify                the audit chain recomputed: entries, head hash
 //! GET    /ops/v1/audit?after=&limit=         audit entries
 //! GET    /ops/v1/keys                        keys of every backend
@@ -79,6 +80,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/ops/v1/certificates", get(certificates))
         .route("/ops/v1/certificates/{serial}", get(certificate))
         .route("/ops/v1/certificates/{serial}/pem", get(certificate_pem))
+        .route(
+            "/ops/v1/certificates/{serial}/revoke",
+            post(certificate_revoke),
+        )
         .route("/ops/v1/audit/verify", get(audit_verify))
         .route("/ops/v1/audit", get(audit_list))
         .route("/ops/v1/keys", get(keys_list).post(keys_generate))
@@ -294,6 +299,38 @@ async fn certificate_pem(
             .map(|pem| json!({ "pem": pem }))
     })
     .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn certificate_revoke(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(serial): Path<String>,
+    Json(body): Json<RevokeBody>,
+) -> Response {
+    let Some(cmf) = &state.cmf else {
+        return problem(
+            409,
+            "this agent does not run the CMF ([cmf] is not configured): nothing to revoke",
+        );
+    };
+    let reason = match body.reason.as_deref() {
+        None => crate::cmf::revoke::RevocationReason::Unspecified,
+        Some(text) => match text.parse::<crate::cmf::revoke::RevocationReason>() {
+            Ok(reason) => reason,
+            Err(e) => return problem(400, &e),
+        },
+    };
+    match cmf.revoke_by_operator(&serial, reason, &caller.0).await {
+        Ok(status) => (StatusCode::OK, Json(status)).into_response(),
+        Err(e) => problem(e.status(), &e.to_string()),
+    }
 }
 
 async fn audit_verify(State(state): State<Arc<AdminState>>) -> Response {

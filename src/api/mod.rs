@@ -8,6 +8,7 @@ pub mod cmf;
 pub mod direct;
 pub mod est;
 pub mod health;
+pub mod revocation;
 pub mod sm;
 
 use std::net::SocketAddr;
@@ -201,6 +202,7 @@ pub fn router(state: AppState) -> Router {
     if let Some(cmf) = &state.cmf {
         router = router.merge(cmf::routes(cmf.clone()));
         router = router.merge(est::routes(cmf.clone()));
+        router = router.merge(revocation::consumer_routes(cmf.clone()));
     }
     if let Some(direct) = &state.direct {
         router = router.merge(direct::routes(direct.clone()));

@@ -288,6 +288,7 @@ impl Cmf {
             consumer: consumer.clone(),
             cert_type,
             vnfc_id,
+            revocation_base: self.crls.base_url().map(String::from),
         };
         let Prepared {
             registration,
@@ -429,6 +430,9 @@ struct Prepare {
     consumer: Consumer,
     cert_type: CertType,
     vnfc_id: Option<String>,
+    /// Where revocation is published (`[cmf.revocation]`): issued certificates carry the
+    /// CA's CRL distribution point (unless the profile names its own) and the OCSP URL.
+    revocation_base: Option<String>,
 }
 
 /// What [`Prepare::run`] hands back: the first certificate, and what a re-issue would need.
@@ -490,8 +494,14 @@ impl Prepare {
                 ))
             })?;
         let _ = self.chosen_ca.set(ca_index);
-        let leaf = leaf_profile(profile, verified.key_type.is_rsa(), &names, policies)
+        let mut leaf = leaf_profile(profile, verified.key_type.is_rsa(), &names, policies)
             .map_err(CmfError::Internal)?;
+        if let Some(base) = &self.revocation_base {
+            let ca_id = &self.cas[ca_index].id;
+            leaf.crl_distribution_point
+                .get_or_insert_with(|| super::crl::crl_url(base, ca_id));
+            leaf.ocsp_url = Some(super::crl::ocsp_url(base));
+        }
         let subject = subject_name(&verified, &names)?;
         let spki = SubjectPublicKeyInfoOwned::from_der(&verified.spki_der)
             .map_err(|e| CmfError::BadRequest(format!("csr: public key: {e}")))?;
@@ -689,6 +699,7 @@ fn leaf_profile(
         extended_key_usage: extended_key_usages(&profile.extended_key_usage)?,
         subject_alt_names,
         crl_distribution_point: profile.crl_distribution_point.clone(),
+        ocsp_url: None,
         policies,
     })
 }

@@ -12,9 +12,11 @@
 //! attester ([`attest`]) -> key policy -> issuance through the key layer ([`issue`]) -> the
 //! durable record (group commit) -> response. Nothing is acknowledged before it is durable.
 
+pub mod crl;
 pub mod csr;
 pub mod direct;
 pub mod issue;
+pub mod ocsp;
 pub mod register;
 pub mod revoke;
 
@@ -267,6 +269,8 @@ pub struct Cmf {
     pub(crate) group: GroupCommit,
     /// CAs whose CRL must be made again (a revocation), for the CRL task ([`crl`]).
     pub(crate) crl_signal: Arc<revoke::CrlSignal>,
+    /// Where revocation is published, and the CRLs ([`crl`]).
+    pub(crate) crls: crl::Crls,
 }
 
 pub mod attest;
@@ -363,6 +367,12 @@ impl Cmf {
             store,
             group,
             crl_signal: Arc::new(revoke::CrlSignal::default()),
+            crls: crl::Crls::new(cmf.revocation.clone()),
+        })
+        .and_then(|cmf| {
+            cmf.load_crls()
+                .map_err(|e| format!("loading the stored CRLs: {e}"))?;
+            Ok(cmf)
         })
     }
 

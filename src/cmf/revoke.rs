@@ -20,6 +20,7 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
+use super::crl::CRL_CHANGES;
 use super::register::rejected_or;
 use super::{Cmf, CmfError, Consumer, IssuedRecord, Revocation, CERTIFICATES};
 use crate::store::{AuditEvent, StoreError, Table};
@@ -370,6 +371,16 @@ impl Cmf {
                         },
                     )?;
                     outcome.revoked.push(key);
+                }
+                // Each CA's CRL is stale from this commit on (the CRL task compares).
+                let cas: BTreeSet<&str> = outcome
+                    .revoked
+                    .iter()
+                    .filter_map(|key| key.split_once('/').map(|(ca, _)| ca))
+                    .collect();
+                for ca in cas {
+                    let changes = tx.get(&CRL_CHANGES, ca)?.unwrap_or(0);
+                    tx.put(&CRL_CHANGES, ca, &(changes + 1))?;
                 }
                 if !outcome.revoked.is_empty() {
                     let subject = match outcome.revoked.as_slice() {

@@ -227,6 +227,10 @@ pub struct ErasureReport {
     /// Why the VNF is known to be terminated (what allowed the local erasure).
     #[serde(default)]
     pub evidence: Vec<String>,
+    /// Certificates of the VNF the CMF issued, revoked with cessationOfOperation
+    /// (`caId/serial`), when the CMF runs in this agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_certificates: Vec<String>,
     pub updated: String,
 }
 
@@ -267,6 +271,8 @@ pub struct Sm {
     subscription: std::sync::Mutex<Option<String>>,
     /// Notification bodies waiting in the processor's queue (bounded by [`QUEUED_BODIES`]).
     queued_bodies: std::sync::atomic::AtomicUsize,
+    /// The CMF of this agent, when it runs one: a VNF's erasure revokes its certificates.
+    pub(crate) cmf: std::sync::OnceLock<Arc<crate::cmf::Cmf>>,
 }
 
 /// Notification bodies held in memory for the processor at most; beyond that the journal
@@ -395,7 +401,14 @@ impl Sm {
             erasing: tokio::sync::Mutex::new(()),
             queued_bodies: std::sync::atomic::AtomicUsize::new(0),
             subscription: std::sync::Mutex::new(subscription),
+            cmf: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The CMF of this agent: from now on a VNF's local erasure also revokes the
+    /// certificates issued for it (once; a second call is ignored).
+    pub fn attach_cmf(&self, cmf: Arc<crate::cmf::Cmf>) {
+        let _ = self.cmf.set(cmf);
     }
 
     pub fn mode(&self) -> SmMode {
