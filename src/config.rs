@@ -559,7 +559,6 @@ pub enum VnfmAuthConfig {
 
 fn default_domain() -> String {
     "Default".into()
-
 }
 
 /// `[cmf.revocation]`: CRLs per issuing CA (RFC 5280 5) and an OCSP responder (RFC 6960),

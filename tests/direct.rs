@@ -176,6 +176,62 @@ fn certificate_text(dir: &Path, name: &str, p7_base64: &str) -> String {
     std::fs::read_to_string(dir.join(format!("{name}.txt"))).expect("text")
 }
 
+/// `openssl verify -crl_check` of `pem` against the CA and its current CRL (fetched from the
+/// agent's revocation listener): Ok, or openssl's complaint.
+fn crl_verdict(dir: &Path, rport: u16, pem: &str) -> Result<(), String> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "curl -sSf -o crl.der http://127.0.0.1:{rport}/crl/default.crl && \
+             openssl crl -inform DER -in crl.der -out crl.pem && \
+             openssl verify -crl_check -CAfile ca.pem -CRLfile crl.pem {pem} 2>&1"
+        ))
+        .current_dir(dir)
+        .output()
+        .expect("sh");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+/// `openssl ocsp` against the agent's responder: "good", "revoked" or "unknown".
+fn ocsp_status(dir: &Path, rport: u16, pem: &str) -> String {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "ocsp",
+            "-issuer",
+            "ca.pem",
+            "-cert",
+            pem,
+            "-CAfile",
+            "ca.pem",
+            "-url",
+            &format!("http://127.0.0.1:{rport}/ocsp"),
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("openssl ocsp");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "openssl ocsp: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(pem))
+        .unwrap_or_else(|| panic!("openssl ocsp: {text}"));
+    line.rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 fn audit(agent: &CmfAgent) -> Vec<Value> {
     let v = json_of(agent, &["audit", "list", "--limit", "10000", "--json"]);
     match v {
@@ -225,9 +281,14 @@ fn direct_mode_follows_a_real_tacker() {
     let tacker = Tacker::shared();
     let vnfm = format!("direct-{}", random_hex(4));
     let vnfd = uuid();
-    let port = free_ports(1)[0];
+    let ports = free_ports(2);
+    let (port, rport) = (ports[0], ports[1]);
     let extra = format!(
         r#"
+[cmf.revocation]
+listen = "127.0.0.1:{rport}"
+crl_debounce_ms = 100
+
 [cmf.direct]
 reconcile_seconds = 20
 
@@ -399,6 +460,11 @@ password = {{ file = "{{dir}}/os-password" }}
     let csr2 = openssl_csr(&dir, "vnfc2", "/CN=vnfc2", &[]);
     let (status, body) = enroll(&agent, port, Some((&user2, &cred2)), &csr2);
     assert_eq!(status, 200, "{body}");
+    certificate_text(&dir, "vnfc2-cert", &body);
+    // Both valid by CRL before anything goes.
+    poll("a CRL that the new certificate passes", 60, || {
+        crl_verdict(&dir, rport, "vnfc2-cert.pem").ok()
+    });
 
     // A lost notification: the agent is down during scale in; reconciliation at start finds
     // the VNFC gone by Query VNF and revokes its certificate.
@@ -439,6 +505,25 @@ password = {{ file = "{{dir}}/os-password" }}
         .as_str()
         .unwrap_or("")
         .starts_with("none"));
+    // Seen as revoked by relying parties: CRL (openssl verify -crl_check) and OCSP.
+    let removed_pem = if removed == vnfc1 {
+        "vnfc1-cert.pem"
+    } else {
+        "vnfc2-cert.pem"
+    };
+    let kept_pem = if removed == vnfc1 {
+        "vnfc2-cert.pem"
+    } else {
+        "vnfc1-cert.pem"
+    };
+    poll("the CRL to list the removed VNFC's certificate", 60, || {
+        crl_verdict(&dir, rport, removed_pem)
+            .err()
+            .filter(|e| e.contains("certificate revoked"))
+    });
+    assert_eq!(crl_verdict(&dir, rport, kept_pem), Ok(()));
+    assert_eq!(ocsp_status(&dir, rport, removed_pem), "revoked");
+    assert_eq!(ocsp_status(&dir, rport, kept_pem), "good");
     let removed_user = format!("{a}/{removed}");
     let (status, body) = enroll(&agent, port, Some((&removed_user, "x")), &csr);
     assert_eq!(status, 403, "{body}");
@@ -484,6 +569,12 @@ password = {{ file = "{{dir}}/os-password" }}
         .filter(|e| e["action"] == "cmf.revoke" && e["subject"] == cert_id.as_str())
         .count();
     assert_eq!(revocations, 1, "one revocation of {cert_id}");
+    poll("the CRL to list the last VNFC's certificate", 60, || {
+        crl_verdict(&dir, rport, kept_pem)
+            .err()
+            .filter(|e| e.contains("certificate revoked"))
+    });
+    assert_eq!(ocsp_status(&dir, rport, kept_pem), "revoked");
 
     // Delete: VnfIdentifierDeletion, the inventory says DELETED.
     assert_eq!(tacker.op(&["delete", &a])["status"], 204);
