@@ -1502,6 +1502,48 @@ mod tests {
         assert!(parse_notification(b"[1]").is_err());
     }
 
+    /// The `[cmf.direct]` block of `systemd/warden.toml`, uncommented, parses (it is commented
+    /// there because it needs secrets and a VNFM).
+    #[test]
+    fn reference_config_block_parses() {
+        let text = include_str!("../../../systemd/warden.toml");
+        let start = text.find("# [cmf.direct]").expect("block");
+        let end = text[start..].find("\n\n").map_or(text.len(), |e| start + e);
+        let mut toml_text = String::new();
+        for line in text[start..end].lines() {
+            let line = line.trim_start();
+            // Keys and tables are commented as "# key = ..."; prose as "# Words ...".
+            if let Some(rest) = line.strip_prefix("# ") {
+                let first = rest.split_whitespace().next().unwrap_or("");
+                let is_toml = rest.starts_with('[')
+                    || (rest.contains(" = ")
+                        && first.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+                if is_toml {
+                    toml_text.push_str(rest);
+                    toml_text.push('\n');
+                }
+            }
+        }
+        #[derive(serde::Deserialize)]
+        struct Wrapper {
+            cmf: Inner,
+        }
+        #[derive(serde::Deserialize)]
+        struct Inner {
+            direct: DirectConfig,
+        }
+        let parsed: Wrapper =
+            toml::from_str(&toml_text).unwrap_or_else(|e| panic!("{e}\n{toml_text}"));
+        let direct = parsed.cmf.direct;
+        assert_eq!(direct.reconcile_seconds, 300);
+        assert_eq!(direct.vnfms.len(), 1);
+        assert_eq!(direct.vnfms[0].id, "tacker-1");
+        assert!(matches!(
+            direct.vnfms[0].auth,
+            crate::config::VnfmAuthConfig::KeystoneApplicationCredential { .. }
+        ));
+    }
+
     #[test]
     fn names_are_urns() {
         assert_eq!(vnfc_urn("v-1", "c-2"), "urn:etsi:nfv:vnf:v-1:vnfc:c-2");
