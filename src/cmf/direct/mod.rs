@@ -382,6 +382,7 @@ impl Direct {
     pub async fn work(&self) -> Result<(), DirectError> {
         let _busy = self.busy.lock().await;
         let pending = self.store.read(|tx| tx.list(&PENDING, ""))?;
+        let mut kept = None;
         for (key, notification) in pending {
             let record = self
                 .store
@@ -389,10 +390,12 @@ impl Direct {
             if let Some(record) = record {
                 match self.process(&record).await {
                     Ok(()) => {}
-                    // The VNFM unreachable: keep it pending, try again on the next tick.
+                    // The VNFM unreachable: keep it (and those after it, in order) pending
+                    // for the next tick; removals already journaled still go ahead below.
                     Err(DirectError::Vnfm(e)) => {
                         tracing::warn!(error = %e, notification = %notification, "direct mode: notification kept for retry");
-                        return Err(DirectError::Vnfm(e));
+                        kept = Some(DirectError::Vnfm(e));
+                        break;
                     }
                     Err(e) => return Err(e),
                 }
@@ -403,8 +406,11 @@ impl Direct {
                 Ok(())
             })?;
         }
-        self.deliver_credentials().await?;
         self.carry_out_removals().await?;
+        if let Some(e) = kept {
+            return Err(e);
+        }
+        self.deliver_credentials().await?;
         Ok(())
     }
 
