@@ -485,6 +485,10 @@ pub struct CmfConfig {
     /// Writes batched into one durable commit at most (group commit).
     #[serde(default = "default_group_commit")]
     pub group_commit_max: usize,
+    /// Direct mode (IFA 033 9.1, 10.3.2): the CMF follows the VNF lifecycle of these VNFMs
+    /// (Cm-Vnfm, SOL 003 vnflcm v2) and enrolls their VNFC instances itself; absent = off.
+    #[serde(default)]
+    pub direct: Option<DirectConfig>,
     /// Revocation: CRLs and the OCSP responder (`[cmf.revocation]`), on by default.
     #[serde(default)]
     pub revocation: RevocationConfig,
@@ -497,6 +501,121 @@ pub struct CmfConfig {
     /// 0.13 flags every URN as pkix.invalid_uri_syntax, so it is off by default).
     #[serde(default)]
     pub vnfc_id_uri: bool,
+}
+
+/// `[cmf.direct]`: the notification endpoint and the loops shared by every VNFM followed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectConfig {
+    /// Seconds between two reconciliations (subscriptions, the paged list of VNF instances,
+    /// Query VNF of every VNF followed): what a lost notification costs at most.
+    #[serde(default = "default_direct_reconcile_seconds")]
+    pub reconcile_seconds: u64,
+    /// Lifetime of an enrollment credential (single use), in seconds.
+    #[serde(default = "default_enrollment_seconds")]
+    pub enrollment_seconds: u64,
+    /// Largest notification body accepted.
+    #[serde(default = "default_sm_max_body")]
+    pub max_body_bytes: usize,
+    /// The VNFMs followed.
+    #[serde(default, rename = "vnfm")]
+    pub vnfms: Vec<DirectVnfmConfig>,
+}
+
+fn default_direct_reconcile_seconds() -> u64 {
+    300
+}
+fn default_enrollment_seconds() -> u64 {
+    3600
+}
+
+/// `[[cmf.direct.vnfm]]`: one VNFM producing VNF LCM (SOL 003 vnflcm v2) for the CMF.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectVnfmConfig {
+    /// Local name: the notification path, the consumer name of its VNFCs' certificates.
+    pub id: String,
+    /// The trust domain of this VNFM; its VNFCs' registrations belong to it.
+    pub trust_domain: String,
+    /// apiRoot, `https://host:port[/prefix]`; `http://` only to a loopback address
+    /// (a development VNFM on the same host).
+    pub api_root: String,
+    /// PEM roots of the VNFM's (and the token endpoint's) server certificate; https only.
+    #[serde(default)]
+    pub tls_roots: Option<PathBuf>,
+    /// The CMF's TLS client key towards this VNFM, in the HSM/TPM (https only).
+    #[serde(default)]
+    pub client_key: Option<KeyRef>,
+    /// Its certificate chain (PEM, leaf first).
+    #[serde(default)]
+    pub client_certificate: Option<PathBuf>,
+    /// How the CMF authenticates to the VNFM's API.
+    pub auth: VnfmAuthConfig,
+    /// VNF products in direct mode, by vnfdId; a VNF matching none of `vnfd_ids`,
+    /// `vnf_product_names` or `vnf_instance_ids` is not followed.
+    #[serde(default)]
+    pub vnfd_ids: Vec<String>,
+    /// VNF products in direct mode, by vnfProductName.
+    #[serde(default)]
+    pub vnf_product_names: Vec<String>,
+    /// Single VNF instances in direct mode.
+    #[serde(default)]
+    pub vnf_instance_ids: Vec<String>,
+    /// The CMF CA (cmf.ca id, or "default") that issues these VNFCs' certificates; the first
+    /// CA issuing VNFCI_CERT when absent.
+    #[serde(default)]
+    pub issuing_ca: Option<String>,
+    /// The callback URI given to the VNFM; default
+    /// `https://<server.listen>/cmf/v1/direct/notifications/<id>`.
+    #[serde(default)]
+    pub callback_uri: Option<String>,
+    /// How the VNFM authenticates its notifications: BASIC or OAUTH2_CLIENT_CREDENTIALS
+    /// (SOL 013 8.3.4; Tacker sends both, not TLS_CERT).
+    pub notification_auth: NotificationAuth,
+    /// BASIC: the password given to the VNFM (user name = `id`); OAUTH2: the client secret.
+    pub notification_secret: SecretSource,
+    /// The EST URL written into the enrollment credential handed to each VNFC; default
+    /// `https://<server.listen>/.well-known/est/direct`.
+    #[serde(default)]
+    pub est_url: Option<String>,
+    /// Per-request timeout.
+    #[serde(default = "default_nfvo_timeout")]
+    pub timeout_seconds: u64,
+}
+
+/// The VNFM API's authentication as the real VNFMs offer it: Tacker behind Keystone v3
+/// (password or application credential), or SOL 013 8.2 OAuth 2.0 client credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum VnfmAuthConfig {
+    /// Keystone v3 password authentication, project-scoped.
+    KeystonePassword {
+        /// Keystone v3 endpoint, e.g. `https://keystone:5000/v3`.
+        url: String,
+        user: String,
+        #[serde(default = "default_domain")]
+        user_domain: String,
+        project: String,
+        #[serde(default = "default_domain")]
+        project_domain: String,
+        password: SecretSource,
+    },
+    /// Keystone v3 application credential (its own scope).
+    KeystoneApplicationCredential {
+        url: String,
+        id: String,
+        secret: SecretSource,
+    },
+    /// OAuth 2.0 client credentials (RFC 6749 4.4).
+    Oauth2 {
+        token_url: String,
+        client_id: String,
+        client_secret: SecretSource,
+    },
+}
+
+fn default_domain() -> String {
+    "Default".into()
 }
 
 /// `[cmf.revocation]`: CRLs per issuing CA (RFC 5280 5) and an OCSP responder (RFC 6960),

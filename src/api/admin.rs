@@ -101,6 +101,8 @@ pub fn router(state: AdminState) -> Router {
             "/ops/v1/registrations/{id}/transfer",
             post(registration_transfer),
         )
+        .route("/cmf/v1/direct/vnfs", get(direct_vnfs))
+        .route("/cmf/v1/direct/vnfcs/{id}", get(direct_vnfc))
         .with_state(Arc::new(state));
     match sm {
         Some(sm) => ops.merge(routes(sm)),
@@ -238,6 +240,27 @@ where
 
 fn ops_error(e: &OpsError) -> Response {
     problem(e.status(), &crate::error::chain(e))
+}
+
+/// CMF direct mode: the VNF inventory (`warden cmf vnfs`).
+async fn direct_vnfs(State(state): State<Arc<AdminState>>) -> Response {
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || crate::cmf::direct::vnfs_view(&store)).await {
+        Ok(Ok(view)) => Json(view).into_response(),
+        Ok(Err(e)) => problem(503, &format!("store: {e}")),
+        Err(e) => problem(500, &e.to_string()),
+    }
+}
+
+/// CMF direct mode: one VNFC (`warden cmf vnfc`).
+async fn direct_vnfc(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || crate::cmf::direct::vnfc_view(&store, &id)).await {
+        Ok(Ok(Some(view))) => Json(view).into_response(),
+        Ok(Ok(None)) => problem(404, "no such VNFC in the direct-mode inventory"),
+        Ok(Err(e)) => problem(503, &format!("store: {e}")),
+        Err(e) => problem(500, &e.to_string()),
+    }
 }
 
 async fn check(State(state): State<Arc<AdminState>>) -> Response {

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod attestation;
 pub mod cmf;
+pub mod direct;
 pub mod est;
 pub mod health;
 pub mod revocation;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub cmf: Option<Arc<crate::cmf::Cmf>>,
     pub sm: Option<Arc<crate::sm::Sm>>,
+    /// CMF direct mode (notification endpoint, direct EST enrollment).
+    pub direct: Option<Arc<crate::cmf::direct::Direct>>,
     /// Liveness and the cached readiness (`/livez`, `/healthz`, `/readyz`).
     pub health: health::Health,
 }
@@ -202,6 +205,9 @@ pub fn router(state: AppState) -> Router {
         router = router.merge(attestation::routes(cmf.clone()));
         router = router.merge(est::routes(cmf.clone()));
         router = router.merge(revocation::consumer_routes(cmf.clone()));
+    }
+    if let Some(direct) = &state.direct {
+        router = router.merge(direct::routes(direct.clone()));
     }
     if let Some(sm) = &state.sm {
         router = router.merge(sm::routes(sm.clone()).layer(axum::middleware::from_fn(

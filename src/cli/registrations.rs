@@ -7,13 +7,7 @@ use nfv_warden::ops::registrations::{self, RegistrationQuery, RegistrationView};
 use super::agent::{self, ops_failure, segment};
 use super::*;
 
-/// `warden cmf ...`.
-#[derive(Subcommand)]
-pub(super) enum CmfCommand {
-    /// Registrations of every consumer (IFA 033 11.2.2): list (default), transfer, delete.
-    Registrations(RegistrationsArgs),
-}
-
+/// `warden cmf registrations ...`.
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub(super) struct RegistrationsArgs {
@@ -41,8 +35,7 @@ enum RegistrationsAction {
     Delete { id: String },
 }
 
-pub(super) fn run(command: CmfCommand, config: &Config) -> Result<ExitCode, Failure> {
-    let CmfCommand::Registrations(args) = command;
+pub(super) fn run(args: RegistrationsArgs, config: &Config) -> Result<ExitCode, Failure> {
     let agent = agent::running(config)?;
     match args.action {
         None => {

@@ -47,6 +47,11 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
             ),
             None => None,
         };
+        let direct = match &cmf {
+            Some(cmf) => nfv_warden::cmf::direct::Direct::new(config, &backends, cmf.clone(), addr)
+                .map_err(Failure)?,
+            None => None,
+        };
         // The admin socket, always: the operator's commands reach the store and devices the
         // agent holds through it.
         let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
@@ -141,11 +146,15 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
             store,
             cmf,
             sm: sm.clone(),
+            direct: direct.clone(),
             health,
         });
         // The callback endpoint is served from here on: subscribe only now (IFA 033 6.2).
         if let Some(sm) = &sm {
             sm.start();
+        }
+        if let Some(direct) = &direct {
+            direct.start();
         }
         nfv_warden::api::serve(listener, tls, app, limits, server_stats, async {
             nfv_warden::api::termination_signal().await;

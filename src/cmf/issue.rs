@@ -514,6 +514,12 @@ impl Prepare {
             policies,
         )
         .map_err(CmfError::Internal)?;
+        for uri in &verified.lifecycle_uris {
+            let uri = der::asn1::Ia5String::new(uri)
+                .map_err(|e| CmfError::Internal(format!("lifecycle URI {uri}: {e}")))?;
+            leaf.subject_alt_names
+                .push(x509_cert::ext::pkix::name::GeneralName::UniformResourceIdentifier(uri));
+        }
         if let Some(base) = &self.revocation_base {
             let ca_id = &self.cas[ca_index].id;
             leaf.crl_distribution_point

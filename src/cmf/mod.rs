@@ -14,6 +14,7 @@
 
 pub mod crl;
 pub mod csr;
+pub mod direct;
 pub mod issue;
 pub mod names;
 pub mod ocsp;
