@@ -436,6 +436,7 @@ impl NfvoDouble {
             status,
             times,
             retry_after: retry_after.map(RetryAfter::Seconds),
+            oversize: None,
         });
     }
 
@@ -454,6 +455,20 @@ impl NfvoDouble {
             status,
             times,
             retry_after: Some(retry_after),
+            oversize: None,
+        });
+    }
+
+    /// Answer 200 with a JSON body of more than `bytes` bytes (an array holding one long
+    /// string) to the next `times` requests with `method` whose path contains `path_contains`.
+    pub fn oversize(&self, method: &str, path_contains: &str, bytes: usize, times: usize) {
+        self.state().faults.push(Fault {
+            method: method.into(),
+            path: path_contains.into(),
+            status: 200,
+            times,
+            retry_after: None,
+            oversize: Some(bytes),
         });
     }
 
@@ -737,6 +752,8 @@ struct Fault {
     status: u16,
     times: usize,
     retry_after: Option<RetryAfter>,
+    /// Answer 200 with a body of more than this many bytes instead of a problem.
+    oversize: Option<usize>,
 }
 
 /// The two forms of `Retry-After` (RFC 9110 10.2.3).
@@ -1199,6 +1216,9 @@ fn take_fault(inner: &Inner, call: &Call) -> Option<Reply> {
             && call.full_path().contains(&f.path)
     })?;
     fault.times -= 1;
+    if let Some(bytes) = fault.oversize {
+        return Some(Reply::json(200, json!(["x".repeat(bytes)])));
+    }
     let mut reply = Reply::problem(fault.status, "injected fault");
     match fault.retry_after {
         Some(RetryAfter::Seconds(seconds)) => {
