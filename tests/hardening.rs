@@ -362,3 +362,112 @@ async fn each_role_trusts_only_its_own_roots() {
         .unwrap();
     assert_eq!(accepted.status, 204, "{}", accepted.problem_detail());
 }
+
+/// `warden_security_events_total` as the metrics listener shows it now.
+fn security_events(metrics_port: u16, event: &str, status: &str) -> u64 {
+    let out = std::process::Command::new("curl")
+        .args(["-s", &format!("http://127.0.0.1:{metrics_port}/metrics")])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let series = format!("warden_security_events_total{{event=\"{event}\",status=\"{status}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Security events (issue 10 §4): 401/403 answers and failed handshakes are counted; a
+/// refused authenticated client is audited once per event with its identity, while an
+/// anonymous flood (requests without a certificate, broken handshakes) becomes one summary
+/// record per interval with the counts, so it cannot grow the audit chain per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_events_are_counted_and_audited_without_unbounded_growth() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let mut agent = CmfAgent::new(&format!(
+        "\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
+    ));
+    let started = std::time::Instant::now();
+    agent.start();
+    const ANONYMOUS: u64 = 40;
+    const BROKEN_HANDSHAKES: u64 = 5;
+    const UNKNOWN_CONSUMER: u64 = 3;
+    let mut anonymous = agent.client(None).connect().await.unwrap();
+    for _ in 0..ANONYMOUS {
+        assert_eq!(anonymous.get(REGISTRATIONS).await.unwrap().status, 401);
+    }
+    for _ in 0..BROKEN_HANDSHAKES {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", agent.port))
+            .await
+            .unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        // The server closes the connection (maybe after a TLS alert).
+        let _ = tcp.read_to_end(&mut rest).await;
+    }
+    let mut unknown = agent.client(Some("vnfm-x")).connect().await.unwrap();
+    for _ in 0..UNKNOWN_CONSUMER {
+        assert_eq!(unknown.get(REGISTRATIONS).await.unwrap().status, 403);
+    }
+    // Not a security event: a malformed request of a known consumer.
+    let mut known = agent.client(Some("vnfm-a")).connect().await.unwrap();
+    let bad = known
+        .request_with(
+            "POST",
+            REGISTRATIONS,
+            &[("content-type", "application/json".to_string())],
+            b"{".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 400);
+
+    common::sm::wait_for("the counters", std::time::Duration::from_secs(30), || {
+        security_events(metrics_port, "refused", "401") == ANONYMOUS
+            && security_events(metrics_port, "refused", "403") == UNKNOWN_CONSUMER
+            && security_events(metrics_port, "handshake_failed", "") == BROKEN_HANDSHAKES
+    });
+    drop((anonymous, unknown, known));
+    // SIGTERM: the last summary is written before the agent exits.
+    agent.stop();
+    let elapsed = started.elapsed();
+
+    let store = nfv_warden::store::Store::open(&agent.store_path()).unwrap();
+    let entries = store.audit_entries(0, 100_000).unwrap();
+    let refused: Vec<_> = entries
+        .iter()
+        .filter(|e| e.action == "security.refused")
+        .collect();
+    assert_eq!(refused.len() as u64, UNKNOWN_CONSUMER, "{refused:#?}");
+    assert!(refused
+        .iter()
+        .all(|e| e.actor == "vnfm-x" && e.subject == format!("GET {REGISTRATIONS}")));
+    let summaries: Vec<_> = entries
+        .iter()
+        .filter(|e| e.action == "security.unauthenticated")
+        .collect();
+    let counted: u64 = summaries
+        .iter()
+        .map(|e| e.detail["events"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, ANONYMOUS + BROKEN_HANDSHAKES, "{summaries:#?}");
+    // One summary per interval, plus the one at shutdown: not one per event.
+    let intervals = elapsed.as_secs() / nfv_warden::api::security::SUMMARY_INTERVAL.as_secs();
+    assert!(
+        summaries.len() as u64 <= intervals + 1,
+        "{} summaries in {elapsed:?}",
+        summaries.len()
+    );
+    assert!(
+        entries.len() < 40,
+        "the audit chain grew with the flood: {}",
+        entries.len()
+    );
+    store.verify_audit_chain().unwrap();
+}

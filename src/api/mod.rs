@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cmf;
 pub mod est;
 pub mod health;
+pub mod security;
 pub mod sm;
 
 use std::net::SocketAddr;
@@ -298,9 +299,11 @@ pub fn router(state: AppState) -> Router {
                 )),
         );
     }
+    security::install(state.store.clone());
     router
         .fallback(not_found)
         .layer(axum::middleware::from_fn(cmf::version_header))
+        .layer(axum::middleware::from_fn(security::observe))
 }
 
 /// SOL 013 6.4 ProblemDetails (`application/problem+json`), the one shape of every error
@@ -581,6 +584,8 @@ pub async fn serve(
         _ = connections.acquire_many(all) => tracing::info!("all connections closed"),
         () = tokio::time::sleep(limits.drain) => tracing::warn!(seconds = limits.drain.as_secs(), "drain timed out; closing"),
     }
+    // The last summary of unauthenticated security events, before the process ends.
+    let _ = tokio::task::spawn_blocking(|| security::flush(Duration::from_secs(5))).await;
 }
 
 /// What every connection task shares.
@@ -609,7 +614,12 @@ impl Connections {
                     .handshake_failures
                     .fetch_add(1, Ordering::Relaxed);
                 crate::metrics::connection_closed("handshake_failed");
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                security::record(
+                    security::SecurityEvent::HandshakeFailed,
+                    None,
+                    &peer.to_string(),
+                    &e.to_string(),
+                );
                 return;
             }
             Err(_) => {
