@@ -390,6 +390,11 @@ impl NfvoDouble {
         self.state().deliveries.clone()
     }
 
+    /// Ids of the notifications dropped (`Delivery::Drop`) so far: the sender has passed them.
+    pub fn dropped(&self) -> Vec<String> {
+        self.state().dropped.clone()
+    }
+
     /// The deliveries once there are at least `n`, or when `timeout` has passed.
     pub fn wait_deliveries(&self, n: usize, timeout: Duration) -> Vec<(String, u16)> {
         let deadline = Instant::now() + timeout;
@@ -666,6 +671,8 @@ struct State {
     announced_mode: Option<String>,
     delivery: Delivery,
     deliveries: Vec<(String, u16)>,
+    /// Ids of the notifications the sender dropped (`Delivery::Drop`), once it did.
+    dropped: Vec<String>,
     violations: Vec<String>,
     /// Items per page of every list (SOL 013 5.4.2); `Link: <...>; rel="next"` to the rest.
     page_size: usize,
@@ -2084,7 +2091,10 @@ async fn sender(inner: Arc<Inner>, mut queue: mpsc::UnboundedReceiver<(Value, De
     while let Some((notification, delivery)) = queue.recv().await {
         let copies = addressed(&inner, &notification);
         match delivery {
-            Delivery::Drop => {}
+            Delivery::Drop => {
+                let id = notification["id"].as_str().unwrap_or_default().to_string();
+                inner.state.lock().unwrap().dropped.push(id);
+            }
             Delivery::Normal => deliver_all(&inner, &copies, 1).await,
             Delivery::Duplicate => deliver_all(&inner, &copies, 2).await,
             Delivery::Reorder if held.is_empty() => {
