@@ -257,7 +257,9 @@ fn check_subject_id(cert_type: CertType, subject: &str) -> Result<(), CmfError> 
     Ok(())
 }
 
-fn check_attester(request: &KeyAttestationRequest) -> Result<RegisteredAttester, CmfError> {
+/// The registered attester from the request's envelopes (PEM or base64 SPKI, format OID,
+/// base64 qualifying data); public for the `register` fuzz target.
+pub fn check_attester(request: &KeyAttestationRequest) -> Result<RegisteredAttester, CmfError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let text = request.attester_public_key.trim();
     let der = if text.starts_with("-----BEGIN") {
