@@ -182,7 +182,12 @@ async fn version_header_missing_or_unsupported_is_refused_as_sol_013_says() {
         );
     }
     let missing = bare
-        .request_with("POST", REGISTRATIONS, &[json.clone()], body.clone())
+        .request_with(
+            "POST",
+            REGISTRATIONS,
+            std::slice::from_ref(&json),
+            body.clone(),
+        )
         .await
         .unwrap();
     assert_eq!(missing.status, 400, "{}", missing.problem_detail());
@@ -345,7 +350,7 @@ async fn each_role_trusts_only_its_own_roots() {
         .request_with(
             "POST",
             "/sm/v1/notifications",
-            &[json_type.clone()],
+            std::slice::from_ref(&json_type),
             body.clone(),
         )
         .await

@@ -464,6 +464,11 @@ impl NfvoDouble {
         });
     }
 
+    /// Forget every fault still to be injected ([`NfvoDouble::fail`], [`NfvoDouble::oversize`]).
+    pub fn clear_faults(&self) {
+        self.state().faults.clear();
+    }
+
     /// Answer 200 with a JSON body of more than `bytes` bytes (an array holding one long
     /// string) to the next `times` requests with `method` whose path contains `path_contains`.
     pub fn oversize(&self, method: &str, path_contains: &str, bytes: usize, times: usize) {
