@@ -1355,13 +1355,28 @@ fn notifications_need_json_and_answers_carry_the_negotiated_version() {
     );
 }
 
-/// An NFVO answering with more than `sm.nfvo.max_response_bytes` (default 16 MiB): the
-/// request fails with an error naming the NFVO and the limit, and the SM reads normal
-/// answers afterwards.
+/// An NFVO answering with more than `sm.nfvo.max_response_bytes` (16 MiB by default, 64 KiB
+/// here so that no transfer is slow on a loaded machine): the request fails with an error
+/// naming the NFVO and the limit, and the SM reads normal answers afterwards.
 #[test]
 fn an_oversize_nfvo_answer_is_refused_naming_the_peer_and_the_limit() {
-    let sm = started("PASSIVE");
-    let limit = nfv_warden::client::DEFAULT_MAX_RESPONSE_BYTES;
+    let limit = 65_536;
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "PASSIVE",
+        ..Default::default()
+    });
+    let config = std::fs::read_to_string(&sm.agent.config).expect("config");
+    std::fs::write(
+        &sm.agent.config,
+        config.replacen(
+            "attempts = 4\n",
+            &format!("attempts = 4\nmax_response_bytes = {limit}\n"),
+            1,
+        ),
+    )
+    .expect("config");
+    inventory(&sm);
+    sm.start();
     // Every NS list oversize (the SM's own reconciliations read it too, at any time).
     sm.nfvo
         .oversize("GET", "/ns_instances", limit + 1, usize::MAX);
