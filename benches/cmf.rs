@@ -376,6 +376,7 @@ trust_domain = "operator-a"
             Some((&self.dir.join("vnfm-a.pem"), &self.dir.join("vnfm-a.key"))),
         )
         .expect("client")
+        .with_default_header("Version", nfv_warden::api::cmf::API_VERSION)
     }
 }
 

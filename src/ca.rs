@@ -251,6 +251,32 @@ pub fn self_signed_root(
     build(profile, spki, days, key)
 }
 
+/// A CSR for one of the agent's TLS client keys (the SM's Sc-Or interface keys), for an
+/// external PKI to sign: an end-entity profile (RFC 5280 4.2.1.9 CA:FALSE, 4.2.1.3
+/// digitalSignature, 4.2.1.12 clientAuth). Never CA:TRUE or keyCertSign/cRLSign: a CA that
+/// honours the requested extensions would otherwise mint a subordinate CA.
+pub fn tls_client_csr(key: &HardwareKey, subject: &str) -> Result<CertReq, CaError> {
+    let subject = parse_name(subject)?;
+    let mut builder = RequestBuilder::new(subject).map_err(|e| CaError::Build(e.to_string()))?;
+    builder
+        .add_extension(&BasicConstraints {
+            ca: false,
+            path_len_constraint: None,
+        })
+        .map_err(|e| CaError::Build(e.to_string()))?;
+    builder
+        .add_extension(&KeyUsage(KeyUsages::DigitalSignature.into()))
+        .map_err(|e| CaError::Build(e.to_string()))?;
+    builder
+        .add_extension(&ExtendedKeyUsage(vec![
+            const_oid::db::rfc5280::ID_KP_CLIENT_AUTH,
+        ]))
+        .map_err(|e| CaError::Build(e.to_string()))?;
+    builder
+        .build::<_, HardwareSignature>(key)
+        .map_err(|e| CaError::Build(e.to_string()))
+}
+
 /// A CSR for the CA key, for an external root to sign.
 pub fn ca_csr(key: &HardwareKey, subject: &str) -> Result<CertReq, CaError> {
     let subject = parse_name(subject)?;
@@ -313,6 +339,19 @@ impl Issuer {
         serial: SerialNumber,
         validity: Validity,
     ) -> Result<Certificate, CaError> {
+        // RFC 5280 6.1.3 (a)(2): a certificate is not valid past its issuer's notAfter, so a
+        // leaf that outlives its CA would only fail later, at the relying party. Clamp it.
+        let ca_not_after = self.certificate.tbs_certificate().validity().not_after;
+        let validity = if validity.not_after.to_unix_duration() > ca_not_after.to_unix_duration() {
+            if ca_not_after.to_unix_duration() <= validity.not_before.to_unix_duration() {
+                return Err(CaError::Chain(format!(
+                    "the CA certificate expired ({ca_not_after}): it cannot issue"
+                )));
+            }
+            Validity::new(validity.not_before, ca_not_after)
+        } else {
+            validity
+        };
         let profile = Issuing {
             subject,
             issuer: Some(self.certificate.tbs_certificate().subject().clone()),

@@ -14,6 +14,11 @@ use hyper::body::Bytes;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+/// The largest response body read from a peer unless the caller sets another limit
+/// ([`HttpsClient::with_max_response_bytes`]): a peer (an NFVO) that answers without end
+/// must not grow the agent's memory without bound.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 16 << 20;
+
 /// Where and how to connect.
 #[derive(Clone)]
 pub struct HttpsClient {
@@ -21,6 +26,8 @@ pub struct HttpsClient {
     server_name: ServerName<'static>,
     address: String,
     authority: String,
+    max_response_bytes: usize,
+    default_headers: Vec<(String, String)>,
 }
 
 /// A response, read whole.
@@ -146,7 +153,25 @@ impl HttpsClient {
             server_name,
             address,
             authority,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            default_headers: Vec::new(),
         })
+    }
+
+    /// Refuse response bodies larger than `limit` bytes (default
+    /// [`DEFAULT_MAX_RESPONSE_BYTES`]): the request fails with an error naming the peer and
+    /// the limit, after reading at most `limit` bytes of the body.
+    pub fn with_max_response_bytes(mut self, limit: usize) -> HttpsClient {
+        self.max_response_bytes = limit;
+        self
+    }
+
+    /// Send `name: value` with every request unless the request sets `name` itself (the SOL
+    /// 013 `Version` header of an API the client speaks).
+    pub fn with_default_header(mut self, name: &str, value: &str) -> HttpsClient {
+        self.default_headers
+            .push((name.to_ascii_lowercase(), value.to_string()));
+        self
     }
 
     /// Open a keep-alive connection.
@@ -170,6 +195,8 @@ impl HttpsClient {
         Ok(Connection {
             sender,
             authority: self.authority.clone(),
+            max_response_bytes: self.max_response_bytes,
+            default_headers: self.default_headers.clone(),
         })
     }
 }
@@ -193,10 +220,27 @@ impl rustls::client::ResolvesClientCert for FixedClientCert {
     }
 }
 
+/// Why a request got no usable response.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The connection failed or broke, or the request could not be built.
+    #[error("{0}")]
+    Failed(String),
+    /// The peer sent more than the client's response limit; the rest was not read.
+    #[error("{request}: the response body from {peer} is larger than the limit of {limit} bytes; refused")]
+    ResponseTooLarge {
+        request: String,
+        peer: String,
+        limit: usize,
+    },
+}
+
 /// One HTTP/1.1 connection.
 pub struct Connection {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     authority: String,
+    max_response_bytes: usize,
+    default_headers: Vec<(String, String)>,
 }
 
 impl Connection {
@@ -226,6 +270,21 @@ impl Connection {
         headers: &[(&str, String)],
         body: impl Into<Bytes>,
     ) -> Result<ClientResponse, String> {
+        self.exchange(method, path, headers, body)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// [`Self::request_with`] with the failure typed: an oversize response
+    /// ([`RequestError::ResponseTooLarge`]) is the peer's fault and permanent, unlike a
+    /// connection that broke.
+    pub async fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: impl Into<Bytes>,
+    ) -> Result<ClientResponse, RequestError> {
         let mut builder = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -233,26 +292,47 @@ impl Connection {
         for (name, value) in headers {
             builder = builder.header(*name, value);
         }
+        for (name, value) in &self.default_headers {
+            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                builder = builder.header(name.as_str(), value);
+            }
+        }
+        let failed = |reason: String| RequestError::Failed(reason);
         let request = builder
             .body(Full::new(body.into()))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(e.to_string()))?;
         self.sender
             .ready()
             .await
-            .map_err(|e| format!("connection: {e}"))?;
+            .map_err(|e| failed(format!("connection: {e}")))?;
         let response = self
             .sender
             .send_request(request)
             .await
-            .map_err(|e| format!("{method} {path}: {e}"))?;
+            .map_err(|e| failed(format!("{method} {path}: {e}")))?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = response
-            .into_body()
+        let limit = self.max_response_bytes;
+        // Streamed, and refused as soon as more than `limit` bytes arrived, whatever
+        // Content-Length says (or without one: chunked).
+        let body = match http_body_util::Limited::new(response.into_body(), limit)
             .collect()
             .await
-            .map_err(|e| format!("reading the response: {e}"))?
-            .to_bytes();
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(RequestError::ResponseTooLarge {
+                    request: format!("{method} {path}"),
+                    peer: self.authority.clone(),
+                    limit,
+                })
+            }
+            Err(e) => {
+                return Err(failed(format!(
+                    "{method} {path}: reading the response: {e}"
+                )))
+            }
+        };
         Ok(ClientResponse {
             status,
             headers,

@@ -1278,6 +1278,14 @@ pub struct NfvoConfig {
     /// Attempts for one request on 5xx, 409, 429 or a connection failure.
     #[serde(default = "default_nfvo_attempts")]
     pub attempts: u32,
+    /// The largest response body read from the NFVO (and its token endpoint), in bytes; a
+    /// larger one fails the request with an error naming the NFVO and the limit.
+    #[serde(default = "default_nfvo_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+fn default_nfvo_max_response_bytes() -> usize {
+    crate::client::DEFAULT_MAX_RESPONSE_BYTES
 }
 
 fn default_nfvo_timeout() -> u64 {

@@ -86,6 +86,15 @@ pub struct WriterLabels {
     pub writer: &'static str,
 }
 
+/// A security event of the HTTPS listener (see `api::security`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecurityEventLabels {
+    /// "refused" (a request answered 401/403/422/500) or "handshake_failed".
+    pub event: &'static str,
+    /// The HTTP status of a refusal; empty for handshakes.
+    pub status: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
@@ -112,6 +121,7 @@ pub struct Metrics {
     pub certificates_expiring: Gauge,
     pub errors: Family<KindLabels, Counter>,
     pub log_lines_suppressed: Family<KindLabels, Counter>,
+    pub security_events: Family<SecurityEventLabels, Counter>,
 }
 
 /// Latency buckets from 1 ms to about 16 s: a software token signs in about a millisecond,
@@ -142,6 +152,7 @@ impl Metrics {
             certificates_expiring: Gauge::default(),
             errors: Family::default(),
             log_lines_suppressed: Family::default(),
+            security_events: Family::default(),
         };
         // The metrics are shared handles (Arc inside): the registry keeps clones for encoding.
         registry.register(
@@ -228,6 +239,11 @@ impl Metrics {
             "log_lines_suppressed",
             "Error log lines not written because of the per-kind rate limit",
             metrics.log_lines_suppressed.clone(),
+        );
+        registry.register(
+            "security_events",
+            "Refused requests (401, 403, 422, 500) and failed TLS handshakes",
+            metrics.security_events.clone(),
         );
         Metrics {
             registry,

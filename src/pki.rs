@@ -231,9 +231,50 @@ pub fn certificate_pem(cert: &Certificate) -> Result<String, String> {
 /// A positive serial number of 128 random bits (RFC 5280 4.1.2.2: at most 20 octets;
 /// CA/B BR 7.1: at least 64 bits of CSPRNG output).
 pub fn random_serial() -> Result<x509_cert::serial_number::SerialNumber, String> {
+    // All 128 bits random: read as an unsigned integer, so the DER INTEGER gets a leading
+    // 0x00 octet when the top bit is set (17 octets, still within 20) and stays positive.
     let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|e| format!("random serial: {e}"))?;
-    bytes[0] &= 0x7f; // positive
-    bytes[0] |= 0x01; // and no leading zero octet to strip, so always 16 octets
+    loop {
+        getrandom::fill(&mut bytes).map_err(|e| format!("random serial: {e}"))?;
+        // Zero is not a positive integer (probability 2^-128, but the rule is absolute).
+        if bytes.iter().any(|&b| b != 0) {
+            break;
+        }
+    }
     x509_cert::serial_number::SerialNumber::new(&bytes).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use der::Encode;
+
+    /// RFC 5280 4.1.2.2 and the README: 128 random bits, a positive DER INTEGER of at most 20
+    /// octets. Over 64 serials every one of the 128 bits is seen both set and clear (a fixed
+    /// bit would show; the chance that a random one does not is 128 * 2^-63).
+    #[test]
+    fn serials_carry_128_random_bits_and_stay_positive_within_20_octets() {
+        let mut ones = [0u8; 16];
+        let mut zeros = [0u8; 16];
+        for _ in 0..64 {
+            let serial = super::random_serial().unwrap();
+            let der = serial.to_der().unwrap();
+            assert_eq!(der[0], 0x02, "INTEGER");
+            let content = &der[2..];
+            assert_eq!(usize::from(der[1]), content.len());
+            assert!(content.len() <= 20, "{} octets", content.len());
+            assert_eq!(content[0] & 0x80, 0, "positive");
+            assert!(content.iter().any(|&b| b != 0), "non-zero");
+            // The 128-bit value, right-aligned.
+            let value = content.strip_prefix(&[0]).unwrap_or(content);
+            assert!(value.len() <= 16);
+            let mut bits = [0u8; 16];
+            bits[16 - value.len()..].copy_from_slice(value);
+            for i in 0..16 {
+                ones[i] |= bits[i];
+                zeros[i] |= !bits[i];
+            }
+        }
+        assert_eq!(ones, [0xff; 16], "bits never set");
+        assert_eq!(zeros, [0xff; 16], "bits never clear");
+    }
 }

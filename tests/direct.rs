@@ -430,7 +430,8 @@ password = {{ file = "{{dir}}/os-password" }}
     let urn = format!("urn:etsi:nfv:vnf:{a}:vnfc:{vnfc1}");
     assert!(text.contains(&format!("URI:{urn}")), "{text}");
     assert!(
-        text.contains(&format!("URI:urn:etsi:nfv:vnf:{a}:vdu:vdu1")),
+        // The VDU id as the VNFD spells it (Tacker's sample: VDU1).
+        text.contains(&format!("URI:urn:etsi:nfv:vnf:{a}:vdu:VDU1")),
         "{text}"
     );
     assert!(

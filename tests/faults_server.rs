@@ -103,6 +103,7 @@ impl Server {
             }
             None => nfv_warden::client::HttpsClient::new(&base, &ca, None).expect("client"),
         }
+        .with_default_header("Version", nfv_warden::api::cmf::API_VERSION)
     }
 
     /// A rustls client trusting the agent's CA, with `consumer`'s certificate and `alpn`.
@@ -380,7 +381,7 @@ async fn slow_headers_and_slow_bodies_are_closed() {
     slow.write_all(
         format!(
             "POST {REGISTRATIONS} HTTP/1.1\r\nHost: warden\r\nContent-Type: application/json\r\n\
-             Content-Length: 1000\r\n\r\n{{\"certType\": "
+             Version: 1.0.0\r\nContent-Length: 1000\r\n\r\n{{\"certType\": "
         )
         .as_bytes(),
     )
@@ -440,6 +441,7 @@ async fn http2_clients_see_a_refusal_sent_before_the_body_was_read() {
                 ])
                 .args(["--key", "vnfm-a.key", "--data-binary", "@large-body"])
                 .args(["-H", &format!("Content-Type: {content_type}")])
+                .args(["-H", "Version: 1.0.0"])
                 .args(["-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
                 .arg(format!("https://127.0.0.1:{}{CSRS}", server.port))
                 .output()

@@ -398,7 +398,13 @@ fn duplicate_reordered_and_lost_notifications() {
     sm.nfvo
         .add_vnf(&["ns-b"], "vnf-4", "vnfd-1", "pkg-tampered", "profile-4");
     let lost = sm.nfvo.notify_lcm("ns-b", "vnf-4", "INSTANTIATE");
-    std::thread::sleep(Duration::from_millis(300));
+    // The double's sender passed the notification (dropped it), a positive event: from here
+    // on it can never arrive late.
+    wait_for(
+        "the double to drop the notification",
+        Duration::from_secs(20),
+        || sm.nfvo.dropped().contains(&lost),
+    );
     // (Any other notification's Query NS would also find vnf-4: state, not messages, counts.)
     assert!(
         sm.nfvo.deliveries().iter().all(|(id, _)| *id != lost),
@@ -841,8 +847,26 @@ allow_replacement = true
     assert_eq!(data["vnfdId"], "vnfd-1");
     assert_eq!(data["vnfProfileId"], "profile-2");
     assert!(!sm.nfvo.vnf_in_ns("ns-a", "vnf-2"));
-    // The replacement is the agent's own doing: no action against it.
-    std::thread::sleep(Duration::from_millis(500));
+    // The replacement is the agent's own doing: no action against it. The notifications of
+    // its operation were queued at the double before it reported the operation COMPLETED,
+    // and the double delivers in order: once a marker queued now is acknowledged and the
+    // journal has nothing pending, every one of them was processed.
+    let marker = sm
+        .nfvo
+        .notification("NsIdentifierCreationNotification", "ns-a");
+    let marker_id = marker["id"].as_str().expect("id").to_string();
+    sm.nfvo.notify(marker);
+    wait_for(
+        "the marker acknowledged and the journal drained",
+        Duration::from_secs(30),
+        || {
+            sm.nfvo
+                .deliveries()
+                .iter()
+                .any(|(n, s)| *n == marker_id && *s == 204)
+                && sm.sm_json(&["status", "--json"])["journal"]["pending"] == 0
+        },
+    );
     let actions = sm.sm(&["actions"]);
     assert_eq!(actions.lines().count(), 1, "{actions}");
     no_violations(&sm);
@@ -1329,4 +1353,44 @@ fn notifications_need_json_and_answers_carry_the_negotiated_version() {
         r.headers.get("version").and_then(|v| v.to_str().ok()),
         Some("2.3.0")
     );
+}
+
+/// An NFVO answering with more than `sm.nfvo.max_response_bytes` (16 MiB by default, 64 KiB
+/// here so that no transfer is slow on a loaded machine): the request fails with an error
+/// naming the NFVO and the limit, and the SM reads normal answers afterwards.
+#[test]
+fn an_oversize_nfvo_answer_is_refused_naming_the_peer_and_the_limit() {
+    let limit = 65_536;
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "PASSIVE",
+        ..Default::default()
+    });
+    let config = std::fs::read_to_string(&sm.agent.config).expect("config");
+    std::fs::write(
+        &sm.agent.config,
+        config.replacen(
+            "attempts = 4\n",
+            &format!("attempts = 4\nmax_response_bytes = {limit}\n"),
+            1,
+        ),
+    )
+    .expect("config");
+    inventory(&sm);
+    sm.start();
+    // Every NS list oversize (the SM's own reconciliations read it too, at any time).
+    sm.nfvo
+        .oversize("GET", "/ns_instances", limit + 1, usize::MAX);
+    let err = sm.agent.fails(&["sm", "status"]);
+    let authority = sm.nfvo.base().trim_start_matches("https://").to_string();
+    assert!(
+        err.contains(&format!("larger than the limit of {limit} bytes"))
+            && err.contains(&authority)
+            && err.contains("max_response_bytes"),
+        "{err}"
+    );
+    // Normal answers again: the next view is complete.
+    sm.nfvo.clear_faults();
+    let status = sm.sm_json(&["status", "--json"]);
+    assert!(status.to_string().contains("vnf-2"), "{status:#}");
+    no_violations(&sm);
 }

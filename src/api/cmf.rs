@@ -28,6 +28,10 @@ use crate::cmf::{Cmf, CmfError};
 /// The version of this API (SOL 013 4.6: `Version` header, api_versions).
 pub const API_VERSION: &str = "1.0.0";
 
+/// Every version of this API the CMF serves, as `api_versions` lists them. A request must
+/// name one of them in its `Version` header ([`require_version`]).
+pub const SUPPORTED_VERSIONS: &[&str] = &[API_VERSION];
+
 pub fn routes(cmf: Arc<Cmf>) -> Router {
     Router::new()
         .route("/certmgmt/api_versions", get(api_versions))
@@ -41,7 +45,64 @@ pub fn routes(cmf: Arc<Cmf>) -> Router {
         )
         .route("/certmgmt/v1/certificate_signing_requests", post(sign_csr))
         .method_not_allowed_fallback(method_not_allowed)
+        // Only the routes of this API: EST (RFC 7030), health and the SM's callback have no
+        // `Version` header.
+        .route_layer(axum::middleware::from_fn(require_version))
         .with_state(cmf)
+}
+
+/// Per-role trust (issue 9 §4): a client certificate on the CMF's routes (REST and EST) must
+/// chain to the consumer roots (`cmf.client_ca`); one that chains only to another role's
+/// roots (the NFVO's notification roots) is refused, 403, whatever name it carries.
+/// Without a certificate the handlers answer (401, or EST cacerts served).
+pub async fn require_consumer_trust(request: Request<Body>, next: Next) -> Response {
+    let presented = request
+        .extensions()
+        .get::<super::PeerCertificate>()
+        .is_some_and(|peer| peer.0.is_some());
+    let trusted = request
+        .extensions()
+        .get::<super::TrustedRoles>()
+        .is_some_and(|roles| roles.cmf_consumer);
+    if presented && !trusted {
+        return problem_response(&CmfError::Forbidden(
+            "the client certificate does not chain to the CMF's consumer roots (cmf.client_ca)"
+                .into(),
+        ));
+    }
+    next.run(request).await
+}
+
+/// SOL 013 9.2: the API consumer names the API version it uses in the `Version` header of
+/// every request (the ETSI OpenAPI definitions make it `required: true` on every resource,
+/// `api_versions` included). Missing: 400 (a malformed request, SOL 013 6.4); a version
+/// this CMF does not serve: 406, both as ProblemDetails naming the supported versions.
+pub async fn require_version(request: Request<Body>, next: Next) -> Response {
+    let supported = SUPPORTED_VERSIONS.join(", ");
+    let values: Vec<_> = request.headers().get_all("Version").iter().collect();
+    let refusal = match values.as_slice() {
+        [] => Some(CmfError::BadRequest(format!(
+            "the Version header is required (SOL 013 9.2); this API serves version(s) {supported}"
+        ))),
+        [one] => match one.to_str() {
+            Ok(version) if SUPPORTED_VERSIONS.contains(&version.trim()) => None,
+            Ok(version) => Some(CmfError::NotAcceptable(format!(
+                "API version '{}' is not supported; this API serves version(s) {supported} \
+                 (GET /certmgmt/api_versions)",
+                version.escape_debug()
+            ))),
+            Err(_) => Some(CmfError::NotAcceptable(format!(
+                "the Version header is not text; this API serves version(s) {supported}"
+            ))),
+        },
+        _ => Some(CmfError::BadRequest(format!(
+            "more than one Version header; send one of {supported}"
+        ))),
+    };
+    match refusal {
+        Some(error) => problem_response(&error),
+        None => next.run(request).await,
+    }
 }
 
 /// A CmfError as ProblemDetails.

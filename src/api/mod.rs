@@ -10,6 +10,7 @@ pub mod direct;
 pub mod est;
 pub mod health;
 pub mod revocation;
+pub mod security;
 pub mod sm;
 
 use std::net::SocketAddr;
@@ -78,6 +79,101 @@ impl ClientIdentity {
             .map(|cn| cn.value().into_owned());
         ClientIdentity(cn)
     }
+}
+
+/// The roles a verified client certificate chain is trusted for. The TLS handshake accepts
+/// a chain to any configured client root (one listener serves every role); each role then
+/// accepts only chains to its own roots, so that a certificate from the NFVO's PKI that
+/// carries a CMF consumer's name is not that consumer (issue 9 §4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrustedRoles {
+    /// Chains to `cmf.client_ca`: a CMF consumer (REST API and EST).
+    pub cmf_consumer: bool,
+    /// Chains to `sm.notifications.client_ca`: the NFVO sending notifications (TLS_CERT).
+    pub nfvo_notifier: bool,
+}
+
+/// Per-role client certificate verification: one rustls/webpki verifier per role, each
+/// with only that role's trust anchors (the chain, clientAuth usage and validity are
+/// checked as in the handshake, RFC 5280 6.1).
+#[derive(Clone, Default)]
+pub struct ClientTrust {
+    cmf_consumer: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    nfvo_notifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+impl std::fmt::Debug for ClientTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTrust")
+            .field("cmf_consumer", &self.cmf_consumer.is_some())
+            .field("nfvo_notifier", &self.nfvo_notifier.is_some())
+            .finish()
+    }
+}
+
+impl ClientTrust {
+    /// The roles of the configuration: `cmf.client_ca` for CMF consumers,
+    /// `sm.notifications.client_ca` for the NFVO's notifications.
+    pub fn from_config(config: &crate::config::Config) -> Result<ClientTrust, ServeError> {
+        let verifier = |path: &std::path::Path| -> Result<_, ServeError> {
+            let roots = load_roots(path)?;
+            let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    Arc::new(rustls::crypto::ring::default_provider()),
+                )
+                .build()
+                .map_err(|e| ServeError::Tls(e.to_string()))?;
+            Ok(verifier)
+        };
+        Ok(ClientTrust {
+            cmf_consumer: config
+                .cmf
+                .as_ref()
+                .map(|cmf| verifier(&cmf.client_ca))
+                .transpose()?,
+            nfvo_notifier: config
+                .sm
+                .as_ref()
+                .and_then(|sm| sm.notifications.client_ca.as_deref())
+                .map(verifier)
+                .transpose()?,
+        })
+    }
+
+    /// The roles the chain (leaf first, as presented) is trusted for, now.
+    pub fn roles(&self, chain: &[CertificateDer<'_>]) -> TrustedRoles {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return TrustedRoles::default();
+        };
+        let now = rustls::pki_types::UnixTime::now();
+        let trusted = |verifier: &Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>| {
+            verifier
+                .as_ref()
+                .is_some_and(|v| v.verify_client_cert(leaf, intermediates, now).is_ok())
+        };
+        TrustedRoles {
+            cmf_consumer: trusted(&self.cmf_consumer),
+            nfvo_notifier: trusted(&self.nfvo_notifier),
+        }
+    }
+}
+
+/// Every certificate of a PEM file as a trust anchor.
+fn load_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, ServeError> {
+    let roots_err = |reason: String| ServeError::Certificate {
+        path: path.display().to_string(),
+        reason,
+    };
+    let pem = std::fs::read_to_string(path).map_err(|e| roots_err(format!("cannot read: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::pki::certificates_from_pem(&pem).map_err(roots_err)? {
+        let der = der::Encode::to_der(&cert).map_err(|e| roots_err(e.to_string()))?;
+        roots
+            .add(CertificateDer::from(der))
+            .map_err(|e| roots_err(e.to_string()))?;
+    }
+    Ok(roots)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,20 +250,11 @@ pub fn tls_config_with_stats(
     let builder = match client_roots {
         [] => builder.with_no_client_auth(),
         paths => {
+            // The union of every role's roots: the handshake cannot know the role yet (the
+            // request path decides); [`ClientTrust`] checks the chain per role after it.
             let mut roots = rustls::RootCertStore::empty();
             for path in paths {
-                let roots_err = |reason: String| ServeError::Certificate {
-                    path: path.display().to_string(),
-                    reason,
-                };
-                let pem = std::fs::read_to_string(path)
-                    .map_err(|e| roots_err(format!("cannot read: {e}")))?;
-                for cert in crate::pki::certificates_from_pem(&pem).map_err(roots_err)? {
-                    let der = der::Encode::to_der(&cert).map_err(|e| roots_err(e.to_string()))?;
-                    roots
-                        .add(CertificateDer::from(der))
-                        .map_err(|e| roots_err(e.to_string()))?;
-                }
+                roots.roots.extend(load_roots(path)?.roots);
             }
             // Unauthenticated clients may still reach /healthz; the CMF answers them 401.
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -201,22 +288,32 @@ impl rustls::server::ResolvesServerCert for FixedCert {
 pub fn router(state: AppState) -> Router {
     let mut router = health::routes(state.health.clone());
     if let Some(cmf) = &state.cmf {
-        router = router.merge(cmf::routes(cmf.clone()));
-        router = router.merge(attestation::routes(cmf.clone()));
-        router = router.merge(est::routes(cmf.clone()));
-        router = router.merge(revocation::consumer_routes(cmf.clone()));
+        let consumers_only = axum::middleware::from_fn(cmf::require_consumer_trust);
+        router = router.merge(cmf::routes(cmf.clone()).route_layer(consumers_only.clone()));
+        router = router.merge(attestation::routes(cmf.clone()).route_layer(consumers_only.clone()));
+        router = router.merge(est::routes(cmf.clone()).route_layer(consumers_only.clone()));
+        router = router.merge(revocation::consumer_routes(cmf.clone()).route_layer(consumers_only));
     }
     if let Some(direct) = &state.direct {
         router = router.merge(direct::routes(direct.clone()));
     }
     if let Some(sm) = &state.sm {
-        router = router.merge(sm::routes(sm.clone()).layer(axum::middleware::from_fn(
-            crate::metrics::track_notifications,
-        )));
+        router = router.merge(
+            sm::routes(sm.clone())
+                .route_layer(axum::middleware::from_fn_with_state(
+                    sm.clone(),
+                    require_nfvo_trust,
+                ))
+                .layer(axum::middleware::from_fn(
+                    crate::metrics::track_notifications,
+                )),
+        );
     }
+    security::install(state.store.clone());
     router
         .fallback(not_found)
         .layer(axum::middleware::from_fn(cmf::version_header))
+        .layer(axum::middleware::from_fn(security::observe))
 }
 
 /// SOL 013 6.4 ProblemDetails (`application/problem+json`), the one shape of every error
@@ -235,6 +332,38 @@ pub fn problem_details(status: u16, title: Option<&str>, detail: &str) -> axum::
         axum::http::HeaderValue::from_static("application/problem+json"),
     );
     response
+}
+
+/// The SM's notification endpoint with TLS_CERT authentication: a client certificate that
+/// does not chain to `sm.notifications.client_ca` (one of the CMF consumers', say) is
+/// refused, 403, whatever name it carries.
+async fn require_nfvo_trust(
+    axum::extract::State(sm): axum::extract::State<Arc<crate::sm::Sm>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let presented = request
+        .extensions()
+        .get::<PeerCertificate>()
+        .is_some_and(|peer| peer.0.is_some());
+    let trusted = request
+        .extensions()
+        .get::<TrustedRoles>()
+        .is_some_and(|roles| roles.nfvo_notifier);
+    if presented && !trusted && sm.intake.requires_client_certificate() {
+        let mut response = problem_details(
+            403,
+            None,
+            "the client certificate does not chain to the NFVO's notification roots \
+             (sm.notifications.client_ca)",
+        );
+        // The notification interface's own version, as on every answer of it.
+        if let Ok(value) = axum::http::HeaderValue::from_str(&sm.nfvo.nslcm_version()) {
+            response.headers_mut().insert("Version", value);
+        }
+        return response;
+    }
+    next.run(request).await
 }
 
 async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
@@ -377,12 +506,13 @@ pub fn fit_connections_to_file_limit(max_connections: usize) -> usize {
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    trust: ClientTrust,
     app: Router,
     limits: ServerLimits,
     stats: Arc<ServerStats>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    serve_with(listener, Some(tls), app, limits, stats, shutdown).await;
+    serve_with(listener, Some(tls), trust, app, limits, stats, shutdown).await;
 }
 
 /// [`serve`] without TLS, for the plain-HTTP metrics listener: the same connection cap,
@@ -395,12 +525,23 @@ pub async fn serve_plain(
     stats: Arc<ServerStats>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    serve_with(listener, None, app, limits, stats, shutdown).await;
+    // No client certificates without TLS: no role is ever trusted on this listener.
+    serve_with(
+        listener,
+        None,
+        ClientTrust::default(),
+        app,
+        limits,
+        stats,
+        shutdown,
+    )
+    .await;
 }
 
 async fn serve_with(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    trust: ClientTrust,
     app: Router,
     limits: ServerLimits,
     stats: Arc<ServerStats>,
@@ -419,6 +560,7 @@ async fn serve_with(
     let (closing, _) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Connections {
         tls,
+        trust,
         app,
         builder,
         handshakes: Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes)),
@@ -487,12 +629,15 @@ async fn serve_with(
         _ = connections.acquire_many(all) => tracing::info!("all connections closed"),
         () = tokio::time::sleep(limits.drain) => tracing::warn!(seconds = limits.drain.as_secs(), "drain timed out; closing"),
     }
+    // The last summary of unauthenticated security events, before the process ends.
+    let _ = tokio::task::spawn_blocking(|| security::flush(Duration::from_secs(5))).await;
 }
 
 /// What every connection task shares.
 struct Connections {
     /// `None`: plain HTTP ([`serve_plain`]).
     tls: Option<Arc<rustls::ServerConfig>>,
+    trust: ClientTrust,
     app: Router,
     builder: auto::Builder<TokioExecutor>,
     handshakes: Arc<tokio::sync::Semaphore>,
@@ -509,7 +654,9 @@ impl Connections {
     async fn serve_connection(self: &Arc<Self>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
         let Some(config) = self.tls.clone() else {
             let (identity, certificate) = (ClientIdentity(None), PeerCertificate(None));
-            return self.serve_io(tcp, identity, certificate, peer).await;
+            return self
+                .serve_io(tcp, identity, certificate, TrustedRoles::default(), peer)
+                .await;
         };
         let deadline = tokio::time::Instant::now() + self.limits.handshake_timeout;
         let tls = match tokio::time::timeout_at(deadline, self.handshake(tcp, config)).await {
@@ -519,7 +666,12 @@ impl Connections {
                     .handshake_failures
                     .fetch_add(1, Ordering::Relaxed);
                 crate::metrics::connection_closed("handshake_failed");
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                security::record(
+                    security::SecurityEvent::HandshakeFailed,
+                    None,
+                    &peer.to_string(),
+                    &e.to_string(),
+                );
                 return;
             }
             Err(_) => {
@@ -531,17 +683,18 @@ impl Connections {
                 return;
             }
         };
-        let leaf = tls
-            .get_ref()
-            .1
-            .peer_certificates()
+        let chain = tls.get_ref().1.peer_certificates();
+        let leaf = chain
             .and_then(|chain| chain.first())
             .map(|leaf| Arc::new(leaf.to_vec()));
         let identity = leaf.as_ref().map_or(ClientIdentity(None), |leaf| {
             ClientIdentity::from_certificate(leaf)
         });
+        // Once per connection: the chain does not change within it.
+        let roles = chain.map_or_else(TrustedRoles::default, |chain| self.trust.roles(chain));
         let peer_certificate = PeerCertificate(leaf);
-        self.serve_io(tls, identity, peer_certificate, peer).await;
+        self.serve_io(tls, identity, peer_certificate, roles, peer)
+            .await;
     }
 
     /// HTTP on an established connection (TLS or plain), until it ends, is closed by a
@@ -551,6 +704,7 @@ impl Connections {
         io: I,
         identity: ClientIdentity,
         peer_certificate: PeerCertificate,
+        roles: TrustedRoles,
         peer: SocketAddr,
     ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -564,8 +718,7 @@ impl Connections {
                 shared.call(
                     app.clone(),
                     request,
-                    identity.clone(),
-                    peer_certificate.clone(),
+                    (identity.clone(), peer_certificate.clone(), roles),
                     &activity,
                 )
             })
@@ -638,8 +791,7 @@ impl Connections {
         self: &Arc<Self>,
         app: TowerToHyperService<Router>,
         request: hyper::Request<hyper::body::Incoming>,
-        identity: ClientIdentity,
-        peer_certificate: PeerCertificate,
+        (identity, peer_certificate, roles): (ClientIdentity, PeerCertificate, TrustedRoles),
         activity: &Arc<Activity>,
     ) -> impl std::future::Future<
         Output = Result<hyper::Response<ResponseBody>, std::convert::Infallible>,
@@ -667,6 +819,7 @@ impl Connections {
         });
         request.extensions_mut().insert(identity);
         request.extensions_mut().insert(peer_certificate);
+        request.extensions_mut().insert(roles);
         let stats = self.stats.clone();
         async move {
             let response = match app.call(request).await {

@@ -18,6 +18,7 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
         &server_stats,
     )
     .map_err(Failure::serve)?;
+    let trust = nfv_warden::api::ClientTrust::from_config(config).map_err(Failure::serve)?;
     let mut limits = nfv_warden::api::ServerLimits::from_config(&server);
     limits.max_connections = nfv_warden::api::fit_connections_to_file_limit(limits.max_connections);
     let cmf = match &config.cmf {
@@ -156,7 +157,7 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
         if let Some(direct) = &direct {
             direct.start();
         }
-        nfv_warden::api::serve(listener, tls, app, limits, server_stats, async {
+        nfv_warden::api::serve(listener, tls, trust, app, limits, server_stats, async {
             nfv_warden::api::termination_signal().await;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
             let _ = stop_admin.send(true);

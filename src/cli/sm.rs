@@ -512,7 +512,7 @@ fn init(args: InitArgs, config: &Config) -> Result<ExitCode, Failure> {
         let key = HardwareKey::new(backends.for_key(&entry.key)?, entry.key.clone())?;
         match &certify {
             Certify::Csr(dir) => {
-                let csr = ca::ca_csr(&key, &format!("CN={name}"))?;
+                let csr = ca::tls_client_csr(&key, &format!("CN={name}"))?;
                 let der = der::Encode::to_der(&csr)?;
                 let path = dir.join(format!("{name}.csr"));
                 write_atomically(&path, pki::to_pem("CERTIFICATE REQUEST", &der)?.as_bytes())?;

@@ -89,11 +89,13 @@ pub(super) fn cmf_request(
     path: &'static str,
     body: serde_json::Value,
 ) -> Result<serde_json::Value, Failure> {
+    // SOL 013 9.2: every request names the API version it is written for.
     let https = nfv_warden::client::HttpsClient::new(
         &client.server,
         &client.cacert,
         Some((&client.cert, &client.key)),
-    )?;
+    )?
+    .with_default_header("Version", nfv_warden::api::cmf::API_VERSION);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

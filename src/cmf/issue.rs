@@ -316,7 +316,7 @@ impl Cmf {
         let ca = &self.cas[ca_index];
         *ca_id = Some(&ca.id);
         let mut first = Some(first);
-        // Serial collisions at 126 random bits are practically impossible; the store still
+        // Serial collisions at 128 random bits are practically impossible; the store still
         // enforces uniqueness per issuer and a collision is retried with a new serial.
         for _attempt in 0..3 {
             let (serial_hex, certificate) = match first.take() {

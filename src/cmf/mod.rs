@@ -189,6 +189,9 @@ pub enum CmfError {
     Conflict(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// SOL 013 9.2: the requested API version is not served.
+    #[error("{0}")]
+    NotAcceptable(String),
     #[error("request body larger than {0} bytes")]
     PayloadTooLarge(usize),
     #[error("{0}")]
@@ -210,6 +213,7 @@ impl CmfError {
             CmfError::Forbidden(_) => 403,
             CmfError::NotFound(_) => 404,
             CmfError::MethodNotAllowed(_) => 405,
+            CmfError::NotAcceptable(_) => 406,
             CmfError::Conflict(_) => 409,
             CmfError::PayloadTooLarge(_) => 413,
             CmfError::UnsupportedMediaType(_) => 415,
@@ -226,6 +230,7 @@ impl CmfError {
             CmfError::Forbidden(_) => "Forbidden",
             CmfError::NotFound(_) => "Not Found",
             CmfError::MethodNotAllowed(_) => "Method Not Allowed",
+            CmfError::NotAcceptable(_) => "Not Acceptable",
             CmfError::Conflict(_) => "Conflict",
             CmfError::PayloadTooLarge(_) => "Payload Too Large",
             CmfError::UnsupportedMediaType(_) => "Unsupported Media Type",
@@ -258,10 +263,21 @@ impl From<StoreError> for CmfError {
     fn from(e: StoreError) -> Self {
         // The whole chain, so the log line and the 503 name the cause (ENOSPC, EROFS...).
         let chain = crate::error::chain(&e);
-        if crate::log_limit::allow("cmf.store") {
-            tracing::error!(error = %chain, "store error");
+        if e.is_transient() {
+            if crate::log_limit::allow("cmf.store") {
+                tracing::error!(error = %chain, "store error (transient)");
+            }
+            CmfError::Unavailable(format!("store: {chain}"))
+        } else {
+            // A corrupt record or a schema problem: retrying cannot help, so 500 (not 503 +
+            // Retry-After, which clients would follow for ever); the operator must act.
+            if crate::log_limit::allow("cmf.store_permanent") {
+                tracing::error!(error = %chain, "store error (permanent: the stored data cannot be used)");
+            }
+            CmfError::Internal(format!(
+                "the stored data cannot be used (permanent, retrying will not help): {chain}"
+            ))
         }
-        CmfError::Unavailable(format!("store: {chain}"))
     }
 }
 

@@ -379,8 +379,19 @@ pub(crate) fn owned_by(registration: &Registration, consumer: &Consumer) -> Resu
     }
 }
 
-fn check_attester(
+/// The registered attester from the request's envelopes (PEM or base64 SPKI, format OID,
+/// base64 qualifying data, AK certificate chain); public for the `register` fuzz target.
+pub fn check_attester(
     cmf: &Cmf,
+    request: &KeyAttestationRequest,
+) -> Result<RegisteredAttester, CmfError> {
+    check_attester_with(&cmf.formats, &cmf.attestation, request)
+}
+
+/// [`check_attester`] with the known formats and the attestation roots given.
+pub fn check_attester_with(
+    formats: &super::attest::Formats,
+    attestation: &super::attest::service::AttestationPolicy,
     request: &KeyAttestationRequest,
 ) -> Result<RegisteredAttester, CmfError> {
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -415,10 +426,10 @@ fn check_attester(
         ))
     })?;
     // Every CSR of a registration in an unknown format would fail: refuse it here.
-    if cmf.formats.kind(&format).is_none() {
+    if formats.kind(&format).is_none() {
         return Err(CmfError::Unprocessable(format!(
             "keyAttestation.formatOid {format} is not a known attestation format (known: {})",
-            cmf.formats.known().join(", ")
+            formats.known().join(", ")
         )));
     }
     if let Some(q) = &request.expected_qualifying_data {
@@ -437,7 +448,7 @@ fn check_attester(
         )
         .map_err(CmfError::BadRequest)?;
         Some(
-            cmf.attestation
+            attestation
                 .roots
                 .anchor_by_ak_certificate(&certs, &der)
                 .map_err(|e| {

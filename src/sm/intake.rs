@@ -150,6 +150,12 @@ impl Intake {
         })
     }
 
+    /// Whether notifications authenticate with a TLS client certificate (TLS_CERT), so that a
+    /// certificate must chain to the NFVO's notification roots.
+    pub fn requires_client_certificate(&self) -> bool {
+        self.auth == NotificationAuth::TlsCert
+    }
+
     /// The OAuth2 client id the NFVO uses at the agent's token endpoint.
     pub fn oauth_client_id(&self) -> String {
         format!("{}-nfvo", self.user)

@@ -241,7 +241,8 @@ impl Nfvo {
                 }
             };
             let https = HttpsClient::with_key(&config.api_root, &config.ca, key)
-                .map_err(|e| NfvoError::Setup(interface.name(), e))?;
+                .map_err(|e| NfvoError::Setup(interface.name(), e))?
+                .with_max_response_bytes(config.max_response_bytes);
             interfaces.push(InterfaceClient {
                 https,
                 idle: tokio::sync::Mutex::new(Vec::new()),
@@ -261,7 +262,8 @@ impl Nfvo {
                         |e: String| NfvoError::Setup(interface.name(), format!("oauth2: {e}"));
                     let secret = credentials.client_secret.read().map_err(setup)?;
                     let client = HttpsClient::with_key(&o.token_url, &config.ca, ClientKey::None)
-                        .map_err(setup)?;
+                        .map_err(setup)?
+                        .with_max_response_bytes(config.max_response_bytes);
                     let path = o
                         .token_url
                         .strip_prefix("https://")
@@ -579,7 +581,7 @@ impl Nfvo {
         };
         let result = tokio::time::timeout(
             self.timeout,
-            conn.request_with(method, path, headers, body.clone()),
+            conn.exchange(method, path, headers, body.clone()),
         )
         .await;
         match result {
@@ -587,7 +589,16 @@ impl Nfvo {
                 client.idle.lock().await.push(conn);
                 Ok(response)
             }
-            Ok(Err(reason)) if reused && repeat == Repeat::Idempotent => {
+            // The NFVO answered, with more than the limit: asking again gets the same answer.
+            Ok(Err(e @ crate::client::RequestError::ResponseTooLarge { .. })) => {
+                Err(NfvoError::Invalid {
+                    what: what.to_string(),
+                    reason: format!("{e} (sm.nfvo.max_response_bytes)"),
+                })
+            }
+            Ok(Err(crate::client::RequestError::Failed(reason)))
+                if reused && repeat == Repeat::Idempotent =>
+            {
                 // A kept-alive connection the server had closed: once more on a new one.
                 tracing::debug!(%reason, "stale NFVO connection");
                 let mut conn =
@@ -599,23 +610,29 @@ impl Nfvo {
                             what: what.to_string(),
                             reason,
                         })?;
-                let response = tokio::time::timeout(
-                    self.timeout,
-                    conn.request_with(method, path, headers, body),
-                )
-                .await
-                .map_err(|_| NfvoError::NoAnswer {
-                    what: what.to_string(),
-                    reason: "timed out".into(),
-                })?
-                .map_err(|reason| NfvoError::NoAnswer {
-                    what: what.to_string(),
-                    reason,
-                })?;
+                let response =
+                    tokio::time::timeout(self.timeout, conn.exchange(method, path, headers, body))
+                        .await
+                        .map_err(|_| NfvoError::NoAnswer {
+                            what: what.to_string(),
+                            reason: "timed out".into(),
+                        })?
+                        .map_err(|e| match e {
+                            crate::client::RequestError::ResponseTooLarge { .. } => {
+                                NfvoError::Invalid {
+                                    what: what.to_string(),
+                                    reason: format!("{e} (sm.nfvo.max_response_bytes)"),
+                                }
+                            }
+                            crate::client::RequestError::Failed(reason) => NfvoError::NoAnswer {
+                                what: what.to_string(),
+                                reason,
+                            },
+                        })?;
                 client.idle.lock().await.push(conn);
                 Ok(response)
             }
-            Ok(Err(reason)) => Err(NfvoError::NoAnswer {
+            Ok(Err(crate::client::RequestError::Failed(reason))) => Err(NfvoError::NoAnswer {
                 what: what.to_string(),
                 reason,
             }),

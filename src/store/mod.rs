@@ -196,6 +196,38 @@ impl StoreError {
         }
     }
 
+    /// Whether trying the same operation again later may succeed: I/O errors (ENOSPC, EIO,
+    /// EROFS fixed by the operator), a failed or unknown commit, a handle being reopened, the
+    /// committer restarting. Permanent: a record that does not decode (corrupt, or written by
+    /// an incompatible build), an encoding error, a schema or migration problem, a broken
+    /// audit chain; retrying those never helps, and a client told "503, retry" would retry for
+    /// ever.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Decode { .. }
+            | StoreError::Encode { .. }
+            | StoreError::SchemaTooNew { .. }
+            | StoreError::MigrationMissing { .. }
+            | StoreError::NotAStore { .. }
+            | StoreError::Missing { .. }
+            | StoreError::Empty { .. }
+            | StoreError::NotAFile { .. }
+            | StoreError::AlreadyExists { .. }
+            | StoreError::AuditChainBroken { .. }
+            | StoreError::Conflict { .. }
+            | StoreError::Rejected(_)
+            | StoreError::ClosurePanicked => false,
+            StoreError::Migrate { source, .. } | StoreError::Reopen { source, .. } => {
+                source.is_transient()
+            }
+            StoreError::GroupCommit(inner) => inner.is_transient(),
+            StoreError::Storage { source, .. } => {
+                !matches!(source, redb::StorageError::Corrupted(_))
+            }
+            _ => true,
+        }
+    }
+
     /// The operating-system error at the root of this one (ENOSPC, EROFS, EACCES...), if any.
     pub fn os_error(&self) -> Option<&std::io::Error> {
         fn storage(e: &redb::StorageError) -> Option<&std::io::Error> {

@@ -167,8 +167,15 @@ impl CmfAgent {
         format!("https://127.0.0.1:{}", self.port)
     }
 
-    /// A client with the identity of `consumer` (or none).
+    /// A client with the identity of `consumer` (or none), sending the SOL 013 `Version`
+    /// header of the CMF API with every request (a request may set its own).
     pub fn client(&self, consumer: Option<&str>) -> HttpsClient {
+        self.client_without_version(consumer)
+            .with_default_header("Version", nfv_warden::api::cmf::API_VERSION)
+    }
+
+    /// A client with the identity of `consumer` (or none) that sends no `Version` header.
+    pub fn client_without_version(&self, consumer: Option<&str>) -> HttpsClient {
         let ca = self.dir().join("ca.pem");
         match consumer {
             Some(id) => {

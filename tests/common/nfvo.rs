@@ -390,6 +390,11 @@ impl NfvoDouble {
         self.state().deliveries.clone()
     }
 
+    /// Ids of the notifications dropped (`Delivery::Drop`) so far: the sender has passed them.
+    pub fn dropped(&self) -> Vec<String> {
+        self.state().dropped.clone()
+    }
+
     /// The deliveries once there are at least `n`, or when `timeout` has passed.
     pub fn wait_deliveries(&self, n: usize, timeout: Duration) -> Vec<(String, u16)> {
         let deadline = Instant::now() + timeout;
@@ -436,6 +441,7 @@ impl NfvoDouble {
             status,
             times,
             retry_after: retry_after.map(RetryAfter::Seconds),
+            oversize: None,
         });
     }
 
@@ -454,6 +460,25 @@ impl NfvoDouble {
             status,
             times,
             retry_after: Some(retry_after),
+            oversize: None,
+        });
+    }
+
+    /// Forget every fault still to be injected ([`NfvoDouble::fail`], [`NfvoDouble::oversize`]).
+    pub fn clear_faults(&self) {
+        self.state().faults.clear();
+    }
+
+    /// Answer 200 with a JSON body of more than `bytes` bytes (an array holding one long
+    /// string) to the next `times` requests with `method` whose path contains `path_contains`.
+    pub fn oversize(&self, method: &str, path_contains: &str, bytes: usize, times: usize) {
+        self.state().faults.push(Fault {
+            method: method.into(),
+            path: path_contains.into(),
+            status: 200,
+            times,
+            retry_after: None,
+            oversize: Some(bytes),
         });
     }
 
@@ -651,6 +676,8 @@ struct State {
     announced_mode: Option<String>,
     delivery: Delivery,
     deliveries: Vec<(String, u16)>,
+    /// Ids of the notifications the sender dropped (`Delivery::Drop`), once it did.
+    dropped: Vec<String>,
     violations: Vec<String>,
     /// Items per page of every list (SOL 013 5.4.2); `Link: <...>; rel="next"` to the rest.
     page_size: usize,
@@ -737,6 +764,8 @@ struct Fault {
     status: u16,
     times: usize,
     retry_after: Option<RetryAfter>,
+    /// Answer 200 with a body of more than this many bytes instead of a problem.
+    oversize: Option<usize>,
 }
 
 /// The two forms of `Retry-After` (RFC 9110 10.2.3).
@@ -1199,6 +1228,9 @@ fn take_fault(inner: &Inner, call: &Call) -> Option<Reply> {
             && call.full_path().contains(&f.path)
     })?;
     fault.times -= 1;
+    if let Some(bytes) = fault.oversize {
+        return Some(Reply::json(200, json!(["x".repeat(bytes)])));
+    }
     let mut reply = Reply::problem(fault.status, "injected fault");
     match fault.retry_after {
         Some(RetryAfter::Seconds(seconds)) => {
@@ -2064,7 +2096,10 @@ async fn sender(inner: Arc<Inner>, mut queue: mpsc::UnboundedReceiver<(Value, De
     while let Some((notification, delivery)) = queue.recv().await {
         let copies = addressed(&inner, &notification);
         match delivery {
-            Delivery::Drop => {}
+            Delivery::Drop => {
+                let id = notification["id"].as_str().unwrap_or_default().to_string();
+                inner.state.lock().unwrap().dropped.push(id);
+            }
             Delivery::Normal => deliver_all(&inner, &copies, 1).await,
             Delivery::Duplicate => deliver_all(&inner, &copies, 2).await,
             Delivery::Reorder if held.is_empty() => {
