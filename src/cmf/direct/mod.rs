@@ -1439,6 +1439,18 @@ pub fn vnfc_view(store: &Store, id: &str) -> Result<Option<Value>, StoreError> {
     })
 }
 
+/// The key of a direct-mode VNFC's identifier in the one namespace of names (cmf::names): the
+/// vnfcResourceInfo id (Tacker: the Nova server id) as a VNFC identifier.
+fn vnfc_subject_key(vnfc_id: &str) -> Result<String, CmfError> {
+    match super::names::SubjectName::parse(vnfc_id) {
+        Ok(name @ super::names::SubjectName::Vnfc(_)) => Ok(name.index_key()),
+        Ok(_) | Err(_) => Err(CmfError::Unprocessable(format!(
+            "direct enrollment: the VNFM's vnfcResourceInfo id '{vnfc_id}' is not a valid VNFC \
+             identifier (one label of letters, digits and '-')"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1566,17 +1578,5 @@ mod tests {
     fn names_are_urns() {
         assert_eq!(vnfc_urn("v-1", "c-2"), "urn:etsi:nfv:vnf:v-1:vnfc:c-2");
         assert_eq!(vdu_urn("v-1", "VDU1"), "urn:etsi:nfv:vnf:v-1:vdu:VDU1");
-    }
-}
-
-/// The key of a direct-mode VNFC's identifier in the one namespace of names (cmf::names): the
-/// vnfcResourceInfo id (Tacker: the Nova server id) as a VNFC identifier.
-fn vnfc_subject_key(vnfc_id: &str) -> Result<String, CmfError> {
-    match super::names::SubjectName::parse(vnfc_id) {
-        Ok(name @ super::names::SubjectName::Vnfc(_)) => Ok(name.index_key()),
-        Ok(_) | Err(_) => Err(CmfError::Unprocessable(format!(
-            "direct enrollment: the VNFM's vnfcResourceInfo id '{vnfc_id}' is not a valid VNFC \
-             identifier (one label of letters, digits and '-')"
-        ))),
     }
 }
