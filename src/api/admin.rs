@@ -114,6 +114,7 @@ pub fn routes(sm: Arc<Sm>) -> Router {
         .route("/sm/v1/actions/{id}/cancel", post(cancel_action))
         .route("/sm/v1/terminations", post(terminate))
         .route("/sm/v1/erasures/{vnf}", get(erasure))
+        .route("/sm/v1/vim/events", get(vim_events))
         .route("/sm/v1/security_vnfs", post(add_security_vnf))
         .route(
             "/sm/v1/security_vnfs/{vnf}",
@@ -432,6 +433,22 @@ async fn reconcile(State(sm): State<Arc<Sm>>) -> Response {
 
 async fn actions(State(sm): State<Arc<Sm>>) -> Response {
     match sm.actions().await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    limit: Option<usize>,
+}
+
+/// The journaled Sc-Vi events (AMQP and Aodh), newest last.
+async fn vim_events(
+    State(sm): State<Arc<Sm>>,
+    axum::extract::Query(q): axum::extract::Query<EventsQuery>,
+) -> Response {
+    match sm.vi_events(q.limit.unwrap_or(100)).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => error(e),
     }

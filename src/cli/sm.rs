@@ -51,6 +51,14 @@ pub(super) enum SmCommand {
     /// Security VNFs in an NS (IFA 033 6.5).
     #[command(subcommand)]
     SecurityVnf(SecurityVnfCommand),
+    /// The journaled Sc-Vi notifications (VIM RabbitMQ and Aodh), newest last.
+    Events {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print the JSON document.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -169,6 +177,35 @@ pub(super) fn run(command: SmCommand, config: &Config) -> Result<ExitCode, Failu
         SmCommand::Reconcile => {
             call(&socket, "POST", "/sm/v1/reconcile", None)?;
             println!("reconciled with the NFVO (mode {})", sm.mode);
+            Ok(ExitCode::SUCCESS)
+        }
+        SmCommand::Events { limit, json } => {
+            let v = call(
+                &socket,
+                "GET",
+                &format!("/sm/v1/vim/events?limit={limit}"),
+                None,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for e in v.as_array().into_iter().flatten() {
+                    let text = |k: &str| e[k].as_str().unwrap_or("-").to_string();
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}{}",
+                        text("received"),
+                        text("source"),
+                        text("eventType"),
+                        text("resourceId"),
+                        text("host"),
+                        text("state"),
+                        e["suspect"]
+                            .as_str()
+                            .map(|s| format!("\tSUSPECT: {s}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         SmCommand::Actions { id } => {

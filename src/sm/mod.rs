@@ -25,6 +25,7 @@ pub mod intake;
 pub mod nfvo;
 pub mod policy;
 pub mod status;
+pub mod telemetry;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -267,6 +268,10 @@ pub struct Sm {
     subscription: std::sync::Mutex<Option<String>>,
     /// Notification bodies waiting in the processor's queue (bounded by [`QUEUED_BODIES`]).
     queued_bodies: std::sync::atomic::AtomicUsize,
+    /// The Sc-Vi AMQP consumer's health.
+    pub telemetry: telemetry::ConsumerStatus,
+    /// Signalled when a trusted Sc-Vi event was journaled: the VIM view is re-read by query.
+    pub vim_changed: tokio::sync::Notify,
 }
 
 /// Notification bodies held in memory for the processor at most; beyond that the journal
@@ -395,6 +400,8 @@ impl Sm {
             erasing: tokio::sync::Mutex::new(()),
             queued_bodies: std::sync::atomic::AtomicUsize::new(0),
             subscription: std::sync::Mutex::new(subscription),
+            telemetry: telemetry::ConsumerStatus::default(),
+            vim_changed: tokio::sync::Notify::new(),
         }))
     }
 
@@ -414,6 +421,7 @@ impl Sm {
         else {
             return;
         };
+        self.start_telemetry();
         let sm = self.clone();
         tokio::spawn(async move {
             sm.connect_until_subscribed().await;

@@ -101,6 +101,7 @@ impl Sm {
         Ok(json!({
             "sm": { "name": self.config.name, "mode": self.mode(), "callbackUri": self.callback_uri },
             "journal": journal,
+            "telemetry": self.telemetry.to_json(),
             "nsInstances": ns_list,
             "vnfs": vnfs.into_values().collect::<Vec<_>>(),
         }))
