@@ -773,6 +773,9 @@ pub struct SmConfig {
     /// Host-wide enforcement (IFA 033 Sc-Or.SecEnforce.004, SecEnforce.003 same-host option).
     #[serde(default)]
     pub hosts: HostsConfig,
+    /// The VIM (Sc-Vi producer, IFA 033 clause 8): an OpenStack cloud. Absent: no Sc-Vi.
+    #[serde(default)]
+    pub vim: Option<VimConfig>,
 }
 
 /// `[sm.telemetry]`: where the VIM's notifications come from and how far they are trusted.
@@ -1111,6 +1114,9 @@ pub enum RuleAction {
 
 impl SmConfig {
     fn check(&self) -> Result<(), String> {
+        if let Some(vim) = &self.vim {
+            vim.check()?;
+        }
         if self.name.is_empty()
             || !self
                 .name
@@ -1198,5 +1204,135 @@ impl SmConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The VIM of Sc-Vi (IFA 033 clause 8): an OpenStack cloud reached through Keystone v3.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VimConfig {
+    /// Keystone v3 URL, e.g. `https://keystone.example.net:5000/v3`. `http://` only to a
+    /// loopback address (a development cloud): Security.005 asks for confidentiality.
+    pub auth_url: String,
+    /// Region of the catalog endpoints; any region when absent.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Catalog interface: "public", "internal" or "admin".
+    #[serde(default = "default_vim_interface")]
+    pub interface: String,
+    /// PEM roots for the VIM's server certificates (Keystone and every catalog endpoint).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Keystone application credential (preferred: scoped, revocable, role-limited).
+    #[serde(default)]
+    pub application_credential: Option<VimAppCredential>,
+    /// Keystone password authentication (a user scoped to a project).
+    #[serde(default)]
+    pub password: Option<VimPassword>,
+    /// The SM's own TLS client identity on Sc-Vi, a key of its own in the HSM/TPM
+    /// (IFA 033 Security.001: independent from the Sc-Or interfaces' keys).
+    #[serde(default)]
+    pub client: Option<InterfaceKeyConfig>,
+    /// Per-request timeout, seconds.
+    #[serde(default = "default_vim_timeout")]
+    pub timeout_seconds: u64,
+    /// Largest response body accepted from any OpenStack service.
+    #[serde(default = "default_vim_max_response")]
+    pub max_response_bytes: usize,
+    /// Page size of OpenStack list requests (`limit`); lists are always read whole.
+    #[serde(default = "default_vim_page_size")]
+    pub page_size: usize,
+    /// Renew the token this long before Keystone's `expires_at`.
+    #[serde(default = "default_vim_renew_before")]
+    pub renew_before_seconds: u64,
+    /// Physical location of hypervisor hosts not given by aggregate metadata
+    /// (`location` key): host name -> free text (site, room, rack).
+    #[serde(default)]
+    pub host_locations: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VimAppCredential {
+    pub id: String,
+    pub secret: SecretSource,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VimPassword {
+    pub user: String,
+    #[serde(default = "default_vim_domain")]
+    pub user_domain: String,
+    pub project: String,
+    #[serde(default = "default_vim_domain")]
+    pub project_domain: String,
+    pub secret: SecretSource,
+}
+
+fn default_vim_interface() -> String {
+    "public".into()
+}
+fn default_vim_timeout() -> u64 {
+    30
+}
+fn default_vim_max_response() -> usize {
+    32 * 1024 * 1024
+}
+fn default_vim_page_size() -> usize {
+    500
+}
+fn default_vim_renew_before() -> u64 {
+    300
+}
+fn default_vim_domain() -> String {
+    "Default".into()
+}
+
+impl VimConfig {
+    fn check(&self) -> Result<(), String> {
+        match (&self.application_credential, &self.password) {
+            (None, None) => {
+                return Err("sm.vim: one of application_credential or password is required".into())
+            }
+            (Some(_), Some(_)) => {
+                return Err("sm.vim: application_credential and password exclude each other".into())
+            }
+            _ => {}
+        }
+        if !matches!(self.interface.as_str(), "public" | "internal" | "admin") {
+            return Err(format!(
+                "sm.vim.interface: '{}' is not public, internal or admin",
+                self.interface
+            ));
+        }
+        if self.page_size == 0 || self.page_size > 10_000 {
+            return Err("sm.vim.page_size: 1 to 10000".into());
+        }
+        if self.max_response_bytes < 64 * 1024 {
+            return Err("sm.vim.max_response_bytes: at least 65536".into());
+        }
+        crate::vim::client::check_url("sm.vim.auth_url", &self.auth_url)
+    }
+}
+
+#[cfg(test)]
+mod vim_tests {
+    use super::*;
+
+    #[test]
+    fn reference_vim_section_shows_the_defaults() {
+        let config = Config::parse(include_str!("../systemd/warden.toml")).expect("parses");
+        let vim = config
+            .sm
+            .as_ref()
+            .and_then(|sm| sm.vim.as_ref())
+            .expect("sm.vim");
+        assert_eq!(vim.interface, default_vim_interface());
+        assert_eq!(vim.timeout_seconds, default_vim_timeout());
+        assert_eq!(vim.max_response_bytes, default_vim_max_response());
+        assert_eq!(vim.page_size, default_vim_page_size());
+        assert_eq!(vim.renew_before_seconds, default_vim_renew_before());
+        assert!(vim.application_credential.is_some() && vim.password.is_none());
     }
 }

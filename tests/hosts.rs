@@ -199,6 +199,9 @@ fn oslo_time(offset: Duration, past: bool) -> String {
 }
 
 fn start_sm(cloud: &Cloud, queue: &str, extra: &str) -> SmAgent {
+    // The crash hook of src/sm/hosts.rs reads its file only with this set; every agent of
+    // this binary may have it (the file decides).
+    std::env::set_var("WARDEN_TEST_HOOKS", "1");
     let agent_dir = tempfile::tempdir().expect("tmp");
     let pw = agent_dir.path().join("amqp-password");
     let rules = format!(
@@ -408,4 +411,280 @@ fn the_consumer_reconnects_dedupes_and_distrusts_stale_messages() {
         "{stale}"
     );
     assert!(telemetry(&sm)["suspect"].as_u64().unwrap_or(0) >= 1);
+}
+
+/// `[sm.vim]` (admin password of the test cloud) and `[sm.hosts]` with a quarantine aggregate
+/// of this test's own.
+fn vim_config(cloud: &Cloud, dir: &std::path::Path, aggregate: &str) -> String {
+    let secret = dir.join("vim-password");
+    std::fs::write(&secret, format!("{}\n", cloud.get("OS_PASSWORD"))).expect("secret");
+    format!(
+        r#"
+[sm.vim]
+auth_url = "{auth}"
+region = "RegionOne"
+
+[sm.vim.password]
+user = "{user}"
+project = "{project}"
+secret = {{ file = "{secret}" }}
+
+[sm.hosts]
+quarantine_aggregate = "{aggregate}"
+migration_timeout_seconds = 300
+"#,
+        auth = cloud.get("KEYSTONE_URL"),
+        user = cloud.get("OS_USERNAME"),
+        project = cloud.get("OS_PROJECT_NAME"),
+        secret = secret.display(),
+    )
+}
+
+/// Boot a server on `host` (admin: availability zone `nova:HOST`) and wait until ACTIVE.
+fn boot_on(cloud: &Cloud, os: &Os, name: &str, host: &str) -> String {
+    let nova = cloud.get("NOVA_URL");
+    let flavor = os.ok("GET", &format!("{nova}/flavors"), None)["flavors"][0]["id"]
+        .as_str()
+        .expect("a flavor")
+        .to_string();
+    let id = os.ok(
+        "POST",
+        &format!("{nova}/servers"),
+        Some(&json!({ "server": { "name": name, "flavorRef": flavor,
+            "imageRef": cloud.get("IMAGE_ID"), "networks": "none",
+            "availability_zone": format!("nova:{host}") } })),
+    )["server"]["id"]
+        .as_str()
+        .expect("server id")
+        .to_string();
+    wait_for("the server ACTIVE", Duration::from_secs(180), || {
+        server(cloud, os, &id)["status"] == "ACTIVE"
+    });
+    id
+}
+
+fn server(cloud: &Cloud, os: &Os, id: &str) -> Value {
+    os.call(
+        "GET",
+        &format!("{}/servers/{id}", cloud.get("NOVA_URL")),
+        None,
+    )
+    .1["server"]
+        .clone()
+}
+
+fn actions_named(cloud: &Cloud, os: &Os, id: &str, name: &str) -> usize {
+    os.ok(
+        "GET",
+        &format!("{}/servers/{id}/os-instance-actions", cloud.get("NOVA_URL")),
+        None,
+    )["instanceActions"]
+        .as_array()
+        .map(|a| a.iter().filter(|x| x["action"] == name).count())
+        .unwrap_or(0)
+}
+
+/// Undo a host action on the shared cloud: service enabled again, host out of the test's
+/// aggregate, the aggregate deleted, servers deleted. Runs even when the test failed (Drop).
+struct HostCleanup<'a> {
+    cloud: &'a Cloud,
+    os: &'a Os,
+    aggregate: String,
+    servers: Vec<String>,
+}
+
+impl Drop for HostCleanup<'_> {
+    fn drop(&mut self) {
+        let nova = self.cloud.get("NOVA_URL");
+        for id in &self.servers {
+            self.os
+                .call("DELETE", &format!("{nova}/servers/{id}"), None);
+        }
+        let services = self
+            .os
+            .call(
+                "GET",
+                &format!("{nova}/os-services?binary=nova-compute"),
+                None,
+            )
+            .1;
+        let aggregates = self
+            .os
+            .call("GET", &format!("{nova}/os-aggregates"), None)
+            .1;
+        let ours = aggregates["aggregates"].as_array().and_then(|a| {
+            a.iter()
+                .find(|x| x["name"] == self.aggregate.as_str())
+                .cloned()
+        });
+        for s in services["services"].as_array().into_iter().flatten() {
+            let reason = s["disabled_reason"].as_str().unwrap_or_default();
+            // Only what this test disabled (its reason names the test's aggregate).
+            if reason.contains(&self.aggregate) {
+                self.os.call(
+                    "PUT",
+                    &format!(
+                        "{nova}/os-services/{}",
+                        s["id"].as_str().unwrap_or_default()
+                    ),
+                    Some(&json!({ "status": "enabled" })),
+                );
+            }
+        }
+        if let Some(agg) = ours {
+            for host in agg["hosts"].as_array().into_iter().flatten() {
+                self.os.call(
+                    "POST",
+                    &format!("{nova}/os-aggregates/{}/action", agg["id"]),
+                    Some(&json!({ "remove_host": { "host": host } })),
+                );
+            }
+            self.os.call(
+                "DELETE",
+                &format!("{nova}/os-aggregates/{}", agg["id"]),
+                None,
+            );
+        }
+    }
+}
+
+fn service_on(cloud: &Cloud, os: &Os, host: &str) -> Value {
+    os.ok(
+        "GET",
+        &format!(
+            "{}/os-services?binary=nova-compute&host={host}",
+            cloud.get("NOVA_URL")
+        ),
+        None,
+    )["services"][0]
+        .clone()
+}
+
+fn aggregate_hosts(cloud: &Cloud, os: &Os, name: &str) -> Vec<String> {
+    os.ok(
+        "GET",
+        &format!("{}/os-aggregates", cloud.get("NOVA_URL")),
+        None,
+    )["aggregates"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == name).cloned())
+        .map(|a| {
+            a["hosts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|h| h.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SecEnforce.004 end to end: fakehost1 out of use with its servers live-migrated; then
+/// fakehost2 with cold migration, the agent killed (-9) right after the migration request
+/// left, and the action completed after the restart with each migration sent once.
+/// One test, in sequence: both hosts of the shared cloud are involved, never at once.
+#[test]
+fn a_host_taken_out_of_use_is_emptied_quarantined_and_resumes_after_kill_9() {
+    let cloud = Cloud::shared();
+    let os = Os::admin(cloud);
+    let name = format!("hosts-ooo-{}", unique());
+    let aggregate = format!("warden-quarantine-{name}");
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut sm = start_sm(
+        cloud,
+        &format!("warden-test-{name}"),
+        &vim_config(cloud, dir.path(), &aggregate),
+    );
+    let mut cleanup = HostCleanup {
+        cloud,
+        os: &os,
+        aggregate: aggregate.clone(),
+        servers: Vec::new(),
+    };
+    let reason = format!("warden test {aggregate}");
+
+    // 1. Live migration off fakehost1.
+    let a = boot_on(cloud, &os, &format!("{name}-a"), "fakehost1");
+    cleanup.servers.push(a.clone());
+    let out = sm.sm(&[
+        "host",
+        "fakehost1",
+        "--out-of-use",
+        "--migrate",
+        "--reason",
+        &reason,
+        "--wait",
+    ]);
+    let action: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(action["state"], "COMPLETED", "{action:#}");
+    assert_eq!(action["kind"], "HOST_OUT_OF_USE");
+    let service = service_on(cloud, &os, "fakehost1");
+    assert_eq!(service["status"], "disabled", "{service}");
+    assert_eq!(service["disabled_reason"], reason.as_str());
+    let moved = server(cloud, &os, &a);
+    assert_eq!(moved["status"], "ACTIVE");
+    assert_eq!(moved["OS-EXT-SRV-ATTR:host"], "fakehost2", "{moved}");
+    assert_eq!(actions_named(cloud, &os, &a, "live-migration"), 1);
+    assert!(aggregate_hosts(cloud, &os, &aggregate).contains(&"fakehost1".to_string()));
+    let listed = sm.sm(&["actions"]);
+    assert!(listed.contains("host:fakehost1"), "{listed}");
+
+    // Put fakehost1 back in use before emptying fakehost2 (the servers need a destination).
+    os.ok(
+        "PUT",
+        &format!(
+            "{}/os-services/{}",
+            cloud.get("NOVA_URL"),
+            service["id"].as_str().unwrap()
+        ),
+        Some(&json!({ "status": "enabled" })),
+    );
+
+    // 2. Cold migration off fakehost2, killed right after the request left.
+    std::fs::write(sm.dir().join("host-pause-after"), "MigrateServer").expect("hook file");
+    let b = boot_on(cloud, &os, &format!("{name}-b"), "fakehost2");
+    cleanup.servers.push(b.clone());
+    let out = sm.sm(&[
+        "host",
+        "fakehost2",
+        "--out-of-use",
+        "--migrate",
+        "--cold",
+        "--reason",
+        &reason,
+    ]);
+    let started: Value = serde_json::from_str(&out).expect("JSON");
+    let id = started["id"].as_str().expect("id").to_string();
+    wait_for(
+        "the migration step ACCEPTED",
+        Duration::from_secs(120),
+        || {
+            sm.action(&id).is_some_and(|a| {
+                a["steps"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s["kind"]["op"] == "migrateServer" && s["state"] == "ACCEPTED")
+            })
+        },
+    );
+    sm.kill9();
+    std::fs::remove_file(sm.dir().join("host-pause-after")).expect("hook file");
+    sm.start();
+    let done = sm.wait_action(&id, "COMPLETED");
+    for s in done["steps"].as_array().into_iter().flatten() {
+        assert_eq!(s["state"], "COMPLETED", "{done:#}");
+        assert_eq!(s["attempts"], 1, "each step sent once: {done:#}");
+    }
+    for server_id in [&a, &b] {
+        let s = server(cloud, &os, server_id);
+        assert_eq!(s["status"], "ACTIVE", "{s}");
+        assert_eq!(s["OS-EXT-SRV-ATTR:host"], "fakehost1", "{s}");
+    }
+    // Exactly once: one cold migration of each server on fakehost2, whatever the crash.
+    assert_eq!(actions_named(cloud, &os, &a, "migrate"), 1);
+    assert_eq!(actions_named(cloud, &os, &b, "migrate"), 1);
+    assert_eq!(service_on(cloud, &os, "fakehost2")["status"], "disabled");
+    assert!(aggregate_hosts(cloud, &os, &aggregate).contains(&"fakehost2".to_string()));
+    drop(cleanup);
 }

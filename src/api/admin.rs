@@ -115,6 +115,7 @@ pub fn routes(sm: Arc<Sm>) -> Router {
         .route("/sm/v1/terminations", post(terminate))
         .route("/sm/v1/erasures/{vnf}", get(erasure))
         .route("/sm/v1/vim/events", get(vim_events))
+        .route("/sm/v1/hosts/{host}/out_of_use", post(host_out_of_use))
         .route("/sm/v1/security_vnfs", post(add_security_vnf))
         .route(
             "/sm/v1/security_vnfs/{vnf}",
@@ -450,6 +451,28 @@ async fn vim_events(
 ) -> Response {
     match sm.vi_events(q.limit.unwrap_or(100)).await {
         Ok(v) => Json(v).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+/// SecEnforce.004: take a host out of use (body: `{"disposition": "migrate"|"terminate"}`,
+/// optional; the policy's otherwise).
+async fn host_out_of_use(
+    State(sm): State<Arc<Sm>>,
+    Extension(caller): Extension<Caller>,
+    Path(host): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: crate::sm::hosts::OutOfUseRequest = if body.is_empty() {
+        Default::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return problem(400, &format!("the request: {e}")),
+        }
+    };
+    match sm.host_out_of_use(&host, request, &caller.0).await {
+        Ok(a) => (axum::http::StatusCode::ACCEPTED, Json(a)).into_response(),
         Err(e) => error(e),
     }
 }

@@ -51,6 +51,9 @@ pub(super) enum SmCommand {
     /// Security VNFs in an NS (IFA 033 6.5).
     #[command(subcommand)]
     SecurityVnf(SecurityVnfCommand),
+    /// IFA 033 SecEnforce.004: take a compute host out of use (disable its nova-compute,
+    /// migrate or terminate the VNFs on it, quarantine it in an aggregate).
+    Host(HostArgs),
     /// The journaled Sc-Vi notifications (VIM RabbitMQ and Aodh), newest last.
     Events {
         #[arg(long, default_value_t = 100)]
@@ -59,6 +62,33 @@ pub(super) enum SmCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+pub(super) struct HostArgs {
+    /// The hypervisor host (Nova's `OS-EXT-SRV-ATTR:host`).
+    host: String,
+    /// Take it out of use (the only host action).
+    #[arg(long, required = true)]
+    out_of_use: bool,
+    /// Migrate its servers away (live, else cold).
+    #[arg(long, conflicts_with = "terminate")]
+    migrate: bool,
+    /// Terminate the VNFs on it through the NFVO (servers of no VNF are migrated).
+    #[arg(long)]
+    terminate: bool,
+    /// Do not put it in the quarantine aggregate.
+    #[arg(long)]
+    no_quarantine: bool,
+    /// Cold migration only (no live migration attempt).
+    #[arg(long)]
+    cold: bool,
+    /// The reason given to Nova (disabled_reason).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Wait until the action finishes.
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Args)]
@@ -178,6 +208,43 @@ pub(super) fn run(command: SmCommand, config: &Config) -> Result<ExitCode, Failu
             call(&socket, "POST", "/sm/v1/reconcile", None)?;
             println!("reconciled with the NFVO (mode {})", sm.mode);
             Ok(ExitCode::SUCCESS)
+        }
+        SmCommand::Host(args) => {
+            let disposition = if args.migrate {
+                json!("migrate")
+            } else if args.terminate {
+                json!("terminate")
+            } else {
+                Value::Null
+            };
+            let mut body = json!({ "quarantine": !args.no_quarantine });
+            if args.cold {
+                body["live"] = json!(false);
+            }
+            if !disposition.is_null() {
+                body["disposition"] = disposition;
+            }
+            if let Some(reason) = &args.reason {
+                body["reason"] = json!(reason);
+            }
+            let path = format!("/sm/v1/hosts/{}/out_of_use", segment(&args.host)?);
+            let mut action = call(&socket, "POST", &path, Some(body))?;
+            if args.wait {
+                let id = action["id"].as_str().unwrap_or_default().to_string();
+                let get = format!("/sm/v1/actions/{}", segment(&id)?);
+                while action["state"] == "RUNNING" {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    action = call(&socket, "GET", &get, None)?;
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&action)?);
+            Ok(
+                if matches!(action["state"].as_str(), Some("FAILED" | "CANCELLED")) {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                },
+            )
         }
         SmCommand::Events { limit, json } => {
             let v = call(

@@ -21,6 +21,7 @@
 //! - `sm_seen_failures`: failed operation occurrences already judged (reconciliation).
 
 pub mod enforce;
+pub mod hosts;
 pub mod intake;
 pub mod nfvo;
 pub mod policy;
@@ -103,7 +104,11 @@ pub struct AbsentVnf {
 pub struct Action {
     pub id: String,
     pub kind: ActionKind,
+    /// The VNF acted on (empty for a host action).
     pub vnf_instance_id: String,
+    /// The compute host acted on (host actions, IFA 033 SecEnforce.004).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// The rule event, or "operator".
     pub trigger: String,
     /// What caused it: notification id, event detail, operator.
@@ -130,6 +135,11 @@ pub enum ActionKind {
     SecurityVnfAdd,
     SecurityVnfModify,
     SecurityVnfRemove,
+    /// IFA 033 Sc-Or.SecEnforce.004: take a compute host out of use.
+    HostOutOfUse,
+    /// IFA 033 Sc-Or.SecEnforce.003 same-host option: the other VNFs on a compromised
+    /// VNF's host(s).
+    SameHostTerminate,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +209,8 @@ pub enum StepKind {
     },
     /// Destroy the keys the agent holds for the VNF, and check them gone.
     EraseLocal,
+    /// A step against the VIM (host actions, [`hosts`]).
+    Host(hosts::HostStep),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +280,8 @@ pub struct Sm {
     subscription: std::sync::Mutex<Option<String>>,
     /// Notification bodies waiting in the processor's queue (bounded by [`QUEUED_BODIES`]).
     queued_bodies: std::sync::atomic::AtomicUsize,
+    /// The VIM client of host actions, connected on first use.
+    vim_client: tokio::sync::OnceCell<crate::vim::VimClient>,
     /// The Sc-Vi AMQP consumer's health.
     pub telemetry: telemetry::ConsumerStatus,
     /// Signalled when a trusted Sc-Vi event was journaled: the VIM view is re-read by query.
@@ -324,6 +338,8 @@ pub enum SmError {
     Invalid(String),
     #[error("reconciliation: {0}")]
     Reconcile(String),
+    #[error(transparent)]
+    Vim(crate::vim::VimError),
 }
 
 impl SmError {
@@ -338,6 +354,8 @@ impl SmError {
             SmError::NotFound(_) => 404,
             SmError::Invalid(_) => 422,
             SmError::Reconcile(_) => 502,
+            SmError::Vim(e) if e.status().is_some() => 502,
+            SmError::Vim(_) => 503,
         }
     }
 }
@@ -401,6 +419,7 @@ impl Sm {
             queued_bodies: std::sync::atomic::AtomicUsize::new(0),
             subscription: std::sync::Mutex::new(subscription),
             telemetry: telemetry::ConsumerStatus::default(),
+            vim_client: tokio::sync::OnceCell::new(),
             vim_changed: tokio::sync::Notify::new(),
         }))
     }
