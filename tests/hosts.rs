@@ -109,10 +109,16 @@ fn telemetry_config(cloud: &Cloud, dir_password: &std::path::Path, queue: &str) 
     let (credentials, host) = rest.split_once('@').expect("credentials in AMQP_URL");
     let (user, password) = credentials.split_once(':').expect("user:password");
     std::fs::write(dir_password, format!("{password}\n")).expect("password file");
+    let aodh = dir_password.with_file_name("aodh-secret");
+    std::fs::write(&aodh, "aodh-webhook-secret\n").expect("aodh secret");
     format!(
         r#"
 [sm.telemetry]
 clock_bound_seconds = 300
+
+[sm.telemetry.aodh]
+user = "aodh"
+secret = {{ file = "{aodh}" }}
 
 [sm.telemetry.amqp]
 url = "amqp://{host}"
@@ -121,7 +127,8 @@ password = {{ file = "{pw}" }}
 queue = "{queue}"
 durable_queue = false
 "#,
-        pw = dir_password.display()
+        pw = dir_password.display(),
+        aodh = aodh.display()
     )
 }
 
@@ -687,4 +694,53 @@ fn a_host_taken_out_of_use_is_emptied_quarantined_and_resumes_after_kill_9() {
     assert_eq!(service_on(cloud, &os, "fakehost2")["status"], "disabled");
     assert!(aggregate_hosts(cloud, &os, &aggregate).contains(&"fakehost2".to_string()));
     drop(cleanup);
+}
+
+/// The Aodh webhook: HTTP basic authentication, then the alarm is a journaled event.
+fn post_alarm(sm: &SmAgent, credentials: &str, body: &Value) -> u16 {
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(sm.dir().join("ca.pem"))
+        .args([
+            "-u",
+            credentials,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+        ])
+        .arg(body.to_string())
+        .arg(format!("https://127.0.0.1:{}/sm/v1/vim/alarms", sm.port))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+#[test]
+fn aodh_alarms_need_the_webhook_credentials() {
+    let cloud = Cloud::shared();
+    let name = format!("hosts-aodh-{}", unique());
+    let sm = start_sm(cloud, &format!("warden-test-{name}"), "");
+    let alarm = json!({ "alarm_id": name, "alarm_name": name, "current": "alarm",
+                        "previous": "ok", "reason": "threshold crossed", "severity": "critical" });
+    assert_eq!(post_alarm(&sm, "aodh:wrong", &alarm), 401);
+    assert!(!events(&sm).iter().any(|e| e["resourceId"] == name.as_str()));
+    assert_eq!(post_alarm(&sm, "aodh:aodh-webhook-secret", &alarm), 204);
+    let all = events(&sm);
+    let event = all
+        .iter()
+        .find(|e| e["resourceId"] == name.as_str())
+        .unwrap_or_else(|| panic!("no alarm event in {all:#?}"));
+    assert_eq!(event["eventType"], "alarm.state_transition");
+    assert_eq!(event["state"], "alarm");
+    assert!(event["interface"].as_str().unwrap_or("").contains("7.6"));
+    // The same transition posted again is the same event.
+    assert_eq!(post_alarm(&sm, "aodh:aodh-webhook-secret", &alarm), 204);
+    let again = events(&sm)
+        .iter()
+        .filter(|e| e["resourceId"] == name.as_str())
+        .count();
+    assert_eq!(again, 1);
 }

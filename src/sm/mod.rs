@@ -441,6 +441,7 @@ impl Sm {
             return;
         };
         self.start_telemetry();
+        self.start_vim_reconciliation();
         let sm = self.clone();
         tokio::spawn(async move {
             sm.connect_until_subscribed().await;

@@ -47,6 +47,22 @@ use crate::store::Table;
 pub const VI_EVENTS: Table<ViEvent> = Table::new("sm_vi_events");
 /// Message id -> its `sm_vi_events` key: the dedupe index.
 pub const VI_SEEN: Table<String> = Table::new("sm_vi_seen");
+/// The VIM as last read by query, by host: its nova-compute service and its servers.
+pub const VI_HOSTS: Table<ViHost> = Table::new("sm_vi_hosts");
+
+/// One compute host as the last reconciliation read it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ViHost {
+    /// `enabled` / `disabled`.
+    pub status: String,
+    /// `up` / `down`.
+    pub state: String,
+    #[serde(default)]
+    pub disabled_reason: Option<String>,
+    /// Server ids on the host.
+    pub servers: std::collections::BTreeSet<String>,
+}
 
 /// One VIM notification as journaled.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -169,6 +185,94 @@ impl Sm {
                 wait = (wait * 2).min(RECONNECT_MAX);
             }
         });
+    }
+
+    /// Reconciliation by query: on each trusted event (debounced) and every
+    /// `reconcile_seconds`, the services and servers are re-read from the VIM and what
+    /// changed per host is journaled and audited. Lost or forged messages do no harm: this
+    /// view comes from the authenticated API, never from a message.
+    pub(crate) fn start_vim_reconciliation(self: &Arc<Self>) {
+        if self.config.vim.is_none() {
+            return;
+        }
+        let sm = self.clone();
+        tokio::spawn(async move {
+            let period = Duration::from_secs(sm.config.reconcile_seconds.max(1));
+            loop {
+                if let Err(e) = sm.reconcile_vim().await {
+                    tracing::warn!(error = %crate::error::chain(&e), "Sc-Vi reconciliation");
+                }
+                tokio::select! {
+                    _ = sm.vim_changed.notified() => {
+                        // Let a burst of events settle into one re-read.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    _ = tokio::time::sleep(period) => {}
+                }
+            }
+        });
+    }
+
+    /// Re-read services and servers; journal each host whose view changed.
+    pub async fn reconcile_vim(&self) -> Result<usize, SmError> {
+        let vim = self.vim_client().await?;
+        let services = vim
+            .get(
+                crate::vim::Service::Compute,
+                "/os-services?binary=nova-compute",
+            )
+            .await?;
+        let servers = vim
+            .get_all(
+                crate::vim::Service::Compute,
+                "/servers/detail?all_tenants=1",
+                "servers",
+            )
+            .await?;
+        let mut hosts: std::collections::BTreeMap<String, ViHost> = Default::default();
+        for s in services["services"].as_array().into_iter().flatten() {
+            let Some(host) = s["host"].as_str() else {
+                continue;
+            };
+            hosts.insert(
+                host.to_string(),
+                ViHost {
+                    status: s["status"].as_str().unwrap_or_default().to_string(),
+                    state: s["state"].as_str().unwrap_or_default().to_string(),
+                    disabled_reason: s["disabled_reason"].as_str().map(String::from),
+                    servers: Default::default(),
+                },
+            );
+        }
+        for s in &servers {
+            if let (Some(host), Some(id)) = (s["OS-EXT-SRV-ATTR:host"].as_str(), s["id"].as_str()) {
+                hosts
+                    .entry(host.to_string())
+                    .or_default()
+                    .servers
+                    .insert(id.to_string());
+            }
+        }
+        let changed = self
+            .journal
+            .write_async(move |tx| {
+                let mut changed = 0;
+                for (host, now) in &hosts {
+                    let before = tx.get(&VI_HOSTS, host)?;
+                    if before.as_ref() == Some(now) {
+                        continue;
+                    }
+                    changed += 1;
+                    tx.put(&VI_HOSTS, host, now)?;
+                    tx.audit(
+                        crate::store::AuditEvent::new("warden-sm", "sm.vi.host", host.clone())
+                            .with_detail(json!({ "before": before, "now": now })),
+                    );
+                }
+                Ok(changed)
+            })
+            .await?;
+        Ok(changed)
     }
 
     /// One connection's life: connect, declare, consume until the connection ends.
