@@ -267,6 +267,8 @@ pub struct Sm {
     subscription: std::sync::Mutex<Option<String>>,
     /// Notification bodies waiting in the processor's queue (bounded by [`QUEUED_BODIES`]).
     queued_bodies: std::sync::atomic::AtomicUsize,
+    /// The VIM (Sc-Vi), when `[sm.vim]` is configured.
+    pub vim: Option<crate::vim::SharedVimLink>,
 }
 
 /// Notification bodies held in memory for the processor at most; beyond that the journal
@@ -381,7 +383,12 @@ impl Sm {
         let separator = if base.contains('?') { '&' } else { '?' };
         let callback_uri = format!("{base}{separator}sm={}&mode={}", sm.name, sm.mode);
         let (wake, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+        let vim = sm
+            .vim
+            .clone()
+            .map(|v| Arc::new(crate::vim::VimLink::new(v, backends.clone())));
         Ok(Arc::new(Sm {
+            vim,
             config: sm,
             nfvo: Arc::new(nfvo),
             store,
