@@ -952,3 +952,271 @@ fn strs(v: &Value) -> Vec<String> {
         .filter_map(|s| s.as_str().map(String::from))
         .collect()
 }
+
+/// Least rights: a user with only the `reader` role on the project. What needs admin fails
+/// with the VIM's 403 and its message (a clear error, never an empty or partial answer);
+/// the rest answers. The README's rights table is this test's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_user_gets_clear_refusals() {
+    let cloud = Cloud::shared();
+    let (vim, _s) = admin().await;
+    let info = vim.token_info().await.unwrap();
+    let name = unique("reader");
+    let password = unique("pw");
+    let user = vim
+        .post(
+            Service::Identity,
+            "/users",
+            &json!({"user": {"name": name, "password": password, "domain_id": "default"}}),
+        )
+        .await
+        .expect("create user")
+        .expect("user body");
+    let user_id = user["user"]["id"].as_str().unwrap().to_string();
+    let outcome = async {
+        let roles = vim.get(Service::Identity, "/roles?name=reader").await?;
+        let role = roles["roles"][0]["id"]
+            .as_str()
+            .expect("reader role")
+            .to_string();
+        vim.put(
+            Service::Identity,
+            &format!("/projects/{}/users/{user_id}/roles/{role}", info.project_id),
+            &json!({}),
+        )
+        .await?;
+        let secret = secret_file(&password);
+        let config = password_config(cloud, &name, cloud.get("OS_PROJECT_NAME"), &secret, "");
+        let reader = VimClient::connect(&config, None).await?;
+        assert_eq!(reader.token_info().await?.roles, vec!["reader".to_string()]);
+        let mut table = Vec::new();
+        for op in Operation::ALL {
+            let filter = match op {
+                Operation::Image => QueryFilter {
+                    id: Some(cloud.get("IMAGE_ID").into()),
+                    ..QueryFilter::default()
+                },
+                _ => QueryFilter::default(),
+            };
+            let line = match query(&reader, op, &filter).await {
+                Ok(QueryAnswer::Provided { .. }) => "answered".to_string(),
+                Ok(QueryAnswer::NotProvided { .. }) => "not provided".to_string(),
+                Err(e) => {
+                    // A refusal is the VIM's own, with its status and message.
+                    assert!(matches!(e.status(), Some(403)), "{}: {e}", op.name());
+                    assert!(
+                        !e.message().is_empty() && e.message() != "(no message)",
+                        "{}: {e}",
+                        op.name()
+                    );
+                    format!("refused: {e}")
+                }
+            };
+            table.push((op, line));
+        }
+        for (op, line) in &table {
+            eprintln!("reader\t{}\t{line}", op.name());
+        }
+        let of = |op: Operation| {
+            table
+                .iter()
+                .find(|(o, _)| *o == op)
+                .map(|(_, l)| l.clone())
+                .unwrap()
+        };
+        // Admin-only in Nova's default policy: hypervisors (NFVI-PoP compute information).
+        assert!(
+            of(Operation::NfviPopCompute).starts_with("refused"),
+            "{}",
+            of(Operation::NfviPopCompute)
+        );
+        assert!(
+            of(Operation::NfviPopCompute).contains("os-hypervisors"),
+            "{}",
+            of(Operation::NfviPopCompute)
+        );
+        // Readable by a reader.
+        for op in [
+            Operation::ComputeFlavours,
+            Operation::Images,
+            Operation::Image,
+            Operation::ComputeQuota,
+        ] {
+            assert_eq!(of(op), "answered", "{}", op.name());
+        }
+        Ok::<_, VimError>(())
+    }
+    .await;
+    vim.delete(Service::Identity, &format!("/users/{user_id}"))
+        .await
+        .expect("delete the reader user");
+    outcome.expect("reader session");
+}
+
+/// `warden sm vim ...` and `sm status` through a running agent's admin socket: a VNF whose
+/// VNFC runs on a server the test booted on fakehost2, as the NFVO (double) reports it.
+#[test]
+fn the_cli_over_the_admin_socket() {
+    use common::sm::{SmAgent, SmSetup};
+    let cloud = Cloud::shared();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (vim, _s) = runtime.block_on(admin());
+    let tag = unique("cli");
+    let server = runtime.block_on(async {
+        let flavors = vim
+            .get_all(Service::Compute, "/flavors/detail", "flavors")
+            .await
+            .unwrap();
+        let flavor = flavors
+            .iter()
+            .min_by_key(|f| f["ram"].as_u64().unwrap_or(u64::MAX))
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let s = vim
+            .post(
+                Service::Compute,
+                "/servers",
+                &json!({"server": {"name": format!("{tag}-vnfc"), "imageRef": cloud.get("IMAGE_ID"),
+                "flavorRef": flavor, "networks": "none", "availability_zone": "nova:fakehost2"}}),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        s["server"]["id"].as_str().unwrap().to_string()
+    });
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(until(
+            "server ACTIVE",
+            std::time::Duration::from_secs(240),
+            || async {
+                let s = vim
+                    .get(Service::Compute, &format!("/servers/{server}"))
+                    .await
+                    .ok()?;
+                assert_ne!(s["server"]["status"], "ERROR", "{s}");
+                (s["server"]["status"] == "ACTIVE").then_some(())
+            },
+        ));
+        let mut sm = SmAgent::new(SmSetup::default());
+        let secret = sm.dir().join("vim-password");
+        std::fs::write(&secret, format!("{}\n", cloud.get("OS_PASSWORD"))).unwrap();
+        let mut config = std::fs::read_to_string(&sm.agent.config).unwrap();
+        config += &format!(
+            "\n[sm.vim]\nauth_url = \"{}\"\nregion = \"RegionOne\"\n[sm.vim.password]\nuser = \"{}\"\nproject = \"{}\"\nsecret = {{ file = \"{}\" }}\n",
+            cloud.get("KEYSTONE_URL"),
+            cloud.get("OS_USERNAME"),
+            cloud.get("OS_PROJECT_NAME"),
+            secret.display()
+        );
+        std::fs::write(&sm.agent.config, config).unwrap();
+        let vnf = format!("{tag}-vnf");
+        sm.nfvo.add_ns("ns-vim", "ns-vim");
+        sm.nfvo
+            .add_vnf(&["ns-vim"], &vnf, "vnfd-1", "pkg-good", "profile-1");
+        sm.nfvo.set_vnfc_resources(&vnf, json!([{"id": "vnfc-1", "vduId": "VDU1", "computeResource": {"resourceId": server, "vimLevelResourceType": "OS::Nova::Server"}}]));
+        sm.start();
+
+        let hosts = sm.sm_json(&["vim", "hosts", "--json"]);
+        let h2 = hosts["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["hostId"] == "fakehost2")
+            .cloned()
+            .expect("fakehost2");
+        assert!(strs(&h2["vnfInstanceIds"]).contains(&vnf), "{h2}");
+        let text = sm.sm(&["vim", "hosts"]);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("fakehost2\t") && l.contains(&vnf)),
+            "{text}"
+        );
+        let servers = sm.sm_json(&["vim", "servers", "--vnf", &vnf, "--json"]);
+        assert_eq!(servers["hosts"], json!(["fakehost2"]));
+        assert_eq!(servers["vnfcs"][0]["location"]["serverId"], server.as_str());
+        let zones = sm.sm_json(&["vim", "zones", "--json"]);
+        assert!(zones["result"]["resourceZone"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|z| z["zoneId"] == "nova"));
+        let capacity = sm.sm_json(&["vim", "capacity", "--host", "fakehost2", "--json"]);
+        assert!(
+            capacity["result"]["hosts"][0]["capacityInformation"]["VCPU"]["allocatedCapacity"]
+                .as_f64()
+                .unwrap()
+                >= 1.0,
+            "{capacity}"
+        );
+        let quotas = sm.sm_json(&["vim", "quotas", "--json"]);
+        assert!(
+            quotas["compute-quota"]["result"]["virtualComputeQuota"]["numVcInstances"]["inUse"]
+                .as_u64()
+                .unwrap()
+                >= 1,
+            "{quotas}"
+        );
+        let nfp = sm.sm_json(&["vim", "query", "nfp", "--json"]);
+        assert_eq!(nfp["answer"], "NOT_PROVIDED");
+        let image = sm.sm_json(&[
+            "vim",
+            "query",
+            "image",
+            "--id",
+            cloud.get("IMAGE_ID"),
+            "--json",
+        ]);
+        assert_eq!(
+            image["result"]["softwareImageInformation"]["id"],
+            cloud.get("IMAGE_ID")
+        );
+        let status = sm.sm_json(&["status", "--json"]);
+        assert!(
+            status["vim"]["hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h["hostId"] == "fakehost2" && strs(&h["vnfInstanceIds"]).contains(&vnf)),
+            "{}",
+            status["vim"]
+        );
+        assert!(status["vim"]["zones"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|z| z["zoneId"] == "nova"));
+        // Bad input: one line with its cause.
+        for (args, cause) in [
+            (
+                vec!["sm", "vim", "query", "no-such-op"],
+                "no query operation 'no-such-op'",
+            ),
+            (
+                vec!["sm", "vim", "servers", "--vnf", "unknown-vnf"],
+                "unknown-vnf has no VNFC",
+            ),
+        ] {
+            let out = sm.agent.run(&args);
+            assert!(!out.status.success());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(cause) && err.trim().lines().count() == 1,
+                "{err}"
+            );
+        }
+    }));
+    runtime.block_on(async {
+        let _ = vim
+            .delete(Service::Compute, &format!("/servers/{server}"))
+            .await;
+    });
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}
