@@ -566,6 +566,13 @@ async fn queries_body(
 
     // IFA 005
     let cap = answer(&vim, ask(Operation::ComputeCapacity), &none).await;
+    assert!(matches!(
+        cap,
+        QueryAnswer::Provided {
+            scope: "ALL_PROJECTS",
+            ..
+        }
+    ));
     let cap = provided(&cap);
     for host in ["fakehost1", "fakehost2"] {
         let h = cap["hosts"]
@@ -999,7 +1006,11 @@ async fn a_reader_user_gets_clear_refusals() {
                 _ => QueryFilter::default(),
             };
             let line = match query(&reader, op, &filter).await {
-                Ok(QueryAnswer::Provided { .. }) => "answered".to_string(),
+                Ok(QueryAnswer::Provided { scope, .. }) => {
+                    // Without admin, lists are the project's own: the answer says so.
+                    assert_eq!(scope, "OWN_PROJECT");
+                    "answered".to_string()
+                }
                 Ok(QueryAnswer::NotProvided { .. }) => "not provided".to_string(),
                 Err(e) => {
                     // A refusal is the VIM's own, with its status and message.
