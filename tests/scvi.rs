@@ -1231,3 +1231,97 @@ fn the_cli_over_the_admin_socket() {
         std::panic::resume_unwind(p);
     }
 }
+
+/// A loopback TCP relay to `target` that can be taken down and brought back on the same port.
+struct Relay {
+    port: u16,
+    target: String,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    async fn start(target: &str) -> Relay {
+        let mut relay = Relay {
+            port: 0,
+            target: target.to_string(),
+            task: None,
+        };
+        relay.up().await;
+        relay
+    }
+
+    async fn up(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("bind the relay");
+        self.port = listener.local_addr().unwrap().port();
+        let target = self.target.clone();
+        self.task = Some(tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Stops accepting (the listener is dropped: connections are refused).
+    async fn down(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// Keystone unreachable when the SM first needs the VIM: a clear, transient error; once it
+/// is back the same link connects, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keystone_unreachable_then_back() {
+    let cloud = Cloud::shared();
+    let keystone = cloud.get("KEYSTONE_URL");
+    let authority = keystone
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut relay = Relay::start(&authority).await;
+    relay.down().await;
+    let secret = secret_file(cloud.get("OS_PASSWORD"));
+    let mut config = password_config(
+        cloud,
+        cloud.get("OS_USERNAME"),
+        cloud.get("OS_PROJECT_NAME"),
+        &secret,
+        "timeout_seconds = 10",
+    );
+    config.auth_url = format!("http://127.0.0.1:{}/v3", relay.port);
+    let link = nfv_warden::vim::VimLink::new(config, None);
+    match link.client().await {
+        Err(e @ VimError::Auth { status: None, .. }) => {
+            assert!(e.is_transient(), "{e}");
+            assert!(
+                e.to_string().contains(&format!("127.0.0.1:{}", relay.port)),
+                "{e}"
+            );
+        }
+        Err(other) => panic!("expected an unreachable Keystone, got {other}"),
+        Ok(_) => panic!("connected through a relay that is down"),
+    }
+    relay.up().await;
+    let vim = link
+        .client()
+        .await
+        .expect("Keystone back: the same link connects");
+    vim.get(Service::Compute, "/flavors")
+        .await
+        .expect("a query");
+    relay.down().await;
+}

@@ -386,7 +386,7 @@ impl Sm {
         let vim = sm
             .vim
             .clone()
-            .map(|v| Arc::new(crate::vim::VimLink::new(v, backends.clone())));
+            .map(|v| Arc::new(crate::vim::VimLink::new(v, Some(backends.clone()))));
         Ok(Arc::new(Sm {
             vim,
             config: sm,

@@ -25,12 +25,13 @@ use crate::keys::backends::Backends;
 /// connected the client renews its own tokens.
 pub struct VimLink {
     config: VimConfig,
-    backends: Backends,
+    /// For `[sm.vim.client]` (a key in the HSM/TPM); `None` without one.
+    backends: Option<Backends>,
     client: tokio::sync::Mutex<Option<VimClient>>,
 }
 
 impl VimLink {
-    pub fn new(config: VimConfig, backends: Backends) -> VimLink {
+    pub fn new(config: VimConfig, backends: Option<Backends>) -> VimLink {
         VimLink {
             config,
             backends,
@@ -44,7 +45,7 @@ impl VimLink {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = VimClient::connect(&self.config, Some(&self.backends)).await?;
+        let c = VimClient::connect(&self.config, self.backends.as_ref()).await?;
         *slot = Some(c.clone());
         Ok(c)
     }
