@@ -33,6 +33,7 @@
 //! POST   /sm/v1/security_vnfs                {nsInstanceId, vnfInstanceId, vnfProfileId} -> 202
 //! PATCH  /sm/v1/security_vnfs/{vnfId}        {nsInstanceId, vnfInstanceName, ...}       -> 202
 //! DELETE /sm/v1/security_vnfs/{vnfId}?nsInstanceId=X                              -> 202
+//! GET    /sm/v1/vim/...                      Sc-Vi queries (with [sm.vim]; src/vim/admin.rs)
 //! ```
 
 use std::os::unix::fs::PermissionsExt;
@@ -86,7 +87,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/ops/v1/keys/{key}/sign_test", post(key_sign_test))
         .with_state(Arc::new(state));
     match sm {
-        Some(sm) => ops.merge(routes(sm)),
+        Some(sm) => ops
+            .merge(routes(sm.clone()))
+            .merge(crate::vim::admin::routes(sm)),
         None => ops.route(
             "/sm/v1/{*rest}",
             axum::routing::any(|| async {

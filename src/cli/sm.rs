@@ -62,6 +62,9 @@ pub(super) enum SmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The VIM on Sc-Vi (IFA 033 clause 8): hosts, capacity, zones, servers, quotas, queries.
+    #[command(subcommand)]
+    Vim(super::vim::VimCommand),
 }
 
 #[derive(Args)]
@@ -167,6 +170,7 @@ pub(super) fn run(command: SmCommand, config: &Config) -> Result<ExitCode, Failu
     let socket = admin_socket(config);
     match command {
         SmCommand::Init(args) => init(args, config),
+        SmCommand::Vim(cmd) => super::vim::run(cmd, &socket),
         SmCommand::Status { json } => {
             let status = call(&socket, "GET", "/sm/v1/status", None)?;
             if json {
@@ -483,6 +487,37 @@ fn print_status(status: &Value) {
             ns.join(",")
         );
     }
+    // Sc-Vi: hosts and zones, when [sm.vim] is configured.
+    let vim = &status["vim"];
+    if let Some(error) = vim["error"].as_str() {
+        println!("VIM: {error}");
+    } else if !vim.is_null() {
+        println!("HOST\tstate\tstatus\tzone\tlocation\tVNFs");
+        for h in vim["hosts"].as_array().into_iter().flatten() {
+            let vnfs: Vec<&str> = h["vnfInstanceIds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            println!(
+                "{}\t{}\t{}\t{}\t{}\t{}",
+                h["hostId"].as_str().unwrap_or(""),
+                h["state"].as_str().unwrap_or("-"),
+                h["status"].as_str().unwrap_or("-"),
+                h["zoneId"].as_str().unwrap_or("-"),
+                h["physicalLocation"].as_str().unwrap_or("-"),
+                vnfs.join(",")
+            );
+        }
+        let zones: Vec<&str> = vim["zones"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|z| z["zoneName"].as_str())
+            .collect();
+        println!("zones: {}", zones.join(", "));
+    }
 }
 
 fn segment(id: &str) -> Result<&str, Failure> {
@@ -490,7 +525,12 @@ fn segment(id: &str) -> Result<&str, Failure> {
 }
 
 /// One request to the admin socket; ProblemDetails become the error line.
-fn call(socket: &Path, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
+pub(super) fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, Failure> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -95,17 +95,13 @@ const HOOKS_ENV: &str = "WARDEN_TEST_HOOKS";
 const MIGRATION_ACTIONS: [&str; 2] = ["live-migration", "migrate"];
 
 impl Sm {
-    /// The VIM client of `[sm.vim]`, connected on first use.
-    pub async fn vim_client(&self) -> Result<&VimClient, SmError> {
-        let config = self
-            .config
+    /// The VIM client of `[sm.vim]` (part A's link: connected on first use, shared).
+    pub async fn vim_client(&self) -> Result<VimClient, SmError> {
+        let link = self
             .vim
             .as_ref()
             .ok_or_else(|| SmError::Invalid("no [sm.vim] configured".into()))?;
-        self.vim_client
-            .get_or_try_init(|| VimClient::connect(config, Some(&self.backends)))
-            .await
-            .map_err(SmError::Vim)
+        link.client().await.map_err(SmError::Vim)
     }
 
     /// SecEnforce.004: journal a host action and run it.
@@ -145,7 +141,7 @@ impl Sm {
             host: host.to_string(),
             reason,
         })];
-        let servers = servers_on(vim, host).await?;
+        let servers = servers_on(&vim, host).await?;
         let vnfs = if disposition == HostDisposition::Terminate {
             self.vnfs_of_servers(&servers).await?
         } else {
@@ -231,7 +227,7 @@ impl Sm {
             .as_ref()
             .map(|v| v.host_locations.clone())
             .unwrap_or_default();
-        crate::vim::host_map(vim, &self.nfvo, &locations)
+        crate::vim::host_map(&vim, &self.nfvo, &locations)
             .await
             .map_err(|e| SmError::Reconcile(crate::error::chain(&e)))
     }
@@ -310,7 +306,7 @@ impl Sm {
         let StepKind::Host(op) = action.steps[index].kind.clone() else {
             return Ok(());
         };
-        let vim = self.vim_client().await?.clone();
+        let vim = self.vim_client().await?;
         match op {
             HostStep::DisableService { host, reason } => {
                 let id = service_of(&vim, &host).await?["id"]
@@ -417,7 +413,7 @@ impl Sm {
         let StepKind::Host(op) = action.steps[index].kind.clone() else {
             return Ok(());
         };
-        let vim = self.vim_client().await?.clone();
+        let vim = self.vim_client().await?;
         match op {
             HostStep::DisableService { host, .. } => {
                 let service = service_of(&vim, &host).await?;

@@ -280,12 +280,12 @@ pub struct Sm {
     subscription: std::sync::Mutex<Option<String>>,
     /// Notification bodies waiting in the processor's queue (bounded by [`QUEUED_BODIES`]).
     queued_bodies: std::sync::atomic::AtomicUsize,
-    /// The VIM client of host actions, connected on first use.
-    vim_client: tokio::sync::OnceCell<crate::vim::VimClient>,
     /// The Sc-Vi AMQP consumer's health.
     pub telemetry: telemetry::ConsumerStatus,
     /// Signalled when a trusted Sc-Vi event was journaled: the VIM view is re-read by query.
     pub vim_changed: tokio::sync::Notify,
+    /// The VIM (Sc-Vi), when `[sm.vim]` is configured.
+    pub vim: Option<crate::vim::SharedVimLink>,
 }
 
 /// Notification bodies held in memory for the processor at most; beyond that the journal
@@ -404,7 +404,12 @@ impl Sm {
         let separator = if base.contains('?') { '&' } else { '?' };
         let callback_uri = format!("{base}{separator}sm={}&mode={}", sm.name, sm.mode);
         let (wake, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+        let vim = sm
+            .vim
+            .clone()
+            .map(|v| Arc::new(crate::vim::VimLink::new(v, Some(backends.clone()))));
         Ok(Arc::new(Sm {
+            vim,
             config: sm,
             nfvo: Arc::new(nfvo),
             store,
@@ -419,7 +424,6 @@ impl Sm {
             queued_bodies: std::sync::atomic::AtomicUsize::new(0),
             subscription: std::sync::Mutex::new(subscription),
             telemetry: telemetry::ConsumerStatus::default(),
-            vim_client: tokio::sync::OnceCell::new(),
             vim_changed: tokio::sync::Notify::new(),
         }))
     }

@@ -713,9 +713,7 @@ impl VimClient {
             .ok_or_else(|| self.auth_error(Some(201), "token without expires_at".into()))?;
         let expires_at = humantime::parse_rfc3339_weak(expires_text.trim_end_matches('Z'))
             .map_err(|e| self.auth_error(Some(201), format!("expires_at '{expires_text}': {e}")))?;
-        let now = SystemTime::now();
-        let lifetime = expires_at.duration_since(now).unwrap_or(Duration::ZERO);
-        let renew_at = expires_at - self.inner.renew_before.min(lifetime / 2);
+        let renew_at = renew_at(SystemTime::now(), expires_at, self.inner.renew_before);
         let (endpoints, missing) = self.catalog(&t["catalog"])?;
         let info = TokenInfo {
             user_id: t["user"]["id"].as_str().unwrap_or_default().to_string(),
@@ -1119,6 +1117,14 @@ enum Sent {
     TooLarge,
 }
 
+/// When to renew a token: `renew_before` ahead of its expiry, or half-way through its life
+/// when that is shorter (a short-lived token is not renewed on every request, nor used
+/// until it expires mid-request).
+fn renew_at(now: SystemTime, expires_at: SystemTime, renew_before: Duration) -> SystemTime {
+    let lifetime = expires_at.duration_since(now).unwrap_or(Duration::ZERO);
+    expires_at - renew_before.min(lifetime / 2)
+}
+
 fn endpoint_of(token: &Token, service: Service) -> Result<&Endpoint, VimError> {
     token
         .endpoints
@@ -1300,7 +1306,8 @@ pub fn error_message(body: &[u8]) -> String {
     }
     if let Ok(v) = serde_json::from_slice::<Value>(body) {
         if let Some(m) = find(&v, 0) {
-            return shorten(&m);
+            // One line: Placement's messages carry blank lines.
+            return shorten(&m.split_whitespace().collect::<Vec<_>>().join(" "));
         }
     }
     let text = String::from_utf8_lossy(body);
@@ -1327,6 +1334,22 @@ fn shorten(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_renewed_ahead_of_expiry() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let hour = Duration::from_secs(3600);
+        let five = Duration::from_secs(300);
+        assert_eq!(renew_at(now, now + hour, five), now + hour - five);
+        // Short-lived (2 min): at half its life, not at once.
+        let two = Duration::from_secs(120);
+        assert_eq!(
+            renew_at(now, now + two, five),
+            now + Duration::from_secs(60)
+        );
+        // Already expired: renew now.
+        assert!(renew_at(now, now - two, five) <= now);
+    }
 
     #[test]
     fn urls_are_checked() {

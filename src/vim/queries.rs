@@ -163,6 +163,10 @@ pub enum QueryAnswer {
     Provided {
         operation: Operation,
         clause: &'static str,
+        /// Whose resources the answer covers: `ALL_PROJECTS` with the admin role;
+        /// `OWN_PROJECT` without it (Neutron, Cinder and Glance then list only the session's
+        /// project and shared resources, without an error: said here, never hidden).
+        scope: &'static str,
         /// The OpenStack calls that produced it.
         calls: Vec<String>,
         result: Value,
@@ -238,10 +242,12 @@ pub async fn query(
 ) -> Result<QueryAnswer, VimError> {
     let mut calls = Vec::new();
     let outcome = run(vim, operation, filter, &mut calls).await?;
+    let admin = vim.token_info().await?.roles.iter().any(|r| r == "admin");
     Ok(match outcome {
         Ok(result) => QueryAnswer::Provided {
             operation,
             clause: operation.clause(),
+            scope: if admin { "ALL_PROJECTS" } else { "OWN_PROJECT" },
             calls,
             result,
         },
