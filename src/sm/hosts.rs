@@ -253,7 +253,13 @@ impl Sm {
                         server, baseline, ..
                     } = &mut op
                     {
-                        *baseline = Some(self.migrations_of(server).await?);
+                        match self.migrations_of(server).await {
+                            Ok(count) => *baseline = Some(count),
+                            Err(e) => {
+                                self.settle(action, index, Err(e)).await?;
+                                continue;
+                            }
+                        }
                     }
                     action.steps[index].kind = StepKind::Host(op);
                     action.steps[index].attempts += 1;
@@ -285,7 +291,17 @@ impl Sm {
         index: usize,
         outcome: Result<(), SmError>,
     ) -> Result<(), SmError> {
+        let migrating = matches!(
+            action.steps[index].kind,
+            StepKind::Host(HostStep::MigrateServer { .. })
+        );
         match outcome {
+            Err(SmError::Vim(e)) if migrating && e.status() == Some(404) => {
+                // Deleted meanwhile (by its owner): it is off the host all the same.
+                let detail = format!("the server no longer exists: {e}");
+                self.set_step(action, index, StepState::Completed, None, Some(detail))
+                    .await
+            }
             Err(SmError::Vim(e)) if !e.is_transient() => {
                 let detail = format!("{e}");
                 self.set_step(action, index, StepState::Failed, None, Some(detail))
