@@ -76,6 +76,14 @@ certificate = "$state/ca.pem"
 [cmf]
 client_ca = "$state/vnfm-root.pem"
 
+# The demo VNFM's trust domain: the names it may register (README "Names and trust domains").
+[[cmf.trust_domain]]
+id = "demo"
+dns_suffixes = ["vnf.example"]
+vnfc_id_patterns = ["vnfc-*"]
+ip_ranges = ["192.0.2.0/24"]
+cas = ["default"]
+
 [[cmf.consumer]]
 id = "vnfm-demo"
 trust_domain = "demo"

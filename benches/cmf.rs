@@ -277,6 +277,12 @@ certificate = "{d}/ca.pem"
 client_ca = "{d}/vnfm-root.pem"
 group_commit_max = 128
 
+[[cmf.trust_domain]]
+id = "operator-a"
+dns_suffixes = ["vnf.example"]
+vnfc_id_patterns = ["*"]
+cas = ["default"]
+
 [[cmf.consumer]]
 id = "vnfm-a"
 trust_domain = "operator-a"

@@ -20,8 +20,9 @@ use x509_cert::ext::pkix::crl::dp::DistributionPoint;
 use x509_cert::ext::pkix::name::DistributionPointName;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, CertificatePolicies, CrlDistributionPoints,
-    ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName, SubjectKeyIdentifier,
+    AccessDescription, AuthorityInfoAccessSyntax, AuthorityKeyIdentifier, BasicConstraints,
+    CertificatePolicies, CrlDistributionPoints, ExtendedKeyUsage, KeyUsage, KeyUsages,
+    SubjectAltName, SubjectKeyIdentifier,
 };
 use x509_cert::ext::{Extension, ToExtension};
 use x509_cert::name::Name;
@@ -64,6 +65,9 @@ pub struct LeafProfile {
     pub extended_key_usage: Vec<ObjectIdentifier>,
     pub subject_alt_names: Vec<GeneralName>,
     pub crl_distribution_point: Option<String>,
+    /// The OCSP responder's URL, as an authorityInfoAccess id-ad-ocsp entry (RFC 5280
+    /// 4.2.2.1, RFC 6960 3.1).
+    pub ocsp_url: Option<String>,
     /// certificatePolicies, e.g. the TCG key-provenance OIDs after a verified attestation.
     pub policies: Vec<ObjectIdentifier>,
 }
@@ -82,6 +86,7 @@ impl LeafProfile {
                 .map(|s| general_name(s))
                 .collect::<Result<_, _>>()?,
             crl_distribution_point: None,
+            ocsp_url: None,
             policies: Vec::new(),
         })
     }
@@ -174,6 +179,17 @@ impl BuilderProfile for Issuing {
                             .to_extension(tbs.subject(), &extensions)?,
                     );
                 }
+                if let Some(uri) = &leaf.ocsp_url {
+                    extensions.push(
+                        AuthorityInfoAccessSyntax(vec![AccessDescription {
+                            access_method: const_oid::db::rfc5280::ID_AD_OCSP,
+                            access_location: GeneralName::UniformResourceIdentifier(
+                                Ia5String::new(uri)?,
+                            ),
+                        }])
+                        .to_extension(tbs.subject(), &extensions)?,
+                    );
+                }
                 if !leaf.policies.is_empty() {
                     let policies = leaf
                         .policies
@@ -204,16 +220,9 @@ pub fn general_name(text: &str) -> Result<GeneralName, CaError> {
             .map(GeneralName::IpAddress)
             .map_err(|_| CaError::SubjectAltName(text.into()));
     }
-    let valid = !text.is_empty()
-        && text.len() <= 253
-        && text.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
-        });
-    if !valid {
+    // The preferred name syntax (cmf::names): no `-lead`, `_`, empty labels or a wildcard
+    // inside a label, which relying parties and pkilint reject.
+    if crate::cmf::names::check_host_name(text).is_err() {
         return Err(CaError::SubjectAltName(text.into()));
     }
     Ia5String::new(text)

@@ -94,6 +94,26 @@ pub struct MetricsConfig {
     /// Listen address; plain HTTP, so keep it on loopback or a management network.
     #[serde(default = "default_metrics_listen")]
     pub listen: SocketAddr,
+    /// Connections open at once; beyond, a new one is closed at once. A scraper needs one
+    /// or two: the cap only keeps a stray client from holding descriptors.
+    #[serde(default = "default_metrics_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a client has to send the request headers (as `[server]`).
+    #[serde(default = "default_metrics_header_read_timeout_seconds")]
+    pub header_read_timeout_seconds: u64,
+    /// Seconds a connection may stay open without a request (as `[server]`).
+    #[serde(default = "default_metrics_idle_timeout_seconds")]
+    pub idle_timeout_seconds: u64,
+}
+
+fn default_metrics_max_connections() -> usize {
+    16
+}
+fn default_metrics_header_read_timeout_seconds() -> u64 {
+    10
+}
+fn default_metrics_idle_timeout_seconds() -> u64 {
+    60
 }
 
 fn default_metrics_listen() -> SocketAddr {
@@ -191,9 +211,34 @@ pub struct TpmConfig {
     /// agent never takes ownership nor changes hierarchy auth).
     #[serde(default)]
     pub owner_auth: Option<SecretSource>,
-    /// How many times one command reconnects to the TPM before it fails as unavailable.
+    /// How many times one command reconnects to the TPM (within its deadline) before it
+    /// fails as unavailable and the TPM is marked down.
     #[serde(default = "default_recovery_attempts")]
     pub recovery_attempts: u32,
+    /// Deadline of one TPM command, in milliseconds: a caller waits at most this long for
+    /// the answer, then gets 503 (unavailable); a command still in the TPM past it makes the
+    /// agent abandon that connection and build a new one.
+    #[serde(default = "default_tpm_command_timeout_ms")]
+    pub command_timeout_ms: u64,
+    /// Deadline of a key generation (TPM2_Create, TPM2_CreatePrimary), in milliseconds: a
+    /// hardware TPM takes seconds for an RSA key.
+    #[serde(default = "default_tpm_keygen_timeout_ms")]
+    pub keygen_timeout_ms: u64,
+    /// Callers that may wait on the TPM at once. More wait for a slot only while the TPM
+    /// keeps answering, and are refused (503) once it stalls. Keep it well below the
+    /// server's blocking threads (16), so a hung TPM cannot hold them all.
+    #[serde(default = "default_tpm_max_waiting_commands")]
+    pub max_waiting_commands: usize,
+}
+
+fn default_tpm_command_timeout_ms() -> u64 {
+    5_000
+}
+fn default_tpm_keygen_timeout_ms() -> u64 {
+    60_000
+}
+fn default_tpm_max_waiting_commands() -> usize {
+    8
 }
 
 fn default_tcti() -> String {
@@ -431,12 +476,299 @@ pub struct CmfConfig {
     /// Aliases of attestation format OIDs: OID -> "tpm2-certify" | "x509-key-certificate".
     #[serde(default)]
     pub attestation_formats: std::collections::BTreeMap<String, String>,
+    /// Anchoring attesters in a TPM PKI, and freshness nonces (issue 10 §2).
+    #[serde(default)]
+    pub attestation: AttestationConfig,
     /// Certificate profiles by certType; defaults apply to a type not listed.
     #[serde(default)]
     pub profile: std::collections::BTreeMap<String, ProfileConfig>,
     /// Writes batched into one durable commit at most (group commit).
     #[serde(default = "default_group_commit")]
     pub group_commit_max: usize,
+    /// Direct mode (IFA 033 9.1, 10.3.2): the CMF follows the VNF lifecycle of these VNFMs
+    /// (Cm-Vnfm, SOL 003 vnflcm v2) and enrolls their VNFC instances itself; absent = off.
+    #[serde(default)]
+    pub direct: Option<DirectConfig>,
+    /// Revocation: CRLs and the OCSP responder (`[cmf.revocation]`), on by default.
+    #[serde(default)]
+    pub revocation: RevocationConfig,
+    /// Trust domains: the names, certTypes and CAs their consumers may use (issue 10). Every
+    /// consumer's `trust_domain` must be one of them; no domain permits every name.
+    #[serde(default, rename = "trust_domain")]
+    pub trust_domains: Vec<TrustDomainConfig>,
+    /// A VNFC identifier is certified in the subject commonName (always); with this, also as
+    /// the subjectAltName URI `urn:etsi:nfv:vnfc:<id>` (RFC 5280 permits URNs, but pkilint
+    /// 0.13 flags every URN as pkix.invalid_uri_syntax, so it is off by default).
+    #[serde(default)]
+    pub vnfc_id_uri: bool,
+}
+
+/// `[cmf.direct]`: the notification endpoint and the loops shared by every VNFM followed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectConfig {
+    /// Seconds between two reconciliations (subscriptions, the paged list of VNF instances,
+    /// Query VNF of every VNF followed): what a lost notification costs at most.
+    #[serde(default = "default_direct_reconcile_seconds")]
+    pub reconcile_seconds: u64,
+    /// Lifetime of an enrollment credential (single use), in seconds.
+    #[serde(default = "default_enrollment_seconds")]
+    pub enrollment_seconds: u64,
+    /// Largest notification body accepted.
+    #[serde(default = "default_sm_max_body")]
+    pub max_body_bytes: usize,
+    /// The VNFMs followed.
+    #[serde(default, rename = "vnfm")]
+    pub vnfms: Vec<DirectVnfmConfig>,
+}
+
+fn default_direct_reconcile_seconds() -> u64 {
+    300
+}
+fn default_enrollment_seconds() -> u64 {
+    3600
+}
+
+/// `[[cmf.direct.vnfm]]`: one VNFM producing VNF LCM (SOL 003 vnflcm v2) for the CMF.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectVnfmConfig {
+    /// Local name: the notification path, the consumer name of its VNFCs' certificates.
+    pub id: String,
+    /// The trust domain of this VNFM; its VNFCs' registrations belong to it.
+    pub trust_domain: String,
+    /// apiRoot, `https://host:port[/prefix]`; `http://` only to a loopback address
+    /// (a development VNFM on the same host).
+    pub api_root: String,
+    /// PEM roots of the VNFM's (and the token endpoint's) server certificate; https only.
+    #[serde(default)]
+    pub tls_roots: Option<PathBuf>,
+    /// The CMF's TLS client key towards this VNFM, in the HSM/TPM (https only).
+    #[serde(default)]
+    pub client_key: Option<KeyRef>,
+    /// Its certificate chain (PEM, leaf first).
+    #[serde(default)]
+    pub client_certificate: Option<PathBuf>,
+    /// How the CMF authenticates to the VNFM's API.
+    pub auth: VnfmAuthConfig,
+    /// VNF products in direct mode, by vnfdId; a VNF matching none of `vnfd_ids`,
+    /// `vnf_product_names` or `vnf_instance_ids` is not followed.
+    #[serde(default)]
+    pub vnfd_ids: Vec<String>,
+    /// VNF products in direct mode, by vnfProductName.
+    #[serde(default)]
+    pub vnf_product_names: Vec<String>,
+    /// Single VNF instances in direct mode.
+    #[serde(default)]
+    pub vnf_instance_ids: Vec<String>,
+    /// The CMF CA (cmf.ca id, or "default") that issues these VNFCs' certificates; the first
+    /// CA issuing VNFCI_CERT when absent.
+    #[serde(default)]
+    pub issuing_ca: Option<String>,
+    /// The callback URI given to the VNFM; default
+    /// `https://<server.listen>/cmf/v1/direct/notifications/<id>`.
+    #[serde(default)]
+    pub callback_uri: Option<String>,
+    /// How the VNFM authenticates its notifications: BASIC or OAUTH2_CLIENT_CREDENTIALS
+    /// (SOL 013 8.3.4; Tacker sends both, not TLS_CERT).
+    pub notification_auth: NotificationAuth,
+    /// BASIC: the password given to the VNFM (user name = `id`); OAUTH2: the client secret.
+    pub notification_secret: SecretSource,
+    /// The EST URL written into the enrollment credential handed to each VNFC; default
+    /// `https://<server.listen>/.well-known/est/direct`.
+    #[serde(default)]
+    pub est_url: Option<String>,
+    /// Per-request timeout.
+    #[serde(default = "default_nfvo_timeout")]
+    pub timeout_seconds: u64,
+}
+
+/// The VNFM API's authentication as the real VNFMs offer it: Tacker behind Keystone v3
+/// (password or application credential), or SOL 013 8.2 OAuth 2.0 client credentials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum VnfmAuthConfig {
+    /// Keystone v3 password authentication, project-scoped.
+    KeystonePassword {
+        /// Keystone v3 endpoint, e.g. `https://keystone:5000/v3`.
+        url: String,
+        user: String,
+        #[serde(default = "default_domain")]
+        user_domain: String,
+        project: String,
+        #[serde(default = "default_domain")]
+        project_domain: String,
+        password: SecretSource,
+    },
+    /// Keystone v3 application credential (its own scope).
+    KeystoneApplicationCredential {
+        url: String,
+        id: String,
+        secret: SecretSource,
+    },
+    /// OAuth 2.0 client credentials (RFC 6749 4.4).
+    Oauth2 {
+        token_url: String,
+        client_id: String,
+        client_secret: SecretSource,
+    },
+}
+
+fn default_domain() -> String {
+    "Default".into()
+}
+
+/// `[cmf.revocation]`: CRLs per issuing CA (RFC 5280 5) and an OCSP responder (RFC 6960),
+/// both signed by the CA key in the HSM/TPM and served over plain HTTP on a listener of their
+/// own: relying parties fetch them without client certificates, and often without TLS at all
+/// (a CRL or OCSP response is signed; RFC 5280 8 and RFC 6960 5 do not rely on transport).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// false: no listener, no CRL DP / AIA in issued certificates, no CRLs made.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Plain-HTTP listener for `/crl/{caId}.crl` and `/ocsp`. Default: the `[server]` listen
+    /// address with port 8080 (port 0, any free port, when the server's port is 0).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// The URL relying parties reach that listener at, written into issued certificates
+    /// (CRL distribution point `{base_url}/crl/{caId}.crl`, AIA OCSP `{base_url}/ocsp`).
+    /// Default: `http://{listen address}:{port}`, or, when listening on every address, the
+    /// first DNS name of the agent's TLS certificate.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// A CRL's nextUpdate is thisUpdate plus this (RFC 5280 5.1.2.5).
+    #[serde(default = "default_crl_validity_seconds")]
+    pub crl_validity_seconds: u64,
+    /// A CRL is made again when its nextUpdate is less than this far away, even without a
+    /// revocation (relying parties never see an expired CRL while the agent runs).
+    #[serde(default = "default_crl_regenerate_before_seconds")]
+    pub crl_regenerate_before_seconds: u64,
+    /// After a revocation, wait this long for more before making the CRL (one signature for
+    /// a burst, e.g. a VNF's certificates revoked one by one).
+    #[serde(default = "default_crl_debounce_ms")]
+    pub crl_debounce_ms: u64,
+    /// nextUpdate of OCSP responses (RFC 6960 2.4): how long a relying party may cache one.
+    #[serde(default = "default_ocsp_validity_seconds")]
+    pub ocsp_validity_seconds: u64,
+    /// Open connections at most on the revocation listener; beyond it a new connection is
+    /// closed at once.
+    #[serde(default = "default_revocation_max_connections")]
+    pub max_connections: usize,
+    /// Request line and headers of one request (and the wait for the next on a kept-alive
+    /// connection), and the whole of an OCSP POST body.
+    #[serde(default = "default_revocation_read_timeout_seconds")]
+    pub read_timeout_seconds: u64,
+    /// Largest OCSP request (POST body or base64 GET path) accepted.
+    #[serde(default = "default_ocsp_max_request_bytes")]
+    pub ocsp_max_request_bytes: usize,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            enabled: true,
+            listen: None,
+            base_url: None,
+            crl_validity_seconds: default_crl_validity_seconds(),
+            crl_regenerate_before_seconds: default_crl_regenerate_before_seconds(),
+            crl_debounce_ms: default_crl_debounce_ms(),
+            ocsp_validity_seconds: default_ocsp_validity_seconds(),
+            max_connections: default_revocation_max_connections(),
+            read_timeout_seconds: default_revocation_read_timeout_seconds(),
+            ocsp_max_request_bytes: default_ocsp_max_request_bytes(),
+        }
+    }
+}
+
+impl RevocationConfig {
+    /// Values that would make CRLs expire before they are replaced, or refuse every client.
+    pub fn check(&self) -> Result<(), String> {
+        if self.crl_validity_seconds < 60 {
+            return Err("cmf.revocation.crl_validity_seconds: at least 60".into());
+        }
+        if self.crl_regenerate_before_seconds >= self.crl_validity_seconds {
+            return Err(
+                "cmf.revocation.crl_regenerate_before_seconds must be less than \
+                 crl_validity_seconds"
+                    .into(),
+            );
+        }
+        if self.ocsp_validity_seconds == 0
+            || self.max_connections == 0
+            || self.read_timeout_seconds == 0
+            || self.ocsp_max_request_bytes < 64
+        {
+            return Err(
+                "cmf.revocation: ocsp_validity_seconds, max_connections and \
+                 read_timeout_seconds must be at least 1, ocsp_max_request_bytes at least 64"
+                    .into(),
+            );
+        }
+        if let Some(url) = &self.base_url {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.ends_with('/')
+                || !url.is_ascii()
+            {
+                return Err(format!(
+                    "cmf.revocation.base_url '{url}': an http:// URL without a trailing '/'"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_crl_validity_seconds() -> u64 {
+    7 * 86_400
+}
+fn default_crl_regenerate_before_seconds() -> u64 {
+    3 * 86_400
+}
+fn default_crl_debounce_ms() -> u64 {
+    500
+}
+fn default_ocsp_validity_seconds() -> u64 {
+    3_600
+}
+fn default_revocation_max_connections() -> usize {
+    256
+}
+fn default_revocation_read_timeout_seconds() -> u64 {
+    10
+}
+fn default_ocsp_max_request_bytes() -> usize {
+    8 * 1024
+}
+
+/// `[[cmf.trust_domain]]`: what the consumers of one trust domain may register. A name is
+/// permitted when it is inside the list for its kind; an empty list permits no name of that
+/// kind (see `cmf::names` and the README, "Names and trust domains").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustDomainConfig {
+    pub id: String,
+    /// DNS names permitted: each suffix itself and every name under it (label boundary).
+    #[serde(default)]
+    pub dns_suffixes: Vec<String>,
+    /// VNFC identifiers permitted: shell-style patterns (`*`, `?`), e.g. "vnfc-*".
+    #[serde(default)]
+    pub vnfc_id_patterns: Vec<String>,
+    /// IP addresses permitted: CIDR ranges, e.g. "10.20.0.0/16", "2001:db8::/48".
+    #[serde(default)]
+    pub ip_ranges: Vec<String>,
+    /// CAs that issue for this domain (ids of `[[cmf.ca]]`, or "default" for `[ca]`), in
+    /// order of preference: Register without caId takes the first that issues the certType.
+    pub cas: Vec<String>,
+    /// certTypes its consumers may register. MANO_CERT (serverAuth+clientAuth certificates
+    /// for MANO entities' FQDNs) only when listed.
+    #[serde(default = "default_domain_cert_types")]
+    pub cert_types: Vec<String>,
+}
+
+fn default_domain_cert_types() -> Vec<String> {
+    vec!["VNFCI_CERT".into(), "VNF_OAM_CERT".into()]
 }
 
 fn default_max_body_bytes() -> usize {
@@ -444,6 +776,62 @@ fn default_max_body_bytes() -> usize {
 }
 fn default_group_commit() -> usize {
     64
+}
+
+/// `[cmf.attestation]`: which TPM PKI anchors attesters, what an unanchored one earns, and
+/// the freshness nonces and AK challenges.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// PEM files of TPM manufacturer (EK) and attestation (AK) CA roots. Empty: no attester
+    /// is ever anchored, and no certificate gets the TCG policies 2.23.133.11.1.1 / .2.
+    #[serde(default)]
+    pub roots: Vec<PathBuf>,
+    /// A valid attestation by an attester that is not anchored: "issue" (issued without the
+    /// TCG policies, recorded "verified-unanchored") or "refuse" (422).
+    #[serde(default)]
+    pub unanchored: UnanchoredPolicy,
+    /// Lifetime of a freshness nonce, seconds.
+    #[serde(default = "default_attestation_ttl")]
+    pub nonce_ttl_seconds: u64,
+    /// Lifetime of an AK credential challenge, seconds.
+    #[serde(default = "default_attestation_ttl")]
+    pub challenge_ttl_seconds: u64,
+    /// Require a CMF nonce in every TPM attestation's qualifying data (unless the
+    /// registration pins expectedQualifyingData).
+    #[serde(default)]
+    pub require_nonce: bool,
+    /// Unused nonces (and, separately, challenges) one registration may hold at once.
+    #[serde(default = "default_attestation_outstanding")]
+    pub max_outstanding: usize,
+}
+
+impl Default for AttestationConfig {
+    fn default() -> Self {
+        AttestationConfig {
+            roots: Vec::new(),
+            unanchored: UnanchoredPolicy::default(),
+            nonce_ttl_seconds: default_attestation_ttl(),
+            challenge_ttl_seconds: default_attestation_ttl(),
+            require_nonce: false,
+            max_outstanding: default_attestation_outstanding(),
+        }
+    }
+}
+
+fn default_attestation_ttl() -> u64 {
+    300
+}
+fn default_attestation_outstanding() -> usize {
+    32
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnanchoredPolicy {
+    #[default]
+    Issue,
+    Refuse,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -459,8 +847,23 @@ pub enum UnattestedPolicy {
 pub struct ConsumerConfig {
     /// The identity in the client certificate.
     pub id: String,
-    /// Consumers of different trust domains never see each other's registrations.
+    /// Consumers of different trust domains never see each other's registrations; the
+    /// domain (`[[cmf.trust_domain]]`) says which names, certTypes and CAs it may use.
     pub trust_domain: String,
+    /// Narrowing for this consumer: a name must be permitted by the domain and by these
+    /// (absent = the domain's alone).
+    #[serde(default)]
+    pub dns_suffixes: Option<Vec<String>>,
+    #[serde(default)]
+    pub vnfc_id_patterns: Option<Vec<String>>,
+    #[serde(default)]
+    pub ip_ranges: Option<Vec<String>>,
+    /// A subset of the domain's CAs, in order of preference.
+    #[serde(default)]
+    pub cas: Option<Vec<String>>,
+    /// A subset of the domain's certTypes.
+    #[serde(default)]
+    pub cert_types: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -580,6 +983,10 @@ impl Config {
         if let Some(sm) = &self.sm {
             sm.check()?;
         }
+        if let Some(cmf) = &self.cmf {
+            cmf.revocation.check()?;
+            crate::cmf::names::check_config(cmf)?;
+        }
         if self.health.probe_seconds == 0 || self.health.probe_timeout_seconds == 0 {
             return Err(
                 "health: probe_seconds and probe_timeout_seconds must be at least 1".into(),
@@ -665,6 +1072,26 @@ fn one_line_toml_error(error: &toml::de::Error) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn revocation_settings_that_would_let_a_crl_expire_are_refused() {
+        let base = "[cmf]\nclient_ca = \"/x\"\n[cmf.revocation]\n";
+        let refused = |extra: &str| Config::parse(&format!("{base}{extra}")).unwrap_err();
+        assert!(
+            refused("crl_validity_seconds = 100\ncrl_regenerate_before_seconds = 100")
+                .contains("crl_regenerate_before_seconds")
+        );
+        assert!(refused("crl_validity_seconds = 10").contains("crl_validity_seconds"));
+        assert!(refused("max_connections = 0").contains("max_connections"));
+        assert!(refused("base_url = \"ftp://x\"").contains("base_url"));
+        assert!(refused("bogus = 1").contains("bogus"));
+        let ok = Config::parse(&format!("{base}base_url = \"http://pki.example:8080\""))
+            .expect("parses");
+        assert_eq!(
+            ok.cmf.unwrap().revocation.base_url.as_deref(),
+            Some("http://pki.example:8080")
+        );
+    }
+
     /// The annotated reference config must stay a valid config showing the defaults.
     #[test]
     fn reference_config_parses_and_shows_the_defaults() {
@@ -677,6 +1104,31 @@ mod tests {
         assert_eq!(tpm.key_handle_first, default_key_handle_first());
         assert_eq!(tpm.key_handle_last, default_key_handle_last());
         let cmf = config.cmf.expect("cmf");
+        let revocation = &cmf.revocation;
+        let defaults = RevocationConfig::default();
+        assert!(revocation.enabled && revocation.listen.is_none());
+        assert_eq!(
+            revocation.crl_validity_seconds,
+            defaults.crl_validity_seconds
+        );
+        assert_eq!(
+            revocation.crl_regenerate_before_seconds,
+            defaults.crl_regenerate_before_seconds
+        );
+        assert_eq!(revocation.crl_debounce_ms, defaults.crl_debounce_ms);
+        assert_eq!(
+            revocation.ocsp_validity_seconds,
+            defaults.ocsp_validity_seconds
+        );
+        assert_eq!(revocation.max_connections, defaults.max_connections);
+        assert_eq!(
+            revocation.read_timeout_seconds,
+            defaults.read_timeout_seconds
+        );
+        assert_eq!(
+            revocation.ocsp_max_request_bytes,
+            defaults.ocsp_max_request_bytes
+        );
         assert_eq!(cmf.max_body_bytes, default_max_body_bytes());
         assert_eq!(cmf.group_commit_max, default_group_commit());
         let profile = &cmf.profile["VNFCI_CERT"];

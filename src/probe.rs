@@ -150,6 +150,9 @@ impl ProbeSettings {
 #[derive(Clone)]
 pub struct Probe {
     state: watch::Receiver<Readiness>,
+    /// Read between rounds: a commit refused since the last round (a full disk) makes the
+    /// store check not ready at once, not up to `probe_seconds` later.
+    store: Arc<Store>,
 }
 
 impl Probe {
@@ -182,7 +185,7 @@ impl Probe {
         let runner = Runner {
             targets,
             backends,
-            store,
+            store: store.clone(),
             settings,
             key_probes: Vec::new(),
             store_probe: None,
@@ -190,12 +193,26 @@ impl Probe {
             last_expiry: None,
         };
         tokio::spawn(runner.run(publish));
-        Probe { state }
+        Probe { state, store }
     }
 
-    /// The last probe round's result.
+    /// The last probe round's result, with the store check failed when a commit was refused
+    /// since ([`Store::accepting_commits`]: no write of its own; the next round's probe
+    /// write is what finds the store working again).
     pub fn readiness(&self) -> Readiness {
-        self.state.borrow().clone()
+        let mut readiness = self.state.borrow().clone();
+        if !self.store.accepting_commits() {
+            for check in readiness.checks.iter_mut().filter(|c| c.name == "store") {
+                if check.ready {
+                    check.ready = false;
+                    check.reason = Some(
+                        "the last commit was refused; the next probe round writes again"
+                            .to_string(),
+                    );
+                }
+            }
+        }
+        readiness
     }
 
     /// A receiver that sees every change of the readiness.

@@ -140,7 +140,11 @@ async fn register_csr_and_openssl_verifies_the_chain() {
         .unwrap()
         .unwrap();
     let names: Vec<String> = san.0.iter().map(|n| format!("{n:?}")).collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    // The host name only: the VNFC identifier vnfc-1 is the subject CN, never a dNSName
+    // (issue 10, README "Names and trust domains").
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].contains("vnfc-1.vnf.example"), "{names:?}");
+    assert_eq!(leaf.tbs_certificate().subject().to_string(), "CN=vnfc-1");
     let validity = leaf.tbs_certificate().validity();
     let lifetime = validity.not_after.to_unix_duration() - validity.not_before.to_unix_duration();
     assert!(
@@ -220,7 +224,7 @@ mod tpm_attested {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn tpm_attested_csr_is_issued_with_tcg_policies_and_forgeries_are_refused() {
+    async fn tpm_attested_csr_is_issued_without_an_anchor_and_forgeries_are_refused() {
         let (attested, plain, ak_pem) = vectors(KeyAlgorithm::EcP256, NONCE);
         let (wrong_nonce, _, _) = vectors(KeyAlgorithm::Rsa2048, b"another nonce");
         let mut agent = CmfAgent::new("");
@@ -252,22 +256,18 @@ mod tpm_attested {
         let issued = vnfm.post_json(CSRS, &csr_body(&attested)).await.unwrap();
         assert_eq!(issued.status, 201, "{}", issued.problem_detail());
         let issued = issued.json().unwrap();
-        assert_eq!(issued["attestation"], "verified");
+        // The AK is the consumer's own, anchored in no TPM PKI: verified, but no TCG policy
+        // (issue 10 §2; the anchored cases are in tests/attest.rs).
+        assert_eq!(issued["attestation"], "verified-unanchored");
         let leaf = nfv_warden::pki::certificates_from_pem(issued["certificate"].as_str().unwrap())
             .unwrap()
             .remove(0);
         use x509_cert::ext::pkix::CertificatePolicies;
-        let (_, policies) = leaf
+        assert!(leaf
             .tbs_certificate()
             .get_extension::<CertificatePolicies>()
             .unwrap()
-            .unwrap();
-        let oids: Vec<String> = policies
-            .0
-            .iter()
-            .map(|p| p.policy_identifier.to_string())
-            .collect();
-        assert_eq!(oids, ["2.23.133.11.1.1", "2.23.133.11.1.2"]);
+            .is_none());
         agent.stop();
         assert_eq!(issued_count(&agent), 1, "only the attested CSR was issued");
     }
@@ -388,10 +388,11 @@ async fn every_refusal_has_its_status_and_reason() {
         "belongs to another consumer",
         c.get(&format!("{REGISTRATIONS}/{id}")).await.unwrap(),
     ));
+    // One manager per name (issue 10): 409, without naming a consumer of another domain.
     cases.push((
         "other trust domain registers the same subject",
-        403,
-        "managed by another consumer",
+        409,
+        "managed by a consumer of another trust domain",
         c.post_json(REGISTRATIONS, &register_body(&["vnfc-a1"]))
             .await
             .unwrap(),
@@ -930,14 +931,23 @@ async fn ca_key_unavailable_is_503_with_retry_after_then_recovers() {
         response.problem_detail()
     );
 
+    // Back without a restart: the agent reconnects with backoff; until it has, CSRs keep
+    // getting 503 (polled with a generous bound, not timed).
     swtpm.restart();
-    let response = vnfm.post_json(CSRS, &body).await.unwrap();
-    assert_eq!(
-        response.status,
-        201,
-        "service back once the TPM is: {}",
-        response.problem_detail()
-    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let response = vnfm.post_json(CSRS, &body).await.unwrap();
+        if response.status == 201 {
+            break;
+        }
+        assert_eq!(response.status, 503, "{}", response.problem_detail());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "service not back once the TPM is: {}",
+            response.problem_detail()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     drop(vnfm);
     agent.stop();
     assert_eq!(

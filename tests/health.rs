@@ -689,3 +689,60 @@ fn sd_notify_ready_status_and_watchdog() {
     let checked = agent.ok(&["check"]);
     assert!(checked.contains("audit chain of"), "{checked}");
 }
+
+/// The metrics listener has the HTTPS listener's limits (issue 8 section 1): a connection
+/// that sends no request is closed (header-read timeout), and beyond `max_connections` a new
+/// connection is closed at once and counted, while the listener keeps answering.
+#[test]
+fn metrics_listener_closes_silent_connections_and_caps_connections() {
+    let metrics = free_port();
+    let mut agent = CmfAgent::new(&format!(
+        "{}max_connections = 2\nheader_read_timeout_seconds = 5\n",
+        health_config(metrics)
+    ));
+    agent.start();
+    poll("the metrics listener answers", || {
+        http_get(metrics, "/livez").ok().filter(|(s, _)| *s == 200)
+    });
+
+    // Two silent connections hold both slots; a third gets no answer to its request: it is
+    // closed at once (until the silent ones are closed by the header-read timeout, which the
+    // third connection follows within milliseconds).
+    let silent: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", metrics)).expect("connect"))
+        .collect();
+    let refused = http_get(metrics, "/livez");
+    assert!(
+        refused.is_err(),
+        "a third connection was served: {refused:?}"
+    );
+
+    // The silent ones are closed by the server (end of stream, or a reset), not left open.
+    for mut stream in silent {
+        stream.set_read_timeout(Some(BOUND)).expect("read timeout");
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(0) => {}
+            Ok(n) => panic!("{n} bytes on a connection that sent no request"),
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+                ),
+                "the silent connection was not closed: {e}"
+            ),
+        }
+    }
+    // Slots free again: served, and the refusal is in the metrics.
+    let (status, text) = poll("/metrics after the silent connections closed", || {
+        http_get(metrics, "/metrics").ok()
+    });
+    assert_eq!(status, 200);
+    let refused = sample(
+        &text,
+        "warden_connections_refused_total{reason=\"max_connections\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(refused >= 1.0, "{text}");
+    agent.stop();
+}

@@ -155,3 +155,47 @@ fn logged_out_under_the_agent_logs_in_again() {
         store.recovery_stats()
     );
 }
+
+/// `open` heals like every operation: a library finalized by someone else in the process
+/// (CKR_CRYPTOKI_NOT_INITIALIZED on C_GetSlotList) is re-initialized and the token found,
+/// instead of reporting a present token as missing. A token that does not exist is still
+/// reported as such.
+#[test]
+fn open_reinitializes_a_library_finalized_by_someone_else() {
+    let _turn = one_at_a_time();
+    let tokens = process_tokens();
+    let label = "test-token-1";
+    let config = config_for(label, tokens.dir.path().join(format!("{label}.pin")), 2);
+    // The library is shared by the process: make sure it is loaded, then finalize it
+    // behind the layer's back.
+    drop(Pkcs11KeyStore::open(&config).expect("open"));
+    unsafe {
+        let raw = cryptoki_sys::Pkcs11::new(common::softhsm::MODULE).expect("dlopen");
+        assert_eq!(raw.C_Finalize(std::ptr::null_mut()), cryptoki_sys::CKR_OK);
+    }
+    let store = Pkcs11KeyStore::open(&config).expect("open after C_Finalize by someone else");
+    assert!(store.recovery_stats().reinitializations >= 1);
+    let key = store
+        .generate(&KeySpec {
+            label: "after-finalize".into(),
+            algorithm: KeyAlgorithm::EcP256,
+        })
+        .expect("generate");
+    let sig = sign_once_recovered(&store, &key.reference, b"opened after finalize");
+    suite::verify(
+        &key.public_key.spki_der,
+        SignatureScheme::EcdsaSha256,
+        b"opened after finalize",
+        &sig,
+    );
+
+    let missing = config_for(
+        "no-such-token",
+        tokens.dir.path().join(format!("{label}.pin")),
+        2,
+    );
+    let err = Pkcs11KeyStore::open(&missing)
+        .err()
+        .expect("a missing token");
+    assert!(matches!(err, KeyError::TokenNotFound(_)), "{err:?}");
+}

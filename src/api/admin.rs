@@ -9,6 +9,7 @@
 //! GET    /ops/v1/certificates?consumer=&after=&limit=    a page of issued certificates
 //! GET    /ops/v1/certificates/{serial}       one certificate, with its PEM
 //! GET    /ops/v1/certificates/{serial}/pem?chain=true     PEM (and the CA chain)
+//! POST   /ops/v1/certificates/{serial}/revoke  {reason}  revoke (audited with the caller)
 //! GET    /ops/v1/audit/verify                the audit chain recomputed: entries, head hash
 //! GET    /ops/v1/audit?after=&limit=         audit entries
 //! GET    /ops/v1/keys                        keys of every backend
@@ -17,6 +18,9 @@
 //! GET    /ops/v1/keys/{key}                  one key (the reference percent-encoded)
 //! DELETE /ops/v1/keys/{key}?vnfInstanceId=X  destroy, verify gone, record the erasure
 //! POST   /ops/v1/keys/{key}/sign_test        {scheme, count}
+//! GET    /ops/v1/registrations?consumer=     CMF registrations, every consumer's
+//! POST   /ops/v1/registrations/{id}/transfer {to}: to another consumer, as policy permits
+//! DELETE /ops/v1/registrations/{id}          deregister (as the consumer's DELETE does)
 //!
 //! (only with [sm] configured)
 //! GET    /sm/v1/status                       NSs and VNFs, packages and integrity (6.3)
@@ -80,11 +84,26 @@ pub fn router(state: AdminState) -> Router {
         .route("/ops/v1/certificates", get(certificates))
         .route("/ops/v1/certificates/{serial}", get(certificate))
         .route("/ops/v1/certificates/{serial}/pem", get(certificate_pem))
+        .route(
+            "/ops/v1/certificates/{serial}/revoke",
+            post(certificate_revoke),
+        )
         .route("/ops/v1/audit/verify", get(audit_verify))
         .route("/ops/v1/audit", get(audit_list))
         .route("/ops/v1/keys", get(keys_list).post(keys_generate))
         .route("/ops/v1/keys/{key}", get(key_show).delete(key_destroy))
         .route("/ops/v1/keys/{key}/sign_test", post(key_sign_test))
+        .route("/ops/v1/registrations", get(registrations_list))
+        .route(
+            "/ops/v1/registrations/{id}",
+            axum::routing::delete(registration_delete),
+        )
+        .route(
+            "/ops/v1/registrations/{id}/transfer",
+            post(registration_transfer),
+        )
+        .route("/cmf/v1/direct/vnfs", get(direct_vnfs))
+        .route("/cmf/v1/direct/vnfcs/{id}", get(direct_vnfc))
         .with_state(Arc::new(state));
     match sm {
         Some(sm) => ops
@@ -228,6 +247,27 @@ fn ops_error(e: &OpsError) -> Response {
     problem(e.status(), &crate::error::chain(e))
 }
 
+/// CMF direct mode: the VNF inventory (`warden cmf vnfs`).
+async fn direct_vnfs(State(state): State<Arc<AdminState>>) -> Response {
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || crate::cmf::direct::vnfs_view(&store)).await {
+        Ok(Ok(view)) => Json(view).into_response(),
+        Ok(Err(e)) => problem(503, &format!("store: {e}")),
+        Err(e) => problem(500, &e.to_string()),
+    }
+}
+
+/// CMF direct mode: one VNFC (`warden cmf vnfc`).
+async fn direct_vnfc(State(state): State<Arc<AdminState>>, Path(id): Path<String>) -> Response {
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || crate::cmf::direct::vnfc_view(&store, &id)).await {
+        Ok(Ok(Some(view))) => Json(view).into_response(),
+        Ok(Ok(None)) => problem(404, "no such VNFC in the direct-mode inventory"),
+        Ok(Err(e)) => problem(503, &format!("store: {e}")),
+        Err(e) => problem(500, &e.to_string()),
+    }
+}
+
 async fn check(State(state): State<Arc<AdminState>>) -> Response {
     blocking(StatusCode::OK, move || {
         Ok(ops::check::AgentCheck {
@@ -274,6 +314,95 @@ async fn certificate_pem(
     blocking(StatusCode::OK, move || {
         ops::certs::export(&state.store, &state.config, &serial, query.chain)
             .map(|pem| json!({ "pem": pem }))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn certificate_revoke(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(serial): Path<String>,
+    Json(body): Json<RevokeBody>,
+) -> Response {
+    let Some(cmf) = &state.cmf else {
+        return problem(
+            409,
+            "this agent does not run the CMF ([cmf] is not configured): nothing to revoke",
+        );
+    };
+    let reason = match body.reason.as_deref() {
+        None => crate::cmf::revoke::RevocationReason::Unspecified,
+        Some(text) => match text.parse::<crate::cmf::revoke::RevocationReason>() {
+            Ok(reason) => reason,
+            Err(e) => return problem(400, &e),
+        },
+    };
+    match cmf.revoke_by_operator(&serial, reason, &caller.0).await {
+        Ok(status) => (StatusCode::OK, Json(status)).into_response(),
+        Err(e) => problem(e.status(), &e.to_string()),
+    }
+}
+
+async fn registrations_list(
+    State(state): State<Arc<AdminState>>,
+    Query(query): Query<ops::registrations::RegistrationQuery>,
+) -> Response {
+    blocking(StatusCode::OK, move || {
+        ops::registrations::list(&state.store, &state.config, &query)
+    })
+    .await
+}
+
+async fn registration_transfer(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Json(request): Json<ops::registrations::TransferRequest>,
+) -> Response {
+    blocking(StatusCode::OK, move || {
+        // The running CMF's policy; an agent without [cmf] has none to transfer under.
+        let policies = match &state.cmf {
+            Some(cmf) => cmf.policies().clone(),
+            None => crate::cmf::names::Policies::from_config(&state.config)
+                .map_err(OpsError::Refused)?,
+        };
+        ops::registrations::transfer(
+            &state.store,
+            &state.config,
+            &policies,
+            &id,
+            &request.to,
+            &caller.0,
+        )
+    })
+    .await
+}
+
+async fn registration_delete(
+    State(state): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Response {
+    let cmf = state.cmf.clone();
+    blocking(StatusCode::OK, move || {
+        let (registration, revoked) = ops::registrations::delete(&state.store, &id, &caller.0)?;
+        // The running agent remakes the CRLs of the CAs that just got revocations.
+        if let Some(cmf) = &cmf {
+            cmf.crl_signal.mark(
+                revoked
+                    .revoked
+                    .iter()
+                    .filter_map(|key| key.split_once('/').map(|(ca, _)| ca.to_string())),
+            );
+        }
+        Ok(registration)
     })
     .await
 }

@@ -31,7 +31,8 @@ use x509_cert::Certificate;
 use super::cmf::{problem_response, read_body, Problem};
 use super::ClientIdentity;
 use crate::cmf::csr::VerifiedCsr;
-use crate::cmf::register::{owned_by, subject_key};
+use crate::cmf::names::{stored_index_key, SubjectName};
+use crate::cmf::register::owned_by;
 use crate::cmf::{issue, CertType, Cmf, CmfError, Consumer, CERTIFICATES, REGISTRATIONS, SUBJECTS};
 
 /// The media type of EST responses that carry certificates (RFC 7030 4.1.3, 4.2.3).
@@ -270,10 +271,15 @@ fn check_renewal(
     vnfc_id: &str,
     verified: &VerifiedCsr,
 ) -> Result<(), CmfError> {
-    let mut names = verified.requested_names();
+    // In the canonical form the records keep (names.rs).
+    let mut names: Vec<String> = verified
+        .requested_names()
+        .iter()
+        .map(|n| SubjectName::parse(n).map_or_else(|_| n.clone(), |s| s.canonical()))
+        .collect();
     names.sort();
     let (registration, held) = cmf.store.read(|tx| {
-        let Some(id) = tx.get(&SUBJECTS, &subject_key(EST_CERT_TYPE, vnfc_id))? else {
+        let Some(id) = tx.get(&SUBJECTS, &stored_index_key(vnfc_id))? else {
             return Ok((None, false));
         };
         let Some(registration) = tx.get(&REGISTRATIONS, &id)? else {

@@ -69,18 +69,38 @@ pub fn metrics_routes(health: Health) -> Router {
     routes(health).route("/metrics", get(crate::metrics::handler))
 }
 
-/// Serve [`metrics_routes`] on `listener` until `shutdown` resolves.
+/// The limits of the metrics listener (`[metrics]`): the HTTPS listener's mechanism
+/// ([`super::serve_plain`]) with a small connection cap; no request of its own has a body.
+pub fn metrics_limits(config: &crate::config::MetricsConfig) -> super::ServerLimits {
+    use std::time::Duration;
+    super::ServerLimits {
+        // No TLS on this listener: the handshake limits are never used.
+        handshake_timeout: Duration::from_secs(config.header_read_timeout_seconds),
+        header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds),
+        body_read_timeout: Duration::from_secs(config.header_read_timeout_seconds),
+        idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
+        max_connections: config.max_connections,
+        max_handshakes: 1,
+        max_concurrent_streams: 1,
+        drain: Duration::from_secs(1),
+    }
+}
+
+/// Serve [`metrics_routes`] on `listener` under `limits` until `shutdown` resolves.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     health: Health,
+    limits: super::ServerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    if let Err(e) = axum::serve(listener, metrics_routes(health))
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        tracing::error!(error = %e, "metrics listener");
-    }
+    super::serve_plain(
+        listener,
+        metrics_routes(health),
+        limits,
+        std::sync::Arc::new(super::ServerStats::default()),
+        shutdown,
+    )
+    .await;
 }
 
 async fn livez(State(health): State<Health>) -> Response {

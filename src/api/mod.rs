@@ -4,9 +4,12 @@
 //! a verified client certificate reaches handlers as [`ClientIdentity`].
 
 pub mod admin;
+pub mod attestation;
 pub mod cmf;
+pub mod direct;
 pub mod est;
 pub mod health;
+pub mod revocation;
 pub mod sm;
 
 use std::net::SocketAddr;
@@ -35,6 +38,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub cmf: Option<Arc<crate::cmf::Cmf>>,
     pub sm: Option<Arc<crate::sm::Sm>>,
+    /// CMF direct mode (notification endpoint, direct EST enrollment).
+    pub direct: Option<Arc<crate::cmf::direct::Direct>>,
     /// Liveness and the cached readiness (`/livez`, `/healthz`, `/readyz`).
     pub health: health::Health,
 }
@@ -197,7 +202,12 @@ pub fn router(state: AppState) -> Router {
     let mut router = health::routes(state.health.clone());
     if let Some(cmf) = &state.cmf {
         router = router.merge(cmf::routes(cmf.clone()));
+        router = router.merge(attestation::routes(cmf.clone()));
         router = router.merge(est::routes(cmf.clone()));
+        router = router.merge(revocation::consumer_routes(cmf.clone()));
+    }
+    if let Some(direct) = &state.direct {
+        router = router.merge(direct::routes(direct.clone()));
     }
     if let Some(sm) = &state.sm {
         router = router.merge(sm::routes(sm.clone()).layer(axum::middleware::from_fn(
@@ -372,6 +382,30 @@ pub async fn serve(
     stats: Arc<ServerStats>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    serve_with(listener, Some(tls), app, limits, stats, shutdown).await;
+}
+
+/// [`serve`] without TLS, for the plain-HTTP metrics listener: the same connection cap,
+/// header-read, body and idle timeouts and drain (the handshake limits do not apply), so
+/// that a client of that listener can hold no more than a client of the HTTPS one.
+pub async fn serve_plain(
+    listener: TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    stats: Arc<ServerStats>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    serve_with(listener, None, app, limits, stats, shutdown).await;
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    app: Router,
+    limits: ServerLimits,
+    stats: Arc<ServerStats>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -457,7 +491,8 @@ pub async fn serve(
 
 /// What every connection task shares.
 struct Connections {
-    tls: Arc<rustls::ServerConfig>,
+    /// `None`: plain HTTP ([`serve_plain`]).
+    tls: Option<Arc<rustls::ServerConfig>>,
     app: Router,
     builder: auto::Builder<TokioExecutor>,
     handshakes: Arc<tokio::sync::Semaphore>,
@@ -472,8 +507,12 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 impl Connections {
     async fn serve_connection(self: &Arc<Self>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+        let Some(config) = self.tls.clone() else {
+            let (identity, certificate) = (ClientIdentity(None), PeerCertificate(None));
+            return self.serve_io(tcp, identity, certificate, peer).await;
+        };
         let deadline = tokio::time::Instant::now() + self.limits.handshake_timeout;
-        let tls = match tokio::time::timeout_at(deadline, self.handshake(tcp)).await {
+        let tls = match tokio::time::timeout_at(deadline, self.handshake(tcp, config)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 self.stats
@@ -502,6 +541,20 @@ impl Connections {
             ClientIdentity::from_certificate(leaf)
         });
         let peer_certificate = PeerCertificate(leaf);
+        self.serve_io(tls, identity, peer_certificate, peer).await;
+    }
+
+    /// HTTP on an established connection (TLS or plain), until it ends, is closed by a
+    /// limit, or the server drains.
+    async fn serve_io<I>(
+        self: &Arc<Self>,
+        io: I,
+        identity: ClientIdentity,
+        peer_certificate: PeerCertificate,
+        peer: SocketAddr,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let activity = Arc::new(Activity::new());
         let service = {
             let app = TowerToHyperService::new(self.app.clone());
@@ -519,7 +572,7 @@ impl Connections {
         };
         let conn = self
             .builder
-            .serve_connection_with_upgrades(TokioIo::new(tls), service);
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         let mut closing = self.closing.subscribe();
         let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
@@ -563,6 +616,7 @@ impl Connections {
     async fn handshake(
         &self,
         tcp: tokio::net::TcpStream,
+        config: Arc<rustls::ServerConfig>,
     ) -> std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
         let _in_flight = Gauge::up(&self.stats, |s| &s.handshakes_in_flight);
         let _slot = self
@@ -572,7 +626,6 @@ impl Connections {
             .map_err(std::io::Error::other)?;
         let start =
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
-        let config = self.tls.clone();
         let accept = tokio::task::spawn_blocking(move || start.into_stream(config))
             .await
             .map_err(std::io::Error::other)?;

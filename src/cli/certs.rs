@@ -31,6 +31,18 @@ pub(super) enum CertsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke a certificate (RFC 5280 5.3.1 reason), through the running agent: audited with
+    /// the caller, then in the CA's next CRL and at once in OCSP answers.
+    Revoke {
+        /// Serial (hex, colons allowed) or `caId/serial`.
+        serial: String,
+        /// unspecified, keyCompromise, cACompromise, affiliationChanged, superseded,
+        /// cessationOfOperation, certificateHold, privilegeWithdrawn (or kebab-case).
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// The certificate as PEM, and with --chain its CA's certificates up to the root.
     Export {
         serial: String,
@@ -98,6 +110,38 @@ pub(super) fn run(command: CertsCommand, config: &Config) -> Result<ExitCode, Fa
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
                 print_certificate(&view);
+            }
+        }
+        CertsCommand::Revoke {
+            serial,
+            reason,
+            json,
+        } => {
+            let reason: nfv_warden::cmf::revoke::RevocationReason =
+                reason.parse().map_err(Failure)?;
+            let agent = agent.ok_or_else(|| {
+                Failure(
+                    "no agent is running: `warden certs revoke` goes through the running agent, \
+                     which publishes the new CRL (start `warden serve`)"
+                        .into(),
+                )
+            })?;
+            let status: nfv_warden::cmf::revoke::RevocationStatus = agent.post(
+                &format!("/ops/v1/certificates/{}/revoke", segment(&serial)),
+                serde_json::json!({ "reason": reason.as_str() }),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else if status.revoked_now {
+                println!(
+                    "revoked {}/{}: {} at {}",
+                    status.ca_id, status.serial_number, status.reason, status.revoked_at
+                );
+            } else {
+                println!(
+                    "{}/{} was revoked before: {} at {}",
+                    status.ca_id, status.serial_number, status.reason, status.revoked_at
+                );
             }
         }
         CertsCommand::Export { serial, chain } => {

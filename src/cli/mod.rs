@@ -21,8 +21,10 @@ mod agent;
 mod audit;
 mod certs;
 mod check;
+mod cmf;
 mod init;
 mod keys;
+mod registrations;
 mod serve;
 mod sm;
 // Not `store`: that name is the library's store module here (`store::KEYS`).
@@ -102,6 +104,10 @@ enum Command {
     /// The audit hash chain: verify, list (through the running agent when it serves).
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// The CMF: registrations of every consumer (list, transfer, delete) and direct mode's
+    /// VNF inventory (`vnfs`, `vnfc`).
+    #[command(subcommand)]
+    Cmf(cmf::CmfCommand),
 }
 
 /// A failure, already phrased for the operator, and what kind of failure it is (which picks
@@ -241,6 +247,7 @@ fn run(command: Command, config: &Config) -> Result<ExitCode, Failure> {
         Command::Keys(cmd) => keys(cmd, config),
         Command::Certs(cmd) => certs::run(cmd, config),
         Command::Audit(cmd) => audit::run(cmd, config),
+        Command::Cmf(cmd) => cmf::run(cmd, config),
         Command::Ca(CaCommand::Init(args)) => ca_init(args, config),
         Command::Store(cmd) => store_command::run(cmd, config),
         Command::Tls(TlsCommand::Init {

@@ -47,6 +47,11 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
             ),
             None => None,
         };
+        let direct = match &cmf {
+            Some(cmf) => nfv_warden::cmf::direct::Direct::new(config, &backends, cmf.clone(), addr)
+                .map_err(Failure)?,
+            None => None,
+        };
         // The admin socket, always: the operator's commands reach the store and devices the
         // agent holds through it.
         let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
@@ -68,10 +73,48 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
             tokio::spawn(nfv_warden::api::health::serve_metrics(
                 listener,
                 health.clone(),
+                nfv_warden::api::health::metrics_limits(metrics),
                 async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 },
             ));
+        }
+        // Revocation (CRLs, OCSP) on its own plain-HTTP listener, bound before anything is
+        // issued: certificates carry its URLs.
+        if let (Some(cmf), Some(cmf_config)) = (&cmf, &config.cmf) {
+            if cmf.crls().enabled() {
+                let settings = &cmf_config.revocation;
+                let listen = settings.listen.unwrap_or_else(|| {
+                    let port = if server.listen.port() == 0 { 0 } else { 8080 };
+                    std::net::SocketAddr::new(server.listen.ip(), port)
+                });
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| Failure(format!("revocation listener on {listen}: {e}")))?;
+                let bound = listener.local_addr()?;
+                let base = match &settings.base_url {
+                    Some(url) => url.clone(),
+                    None => nfv_warden::api::revocation::default_base_url(bound, &server)
+                        .map_err(Failure)?,
+                };
+                tracing::info!(addr = %bound, url = %base, "serving CRLs and OCSP (plain HTTP)");
+                cmf.set_revocation_base_url(base);
+                let mut stopped = stop_admin.subscribe();
+                tokio::spawn(nfv_warden::api::revocation::serve(
+                    listener,
+                    nfv_warden::api::revocation::routes(cmf.clone()),
+                    settings.max_connections,
+                    std::time::Duration::from_secs(settings.read_timeout_seconds),
+                    Arc::new(nfv_warden::api::revocation::RevocationStats::default()),
+                    async move {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    },
+                ));
+            }
+            let mut stopped = stop_admin.subscribe();
+            tokio::spawn(cmf.clone().run_crl_task(async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }));
         }
         let admin = nfv_warden::api::admin::AdminState {
             config: Arc::new(config.clone()),
@@ -95,16 +138,23 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         nfv_warden::api::health::notify_systemd(&probe, addr);
         println!("listening on https://{addr}");
+        if let (Some(sm), Some(cmf)) = (&sm, &cmf) {
+            sm.attach_cmf(cmf.clone());
+        }
         let app = nfv_warden::api::router(nfv_warden::api::AppState {
             backends,
             store,
             cmf,
             sm: sm.clone(),
+            direct: direct.clone(),
             health,
         });
         // The callback endpoint is served from here on: subscribe only now (IFA 033 6.2).
         if let Some(sm) = &sm {
             sm.start();
+        }
+        if let Some(direct) = &direct {
+            direct.start();
         }
         nfv_warden::api::serve(listener, tls, app, limits, server_stats, async {
             nfv_warden::api::termination_signal().await;

@@ -54,6 +54,9 @@ pub struct VerifiedCsr {
     pub common_names: Vec<String>,
     /// dNSName and URI subject alternative names requested.
     pub alt_names: Vec<String>,
+    /// URIs the CMF itself vouches for from the VNF lifecycle (direct mode: the VNF
+    /// instance's VNFC and VDU); never taken from the CSR, added to the SANs as they are.
+    pub lifecycle_uris: Vec<String>,
 }
 
 impl VerifiedCsr {
@@ -192,6 +195,7 @@ pub fn verify(der: &[u8]) -> Result<VerifiedCsr, CmfError> {
         key_type,
         common_names,
         alt_names,
+        lifecycle_uris: Vec::new(),
     })
 }
 

@@ -12,7 +12,6 @@ use der::{Decode, Encode};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use spki::{ObjectIdentifier, SubjectPublicKeyInfoOwned};
-use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::KeyUsages;
 use x509_cert::name::Name;
 use x509_cert::time::Validity;
@@ -20,13 +19,14 @@ use x509_cert::Certificate;
 
 use super::attest::{self, Attester};
 use super::csr::{self, VerifiedCsr};
-use super::register::{normalize, owned_by, rejected_or, subject_key};
+use super::names::SubjectName;
+use super::register::{owned_by, rejected_or};
 use super::{
     CertType, Cmf, CmfError, Consumer, IssuedRecord, Registration, CERTIFICATES, REGISTRATIONS,
     SUBJECTS,
 };
 use crate::ca::{Issuer, LeafProfile, Profile};
-use crate::config::{ProfileConfig, UnattestedPolicy};
+use crate::config::{ProfileConfig, UnanchoredPolicy, UnattestedPolicy};
 use crate::keys::backends::Backends;
 use crate::keys::signer::HardwareKey;
 use crate::keys::KeyRef;
@@ -34,7 +34,10 @@ use crate::pki;
 use crate::store::{AuditEvent, Store, StoreError};
 
 /// TCG key provenance policies (TCG EK Credential Profile / CSR attestation draft):
-/// the key was verified resident in a TPM, and fixed to it.
+/// the key was verified resident in a TPM, and fixed to it. Asserted only when the attester
+/// is anchored in a TPM PKI ([`attest::anchor`]); an attestation verified with an
+/// unanchored attester key earns no policy OID at all: the consumer chose that key, so a
+/// relying party could learn nothing from one (README, "Key attestation").
 const TCG_VERIFIED_TPM_RESIDENCY: ObjectIdentifier =
     ObjectIdentifier::new_unwrap("2.23.133.11.1.1");
 const TCG_VERIFIED_TPM_FIXED: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.23.133.11.1.2");
@@ -179,7 +182,7 @@ impl Cmf {
         let cert_type = CertType::parse(&request.cert_type)
             .ok_or_else(|| {
                 CmfError::BadRequest(format!(
-                    "certType '{}': expected VNFCI_CERT or VNF_OAM_CERT",
+                    "certType '{}': expected VNFCI_CERT, VNF_OAM_CERT or MANO_CERT",
                     request.cert_type
                 ))
             })
@@ -283,11 +286,14 @@ impl Cmf {
             store: self.store.clone(),
             cas: self.cas.clone(),
             formats: self.formats.clone(),
+            attestation: self.attestation.clone(),
             unattested: self.unattested,
             profile: self.profile(cert_type),
+            vnfc_id_uri: self.vnfc_id_uri,
             consumer: consumer.clone(),
             cert_type,
             vnfc_id,
+            revocation_base: self.crls.base_url().map(String::from),
         };
         let Prepared {
             registration,
@@ -295,6 +301,7 @@ impl Cmf {
             names,
             attestation,
             attestation_format,
+            nonce_key,
             leaf,
             subject,
             spki,
@@ -345,6 +352,7 @@ impl Cmf {
                 issued_at: crate::keys::rfc3339_now(),
                 certificate: None,
                 revocation: None,
+                vnf_instance_id: registration.vnf_instance_id.clone(),
             };
             // The audit entry records the issuance without the certificate bytes (the
             // record holds them).
@@ -362,9 +370,23 @@ impl Cmf {
             let key = format!("{}/{}", ca.id, serial_hex);
             let consumer_id = consumer.id.clone();
             let committing = std::time::Instant::now();
+            let nonce_key = nonce_key.clone();
             let outcome = self
                 .group
                 .write_async(move |tx| {
+                    // A registration deleted while this CSR was in flight: nothing may be
+                    // issued under it any more (its certificates were revoked with it).
+                    if !tx.contains(&REGISTRATIONS, &record.registration_id)? {
+                        return Err(StoreError::rejected(CmfError::Conflict(format!(
+                            "registration {} was deleted while the CSR was processed",
+                            record.registration_id
+                        ))));
+                    }
+                    // The nonce is spent in the same commit as the record: of two CSRs
+                    // carrying it, exactly one is issued.
+                    if let Some(nonce) = &nonce_key {
+                        attest::service::consume_nonce(tx, nonce)?;
+                    }
                     tx.insert_new(&CERTIFICATES, &key, &record)?;
                     tx.audit(AuditEvent::new(&consumer_id, "cmf.issue", &key).with_detail(detail));
                     Ok(())
@@ -415,11 +437,16 @@ struct Prepare {
     store: Arc<Store>,
     cas: Arc<[IssuingCa]>,
     formats: Arc<attest::Formats>,
+    attestation: Arc<attest::service::AttestationPolicy>,
     unattested: UnattestedPolicy,
     profile: ProfileConfig,
+    vnfc_id_uri: bool,
     consumer: Consumer,
     cert_type: CertType,
     vnfc_id: Option<String>,
+    /// Where revocation is published (`[cmf.revocation]`): issued certificates carry the
+    /// CA's CRL distribution point (unless the profile names its own) and the OCSP URL.
+    revocation_base: Option<String>,
 }
 
 /// What [`Prepare::run`] hands back: the first certificate, and what a re-issue would need.
@@ -429,6 +456,8 @@ struct Prepared {
     names: Vec<String>,
     attestation: String,
     attestation_format: Option<String>,
+    /// The nonce the issuance commit consumes (store key).
+    nonce_key: Option<String>,
     leaf: LeafProfile,
     subject: Name,
     spki: SubjectPublicKeyInfoOwned,
@@ -446,17 +475,9 @@ impl Prepare {
             CsrInput::Der(der) => csr::verify(&der)?,
             CsrInput::Verified(verified) => *verified,
         };
-        // 2. The caller's registration.
-        let registration = self.registration_for(&verified)?;
-        let names = verified.requested_names();
-        for name in &names {
-            if !registration.subject_ids.contains(&normalize(name)) {
-                return Err(CmfError::Unprocessable(format!(
-                    "csr: '{name}' is not among the subjects registered in registration {}",
-                    registration.id
-                )));
-            }
-        }
+        // 2. The caller's registration, holding every requested name.
+        let (registration, subject_names) = self.registration_for(&verified)?;
+        let names: Vec<String> = subject_names.iter().map(SubjectName::canonical).collect();
         // 3. Key policy of the profile.
         let profile = &self.profile;
         let key_type = verified.key_type.name();
@@ -467,8 +488,12 @@ impl Prepare {
             )));
         }
         // 4. Key attestation against the registered attester.
-        let (attestation, attestation_format, policies) =
-            self.check_attestation(&registration, &verified)?;
+        let AttestationVerdict {
+            attestation,
+            format: attestation_format,
+            policies,
+            nonce_key,
+        } = self.check_attestation(&registration, &verified)?;
         // 5. Issue.
         let ca_index = self
             .cas
@@ -481,9 +506,27 @@ impl Prepare {
                 ))
             })?;
         let _ = self.chosen_ca.set(ca_index);
-        let leaf = leaf_profile(profile, verified.key_type.is_rsa(), &names, policies)
-            .map_err(CmfError::Internal)?;
-        let subject = subject_name(&verified, &names)?;
+        let mut leaf = leaf_profile(
+            profile,
+            verified.key_type.is_rsa(),
+            &subject_names,
+            self.vnfc_id_uri,
+            policies,
+        )
+        .map_err(CmfError::Internal)?;
+        for uri in &verified.lifecycle_uris {
+            let uri = der::asn1::Ia5String::new(uri)
+                .map_err(|e| CmfError::Internal(format!("lifecycle URI {uri}: {e}")))?;
+            leaf.subject_alt_names
+                .push(x509_cert::ext::pkix::name::GeneralName::UniformResourceIdentifier(uri));
+        }
+        if let Some(base) = &self.revocation_base {
+            let ca_id = &self.cas[ca_index].id;
+            leaf.crl_distribution_point
+                .get_or_insert_with(|| super::crl::crl_url(base, ca_id));
+            leaf.ocsp_url = Some(super::crl::ocsp_url(base));
+        }
+        let subject = subject_name(&verified, &subject_names)?;
         let spki = SubjectPublicKeyInfoOwned::from_der(&verified.spki_der)
             .map_err(|e| CmfError::BadRequest(format!("csr: public key: {e}")))?;
         let spki_sha256 = hex::encode(sha2::Sha256::digest(&verified.spki_der));
@@ -501,6 +544,7 @@ impl Prepare {
             names,
             attestation,
             attestation_format,
+            nonce_key,
             leaf,
             subject,
             spki,
@@ -510,49 +554,86 @@ impl Prepare {
         })
     }
 
-    /// The registration that covers this request: by vnfcId, else (VNF OAM) the one of the
-    /// caller's registrations that holds every requested name.
-    fn registration_for(&self, verified: &VerifiedCsr) -> Result<Registration, CmfError> {
+    /// The registration that covers this request: by vnfcId, else (VNF OAM, MANO) the one
+    /// holding the CSR's first name; every requested name must be held by it in the one
+    /// namespace of names. The names come back parsed, in the CSR's order.
+    fn registration_for(
+        &self,
+        verified: &VerifiedCsr,
+    ) -> Result<(Registration, Vec<SubjectName>), CmfError> {
         let (consumer, cert_type, vnfc_id) =
             (&self.consumer, self.cert_type, self.vnfc_id.as_deref());
+        let names = verified
+            .requested_names()
+            .iter()
+            .map(|name| {
+                SubjectName::parse(name).map_err(|e| CmfError::Unprocessable(format!("csr: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let lookup = match vnfc_id {
-            Some(id) => subject_key(cert_type, id),
-            None => {
-                let first = verified
-                    .requested_names()
-                    .into_iter()
-                    .next()
-                    .unwrap_or_default();
-                subject_key(cert_type, &first)
-            }
+            Some(id) => SubjectName::parse(id)
+                .map_err(|e| CmfError::Unprocessable(format!("vnfcId: {e}")))?
+                .index_key(),
+            // csr::verify refuses a CSR without any name.
+            None => names
+                .first()
+                .map(SubjectName::index_key)
+                .unwrap_or_default(),
         };
         let what = vnfc_id.map_or_else(
             || "the CSR's subject".to_string(),
             |id| format!("vnfcId '{id}'"),
         );
-        let registration = self.store.read(|tx| {
+        let (registration, holders) = self.store.read(|tx| {
             let Some(id) = tx.get(&SUBJECTS, &lookup)? else {
-                return Ok(None);
+                return Ok((None, Vec::new()));
             };
-            tx.get(&REGISTRATIONS, &id)
+            let registration = tx.get(&REGISTRATIONS, &id)?;
+            let holders = names
+                .iter()
+                .map(|name| tx.get(&SUBJECTS, &name.index_key()))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((registration, holders))
         })?;
         let registration = registration.ok_or_else(|| {
             CmfError::Unprocessable(format!("{what} is not registered for {cert_type}"))
         })?;
         owned_by(&registration, consumer)
             .map_err(|_| CmfError::Forbidden(format!("{what} is managed by another consumer")))?;
-        Ok(registration)
+        if registration.cert_type != cert_type {
+            return Err(CmfError::Unprocessable(format!(
+                "{what} is registered for {} (registration {}), not {cert_type}: a name has \
+                 one registration whatever the certType",
+                registration.cert_type, registration.id
+            )));
+        }
+        for (name, holder) in names.iter().zip(holders) {
+            if holder.as_deref() != Some(registration.id.as_str()) {
+                return Err(CmfError::Unprocessable(format!(
+                    "csr: '{name}' is not among the subjects registered in registration {}",
+                    registration.id
+                )));
+            }
+        }
+        Ok((registration, names))
     }
 
-    /// The attestation verdict: ("verified" | "not-requested" | "unattested: why", format,
-    /// certificate policies to add).
+    /// The attestation verdict (IFA 033 11.2.1 and issue 10 §2): the signature, Name, key
+    /// and attributes of the statement; then freshness (a CMF nonce in the qualifying
+    /// data); then whether the attester is anchored in a TPM PKI, which alone earns the
+    /// TCG policies.
     fn check_attestation(
         &self,
         registration: &Registration,
         verified: &VerifiedCsr,
-    ) -> Result<(String, Option<String>, Vec<ObjectIdentifier>), CmfError> {
+    ) -> Result<AttestationVerdict, CmfError> {
         let Some(registered) = &registration.key_attestation else {
-            return Ok(("not-requested".into(), None, Vec::new()));
+            return Ok(AttestationVerdict {
+                attestation: "not-requested".into(),
+                format: None,
+                policies: Vec::new(),
+                nonce_key: None,
+            });
         };
         let b64 = base64::engine::general_purpose::STANDARD;
         let attester = Attester {
@@ -570,38 +651,85 @@ impl Prepare {
                 .transpose()
                 .map_err(|e| CmfError::Internal(format!("stored qualifying data: {e}")))?,
         };
-        let outcome = attest::verify_csr_attestation(
+        let outcome = attest::verify_csr_attestation_evidence(
             &self.formats,
             &verified.request.info.attributes,
             &verified.spki_der,
             &attester,
-        );
-        match outcome {
-            Ok(v) => {
-                let mut policies = Vec::new();
-                if v.tpm_residency {
-                    policies.push(TCG_VERIFIED_TPM_RESIDENCY);
-                }
-                if v.tpm_fixed {
-                    policies.push(TCG_VERIFIED_TPM_FIXED);
-                }
-                Ok((
-                    "verified".into(),
-                    Some(registered.format_oid.clone()),
-                    policies,
-                ))
-            }
+        )
+        .and_then(|evidence| {
+            let freshness = attest::service::check_freshness(
+                &self.attestation,
+                &self.store,
+                registration,
+                attester.expected_qualifying_data.is_some(),
+                evidence.qualifying_data.as_deref(),
+            )?;
+            Ok((evidence, freshness))
+        });
+        let (evidence, freshness) = match outcome {
+            Ok(found) => found,
             Err(e) if self.unattested == UnattestedPolicy::Issue => {
                 tracing::warn!(registration = %registration.id, reason = %e, "issuing un-attested by local policy");
-                Ok((
-                    format!("unattested: {e}"),
-                    Some(registered.format_oid.clone()),
-                    Vec::new(),
-                ))
+                return Ok(AttestationVerdict {
+                    attestation: format!("unattested: {e}"),
+                    format: Some(registered.format_oid.clone()),
+                    policies: Vec::new(),
+                    nonce_key: None,
+                });
             }
-            Err(e) => Err(CmfError::Unprocessable(format!("key attestation: {e}"))),
-        }
+            Err(e) => return Err(CmfError::Unprocessable(format!("key attestation: {e}"))),
+        };
+        let nonce_key = match freshness {
+            attest::service::Freshness::Nonce(key) => Some(key),
+            _ => None,
+        };
+        // Anchored at Register or by challenge, else by an AK certificate in the bundle.
+        let anchored = registered.anchor.is_some()
+            || (!evidence.certs.is_empty()
+                && self
+                    .attestation
+                    .roots
+                    .anchor_by_ak_certificate(&evidence.certs, &attester.public_key_spki_der)
+                    .is_ok());
+        let mut policies = Vec::new();
+        let attestation = if anchored {
+            if evidence.verified.tpm_residency {
+                policies.push(TCG_VERIFIED_TPM_RESIDENCY);
+            }
+            if evidence.verified.tpm_fixed {
+                policies.push(TCG_VERIFIED_TPM_FIXED);
+            }
+            "verified-anchored"
+        } else if self.attestation.unanchored == UnanchoredPolicy::Refuse {
+            return Err(CmfError::Unprocessable(format!(
+                "key attestation: the attestation verifies, but the attester key of \
+                 registration {} is not anchored in a TPM PKI, and this CMF refuses \
+                 unanchored attesters: give an AK certificate chain at Register or in the \
+                 bundle's certs, or answer an AK challenge (.../ak_challenges)",
+                registration.id
+            )));
+        } else {
+            "verified-unanchored"
+        };
+        Ok(AttestationVerdict {
+            attestation: attestation.into(),
+            format: Some(registered.format_oid.clone()),
+            policies,
+            nonce_key,
+        })
     }
+}
+
+/// What [`Prepare::check_attestation`] decided.
+struct AttestationVerdict {
+    /// The record's and response's `attestation`.
+    attestation: String,
+    format: Option<String>,
+    /// Certificate policies to add.
+    policies: Vec<ObjectIdentifier>,
+    /// The nonce the issuance commit consumes.
+    nonce_key: Option<String>,
 }
 
 /// Sign a leaf certificate with a fresh serial: (serial hex, certificate).
@@ -630,13 +758,10 @@ fn issue_leaf(
 
 /// What the CSR operation applies to (IFA 033 11.2.3.1, 11.2.3.2).
 fn check_operation(cert_type: CertType, vnfc_id: Option<&str>) -> Result<(), CmfError> {
-    if cert_type == CertType::ManoCert {
-        return Err(CmfError::Unprocessable(
-            "certType MANO_CERT: the CSR operation applies to VNFCI_CERT and VNF_OAM_CERT \
-             (IFA 033 11.2.3.1)"
-                .into(),
-        ));
-    }
+    // IFA 033 11.2.3.1 defines the CSR operation for VNFCI and VNF OAM certificates and
+    // leaves NFV-MANO credentials for further study (11.2.2.3 NOTE); Register accepts
+    // MANO_CERT, so a consumer whose trust domain permits MANO_CERT (cert_types) gets the
+    // MANO profile for the FQDNs it registered, looked up by the CSR's names like VNF OAM.
     if cert_type == CertType::VnfciCert && vnfc_id.is_none() {
         return Err(CmfError::BadRequest(
             "vnfcId is required for VNFCI_CERT (IFA 033 11.2.3.2)".into(),
@@ -655,7 +780,8 @@ pub async fn verify_blocking(der: Vec<u8>) -> Result<VerifiedCsr, CmfError> {
 fn leaf_profile(
     profile: &ProfileConfig,
     rsa: bool,
-    names: &[String],
+    names: &[SubjectName],
+    vnfc_id_uri: bool,
     policies: Vec<ObjectIdentifier>,
 ) -> Result<LeafProfile, String> {
     let mut key_usage = key_usages(&profile.key_usage)?;
@@ -663,37 +789,48 @@ fn leaf_profile(
         // keyEncipherment is meaningless for EC keys (RFC 5480 3).
         key_usage -= KeyUsages::KeyEncipherment;
     }
+    // Each name in the form valid for its kind (names.rs): host names as dNSName, addresses
+    // as iPAddress; never a single label as a dNSName. A VNFC identifier is the subject's
+    // commonName ([`subject_name`]) and, where configured, a URI.
     let subject_alt_names = names
         .iter()
-        .map(|name| {
-            if name.contains(':') {
-                Ia5String::new(name)
-                    .map(GeneralName::UniformResourceIdentifier)
-                    .map_err(|e| e.to_string())
-            } else {
-                crate::ca::general_name(name).map_err(|e| e.to_string())
-            }
-        })
+        .filter(|name| vnfc_id_uri || !matches!(name, SubjectName::Vnfc(_)))
+        .map(SubjectName::general_name)
         .collect::<Result<Vec<_>, _>>()?;
     Ok(LeafProfile {
         key_usage,
         extended_key_usage: extended_key_usages(&profile.extended_key_usage)?,
         subject_alt_names,
         crl_distribution_point: profile.crl_distribution_point.clone(),
+        ocsp_url: None,
         policies,
     })
 }
 
-/// The issued subject: the CSR's commonName if it has one, else the first requested name.
-/// Only validated names go into the certificate; other subject attributes are not vouched
-/// for and are dropped.
-fn subject_name(verified: &VerifiedCsr, names: &[String]) -> Result<Name, CmfError> {
-    let cn = verified
-        .common_names
-        .first()
-        .cloned()
-        .or_else(|| names.first().cloned())
-        .unwrap_or_default();
+/// The issued subject: `CN=<VNFC identifier>` when the certificate is for a VNFC instance
+/// (its identifier is certified there, names.rs), else the CSR's commonName if it has one,
+/// else the first requested name. Only validated names go into the certificate; other
+/// subject attributes are not vouched for and are dropped. One certificate is for one VNFC
+/// instance: two VNFC identifiers in one CSR are refused.
+fn subject_name(verified: &VerifiedCsr, names: &[SubjectName]) -> Result<Name, CmfError> {
+    let mut vnfc_ids = names.iter().filter(|n| matches!(n, SubjectName::Vnfc(_)));
+    let vnfc = vnfc_ids.next();
+    if let Some(second) = vnfc_ids.next() {
+        return Err(CmfError::Unprocessable(format!(
+            "csr: '{}' and '{second}' are both VNFC identifiers: a certificate is for one VNFC \
+             instance",
+            vnfc.map(SubjectName::canonical).unwrap_or_default()
+        )));
+    }
+    let cn = match vnfc {
+        Some(id) => id.canonical(),
+        None => verified
+            .common_names
+            .first()
+            .cloned()
+            .or_else(|| names.first().map(SubjectName::canonical))
+            .unwrap_or_default(),
+    };
     let escaped: String = cn
         .chars()
         .flat_map(|c| {

@@ -12,9 +12,14 @@
 //! attester ([`attest`]) -> key policy -> issuance through the key layer ([`issue`]) -> the
 //! durable record (group commit) -> response. Nothing is acknowledged before it is durable.
 
+pub mod crl;
 pub mod csr;
+pub mod direct;
 pub mod issue;
+pub mod names;
+pub mod ocsp;
 pub mod register;
+pub mod revoke;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -96,6 +101,10 @@ pub struct Registration {
     /// The CA chosen for this registration (11.2.2.4).
     pub ca_id: String,
     pub created: String,
+    /// The VNF instance the registered subjects belong to, when known: its certificates are
+    /// revoked when the VNF is terminated (SM erasure) or removed (direct mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnf_instance_id: Option<String>,
 }
 
 /// The attester registered with a subject: its public key and statement format.
@@ -108,6 +117,9 @@ pub struct RegisteredAttester {
     /// Base64.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expected_qualifying_data: Option<String>,
+    /// How the attester key is tied to a TPM PKI; absent: not anchored (issue 10 §2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<attest::anchor::AttesterAnchor>,
 }
 
 /// The record of an issued certificate.
@@ -122,7 +134,10 @@ pub struct IssuedRecord {
     pub subjects: Vec<String>,
     /// SHA-256 of the SubjectPublicKeyInfo DER, hex.
     pub spki_sha256: String,
-    /// "verified", "not-requested", or "unattested: <reason>" (local policy issued anyway).
+    /// "verified-anchored" (the attester is anchored in a TPM PKI), "verified-unanchored"
+    /// (verified with a registered attester key nobody vouches for), "not-requested", or
+    /// "unattested: <reason>" (local policy issued anyway). Records before issue 10 say
+    /// "verified" for what is now "verified-unanchored".
     pub attestation: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attestation_format: Option<String>,
@@ -133,10 +148,12 @@ pub struct IssuedRecord {
     /// subject, PEM). Absent in records written before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<String>,
-    /// Set when the certificate is revoked. Nothing revokes yet; the field is here so that
-    /// records and the operator's views carry the state from the start.
+    /// Set when the certificate is revoked ([`revoke`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation: Option<Revocation>,
+    /// The VNF instance the certificate is for (from its registration), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnf_instance_id: Option<String>,
 }
 
 /// A revocation of an issued certificate.
@@ -151,7 +168,8 @@ pub struct Revocation {
 
 /// Registrations by id.
 pub const REGISTRATIONS: Table<Registration> = Table::new("cmf_registrations");
-/// Subject index: `{certType}/{subjectId}` -> registration id. One manager per subject.
+/// Subject index: one key per name whatever the certType (`dns:<name>`, `ip:<address>`,
+/// `vnfc:<id>`, see [`names`]) -> registration id. One manager per name.
 pub const SUBJECTS: Table<String> = Table::new("cmf_subjects");
 /// Issued certificates: `{caId}/{serial hex}`; `insert_new` keeps serials unique per issuer.
 pub const CERTIFICATES: Table<IssuedRecord> = Table::new("cmf_certificates");
@@ -250,13 +268,22 @@ impl From<StoreError> for CmfError {
 /// The CMF service: configuration resolved once, the CAs, the store.
 pub struct Cmf {
     consumers: HashMap<String, String>,
+    /// Trust-domain name policy per consumer, and the reserved names (issue 10).
+    pub(crate) policies: names::Policies,
+    /// Also certify VNFC identifiers as URI SANs (`[cmf] vnfc_id_uri`).
+    pub(crate) vnfc_id_uri: bool,
     cas: Arc<[IssuingCa]>,
     profiles: HashMap<CertType, ProfileConfig>,
     pub(crate) max_body_bytes: usize,
     pub(crate) unattested: UnattestedPolicy,
     pub(crate) formats: Arc<attest::Formats>,
+    pub(crate) attestation: Arc<attest::service::AttestationPolicy>,
     pub(crate) store: Arc<Store>,
     pub(crate) group: GroupCommit,
+    /// CAs whose CRL must be made again (a revocation), for the CRL task ([`crl`]).
+    pub(crate) crl_signal: Arc<revoke::CrlSignal>,
+    /// Where revocation is published, and the CRLs ([`crl`]).
+    pub(crate) crls: crl::Crls,
 }
 
 pub mod attest;
@@ -340,18 +367,46 @@ impl Cmf {
             };
             formats = formats.with_alias(format, kind);
         }
+        let policies = names::Policies::from_config(config)?;
+        // A store written before one namespace of names gets its subject index rewritten
+        // before the CMF answers anything (see names::upgrade_index).
+        let upgrade = names::upgrade_index(&store, "warden").map_err(|e| {
+            format!(
+                "cmf: upgrading the subject index: {}",
+                crate::error::chain(&e)
+            )
+        })?;
+        if upgrade.migrated > 0 {
+            tracing::info!(
+                migrated = upgrade.migrated,
+                conflicts = upgrade.conflicts.len(),
+                "subject index rewritten to one namespace of names"
+            );
+        }
         let group = store
             .group_commit(cmf.group_commit_max)
             .map_err(|e| format!("store group commit: {e}"))?;
         Ok(Cmf {
             consumers,
+            policies,
+            vnfc_id_uri: cmf.vnfc_id_uri,
             cas: cas.into(),
             profiles,
             max_body_bytes: cmf.max_body_bytes,
             unattested: cmf.unattested,
             formats: Arc::new(formats),
+            attestation: Arc::new(attest::service::AttestationPolicy::from_config(
+                &cmf.attestation,
+            )?),
             store,
             group,
+            crl_signal: Arc::new(revoke::CrlSignal::default()),
+            crls: crl::Crls::new(cmf.revocation.clone()),
+        })
+        .and_then(|cmf| {
+            cmf.load_crls()
+                .map_err(|e| format!("loading the stored CRLs: {e}"))?;
+            Ok(cmf)
         })
     }
 
@@ -373,6 +428,11 @@ impl Cmf {
 
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
+    }
+
+    /// The trust-domain name policy (issue 10).
+    pub fn policies(&self) -> &names::Policies {
+        &self.policies
     }
 
     pub fn cas(&self) -> &[IssuingCa] {

@@ -5,11 +5,12 @@ use base64::Engine;
 use serde::Deserialize;
 
 use super::attest::FormatOid;
+use super::names::{self, SubjectName};
 use super::{
     new_id, CertType, Cmf, CmfError, Consumer, RegisteredAttester, Registration, VnfcCertHandling,
     REGISTRATIONS, SUBJECTS,
 };
-use crate::store::AuditEvent;
+use crate::store::{AuditEvent, StoreError, WriteTx};
 
 /// `POST /certmgmt/v1/registrations` body.
 #[derive(Debug, Deserialize)]
@@ -23,6 +24,10 @@ pub struct RegisterRequest {
     pub key_attestation: Option<KeyAttestationRequest>,
     #[serde(default)]
     pub ca_id: Option<String>,
+    /// The VNF instance these subjects belong to (an extension of IFA 033 11.2.2.2): its
+    /// certificates are revoked when that VNF is terminated.
+    #[serde(default)]
+    pub vnf_instance_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -34,10 +39,13 @@ pub struct KeyAttestationRequest {
     /// Base64.
     #[serde(default)]
     pub expected_qualifying_data: Option<String>,
+    /// The attester's (AK's) certificate and the intermediates up to a configured
+    /// attestation root, PEM or base64 DER: anchors the attester (issue 10 §2).
+    #[serde(default)]
+    pub ak_certificate_chain: Vec<String>,
 }
 
 const MAX_SUBJECTS: usize = 64;
-const MAX_SUBJECT_LEN: usize = 253;
 
 impl Cmf {
     /// Validate and store a registration, with its subject index and an audit entry, in one
@@ -79,90 +87,122 @@ impl Cmf {
                 )))
             }
         };
+        let policy = self
+            .policies
+            .consumer(&consumer.id)
+            .cloned()
+            .ok_or_else(|| {
+                CmfError::Forbidden(format!(
+                    "'{}' is not a configured consumer of this CMF",
+                    consumer.id
+                ))
+            })?;
+        if !policy.cert_types.contains(&cert_type) {
+            return Err(CmfError::Unprocessable(format!(
+                "certType {cert_type}: not permitted for consumer '{}' of trust domain '{}' \
+                 (cmf.trust_domain cert_types)",
+                consumer.id, policy.trust_domain
+            )));
+        }
         if request.subject_ids.is_empty() || request.subject_ids.len() > MAX_SUBJECTS {
             return Err(CmfError::BadRequest(format!(
                 "subjectIds: 1 to {MAX_SUBJECTS} identifiers required"
             )));
         }
-        let mut subjects = Vec::with_capacity(request.subject_ids.len());
+        let mut names: Vec<SubjectName> = Vec::with_capacity(request.subject_ids.len());
         for subject in &request.subject_ids {
-            check_subject_id(cert_type, subject)?;
-            let normalized = normalize(subject);
-            if subjects.contains(&normalized) {
+            // IFA 033 11.2.2.4: an input attribute that is not appropriate is refused at
+            // Register, with the rule, rather than at every CSR later.
+            let name = SubjectName::parse(subject)
+                .map_err(|e| CmfError::Unprocessable(format!("subjectIds: {e}")))?;
+            self.policies
+                .check(&policy, cert_type, &name)
+                .map_err(|why| CmfError::Unprocessable(format!("subjectIds: '{name}' {why}")))?;
+            if names.contains(&name) {
                 return Err(CmfError::BadRequest(format!(
                     "subjectIds: '{subject}' given twice"
                 )));
             }
-            subjects.push(normalized);
+            names.push(name);
         }
         let key_attestation = request
             .key_attestation
-            .map(|k| check_attester(&k))
+            .map(|k| check_attester(self, &k))
             .transpose()?;
+        let issues = |id: &str| {
+            self.ca(id)
+                .is_some_and(|ca| ca.cert_types.contains(&cert_type))
+        };
         let ca_id = match &request.ca_id {
             Some(id) => {
-                let ca = self.ca(id).ok_or_else(|| {
-                    CmfError::Unprocessable(format!("caId '{id}' is not a CA of this CMF"))
-                })?;
-                if !ca.cert_types.contains(&cert_type) {
+                if !policy.cas.contains(id) {
+                    return Err(CmfError::Unprocessable(format!(
+                        "caId '{id}' is not a CA of trust domain '{}' (cas = {:?})",
+                        policy.trust_domain, policy.cas
+                    )));
+                }
+                if !issues(id) {
                     return Err(CmfError::Unprocessable(format!(
                         "caId '{id}' does not issue {cert_type}"
                     )));
                 }
                 id.clone()
             }
-            // 11.2.2.4: the CMF selects the CA and records its choice.
-            None => self
+            // 11.2.2.4: the CMF selects the CA and records its choice: the first of the
+            // trust domain's CAs that issues this certType.
+            None => policy
                 .cas
                 .iter()
-                .find(|ca| ca.cert_types.contains(&cert_type))
-                .map(|ca| ca.id.clone())
+                .find(|id| issues(id))
+                .cloned()
                 .ok_or_else(|| {
-                    CmfError::Unprocessable(format!("no CA of this CMF issues {cert_type}"))
+                    CmfError::Unprocessable(format!(
+                        "no CA of trust domain '{}' ({:?}) issues {cert_type}",
+                        policy.trust_domain, policy.cas
+                    ))
                 })?,
         };
+        if let Some(vnf) = &request.vnf_instance_id {
+            super::revoke::check_vnf_instance_id(vnf)?;
+        }
         let registration = Registration {
             id: new_id()?,
             consumer: consumer.id.clone(),
             trust_domain: consumer.trust_domain.clone(),
             cert_type,
-            subject_ids: subjects,
+            subject_ids: names.iter().map(SubjectName::canonical).collect(),
             type_of_vnfc_cert_handling: handling,
             key_attestation,
             ca_id,
             created: crate::keys::rfc3339_now(),
+            vnf_instance_id: request.vnf_instance_id.clone(),
         };
         let stored = registration.clone();
-        let consumer_id = consumer.id.clone();
+        let consumer = consumer.clone();
         self.group
             .write_async(move |tx| {
-                for subject in &stored.subject_ids {
-                    let key = subject_key(stored.cert_type, subject);
-                    if let Some(owner_id) = tx.get(&SUBJECTS, &key)? {
-                        let owner = tx.get(&REGISTRATIONS, &owner_id)?;
-                        let mine = owner.as_ref().is_some_and(|r| r.consumer == consumer_id);
-                        return Err(crate::store::StoreError::rejected(if mine {
-                            CmfError::Conflict(format!(
-                                "{} '{subject}' is already registered by you (registration {owner_id})",
-                                stored.cert_type
-                            ))
-                        } else {
-                            CmfError::Forbidden(format!(
-                                "{} '{subject}' is managed by another consumer",
-                                stored.cert_type
-                            ))
-                        }));
+                for name in &names {
+                    let key = name.index_key();
+                    if let Some(holder_id) = tx.get(&SUBJECTS, &key)? {
+                        // An index entry whose registration is gone manages nothing.
+                        if let Some(holder) = tx.get(&REGISTRATIONS, &holder_id)? {
+                            return Err(crate::store::StoreError::rejected(conflict(
+                                &consumer, name, &holder,
+                            )));
+                        }
                     }
                     tx.put(&SUBJECTS, &key, &stored.id)?;
                 }
                 tx.put(&REGISTRATIONS, &stored.id, &stored)?;
                 tx.audit(
-                    AuditEvent::new(&consumer_id, "cmf.register", &stored.id).with_detail(
+                    AuditEvent::new(&consumer.id, "cmf.register", &stored.id).with_detail(
                         serde_json::json!({
                             "certType": stored.cert_type,
                             "subjectIds": stored.subject_ids,
                             "caId": stored.ca_id,
+                            "trustDomain": stored.trust_domain,
                             "attested": stored.key_attestation.is_some(),
+                            "anchored": stored.key_attestation.as_ref().is_some_and(|k| k.anchor.is_some()),
                         }),
                     ),
                 );
@@ -192,27 +232,138 @@ impl Cmf {
         Ok(registration)
     }
 
-    /// Delete a registration and its subject index; issued certificates stay recorded.
+    /// Delete the consumer's registration (REST DELETE): its certificates are revoked first
+    /// (cessationOfOperation) and stay recorded; then [`deregister`].
     pub async fn delete_registration(&self, consumer: &Consumer, id: &str) -> Result<(), CmfError> {
+        self.revoke_registration(consumer, id).await?;
         let id = id.to_string();
         let consumer = consumer.clone();
         self.group
-            .write_async(move |tx| {
-                let registration = tx.get(&REGISTRATIONS, &id)?.ok_or_else(|| {
-                    crate::store::StoreError::rejected(CmfError::NotFound(format!(
-                        "registration {id} does not exist"
-                    )))
-                })?;
-                owned_by(&registration, &consumer).map_err(crate::store::StoreError::rejected)?;
-                for subject in &registration.subject_ids {
-                    tx.delete(&SUBJECTS, &subject_key(registration.cert_type, subject))?;
-                }
-                tx.delete(&REGISTRATIONS, &id)?;
-                tx.audit(AuditEvent::new(&consumer.id, "cmf.deregister", &id));
-                Ok(())
-            })
+            .write_async(move |tx| deregister(tx, &id, &consumer.id, Some(&consumer)).map(|_| ()))
             .await
             .map_err(rejected_or)
+    }
+}
+
+/// Deleting a registration, the one place for it: the consumer's REST DELETE and the
+/// operator's `warden cmf registrations delete` both come here, in the caller's write
+/// transaction. With `owner`, only that consumer's registration (403 otherwise); without,
+/// the operator's. Removes the subject index entries the registration holds (not those a
+/// migration conflict gave to another registration) and the registration, with an audit
+/// entry; issued certificates stay recorded.
+pub(crate) fn deregister(
+    tx: &mut WriteTx<'_>,
+    id: &str,
+    actor: &str,
+    owner: Option<&Consumer>,
+) -> Result<Registration, StoreError> {
+    let registration = tx.get(&REGISTRATIONS, id)?.ok_or_else(|| {
+        StoreError::rejected(CmfError::NotFound(format!(
+            "registration {id} does not exist"
+        )))
+    })?;
+    if let Some(consumer) = owner {
+        owned_by(&registration, consumer).map_err(StoreError::rejected)?;
+    }
+    for subject in &registration.subject_ids {
+        let key = names::stored_index_key(subject);
+        if tx.get(&SUBJECTS, &key)?.as_deref() == Some(id) {
+            tx.delete(&SUBJECTS, &key)?;
+        }
+    }
+    tx.delete(&REGISTRATIONS, id)?;
+    tx.audit(
+        AuditEvent::new(actor, "cmf.deregister", id).with_detail(serde_json::json!({
+            "consumer": registration.consumer,
+            "trustDomain": registration.trust_domain,
+            "certType": registration.cert_type,
+            "subjectIds": registration.subject_ids,
+            "by": if owner.is_some() { "consumer" } else { "operator" },
+        })),
+    );
+    Ok(registration)
+}
+
+/// The operator moves a registration to another consumer (e.g. after a consumer changed
+/// trust domain). The names, certType and CA must all be permitted to the new consumer,
+/// as at Register: a transfer never carries a name past the trust-domain policy.
+pub(crate) fn transfer(
+    tx: &mut WriteTx<'_>,
+    policies: &names::Policies,
+    id: &str,
+    to: &Consumer,
+    actor: &str,
+) -> Result<Registration, StoreError> {
+    let refuse = |why: String| StoreError::rejected(CmfError::Unprocessable(why));
+    let mut registration = tx.get(&REGISTRATIONS, id)?.ok_or_else(|| {
+        StoreError::rejected(CmfError::NotFound(format!(
+            "registration {id} does not exist"
+        )))
+    })?;
+    let policy = policies.consumer(&to.id).ok_or_else(|| {
+        refuse(format!(
+            "'{}' is not a configured consumer ([[cmf.consumer]])",
+            to.id
+        ))
+    })?;
+    if !policy.cert_types.contains(&registration.cert_type) {
+        return Err(refuse(format!(
+            "certType {} is not permitted for '{}' (trust domain '{}')",
+            registration.cert_type, to.id, policy.trust_domain
+        )));
+    }
+    if !policy.cas.contains(&registration.ca_id) {
+        return Err(refuse(format!(
+            "CA '{}' of the registration is not a CA of trust domain '{}' ({:?})",
+            registration.ca_id, policy.trust_domain, policy.cas
+        )));
+    }
+    for subject in &registration.subject_ids {
+        let name = SubjectName::parse(subject).map_err(|e| {
+            refuse(format!(
+                "subjectIds: {e}; a name stored before the syntax rules cannot move, delete                  the registration instead"
+            ))
+        })?;
+        policies
+            .check(policy, registration.cert_type, &name)
+            .map_err(|why| refuse(format!("subjectIds: '{name}' {why} for '{}'", to.id)))?;
+    }
+    let from = (
+        registration.consumer.clone(),
+        registration.trust_domain.clone(),
+    );
+    registration.consumer = to.id.clone();
+    registration.trust_domain = to.trust_domain.clone();
+    tx.put(&REGISTRATIONS, id, &registration)?;
+    tx.audit(
+        AuditEvent::new(actor, "cmf.registration.transfer", id).with_detail(serde_json::json!({
+            "from": from.0, "fromTrustDomain": from.1,
+            "to": to.id, "toTrustDomain": to.trust_domain,
+        })),
+    );
+    Ok(registration)
+}
+
+/// 409 for a name another registration holds. It names the holder only to a consumer of
+/// the same trust domain; across domains it says no more than that the name is taken.
+fn conflict(consumer: &Consumer, name: &SubjectName, holder: &Registration) -> CmfError {
+    if holder.consumer == consumer.id && holder.trust_domain == consumer.trust_domain {
+        CmfError::Conflict(format!(
+            "subjectIds: '{name}' is already registered by you as {} (registration {}); a \
+             name has one registration whatever the certType",
+            holder.cert_type, holder.id
+        ))
+    } else if holder.trust_domain == consumer.trust_domain {
+        CmfError::Conflict(format!(
+            "subjectIds: '{name}' is managed by consumer '{}' of your trust domain; a name \
+             has one manager whatever the certType",
+            holder.consumer
+        ))
+    } else {
+        CmfError::Conflict(format!(
+            "subjectIds: '{name}' is managed by a consumer of another trust domain; a name \
+             has one manager whatever the certType"
+        ))
     }
 }
 
@@ -228,36 +379,10 @@ pub(crate) fn owned_by(registration: &Registration, consumer: &Consumer) -> Resu
     }
 }
 
-pub(crate) fn subject_key(cert_type: CertType, subject: &str) -> String {
-    format!("{}/{}", cert_type.as_str(), normalize(subject))
-}
-
-/// Subject identifiers compare case-insensitively (DNS names do; VNFCI ids are opaque
-/// identifiers that the VNFM spells consistently).
-pub(crate) fn normalize(subject: &str) -> String {
-    subject.to_ascii_lowercase()
-}
-
-fn check_subject_id(cert_type: CertType, subject: &str) -> Result<(), CmfError> {
-    let bad = |why: &str| CmfError::BadRequest(format!("subjectIds: '{subject}' {why}"));
-    if subject.is_empty() || subject.len() > MAX_SUBJECT_LEN {
-        return Err(bad("must be 1 to 253 characters"));
-    }
-    if !subject
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'))
-    {
-        return Err(bad(
-            "may contain only letters, digits, '-', '.', '_' and ':'",
-        ));
-    }
-    if cert_type == CertType::ManoCert && crate::ca::general_name(subject).is_err() {
-        return Err(bad("is not an FQDN (MANO_CERT subjects are FQDNs)"));
-    }
-    Ok(())
-}
-
-fn check_attester(request: &KeyAttestationRequest) -> Result<RegisteredAttester, CmfError> {
+fn check_attester(
+    cmf: &Cmf,
+    request: &KeyAttestationRequest,
+) -> Result<RegisteredAttester, CmfError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let text = request.attester_public_key.trim();
     let der = if text.starts_with("-----BEGIN") {
@@ -283,12 +408,19 @@ fn check_attester(request: &KeyAttestationRequest) -> Result<RegisteredAttester,
     })?;
     crate::cmf::csr::key_type_of(&der)
         .map_err(|e| CmfError::BadRequest(format!("keyAttestation.attesterPublicKey: {e}")))?;
-    request.format_oid.parse::<FormatOid>().map_err(|e| {
+    let format = request.format_oid.parse::<FormatOid>().map_err(|e| {
         CmfError::BadRequest(format!(
             "keyAttestation.formatOid '{}': {e}",
             request.format_oid
         ))
     })?;
+    // Every CSR of a registration in an unknown format would fail: refuse it here.
+    if cmf.formats.kind(&format).is_none() {
+        return Err(CmfError::Unprocessable(format!(
+            "keyAttestation.formatOid {format} is not a known attestation format (known: {})",
+            cmf.formats.known().join(", ")
+        )));
+    }
     if let Some(q) = &request.expected_qualifying_data {
         b64.decode(q).map_err(|e| {
             CmfError::BadRequest(format!(
@@ -296,10 +428,28 @@ fn check_attester(request: &KeyAttestationRequest) -> Result<RegisteredAttester,
             ))
         })?;
     }
+    let anchor = if request.ak_certificate_chain.is_empty() {
+        None
+    } else {
+        let certs = super::attest::anchor::certificates_from_text(
+            &request.ak_certificate_chain,
+            "keyAttestation.akCertificateChain",
+        )
+        .map_err(CmfError::BadRequest)?;
+        Some(
+            cmf.attestation
+                .roots
+                .anchor_by_ak_certificate(&certs, &der)
+                .map_err(|e| {
+                    CmfError::Unprocessable(format!("keyAttestation.akCertificateChain: {e}"))
+                })?,
+        )
+    };
     Ok(RegisteredAttester {
         attester_public_key: b64.encode(&der),
-        format_oid: request.format_oid.clone(),
+        format_oid: format.to_string(),
         expected_qualifying_data: request.expected_qualifying_data.clone(),
+        anchor,
     })
 }
 

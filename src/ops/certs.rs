@@ -359,6 +359,7 @@ mod tests {
             issued_at: "2026-01-01T00:00:00Z".into(),
             certificate: None,
             revocation: None,
+            vnf_instance_id: None,
         }
     }
 

@@ -1,4 +1,4 @@
-//! Operator operations: `warden check`, `certs`, `audit` and `keys`.
+//! Operator operations: `warden check`, `certs`, `audit`, `keys` and `cmf registrations`.
 //!
 //! Each operation is written once, here, against a [`Store`](crate::store::Store) and the
 //! [`Backends`](crate::keys::backends::Backends) it is given. Two callers use them:
@@ -15,6 +15,7 @@ pub mod audit;
 pub mod certs;
 pub mod check;
 pub mod keys;
+pub mod registrations;
 
 use crate::keys::KeyError;
 use crate::store::StoreError;
@@ -27,6 +28,10 @@ pub enum OpsError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// Well-formed but refused by a rule (a registration transfer the trust-domain policy
+    /// does not permit).
+    #[error("{0}")]
+    Refused(String),
     #[error("store")]
     Store(#[from] StoreError),
     #[error("key layer")]
@@ -43,6 +48,7 @@ impl OpsError {
         match self {
             OpsError::BadRequest(_) => 400,
             OpsError::NotFound(_) => 404,
+            OpsError::Refused(_) => 422,
             OpsError::Key(KeyError::NotFound(_)) => 404,
             OpsError::Key(KeyError::InvalidReference(_) | KeyError::InvalidArgument(_)) => 400,
             OpsError::Key(e) if e.is_transient() => 503,

@@ -625,6 +625,23 @@ impl Sm {
                 Err(e) => failed.push(format!("{}: {e}", key.reference)),
             }
         }
+        // The VNF's certificates, in the same evidence-gated path (issue 10 §3): revoked with
+        // cessationOfOperation (RFC 5280 5.3.1), idempotent on a repeated erasure.
+        let mut revoked = Vec::new();
+        if let Some(cmf) = self.cmf.get() {
+            let of_vnf = vnf.to_string();
+            match cmf
+                .revoke_where(
+                    move |r| r.vnf_instance_id.as_deref() == Some(of_vnf.as_str()),
+                    crate::cmf::revoke::RevocationReason::CessationOfOperation,
+                    "warden-sm",
+                )
+                .await
+            {
+                Ok(outcome) => revoked = outcome.revoked,
+                Err(e) => failed.push(format!("certificates of {vnf}: not revoked: {e}")),
+            }
+        }
         let vnf_id = vnf.to_string();
         let report = self
             .journal
@@ -649,6 +666,11 @@ impl Sm {
                     report.local.push(entry.clone());
                 }
                 report.local_failed = failed;
+                for certificate in revoked {
+                    if !report.revoked_certificates.contains(&certificate) {
+                        report.revoked_certificates.push(certificate);
+                    }
+                }
                 if !report.evidence.contains(&evidence) {
                     report.evidence.push(evidence);
                 }

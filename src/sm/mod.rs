@@ -240,6 +240,10 @@ pub struct ErasureReport {
     /// Why the VNF is known to be terminated (what allowed the local erasure).
     #[serde(default)]
     pub evidence: Vec<String>,
+    /// Certificates of the VNF the CMF issued, revoked with cessationOfOperation
+    /// (`caId/serial`), when the CMF runs in this agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_certificates: Vec<String>,
     pub updated: String,
 }
 
@@ -286,6 +290,8 @@ pub struct Sm {
     pub vim_changed: tokio::sync::Notify,
     /// The VIM (Sc-Vi), when `[sm.vim]` is configured.
     pub vim: Option<crate::vim::SharedVimLink>,
+    /// The CMF of this agent, when it runs one: a VNF's erasure revokes its certificates.
+    pub(crate) cmf: std::sync::OnceLock<Arc<crate::cmf::Cmf>>,
 }
 
 /// Notification bodies held in memory for the processor at most; beyond that the journal
@@ -425,7 +431,14 @@ impl Sm {
             subscription: std::sync::Mutex::new(subscription),
             telemetry: telemetry::ConsumerStatus::default(),
             vim_changed: tokio::sync::Notify::new(),
+            cmf: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The CMF of this agent: from now on a VNF's local erasure also revokes the
+    /// certificates issued for it (once; a second call is ignored).
+    pub fn attach_cmf(&self, cmf: Arc<crate::cmf::Cmf>) {
+        let _ = self.cmf.set(cmf);
     }
 
     pub fn mode(&self) -> SmMode {

@@ -39,8 +39,30 @@ impl CmfAgent {
                 format!("[[cmf.consumer]]\nid = \"{id}\"\ntrust_domain = \"{domain}\"\n")
             })
             .collect();
+        // Trust domains (issue 10): unless the test brings its own, each domain permits
+        // the names the suites use (*.example, *.example.net, any VNFC identifier, any
+        // address) from the default CA; tests/names.rs narrows them.
+        let domains = if extra.contains("[[cmf.trust_domain]]") {
+            String::new()
+        } else {
+            ["operator-a", "operator-b"]
+                .iter()
+                .map(|id| {
+                    format!(
+                        "[[cmf.trust_domain]]\nid = \"{id}\"\ndns_suffixes = [\"example\", \
+                         \"example.net\"]\nvnfc_id_patterns = [\"*\"]\nip_ranges = \
+                         [\"0.0.0.0/0\", \"::/0\"]\ncas = [\"default\"]\n"
+                    )
+                })
+                .collect()
+        };
+        let consumers = if extra.contains("[[cmf.consumer]]") {
+            String::new()
+        } else {
+            consumers
+        };
         let agent = Agent::new(&format!(
-            "\n[cmf]\nclient_ca = \"{{dir}}/vnfm-root.pem\"\n{extra}\n\n{consumers}"
+            "\n[cmf]\nclient_ca = \"{{dir}}/vnfm-root.pem\"\n{extra}\n\n{domains}\n{consumers}"
         ));
         if let Some(tcti) = tpm_tcti {
             let text = std::fs::read_to_string(&agent.config).expect("config");
@@ -48,7 +70,10 @@ impl CmfAgent {
                 "key = \"pkcs11:token=warden;object=warden-ca\"",
                 "key = \"tpm:handle=0x81000110\"",
             ) + &format!(
-                "\n[[backend]]\ntype = \"tpm\"\ntcti = \"{tcti}\"\nrecovery_attempts = 2\n"
+                "\n[[backend]]\ntype = \"tpm\"\ntcti = \"{tcti}\"\nrecovery_attempts = 2\n\
+                 command_timeout_ms = {}\nkeygen_timeout_ms = {}\n",
+                super::swtpm::GUARD_DEADLINE_MS,
+                super::swtpm::GUARD_KEYGEN_DEADLINE_MS
             );
             std::fs::write(&agent.config, text).expect("config");
         }

@@ -9,3 +9,5 @@ pub mod sm;
 pub mod softhsm;
 pub mod suite;
 pub mod swtpm;
+pub mod tacker;
+pub mod tpm_pki;

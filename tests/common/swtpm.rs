@@ -28,11 +28,18 @@ pub struct Swtpm {
 impl Swtpm {
     /// Start a fresh (unmanufactured, empty-auth) TPM.
     pub fn start() -> Swtpm {
+        Swtpm::start_prepared(|_| {})
+    }
+
+    /// Start a TPM on a state directory that `prepare` fills first (e.g. `swtpm_setup`
+    /// manufacturing it with EK certificates: tests/common/tpm_pki.rs).
+    pub fn start_prepared(prepare: impl FnOnce(&Path)) -> Swtpm {
         let dir = tempfile::Builder::new()
             .prefix("swtpm-")
             .tempdir()
             .expect("temp dir");
         std::fs::create_dir_all(dir.path().join("tpm")).expect("state dir");
+        prepare(&dir.path().join("tpm"));
         let mut last_error = String::new();
         for _ in 0..40 {
             let port = random_port();
@@ -70,6 +77,30 @@ impl Swtpm {
         self.child.as_ref().map(Child::id)
     }
 
+    /// SIGSTOP our swtpm (by its own PID): the TPM hangs, connections stay open and new ones
+    /// are still accepted by the kernel, but nothing answers.
+    pub fn stop(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Swtpm::stop`]: the TPM answers again, pending commands included.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = self.pid().expect("swtpm is running");
+        let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+        // SAFETY: plain kill(2) on the PID of our own child, which we have not reaped.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// SIGKILL our swtpm (by its own PID) and reap it: the TPM vanishes mid-flight.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -99,6 +130,13 @@ impl Swtpm {
 impl Drop for Swtpm {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A stopped swtpm would not act on SIGTERM until continued.
+            if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+                // SAFETY: plain kill(2) on the PID of a child we have not reaped yet.
+                unsafe {
+                    libc::kill(pid, libc::SIGCONT);
+                }
+            }
             // SIGTERM by PID (swtpm stops in ~10 ms), SIGKILL if it does not.
             if let Ok(pid) = libc::pid_t::try_from(child.id()) {
                 // SAFETY: plain kill(2) on the PID of a child we have not reaped yet.
@@ -184,7 +222,19 @@ fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-/// The agent's TPM backend configuration for a swtpm at `tcti`, with the default handles.
+/// The command deadline of tests that are not about a hung TPM: a failure guard (as in
+/// [`eventually`]), never what they check. The production default (5 s) is tripped on this
+/// shared 2-core machine: a TPM2_GetCapability or TPM2_Sign next to an RSA-3072 key
+/// generation of a parallel test took 4-5 s, and a test then failed with `Unavailable` in
+/// the middle of its work. Tests of the deadline itself (tests/tpm_faults.rs) set their own.
+pub const GUARD_DEADLINE_MS: u64 = 120_000;
+
+/// The key-generation deadline of those tests, also a failure guard: swtpm's RSA-3072 prime
+/// search took 2-17 s at a load average of 11 here, and over 120 s at 17-20.
+pub const GUARD_KEYGEN_DEADLINE_MS: u64 = 600_000;
+
+/// The agent's TPM backend configuration for a swtpm at `tcti`, with the default handles
+/// and the guard deadlines.
 pub fn tpm_config(tcti: &str) -> nfv_warden::config::TpmConfig {
     nfv_warden::config::TpmConfig {
         tcti: tcti.to_string(),
@@ -193,5 +243,21 @@ pub fn tpm_config(tcti: &str) -> nfv_warden::config::TpmConfig {
         key_handle_last: 0x8100_01ff,
         owner_auth: None,
         recovery_attempts: 4,
+        command_timeout_ms: GUARD_DEADLINE_MS,
+        keygen_timeout_ms: GUARD_KEYGEN_DEADLINE_MS,
+        max_waiting_commands: 8,
+    }
+}
+
+/// Poll `probe` until it gives a value; a generous bound (120 s) guards against a hang, it is
+/// not what a test checks.
+pub fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -26,7 +26,10 @@
 //! Format OIDs are kept as DER content bytes ([`FormatOid`]): UUID arcs exceed the u32 arcs
 //! of const-oid 0.10, so statement types are never parsed through `ObjectIdentifier`.
 
+pub mod anchor;
+pub mod credential;
 pub mod make;
+pub mod service;
 pub mod tpm;
 pub mod x509;
 
@@ -231,6 +234,13 @@ impl Formats {
     pub fn kind(&self, oid: &FormatOid) -> Option<VerifierKind> {
         self.table.get(oid).copied()
     }
+
+    /// Every known format OID, sorted (for error messages).
+    pub fn known(&self) -> Vec<String> {
+        let mut known: Vec<String> = self.table.keys().map(FormatOid::to_string).collect();
+        known.sort();
+        known
+    }
 }
 
 /// What the VNFM registered (IFA 033 11.2.1): the attester's public key, its statement
@@ -308,6 +318,12 @@ pub enum AttestationError {
     Expired { not_after: String },
     #[error("the key attestation certificate is not valid before {not_before}")]
     NotYetValid { not_before: String },
+    #[error("the attester is not anchored in a TPM PKI: {0}")]
+    Anchor(String),
+    #[error("credential activation: {0}")]
+    Credential(String),
+    #[error("freshness: {0}")]
+    Nonce(String),
 }
 
 /// One decoded statement.
@@ -456,6 +472,27 @@ pub fn verify_csr_attestation(
     csr_spki_der: &[u8],
     attester: &Attester,
 ) -> Result<Verified, AttestationError> {
+    verify_csr_attestation_evidence(formats, attributes, csr_spki_der, attester).map(|e| e.verified)
+}
+
+/// A verified CSR attestation with what the CMF checks next: the qualifying data (for
+/// freshness) and the bundle's certificates (path hints that may anchor the attester).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedEvidence {
+    pub verified: Verified,
+    /// TPMS_ATTEST.extraData (TPM formats).
+    pub qualifying_data: Option<Vec<u8>>,
+    /// DER of the bundle's `certs`.
+    pub certs: Vec<Vec<u8>>,
+}
+
+/// [`verify_csr_attestation`], returning the evidence the anchoring and freshness checks use.
+pub fn verify_csr_attestation_evidence(
+    formats: &Formats,
+    attributes: &Attributes,
+    csr_spki_der: &[u8],
+    attester: &Attester,
+) -> Result<VerifiedEvidence, AttestationError> {
     let found: Vec<_> = attributes
         .iter()
         .filter(|a| a.oid == ID_AA_ATTESTATION)
@@ -486,7 +523,19 @@ pub fn verify_csr_attestation(
         [one] => one,
         more => return Err(AttestationError::MoreThanOneStatement { count: more.len() }),
     };
-    verify_statement(formats, statement, csr_spki_der, attester)
+    let (verified, qualifying_data) =
+        verify_statement_evidence(formats, statement, csr_spki_der, attester)?;
+    let certs = bundle
+        .certs
+        .iter()
+        .map(|c| c.to_der())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| AttestationError::Decode(format!("certs: {e}")))?;
+    Ok(VerifiedEvidence {
+        verified,
+        qualifying_data,
+        certs,
+    })
 }
 
 /// Verify one decoded statement against the registered attester and the CSR's key.
@@ -496,6 +545,16 @@ pub fn verify_statement(
     csr_spki_der: &[u8],
     attester: &Attester,
 ) -> Result<Verified, AttestationError> {
+    verify_statement_evidence(formats, statement, csr_spki_der, attester).map(|(v, _)| v)
+}
+
+/// [`verify_statement`], with the TPM qualifying data.
+fn verify_statement_evidence(
+    formats: &Formats,
+    statement: &AttestationStatement,
+    csr_spki_der: &[u8],
+    attester: &Attester,
+) -> Result<(Verified, Option<Vec<u8>>), AttestationError> {
     if statement.format != attester.format {
         return Err(AttestationError::WrongType {
             found: statement.format.clone(),
@@ -507,21 +566,27 @@ pub fn verify_statement(
         .ok_or_else(|| AttestationError::UnknownFormat(statement.format.clone()))?;
     match kind {
         VerifierKind::Tpm2Certify => {
-            tpm::verify(&statement.stmt_der, csr_spki_der, attester)?;
-            Ok(Verified {
-                format: statement.format.clone(),
-                // Both are required by tpm::verify; a success means both were verified.
-                tpm_fixed: true,
-                tpm_residency: true,
-            })
+            let extra_data = tpm::verify(&statement.stmt_der, csr_spki_der, attester)?;
+            Ok((
+                Verified {
+                    format: statement.format.clone(),
+                    // Both are required by tpm::verify; a success means both were verified.
+                    tpm_fixed: true,
+                    tpm_residency: true,
+                },
+                Some(extra_data),
+            ))
         }
         VerifierKind::X509KeyCertificate => {
             x509::verify(&statement.stmt_der, csr_spki_der, attester)?;
-            Ok(Verified {
-                format: statement.format.clone(),
-                tpm_fixed: false,
-                tpm_residency: false,
-            })
+            Ok((
+                Verified {
+                    format: statement.format.clone(),
+                    tpm_fixed: false,
+                    tpm_residency: false,
+                },
+                None,
+            ))
         }
     }
 }

@@ -247,12 +247,13 @@ pub fn name_of(public: &[u8]) -> Result<Vec<u8>, AttestationError> {
     Ok(name)
 }
 
-/// Verify a tcg-attest-tpm-certify `stmt` (see the module documentation for the order).
+/// Verify a tcg-attest-tpm-certify `stmt` (see the module documentation for the order);
+/// returns TPMS_ATTEST.extraData, for the CMF's freshness check.
 pub(super) fn verify(
     stmt_der: &[u8],
     csr_spki_der: &[u8],
     attester: &Attester,
-) -> Result<(), AttestationError> {
+) -> Result<Vec<u8>, AttestationError> {
     let statement = decode_statement(stmt_der)?;
     check_header(&mut Reader::new(&statement.tpm_s_attest, "TPMS_ATTEST"))?;
     verify_attest_signature(
@@ -280,7 +281,7 @@ pub(super) fn verify(
             return Err(AttestationError::QualifyingData);
         }
     }
-    Ok(())
+    Ok(info.extra_data)
 }
 
 /// fixedTPM, fixedParent, sensitiveDataOrigin and sign set; restricted clear (a restricted

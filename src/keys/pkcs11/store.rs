@@ -160,13 +160,8 @@ impl Pkcs11KeyStore {
         // Resolve the token, check the pool size against its limits, and log in now, so a
         // wrong PIN or a missing token is reported at start, not at the first request.
         {
+            let located = store.locate_at_open()?;
             let entered = store.library.enter();
-            let located = store.locate(&entered).map_err(|step| match step {
-                Step::Final(e) => e,
-                Step::Retry(reason) | Step::Reinitialize(reason) => {
-                    KeyError::TokenNotFound(format!("{} ({reason})", store.token))
-                }
-            })?;
             if let Ok(info) = entered.pkcs11().get_token_info(located.slot) {
                 if let Limit::Max(max) = info.max_session_count() {
                     if max > 0 && store.pool.size() as u64 >= max {
@@ -180,6 +175,56 @@ impl Pkcs11KeyStore {
         }
         store.with_session("C_Login", |_| Ok(()))?;
         Ok(store)
+    }
+
+    /// The token's slot for `open`, healing like every operation does: when the search
+    /// fails short of a final error (the library was finalized by someone else in the
+    /// process and answers CKR_CRYPTOKI_NOT_INITIALIZED; SoftHSM sees a token created since
+    /// C_Initialize only after the next one), the library is re-initialized (waiting out the
+    /// backoff window an earlier re-initialization left) and the token looked for again, at
+    /// most `recovery_attempts` times. Only then is the token reported missing.
+    fn locate_at_open(&self) -> Result<Arc<Located>, KeyError> {
+        let attempts = self.recovery_attempts.max(1);
+        let mut reinitialized = 0;
+        let mut reason = String::new();
+        for _ in 0..=attempts * 2 {
+            let (generation, step) = {
+                let entered = self.library.enter();
+                (entered.generation(), self.locate(&entered))
+            };
+            match step {
+                Ok(located) => return Ok(located),
+                Err(Step::Final(e)) => return Err(e),
+                Err(Step::Retry(why) | Step::Reinitialize(why)) => reason = why,
+            }
+            if reinitialized >= attempts {
+                break;
+            }
+            match self
+                .library
+                .recovery
+                .reinitialize(&self.library, generation, self.backoff)
+            {
+                Outcome::Reinitialized => {
+                    reinitialized += 1;
+                    self.stats.reinitializations.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(token = %self.token, %reason, "PKCS#11 library re-initialized at open");
+                }
+                Outcome::AlreadyDone => {}
+                // Opening is not on a request's path: wait for the window instead of failing.
+                Outcome::TooSoon(wait) => std::thread::sleep(wait),
+                Outcome::Failed(e) => {
+                    return Err(KeyError::Module {
+                        module: self.library.module().display().to_string(),
+                        reason: format!("C_Initialize: {e}"),
+                    })
+                }
+            }
+        }
+        Err(KeyError::TokenNotFound(format!(
+            "{} ({reason})",
+            self.token
+        )))
     }
 
     pub fn recovery_stats(&self) -> RecoveryStats {

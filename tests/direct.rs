@@ -1,0 +1,590 @@
+//! CMF direct mode (issue 11) against the REAL Tacker VNFM on the real OpenStack
+//! (tests/common/tacker.rs; `WARDEN_OPENSTACK=DIR` reuses a running cloud and its Tacker).
+//!
+//! One VNF lifecycle, in order: subscription (Tacker's test GET answered 204), create,
+//! instantiate -> the VNFC's enrollment credential arrives in its vnfcConfigurableProperties
+//! (ModifyVnfInfo) -> EST enrollment with the names from the lifecycle data -> refusals
+//! (replay, another VNF, no such VNFC, never instantiated, no credential) -> scale out -> the
+//! new VNFC enrolls -> agent stopped, scale in, agent started: the lost notifications are
+//! recovered by reconciliation and the removed VNFC's certificate is revoked -> terminate
+//! with the agent killed (SIGKILL) right after the removal intent is journaled -> after the
+//! restart the revocation happens exactly once.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::Value;
+
+use common::cmf::{openssl_csr, sh, CmfAgent};
+use common::openstack::{free_ports, peers_dir};
+use common::tacker::Tacker;
+
+fn poll<T>(what: &str, seconds: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).expect("random");
+    hex::encode(bytes)
+}
+
+fn uuid() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .expect("uuid")
+        .trim()
+        .to_string()
+}
+
+/// `warden serve` with optional extra environment; the child and nothing else.
+fn serve(agent: &CmfAgent, env: &[(&str, &str)]) -> Child {
+    let mut command = agent.command(&["serve"]);
+    command.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("listening line");
+    assert!(line.starts_with("listening on"), "serve: '{line}'");
+    child
+}
+
+fn stop(child: &mut Child) {
+    // SAFETY: kill(2) on our own child's PID.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn json_of(agent: &CmfAgent, args: &[&str]) -> Value {
+    serde_json::from_str(&agent.warden(args)).expect("json")
+}
+
+fn vnfc_view(agent: &CmfAgent, id: &str) -> Option<Value> {
+    let out = agent
+        .command(&["cmf", "vnfc", id])
+        .output()
+        .expect("warden");
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("json"))
+}
+
+/// The enrollment data the CMF delivered to this VNFC through the VNFM (what the VNFC reads
+/// from its configurable properties).
+fn delivered(tacker: &Tacker, vnf: &str, vnfc: &str) -> Option<(String, String)> {
+    let inst = tacker.op(&["show", vnf]);
+    let info = inst["instantiatedVnfInfo"]["vnfcInfo"].as_array()?.clone();
+    let entry = info.iter().find(|v| v["vnfcResourceInfoId"] == vnfc)?;
+    let e = &entry["vnfcConfigurableProperties"]["wardenEstEnrollment"];
+    Some((
+        e["user"].as_str()?.to_string(),
+        e["credential"].as_str()?.to_string(),
+    ))
+}
+
+fn vnfc_ids(tacker: &Tacker, vnf: &str) -> Vec<String> {
+    tacker.op(&["show", vnf])["instantiatedVnfInfo"]["vnfcResourceInfo"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["id"].as_str().map(String::from))
+        .collect()
+}
+
+/// POST a CSR to the direct EST endpoint: (status, body).
+fn enroll(agent: &CmfAgent, port: u16, auth: Option<(&str, &str)>, csr_pem: &str) -> (u16, String) {
+    let client = nfv_warden::client::HttpsClient::new(
+        &format!("https://127.0.0.1:{port}"),
+        &agent.dir().join("ca.pem"),
+        None,
+    )
+    .expect("client");
+    let body: String = csr_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut headers = vec![("content-type", "application/pkcs10".to_string())];
+    if let Some((user, password)) = auth {
+        headers.push((
+            "authorization",
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            ),
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let mut connection = client.connect().await.expect("connect");
+        let response = connection
+            .request_with(
+                "POST",
+                "/.well-known/est/direct/simpleenroll",
+                &headers,
+                body.into_bytes(),
+            )
+            .await
+            .expect("request");
+        (
+            response.status,
+            String::from_utf8_lossy(&response.body).into_owned(),
+        )
+    })
+}
+
+/// The SANs of the certificate in a certs-only PKCS#7 (base64) response.
+fn certificate_text(dir: &Path, name: &str, p7_base64: &str) -> String {
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(p7_base64.split_whitespace().collect::<String>())
+        .expect("base64");
+    std::fs::write(dir.join(format!("{name}.p7")), der).expect("write");
+    sh(
+        dir,
+        &format!(
+            "openssl pkcs7 -inform DER -in {name}.p7 -print_certs -out {name}.pem && \
+             openssl x509 -in {name}.pem -noout -text > {name}.txt"
+        ),
+    );
+    std::fs::read_to_string(dir.join(format!("{name}.txt"))).expect("text")
+}
+
+/// `openssl verify -crl_check` of `pem` against the CA and its current CRL (fetched from the
+/// agent's revocation listener): Ok, or openssl's complaint.
+fn crl_verdict(dir: &Path, rport: u16, pem: &str) -> Result<(), String> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "curl -sSf -o crl.der http://127.0.0.1:{rport}/crl/default.crl && \
+             openssl crl -inform DER -in crl.der -out crl.pem && \
+             openssl verify -crl_check -CAfile ca.pem -CRLfile crl.pem {pem} 2>&1"
+        ))
+        .current_dir(dir)
+        .output()
+        .expect("sh");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+/// `openssl ocsp` against the agent's responder: "good", "revoked" or "unknown".
+fn ocsp_status(dir: &Path, rport: u16, pem: &str) -> String {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "ocsp",
+            "-issuer",
+            "ca.pem",
+            "-cert",
+            pem,
+            "-CAfile",
+            "ca.pem",
+            "-url",
+            &format!("http://127.0.0.1:{rport}/ocsp"),
+        ])
+        .current_dir(dir)
+        .output()
+        .expect("openssl ocsp");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "openssl ocsp: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(pem))
+        .unwrap_or_else(|| panic!("openssl ocsp: {text}"));
+    line.rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn audit(agent: &CmfAgent) -> Vec<Value> {
+    let v = json_of(agent, &["audit", "list", "--limit", "10000", "--json"]);
+    match v {
+        Value::Array(a) => a,
+        other => other["entries"].as_array().cloned().unwrap_or_default(),
+    }
+}
+
+/// Deletes what the test made in the shared Tacker, whatever happens.
+struct Cleanup<'a> {
+    tacker: &'a Tacker,
+    vnfs: Vec<String>,
+    package: Option<String>,
+    callback_marker: String,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        for vnf in &self.vnfs {
+            let shown = self.tacker.op(&["show", vnf]);
+            if shown["instantiationState"] == "INSTANTIATED" {
+                let _ = std::panic::catch_unwind(|| {
+                    self.tacker
+                        .op(&["lcm", vnf, "terminate", r#"{"terminationType":"FORCEFUL"}"#])
+                });
+            }
+            let _ = std::panic::catch_unwind(|| self.tacker.op(&["delete", vnf]));
+        }
+        if let Some(pkg) = &self.package {
+            let _ = std::panic::catch_unwind(|| self.tacker.op(&["pkg-delete", pkg]));
+        }
+        let subs = self.tacker.op(&["subs"]);
+        for s in subs.as_array().into_iter().flatten() {
+            if s["callbackUri"]
+                .as_str()
+                .is_some_and(|c| c.contains(&self.callback_marker))
+            {
+                let id = s["id"].as_str().unwrap_or_default().to_string();
+                let _ = std::panic::catch_unwind(|| self.tacker.op(&["sub-delete", &id]));
+            }
+        }
+    }
+}
+
+#[test]
+fn direct_mode_follows_a_real_tacker() {
+    let tacker = Tacker::shared();
+    let vnfm = format!("direct-{}", random_hex(4));
+    let vnfd = uuid();
+    let ports = free_ports(2);
+    let (port, rport) = (ports[0], ports[1]);
+    let extra = format!(
+        r#"
+[cmf.revocation]
+listen = "127.0.0.1:{rport}"
+crl_debounce_ms = 100
+
+[cmf.direct]
+reconcile_seconds = 20
+
+[[cmf.direct.vnfm]]
+id = "{vnfm}"
+trust_domain = "operator-a"
+api_root = "{tacker_url}"
+vnfd_ids = ["{vnfd}"]
+notification_auth = "BASIC"
+notification_secret = {{ file = "{{dir}}/notify-secret" }}
+
+[cmf.direct.vnfm.auth]
+type = "keystone_password"
+url = "{keystone}"
+user = "{user}"
+project = "{project}"
+password = {{ file = "{{dir}}/os-password" }}
+"#,
+        tacker_url = tacker.get("TACKER_URL"),
+        keystone = tacker.get("KEYSTONE_URL"),
+        user = tacker.get("OS_USERNAME"),
+        project = tacker.get("OS_PROJECT_NAME"),
+    );
+    let agent = CmfAgent::new(&extra);
+    let dir = agent.dir().to_path_buf();
+    std::fs::write(dir.join("notify-secret"), random_hex(16)).expect("secret");
+    std::fs::write(dir.join("os-password"), tacker.get("OS_PASSWORD")).expect("password");
+    let config = std::fs::read_to_string(&agent.agent.config).expect("config");
+    std::fs::write(
+        &agent.agent.config,
+        config.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        ),
+    )
+    .expect("config");
+
+    let mut cleanup = Cleanup {
+        tacker,
+        vnfs: Vec::new(),
+        package: None,
+        callback_marker: format!("/cmf/v1/direct/notifications/{vnfm}"),
+    };
+    let pkg = tacker.op(&[
+        "onboard",
+        &vnfd,
+        &peers_dir().join("tacker-pkg").display().to_string(),
+    ]);
+    cleanup.package = pkg["pkgId"].as_str().map(String::from);
+
+    // Subscription: Tacker sends its test GET before answering 201 and refuses to subscribe
+    // when the GET fails, so a subscription with our callback URI shows the 204.
+    let mut child = serve(&agent, &[]);
+    let callback = format!("https://127.0.0.1:{port}/cmf/v1/direct/notifications/{vnfm}");
+    poll("the CMF's subscription at Tacker", 120, || {
+        let subs = tacker.op(&["subs"]);
+        let ours: Vec<Value> = subs
+            .as_array()?
+            .iter()
+            .filter(|s| s["callbackUri"] == callback.as_str())
+            .cloned()
+            .collect();
+        (ours.len() == 1).then_some(())
+    });
+
+    // Two VNFs: A instantiated, B never.
+    let a = tacker.op(&["create", &vnfd, &format!("{vnfm}-a")])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    cleanup.vnfs.push(a.clone());
+    let b = tacker.op(&["create", &vnfd, &format!("{vnfm}-b")])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    cleanup.vnfs.push(b.clone());
+    poll("VnfIdentifierCreation of B in the inventory", 120, || {
+        let vnfs = json_of(&agent, &["cmf", "vnfs", "--json"]);
+        vnfs.as_array()?
+            .iter()
+            .any(|v| {
+                v["vnfInstanceId"] == b.as_str() && v["instantiationState"] == "NOT_INSTANTIATED"
+            })
+            .then_some(())
+    });
+    let occ = tacker.op(&["instantiate", &a]);
+    assert_eq!(occ["operationState"], "COMPLETED", "{occ}");
+    let vnfc1 = vnfc_ids(tacker, &a).remove(0);
+    let (user1, cred1) = poll("the enrollment credential of VNFC 1", 180, || {
+        delivered(tacker, &a, &vnfc1)
+    });
+    assert_eq!(user1, format!("{a}/{vnfc1}"));
+    let view = vnfc_view(&agent, &vnfc1).expect("VNFC 1 in the inventory");
+    assert_eq!(view["vduId"], "VDU1");
+    assert_eq!(
+        view["serverId"],
+        vnfc1.as_str(),
+        "Tacker's vnfcResourceInfo id is the server id"
+    );
+    assert_eq!(view["vimConnectionId"], "vim1");
+    assert_eq!(view["state"], "alive");
+
+    // Refusals before any enrollment.
+    let csr = openssl_csr(
+        &dir,
+        "vnfc1",
+        "/CN=whatever-the-vnfc-asks",
+        &["chosen.example"],
+    );
+    let (status, body) = enroll(&agent, port, None, &csr);
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = enroll(&agent, port, Some((&user1, "not-the-credential")), &csr);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("wrong enrollment credential"), "{body}");
+    let (status, body) = enroll(
+        &agent,
+        port,
+        Some((&format!("{a}/{}", uuid()), &cred1)),
+        &csr,
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("has no VNFC"), "{body}");
+    let (status, body) = enroll(&agent, port, Some((&format!("{b}/{vnfc1}"), &cred1)), &csr);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("belongs to another VNF"), "{body}");
+    let (status, body) = enroll(
+        &agent,
+        port,
+        Some((&format!("{b}/{}", uuid()), &cred1)),
+        &csr,
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("NOT_INSTANTIATED"), "{body}");
+
+    // The VNFC enrolls: names from the lifecycle data, not from its CSR.
+    let (status, body) = enroll(&agent, port, Some((&user1, &cred1)), &csr);
+    assert_eq!(status, 200, "{body}");
+    let text = certificate_text(&dir, "vnfc1-cert", &body);
+    let urn = format!("urn:etsi:nfv:vnf:{a}:vnfc:{vnfc1}");
+    assert!(text.contains(&format!("URI:{urn}")), "{text}");
+    assert!(
+        text.contains(&format!("URI:urn:etsi:nfv:vnf:{a}:vdu:vdu1")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("chosen.example") && !text.contains("whatever-the-vnfc-asks"),
+        "{text}"
+    );
+    // Replay of the single-use credential.
+    let (status, body) = enroll(&agent, port, Some((&user1, &cred1)), &csr);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("used already"), "{body}");
+
+    // Scale out: the new VNFC gets its own credential and certificate.
+    let occ = tacker.op(&[
+        "lcm",
+        &a,
+        "scale",
+        r#"{"type":"SCALE_OUT","aspectId":"VDU1_scale","numberOfSteps":1}"#,
+    ]);
+    assert_eq!(occ["operationState"], "COMPLETED", "{occ}");
+    let vnfc2 = vnfc_ids(tacker, &a)
+        .into_iter()
+        .find(|v| *v != vnfc1)
+        .expect("a second VNFC");
+    let (user2, cred2) = poll("the enrollment credential of VNFC 2", 180, || {
+        delivered(tacker, &a, &vnfc2)
+    });
+    let csr2 = openssl_csr(&dir, "vnfc2", "/CN=vnfc2", &[]);
+    let (status, body) = enroll(&agent, port, Some((&user2, &cred2)), &csr2);
+    assert_eq!(status, 200, "{body}");
+    certificate_text(&dir, "vnfc2-cert", &body);
+    // Both valid by CRL before anything goes.
+    poll("a CRL that the new certificate passes", 60, || {
+        crl_verdict(&dir, rport, "vnfc2-cert.pem").ok()
+    });
+
+    // A lost notification: the agent is down during scale in; reconciliation at start finds
+    // the VNFC gone by Query VNF and revokes its certificate.
+    stop(&mut child);
+    let occ = tacker.op(&[
+        "lcm",
+        &a,
+        "scale",
+        r#"{"type":"SCALE_IN","aspectId":"VDU1_scale","numberOfSteps":1}"#,
+    ]);
+    assert_eq!(occ["operationState"], "COMPLETED", "{occ}");
+    let remaining = vnfc_ids(tacker, &a);
+    assert_eq!(remaining.len(), 1);
+    let removed = if remaining[0] == vnfc1 {
+        vnfc2.clone()
+    } else {
+        vnfc1.clone()
+    };
+    let kept = remaining[0].clone();
+    child = serve(&agent, &[]);
+    let report = poll("the removal of the scaled-in VNFC", 180, || {
+        let v = vnfc_view(&agent, &removed)?;
+        (v["state"] == "removed").then_some(v)
+    });
+    assert!(
+        report["report"]["evidence"]
+            .as_str()
+            .is_some_and(|e| e.contains("no longer in vnfcResourceInfo")),
+        "{report}"
+    );
+    let certs = report["certificates"].as_array().expect("certificates");
+    assert_eq!(certs.len(), 1, "{report}");
+    assert_eq!(
+        certs[0]["revocation"]["reason"], "cessationOfOperation",
+        "{report}"
+    );
+    assert!(report["report"]["keys"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("none"));
+    // Seen as revoked by relying parties: CRL (openssl verify -crl_check) and OCSP.
+    let removed_pem = if removed == vnfc1 {
+        "vnfc1-cert.pem"
+    } else {
+        "vnfc2-cert.pem"
+    };
+    let kept_pem = if removed == vnfc1 {
+        "vnfc2-cert.pem"
+    } else {
+        "vnfc1-cert.pem"
+    };
+    poll("the CRL to list the removed VNFC's certificate", 60, || {
+        crl_verdict(&dir, rport, removed_pem)
+            .err()
+            .filter(|e| e.contains("certificate revoked"))
+    });
+    assert_eq!(crl_verdict(&dir, rport, kept_pem), Ok(()));
+    assert_eq!(ocsp_status(&dir, rport, removed_pem), "revoked");
+    assert_eq!(ocsp_status(&dir, rport, kept_pem), "good");
+    let removed_user = format!("{a}/{removed}");
+    let (status, body) = enroll(&agent, port, Some((&removed_user, "x")), &csr);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("removed"), "{body}");
+
+    // Terminate with a crash right after the removal intent is durable: exactly once.
+    stop(&mut child);
+    let pause = dir.join("paused-after-intent");
+    child = serve(
+        &agent,
+        &[(
+            "WARDEN_TEST_DIRECT_PAUSE_AFTER_INTENT",
+            pause.to_str().expect("utf-8"),
+        )],
+    );
+    let occ = tacker.op(&["lcm", &a, "terminate", r#"{"terminationType":"FORCEFUL"}"#]);
+    assert_eq!(occ["operationState"], "COMPLETED", "{occ}");
+    poll("the agent to journal the removal intent", 180, || {
+        pause.exists().then_some(())
+    });
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    child = serve(&agent, &[]);
+    let report = poll("the removal of the last VNFC after the crash", 180, || {
+        let v = vnfc_view(&agent, &kept)?;
+        (v["state"] == "removed").then_some(v)
+    });
+    let certs = report["certificates"].as_array().expect("certificates");
+    assert_eq!(certs.len(), 1, "{report}");
+    assert_eq!(certs[0]["revocation"]["reason"], "cessationOfOperation");
+    let cert_id = certs[0]["id"].as_str().expect("id").to_string();
+    let entries = audit(&agent);
+    let removals = entries
+        .iter()
+        .filter(|e| {
+            e["action"] == "cmf.direct.vnfc_removed"
+                && e["subject"] == format!("{a}/{kept}").as_str()
+        })
+        .count();
+    assert_eq!(removals, 1, "one removal audit entry");
+    let revocations = entries
+        .iter()
+        .filter(|e| e["action"] == "cmf.revoke" && e["subject"] == cert_id.as_str())
+        .count();
+    assert_eq!(revocations, 1, "one revocation of {cert_id}");
+    poll("the CRL to list the last VNFC's certificate", 60, || {
+        crl_verdict(&dir, rport, kept_pem)
+            .err()
+            .filter(|e| e.contains("certificate revoked"))
+    });
+    assert_eq!(ocsp_status(&dir, rport, kept_pem), "revoked");
+
+    // Delete: VnfIdentifierDeletion, the inventory says DELETED.
+    assert_eq!(tacker.op(&["delete", &a])["status"], 204);
+    poll("A deleted in the inventory", 120, || {
+        let vnfs = json_of(&agent, &["cmf", "vnfs", "--json"]);
+        vnfs.as_array()?
+            .iter()
+            .any(|v| v["vnfInstanceId"] == a.as_str() && v["instantiationState"] == "DELETED")
+            .then_some(())
+    });
+    cleanup.vnfs.retain(|v| *v != a);
+    stop(&mut child);
+}
