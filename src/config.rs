@@ -1218,6 +1218,158 @@ pub struct SmConfig {
     /// Event -> action rules; evaluated in order, the first match wins.
     #[serde(default, rename = "rule")]
     pub rules: Vec<RuleConfig>,
+    /// Sc-Vi notifications (IFA 033 8.2, Sc-Vi.Telem.001, Security.005): the VIM's
+    /// RabbitMQ and the Aodh webhook. Absent: no Sc-Vi notifications are consumed.
+    #[serde(default)]
+    pub telemetry: Option<TelemetryConfig>,
+    /// Host-wide enforcement (IFA 033 Sc-Or.SecEnforce.004, SecEnforce.003 same-host option).
+    #[serde(default)]
+    pub hosts: HostsConfig,
+    /// The VIM (Sc-Vi producer, IFA 033 clause 8): an OpenStack cloud. Absent: no Sc-Vi.
+    #[serde(default)]
+    pub vim: Option<VimConfig>,
+}
+
+/// `[sm.telemetry]`: where the VIM's notifications come from and how far they are trusted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// A notification whose own timestamp is further than this from the local clock (either
+    /// way) is journaled as suspect and not acted upon (Security.005 "trusted time").
+    #[serde(default = "default_clock_bound_seconds")]
+    pub clock_bound_seconds: u64,
+    /// How many journaled Sc-Vi events are kept (the oldest are pruned past this).
+    #[serde(default = "default_telemetry_keep")]
+    pub keep_events: usize,
+    pub amqp: Option<AmqpConfig>,
+    /// The Aodh alarm webhook (`POST /sm/v1/vim/alarms` on the notification listener).
+    #[serde(default)]
+    pub aodh: Option<AodhWebhookConfig>,
+}
+
+/// `[sm.telemetry.amqp]`: the VIM's RabbitMQ (oslo.messaging notifications).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://host:port/vhost` or `amqps://...`, without credentials.
+    pub url: String,
+    pub user: String,
+    pub password: SecretSource,
+    /// PEM roots for `amqps://` (the broker's CA); the system's are not used.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The SM's own queue; default `warden-sm-<sm.name>`.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Durable queue (default): it outlives the SM, so notifications published while the SM
+    /// is down wait for it. `false`: auto-delete, gone with the connection.
+    #[serde(default = "default_true")]
+    pub durable_queue: bool,
+    /// Declare missing exchanges durable (oslo.messaging `amqp_durable_queues`, default
+    /// false). Existing exchanges are only checked, never redeclared.
+    #[serde(default)]
+    pub durable_exchanges: bool,
+    /// (exchange, routing key) pairs bound to the queue.
+    #[serde(default = "default_amqp_bindings")]
+    pub bindings: Vec<AmqpBinding>,
+    /// Unacknowledged deliveries at most (and so the largest journal batch).
+    #[serde(default = "default_amqp_prefetch")]
+    pub prefetch: u16,
+    /// Largest message accepted; larger ones are journaled as suspect without their body.
+    #[serde(default = "default_sm_max_body")]
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpBinding {
+    pub exchange: String,
+    pub routing_key: String,
+}
+
+/// `[sm.telemetry.aodh]`: Aodh alarm actions post here with HTTP basic authentication.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AodhWebhookConfig {
+    pub user: String,
+    pub secret: SecretSource,
+}
+
+/// `[sm.hosts]`: host-wide enforcement policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostsConfig {
+    /// Taking a host out of use: what happens to the VNFs' servers on it, unless the
+    /// operator says otherwise ("migrate" or "terminate").
+    #[serde(default = "default_host_disposition")]
+    pub disposition: HostDisposition,
+    /// Migration: try live migration first (then cold migration if Nova refuses it).
+    #[serde(default = "default_true")]
+    pub live_migration: bool,
+    /// The aggregate a host out of use is put in (created if missing).
+    #[serde(default = "default_quarantine_aggregate")]
+    pub quarantine_aggregate: String,
+    /// SecEnforce.003 same-host option: when a VNF is terminated for a rule, also terminate
+    /// the other VNFs on its host(s).
+    #[serde(default)]
+    pub terminate_same_host: bool,
+    /// The longest a migration is followed before the step fails.
+    #[serde(default = "default_migration_seconds")]
+    pub migration_timeout_seconds: u64,
+}
+
+impl Default for HostsConfig {
+    fn default() -> Self {
+        HostsConfig {
+            disposition: default_host_disposition(),
+            live_migration: true,
+            quarantine_aggregate: default_quarantine_aggregate(),
+            terminate_same_host: false,
+            migration_timeout_seconds: default_migration_seconds(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostDisposition {
+    Migrate,
+    Terminate,
+}
+
+fn default_host_disposition() -> HostDisposition {
+    HostDisposition::Migrate
+}
+fn default_quarantine_aggregate() -> String {
+    "warden-quarantine".into()
+}
+fn default_migration_seconds() -> u64 {
+    600
+}
+fn default_clock_bound_seconds() -> u64 {
+    300
+}
+fn default_telemetry_keep() -> usize {
+    100_000
+}
+fn default_amqp_prefetch() -> u16 {
+    64
+}
+/// Nova versioned notifications, and the legacy ones of Neutron and Cinder (their default
+/// `control_exchange`s: `neutron`, `openstack`).
+fn default_amqp_bindings() -> Vec<AmqpBinding> {
+    [
+        ("nova", "versioned_notifications.info"),
+        ("nova", "versioned_notifications.error"),
+        ("neutron", "notifications.info"),
+        ("openstack", "notifications.info"),
+    ]
+    .into_iter()
+    .map(|(e, k)| AmqpBinding {
+        exchange: e.into(),
+        routing_key: k.into(),
+    })
+    .collect()
 }
 
 fn default_reconcile_seconds() -> u64 {
@@ -1422,6 +1574,9 @@ pub enum RuleAction {
 
 impl SmConfig {
     fn check(&self) -> Result<(), String> {
+        if let Some(vim) = &self.vim {
+            vim.check()?;
+        }
         if self.name.is_empty()
             || !self
                 .name
@@ -1509,5 +1664,135 @@ impl SmConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The VIM of Sc-Vi (IFA 033 clause 8): an OpenStack cloud reached through Keystone v3.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VimConfig {
+    /// Keystone v3 URL, e.g. `https://keystone.example.net:5000/v3`. `http://` only to a
+    /// loopback address (a development cloud): Security.005 asks for confidentiality.
+    pub auth_url: String,
+    /// Region of the catalog endpoints; any region when absent.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Catalog interface: "public", "internal" or "admin".
+    #[serde(default = "default_vim_interface")]
+    pub interface: String,
+    /// PEM roots for the VIM's server certificates (Keystone and every catalog endpoint).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Keystone application credential (preferred: scoped, revocable, role-limited).
+    #[serde(default)]
+    pub application_credential: Option<VimAppCredential>,
+    /// Keystone password authentication (a user scoped to a project).
+    #[serde(default)]
+    pub password: Option<VimPassword>,
+    /// The SM's own TLS client identity on Sc-Vi, a key of its own in the HSM/TPM
+    /// (IFA 033 Security.001: independent from the Sc-Or interfaces' keys).
+    #[serde(default)]
+    pub client: Option<InterfaceKeyConfig>,
+    /// Per-request timeout, seconds.
+    #[serde(default = "default_vim_timeout")]
+    pub timeout_seconds: u64,
+    /// Largest response body accepted from any OpenStack service.
+    #[serde(default = "default_vim_max_response")]
+    pub max_response_bytes: usize,
+    /// Page size of OpenStack list requests (`limit`); lists are always read whole.
+    #[serde(default = "default_vim_page_size")]
+    pub page_size: usize,
+    /// Renew the token this long before Keystone's `expires_at`.
+    #[serde(default = "default_vim_renew_before")]
+    pub renew_before_seconds: u64,
+    /// Physical location of hypervisor hosts not given by aggregate metadata
+    /// (`location` key): host name -> free text (site, room, rack).
+    #[serde(default)]
+    pub host_locations: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VimAppCredential {
+    pub id: String,
+    pub secret: SecretSource,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VimPassword {
+    pub user: String,
+    #[serde(default = "default_vim_domain")]
+    pub user_domain: String,
+    pub project: String,
+    #[serde(default = "default_vim_domain")]
+    pub project_domain: String,
+    pub secret: SecretSource,
+}
+
+fn default_vim_interface() -> String {
+    "public".into()
+}
+fn default_vim_timeout() -> u64 {
+    30
+}
+fn default_vim_max_response() -> usize {
+    32 * 1024 * 1024
+}
+fn default_vim_page_size() -> usize {
+    500
+}
+fn default_vim_renew_before() -> u64 {
+    300
+}
+fn default_vim_domain() -> String {
+    "Default".into()
+}
+
+impl VimConfig {
+    fn check(&self) -> Result<(), String> {
+        match (&self.application_credential, &self.password) {
+            (None, None) => {
+                return Err("sm.vim: one of application_credential or password is required".into())
+            }
+            (Some(_), Some(_)) => {
+                return Err("sm.vim: application_credential and password exclude each other".into())
+            }
+            _ => {}
+        }
+        if !matches!(self.interface.as_str(), "public" | "internal" | "admin") {
+            return Err(format!(
+                "sm.vim.interface: '{}' is not public, internal or admin",
+                self.interface
+            ));
+        }
+        if self.page_size == 0 || self.page_size > 10_000 {
+            return Err("sm.vim.page_size: 1 to 10000".into());
+        }
+        if self.max_response_bytes < 64 * 1024 {
+            return Err("sm.vim.max_response_bytes: at least 65536".into());
+        }
+        crate::vim::client::check_url("sm.vim.auth_url", &self.auth_url)
+    }
+}
+
+#[cfg(test)]
+mod vim_tests {
+    use super::*;
+
+    #[test]
+    fn reference_vim_section_shows_the_defaults() {
+        let config = Config::parse(include_str!("../systemd/warden.toml")).expect("parses");
+        let vim = config
+            .sm
+            .as_ref()
+            .and_then(|sm| sm.vim.as_ref())
+            .expect("sm.vim");
+        assert_eq!(vim.interface, default_vim_interface());
+        assert_eq!(vim.timeout_seconds, default_vim_timeout());
+        assert_eq!(vim.max_response_bytes, default_vim_max_response());
+        assert_eq!(vim.page_size, default_vim_page_size());
+        assert_eq!(vim.renew_before_seconds, default_vim_renew_before());
+        assert!(vim.application_credential.is_some() && vim.password.is_none());
     }
 }

@@ -16,3 +16,4 @@ pub mod probe;
 pub mod sm;
 pub mod sol;
 pub mod store;
+pub mod vim;

@@ -37,6 +37,7 @@
 //! POST   /sm/v1/security_vnfs                {nsInstanceId, vnfInstanceId, vnfProfileId} -> 202
 //! PATCH  /sm/v1/security_vnfs/{vnfId}        {nsInstanceId, vnfInstanceName, ...}       -> 202
 //! DELETE /sm/v1/security_vnfs/{vnfId}?nsInstanceId=X                              -> 202
+//! GET    /sm/v1/vim/...                      Sc-Vi queries (with [sm.vim]; src/vim/admin.rs)
 //! ```
 
 use std::os::unix::fs::PermissionsExt;
@@ -105,7 +106,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/cmf/v1/direct/vnfcs/{id}", get(direct_vnfc))
         .with_state(Arc::new(state));
     match sm {
-        Some(sm) => ops.merge(routes(sm)),
+        Some(sm) => ops
+            .merge(routes(sm.clone()))
+            .merge(crate::vim::admin::routes(sm)),
         None => ops.route(
             "/sm/v1/{*rest}",
             axum::routing::any(|| async {
@@ -133,6 +136,8 @@ pub fn routes(sm: Arc<Sm>) -> Router {
         .route("/sm/v1/actions/{id}/cancel", post(cancel_action))
         .route("/sm/v1/terminations", post(terminate))
         .route("/sm/v1/erasures/{vnf}", get(erasure))
+        .route("/sm/v1/vim/events", get(vim_events))
+        .route("/sm/v1/hosts/{host}/out_of_use", post(host_out_of_use))
         .route("/sm/v1/security_vnfs", post(add_security_vnf))
         .route(
             "/sm/v1/security_vnfs/{vnf}",
@@ -562,6 +567,44 @@ async fn reconcile(State(sm): State<Arc<Sm>>) -> Response {
 async fn actions(State(sm): State<Arc<Sm>>) -> Response {
     match sm.actions().await {
         Ok(v) => Json(v).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    limit: Option<usize>,
+}
+
+/// The journaled Sc-Vi events (AMQP and Aodh), newest last.
+async fn vim_events(
+    State(sm): State<Arc<Sm>>,
+    axum::extract::Query(q): axum::extract::Query<EventsQuery>,
+) -> Response {
+    match sm.vi_events(q.limit.unwrap_or(100)).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+/// SecEnforce.004: take a host out of use (body: `{"disposition": "migrate"|"terminate"}`,
+/// optional; the policy's otherwise).
+async fn host_out_of_use(
+    State(sm): State<Arc<Sm>>,
+    Extension(caller): Extension<Caller>,
+    Path(host): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: crate::sm::hosts::OutOfUseRequest = if body.is_empty() {
+        Default::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return problem(400, &format!("the request: {e}")),
+        }
+    };
+    match sm.host_out_of_use(&host, request, &caller.0).await {
+        Ok(a) => (axum::http::StatusCode::ACCEPTED, Json(a)).into_response(),
         Err(e) => error(e),
     }
 }

@@ -30,6 +30,7 @@ pub fn routes(sm: Arc<Sm>) -> Router {
             get(test_notification).post(notification),
         )
         .route("/sm/v1/oauth2/token", post(token))
+        .route("/sm/v1/vim/alarms", post(aodh_alarm))
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(sm)
 }
@@ -104,6 +105,31 @@ fn negotiated(sm: &Sm, mut response: Response) -> Response {
 }
 
 /// Authenticate, parse, journal durably, answer 204; processing happens after.
+/// Aodh's REST alarm action (`alarm.state_transition`), HTTP basic authentication against
+/// `[sm.telemetry.aodh]` (IFA 033 Security.005 source authentication). Journaled like the
+/// AMQP events: it makes the SM re-read the VIM, it never enforces by itself.
+async fn aodh_alarm(State(sm): State<Arc<Sm>>, headers: HeaderMap, body: Body) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(detail) = sm.aodh_authenticate(authorization) {
+        let mut response = problem(401, &detail);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"warden-sm-vim\""),
+        );
+        return response;
+    }
+    let bytes = match super::cmf::read_body(&headers, body, sm.intake.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => return problem(413, "the alarm is larger than the SM accepts"),
+    };
+    match sm.aodh_alarm(&bytes).await {
+        Ok(_) => no_content(),
+        Err(e) => problem(e.status(), &e.to_string()),
+    }
+}
+
 async fn notification(
     State(sm): State<Arc<Sm>>,
     Extension(identity): Extension<ClientIdentity>,

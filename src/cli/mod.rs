@@ -30,6 +30,7 @@ mod sm;
 // Not `store`: that name is the library's store module here (`store::KEYS`).
 #[path = "store.rs"]
 mod store_command;
+mod vim;
 mod vnfm;
 
 use check::check;

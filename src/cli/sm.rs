@@ -51,6 +51,47 @@ pub(super) enum SmCommand {
     /// Security VNFs in an NS (IFA 033 6.5).
     #[command(subcommand)]
     SecurityVnf(SecurityVnfCommand),
+    /// IFA 033 SecEnforce.004: take a compute host out of use (disable its nova-compute,
+    /// migrate or terminate the VNFs on it, quarantine it in an aggregate).
+    Host(HostArgs),
+    /// The journaled Sc-Vi notifications (VIM RabbitMQ and Aodh), newest last.
+    Events {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print the JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The VIM on Sc-Vi (IFA 033 clause 8): hosts, capacity, zones, servers, quotas, queries.
+    #[command(subcommand)]
+    Vim(super::vim::VimCommand),
+}
+
+#[derive(Args)]
+pub(super) struct HostArgs {
+    /// The hypervisor host (Nova's `OS-EXT-SRV-ATTR:host`).
+    host: String,
+    /// Take it out of use (the only host action).
+    #[arg(long, required = true)]
+    out_of_use: bool,
+    /// Migrate its servers away (live, else cold).
+    #[arg(long, conflicts_with = "terminate")]
+    migrate: bool,
+    /// Terminate the VNFs on it through the NFVO (servers of no VNF are migrated).
+    #[arg(long)]
+    terminate: bool,
+    /// Do not put it in the quarantine aggregate.
+    #[arg(long)]
+    no_quarantine: bool,
+    /// Cold migration only (no live migration attempt).
+    #[arg(long)]
+    cold: bool,
+    /// The reason given to Nova (disabled_reason).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Wait until the action finishes.
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Args)]
@@ -129,6 +170,7 @@ pub(super) fn run(command: SmCommand, config: &Config) -> Result<ExitCode, Failu
     let socket = admin_socket(config);
     match command {
         SmCommand::Init(args) => init(args, config),
+        SmCommand::Vim(cmd) => super::vim::run(cmd, &socket),
         SmCommand::Status { json } => {
             let status = call(&socket, "GET", "/sm/v1/status", None)?;
             if json {
@@ -169,6 +211,72 @@ pub(super) fn run(command: SmCommand, config: &Config) -> Result<ExitCode, Failu
         SmCommand::Reconcile => {
             call(&socket, "POST", "/sm/v1/reconcile", None)?;
             println!("reconciled with the NFVO (mode {})", sm.mode);
+            Ok(ExitCode::SUCCESS)
+        }
+        SmCommand::Host(args) => {
+            let disposition = if args.migrate {
+                json!("migrate")
+            } else if args.terminate {
+                json!("terminate")
+            } else {
+                Value::Null
+            };
+            let mut body = json!({ "quarantine": !args.no_quarantine });
+            if args.cold {
+                body["live"] = json!(false);
+            }
+            if !disposition.is_null() {
+                body["disposition"] = disposition;
+            }
+            if let Some(reason) = &args.reason {
+                body["reason"] = json!(reason);
+            }
+            let path = format!("/sm/v1/hosts/{}/out_of_use", segment(&args.host)?);
+            let mut action = call(&socket, "POST", &path, Some(body))?;
+            if args.wait {
+                let id = action["id"].as_str().unwrap_or_default().to_string();
+                let get = format!("/sm/v1/actions/{}", segment(&id)?);
+                while action["state"] == "RUNNING" {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    action = call(&socket, "GET", &get, None)?;
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&action)?);
+            Ok(
+                if matches!(action["state"].as_str(), Some("FAILED" | "CANCELLED")) {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                },
+            )
+        }
+        SmCommand::Events { limit, json } => {
+            let v = call(
+                &socket,
+                "GET",
+                &format!("/sm/v1/vim/events?limit={limit}"),
+                None,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for e in v.as_array().into_iter().flatten() {
+                    let text = |k: &str| e[k].as_str().unwrap_or("-").to_string();
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}\t{}{}",
+                        text("received"),
+                        text("source"),
+                        text("eventType"),
+                        text("resourceId"),
+                        text("host"),
+                        text("state"),
+                        e["suspect"]
+                            .as_str()
+                            .map(|s| format!("\tSUSPECT: {s}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         SmCommand::Actions { id } => {
@@ -379,6 +487,37 @@ fn print_status(status: &Value) {
             ns.join(",")
         );
     }
+    // Sc-Vi: hosts and zones, when [sm.vim] is configured.
+    let vim = &status["vim"];
+    if let Some(error) = vim["error"].as_str() {
+        println!("VIM: {error}");
+    } else if !vim.is_null() {
+        println!("HOST\tstate\tstatus\tzone\tlocation\tVNFs");
+        for h in vim["hosts"].as_array().into_iter().flatten() {
+            let vnfs: Vec<&str> = h["vnfInstanceIds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            println!(
+                "{}\t{}\t{}\t{}\t{}\t{}",
+                h["hostId"].as_str().unwrap_or(""),
+                h["state"].as_str().unwrap_or("-"),
+                h["status"].as_str().unwrap_or("-"),
+                h["zoneId"].as_str().unwrap_or("-"),
+                h["physicalLocation"].as_str().unwrap_or("-"),
+                vnfs.join(",")
+            );
+        }
+        let zones: Vec<&str> = vim["zones"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|z| z["zoneName"].as_str())
+            .collect();
+        println!("zones: {}", zones.join(", "));
+    }
 }
 
 fn segment(id: &str) -> Result<&str, Failure> {
@@ -386,7 +525,12 @@ fn segment(id: &str) -> Result<&str, Failure> {
 }
 
 /// One request to the admin socket; ProblemDetails become the error line.
-fn call(socket: &Path, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
+pub(super) fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, Failure> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -100,6 +100,12 @@ impl Sm {
         let mode = self.mode();
         let needs = match &step.kind {
             StepKind::EraseLocal => return None,
+            // IFA 033 Sc-Or.SecEnforce.004: Semi-Active and Fully-Active.
+            // (the same-host option is SecEnforce.003's: Fully-Active).
+            StepKind::Host(_) if action.kind == ActionKind::SameHostTerminate => {
+                SmMode::FullyActive
+            }
+            StepKind::Host(_) => SmMode::SemiActive,
             StepKind::DisablePackage { .. } => SmMode::FullyActive,
             StepKind::UpdateNs { request, .. } => {
                 if request["terminateVnfData"][0]["additionalParams"][ERASURE_PARAM].is_null() {
@@ -230,6 +236,9 @@ impl Sm {
             let step = action.steps[index].clone();
             match (&step.kind, step.state) {
                 (_, StepState::Completed | StepState::Failed) => return Ok(()),
+                (StepKind::Host(_), _) => {
+                    return self.run_host_step(action, index, unsent).await;
+                }
                 (StepKind::EraseLocal, _) => {
                     // Evidence: every REMOVE_VNF of this action COMPLETED (the VNF has left
                     // every NS it was in, so it is terminated: SOL 005 UpdateNsRequest NOTE 1).
@@ -504,7 +513,7 @@ impl Sm {
         }
     }
 
-    async fn set_step(
+    pub(crate) async fn set_step(
         &self,
         action: &mut Action,
         index: usize,
@@ -779,7 +788,7 @@ impl Sm {
             ActionKind::SecurityVnfAdd => "add",
             ActionKind::SecurityVnfModify => "modify",
             ActionKind::SecurityVnfRemove => "remove",
-            ActionKind::Terminate => {
+            ActionKind::Terminate | ActionKind::HostOutOfUse | ActionKind::SameHostTerminate => {
                 return Err(SmError::Invalid("not a security VNF action".into()))
             }
         };
@@ -818,6 +827,7 @@ impl Sm {
             id,
             kind,
             vnf_instance_id: vnf.to_string(),
+            host: None,
             trigger: "operator".into(),
             cause: json!({ "actor": actor, "params": params }),
             mode: self.mode(),
@@ -844,7 +854,7 @@ impl Sm {
 
     /// Journal a new action (unless one with that id exists; a FAILED one is replaced when
     /// `retry_failed`) and run it.
-    async fn start_new(
+    pub(crate) async fn start_new(
         self: &Arc<Self>,
         action: Action,
         actor: &str,
@@ -894,7 +904,10 @@ impl Sm {
             })
             .await?;
         let (action, created) = stored;
-        if created || action.state == ActionState::Running {
+        // A RECORDED action (PASSIVE) is never run: it only says what would have been done.
+        if (created || action.state == ActionState::Running)
+            && action.state != ActionState::Recorded
+        {
             self.spawn_action(action.clone(), false);
         }
         Ok(action)

@@ -21,10 +21,12 @@
 //! - `sm_seen_failures`: failed operation occurrences already judged (reconciliation).
 
 pub mod enforce;
+pub mod hosts;
 pub mod intake;
 pub mod nfvo;
 pub mod policy;
 pub mod status;
+pub mod telemetry;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -102,7 +104,11 @@ pub struct AbsentVnf {
 pub struct Action {
     pub id: String,
     pub kind: ActionKind,
+    /// The VNF acted on (empty for a host action).
     pub vnf_instance_id: String,
+    /// The compute host acted on (host actions, IFA 033 SecEnforce.004).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// The rule event, or "operator".
     pub trigger: String,
     /// What caused it: notification id, event detail, operator.
@@ -129,6 +135,11 @@ pub enum ActionKind {
     SecurityVnfAdd,
     SecurityVnfModify,
     SecurityVnfRemove,
+    /// IFA 033 Sc-Or.SecEnforce.004: take a compute host out of use.
+    HostOutOfUse,
+    /// IFA 033 Sc-Or.SecEnforce.003 same-host option: the other VNFs on a compromised
+    /// VNF's host(s).
+    SameHostTerminate,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +209,8 @@ pub enum StepKind {
     },
     /// Destroy the keys the agent holds for the VNF, and check them gone.
     EraseLocal,
+    /// A step against the VIM (host actions, [`hosts`]).
+    Host(hosts::HostStep),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -271,6 +284,12 @@ pub struct Sm {
     subscription: std::sync::Mutex<Option<String>>,
     /// Notification bodies waiting in the processor's queue (bounded by [`QUEUED_BODIES`]).
     queued_bodies: std::sync::atomic::AtomicUsize,
+    /// The Sc-Vi AMQP consumer's health.
+    pub telemetry: telemetry::ConsumerStatus,
+    /// Signalled when a trusted Sc-Vi event was journaled: the VIM view is re-read by query.
+    pub vim_changed: tokio::sync::Notify,
+    /// The VIM (Sc-Vi), when `[sm.vim]` is configured.
+    pub vim: Option<crate::vim::SharedVimLink>,
     /// The CMF of this agent, when it runs one: a VNF's erasure revokes its certificates.
     pub(crate) cmf: std::sync::OnceLock<Arc<crate::cmf::Cmf>>,
 }
@@ -325,6 +344,8 @@ pub enum SmError {
     Invalid(String),
     #[error("reconciliation: {0}")]
     Reconcile(String),
+    #[error(transparent)]
+    Vim(crate::vim::VimError),
 }
 
 impl SmError {
@@ -339,6 +360,8 @@ impl SmError {
             SmError::NotFound(_) => 404,
             SmError::Invalid(_) => 422,
             SmError::Reconcile(_) => 502,
+            SmError::Vim(e) if e.status().is_some() => 502,
+            SmError::Vim(_) => 503,
         }
     }
 }
@@ -387,7 +410,12 @@ impl Sm {
         let separator = if base.contains('?') { '&' } else { '?' };
         let callback_uri = format!("{base}{separator}sm={}&mode={}", sm.name, sm.mode);
         let (wake, wake_rx) = tokio::sync::mpsc::unbounded_channel();
+        let vim = sm
+            .vim
+            .clone()
+            .map(|v| Arc::new(crate::vim::VimLink::new(v, Some(backends.clone()))));
         Ok(Arc::new(Sm {
+            vim,
             config: sm,
             nfvo: Arc::new(nfvo),
             store,
@@ -401,6 +429,8 @@ impl Sm {
             erasing: tokio::sync::Mutex::new(()),
             queued_bodies: std::sync::atomic::AtomicUsize::new(0),
             subscription: std::sync::Mutex::new(subscription),
+            telemetry: telemetry::ConsumerStatus::default(),
+            vim_changed: tokio::sync::Notify::new(),
             cmf: std::sync::OnceLock::new(),
         }))
     }
@@ -427,6 +457,8 @@ impl Sm {
         else {
             return;
         };
+        self.start_telemetry();
+        self.start_vim_reconciliation();
         let sm = self.clone();
         tokio::spawn(async move {
             sm.connect_until_subscribed().await;

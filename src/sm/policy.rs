@@ -535,6 +535,7 @@ impl Sm {
         match self.finish_pending(done, actions, change).await {
             Ok(started) => {
                 for action in started {
+                    self.same_host_after(&action);
                     self.spawn_action(action, true);
                 }
                 self.erase_terminated(terminated);
@@ -956,6 +957,7 @@ impl Sm {
             .await?;
         self.erase_terminated(terminated);
         for action in started {
+            self.same_host_after(&action);
             self.spawn_action(action, true);
         }
         match self.prune_journal().await {
@@ -1059,6 +1061,7 @@ impl Action {
             id,
             kind: ActionKind::Terminate,
             vnf_instance_id: vnf.vnf_instance_id.clone(),
+            host: None,
             trigger: trigger.to_string(),
             cause,
             mode,

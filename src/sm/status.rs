@@ -101,8 +101,11 @@ impl Sm {
         Ok(json!({
             "sm": { "name": self.config.name, "mode": self.mode(), "callbackUri": self.callback_uri },
             "journal": journal,
+            "telemetry": self.telemetry.to_json(),
             "nsInstances": ns_list,
             "vnfs": vnfs.into_values().collect::<Vec<_>>(),
+            // Sc-Vi: hosts (with the VNFs on them) and zones; null without [sm.vim].
+            "vim": crate::vim::admin::status_summary(self, &ns_instances).await,
         }))
     }
 }

@@ -56,6 +56,19 @@ pub struct InstantiatedVnfInfo {
     pub vnf_state: Option<String>,
     #[serde(default)]
     pub ext_virtual_link_info: Vec<ExtVirtualLinkInfo>,
+    /// The VNFC instances and their compute resources at the VIM (the Sc-Vi host map).
+    #[serde(default)]
+    pub vnfc_resource_info: Vec<VnfcResourceInfo>,
+}
+
+/// SOL 005 6.5.3.61 VnfcResourceInfo (subset).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VnfcResourceInfo {
+    pub id: String,
+    #[serde(default)]
+    pub vdu_id: Option<String>,
+    pub compute_resource: ResourceHandle,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -71,6 +84,12 @@ pub struct ExtVirtualLinkInfo {
 pub struct ResourceHandle {
     #[serde(default)]
     pub resource_id: Option<String>,
+    /// The VIM holding the resource (SOL 005 6.5.3.59), when the NFVO names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vim_connection_id: Option<String>,
+    /// e.g. `OS::Nova::Server`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vim_level_resource_type: Option<String>,
 }
 
 /// SOL 005 6.5.2.3 NsLcmOpOcc (subset).

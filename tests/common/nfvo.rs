@@ -243,6 +243,14 @@ impl NfvoDouble {
         }
     }
 
+    /// Set the VNF's `instantiatedVnfInfo.vnfcResourceInfo` (SOL 005 VnfcResourceInfo list:
+    /// `id`, `vduId`, `computeResource.resourceId` = a VIM server id) for the Sc-Vi host map.
+    pub fn set_vnfc_resources(&self, vnf_id: &str, vnfcs: Value) {
+        let mut state = self.state();
+        let vnf = state.vnfs.get_mut(vnf_id).expect("add_vnf first");
+        vnf.instance["instantiatedVnfInfo"]["vnfcResourceInfo"] = vnfcs;
+    }
+
     /// Take `vnf_id` out of `ns_id` behind the SM's back (another consumer's REMOVE_VNF); a
     /// VNF in no NS any more is terminated. Tell the SM with [`NfvoDouble::notify_lcm`].
     pub fn remove_vnf(&self, ns_id: &str, vnf_id: &str) {
