@@ -267,7 +267,8 @@ async fn each_role_trusts_only_its_own_roots() {
         &sm.agent.config,
         format!(
             "{config}\n[cmf]\nclient_ca = \"{}/vnfm-root.pem\"\n\n[[cmf.consumer]]\n\
-             id = \"vnfm-a\"\ntrust_domain = \"operator-a\"\n",
+             id = \"vnfm-a\"\ntrust_domain = \"operator-a\"\n\n[[cmf.trust_domain]]\n\
+             id = \"operator-a\"\ndns_suffixes = [\"vnf.example\"]\ncas = [\"default\"]\n",
             dir.display()
         ),
     )

@@ -324,8 +324,12 @@ fn crl_until(
 }
 
 /// The serial as `openssl crl -text` prints it (upper-case hex).
+/// A serial as `openssl crl -text` prints it: the magnitude, without the DER INTEGER's
+/// leading zero octet (which the agent's keys keep, RFC 5280 4.1.2.2).
 fn crl_serial(serial: &str) -> String {
-    serial.to_ascii_uppercase()
+    let hex = serial.rsplit('/').next().unwrap_or(serial);
+    let hex = hex.strip_prefix("00").unwrap_or(hex);
+    hex.to_ascii_uppercase()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -738,7 +742,9 @@ fn vnf_termination_erasure_revokes_the_vnfs_certificates() {
     let config = std::fs::read_to_string(&sm.agent.config).unwrap()
         + &format!(
             "\n[cmf]\nclient_ca = \"{d}/vnfm-root.pem\"\n\n[[cmf.consumer]]\nid = \"vnfm-a\"\n\
-             trust_domain = \"operator-a\"\n",
+             trust_domain = \"operator-a\"\n\n[[cmf.trust_domain]]\nid = \"operator-a\"\n\
+             dns_suffixes = [\"example\", \"example.net\"]\nvnfc_id_patterns = [\"*\"]\n\
+             cas = [\"default\"]\n",
             d = dir.display()
         );
     std::fs::write(&sm.agent.config, config).unwrap();
@@ -759,7 +765,8 @@ fn vnf_termination_erasure_revokes_the_vnfs_certificates() {
                 &dir.join("ca.pem"),
                 Some((&dir.join("vnfm-a.pem"), &dir.join("vnfm-a.key"))),
             )
-            .unwrap();
+            .unwrap()
+            .with_default_header("Version", nfv_warden::api::cmf::API_VERSION);
             let mut vnfm = client.connect().await.unwrap();
             let created = vnfm
                 .post_json(

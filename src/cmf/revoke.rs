@@ -375,13 +375,14 @@ impl Cmf {
             .collect::<String>()
             .to_ascii_lowercase();
         if normalized.is_empty()
-            || normalized.len() > 40
+            || normalized.len() > 42
             || !normalized.bytes().all(|b| b.is_ascii_hexdigit())
         {
             return Err(CmfError::BadRequest(format!(
                 "serial '{serial}': expected the serial number in hex (at most 20 octets)"
             )));
         }
+        let normalized = der_serial_hex(&normalized);
         if let Some(ca) = ca {
             if self.ca(ca).is_none() {
                 return Err(CmfError::NotFound(format!(
@@ -437,6 +438,26 @@ impl Cmf {
             revoked_now,
         })
     }
+}
+
+/// A serial number in hex as people and tools write it (`openssl x509 -serial` prints the
+/// magnitude: no leading zero octet, maybe an odd number of digits) in the form the store
+/// keys it by: the DER INTEGER's content octets (RFC 5280 4.1.2.2: positive, so a leading
+/// zero octet when the top bit is set, and no other leading zero octets).
+pub(crate) fn der_serial_hex(hex_digits: &str) -> String {
+    let digits = hex_digits.trim_start_matches('0');
+    if digits.is_empty() {
+        return "00".into();
+    }
+    let mut even = if digits.len() % 2 == 1 {
+        format!("0{digits}")
+    } else {
+        digits.to_string()
+    };
+    if even.as_bytes()[0] >= b'8' {
+        even.insert_str(0, "00");
+    }
+    even
 }
 
 /// The revocation itself, inside the caller's write transaction: each certificate at `keys`
@@ -557,6 +578,15 @@ pub(crate) fn check_vnf_instance_id(id: &str) -> Result<(), CmfError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serials_are_keyed_by_their_der_content_octets() {
+        assert_eq!(der_serial_hex("a515b1"), "00a515b1");
+        assert_eq!(der_serial_hex("00a515b1"), "00a515b1");
+        assert_eq!(der_serial_hex("5b81"), "5b81");
+        assert_eq!(der_serial_hex("0005b81"), "5b81");
+        assert_eq!(der_serial_hex("fff"), "0fff");
+    }
 
     #[test]
     fn reasons_parse_by_rfc_name_and_kebab_case() {

@@ -186,6 +186,9 @@ fn store_key(store: &Store, serial: &str) -> Result<Option<String>, OpsError> {
             "'{serial}' is not a serial number (hex, as `warden certs list` prints it)"
         )));
     }
+    // As the store keys it (DER content octets), however it was written (openssl prints the
+    // magnitude, without the leading zero octet of a serial whose top bit is set).
+    let serial = crate::cmf::revoke::der_serial_hex(&serial);
     store
         .read(|tx| {
             if let Some(ca) = ca {
