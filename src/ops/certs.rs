@@ -171,6 +171,29 @@ pub fn export(
 /// The record key of `serial`: `caId/serial` as given, or the serial looked up under every
 /// CA id the store has.
 fn store_key(store: &Store, serial: &str) -> Result<Option<String>, OpsError> {
+    if let Some(key) = store_key_as_written(store, serial)? {
+        return Ok(Some(key));
+    }
+    // As the store keys it (DER content octets), however it was written: openssl prints the
+    // magnitude, without the leading zero octet of a serial whose top bit is set.
+    let (ca, hex) = match serial.split_once('/') {
+        Some((ca, hex)) => (Some(ca), hex),
+        None => (None, serial),
+    };
+    let hex: String = hex.chars().filter(|c| *c != ':').collect();
+    let hex = hex.strip_prefix("0x").unwrap_or(&hex).to_ascii_lowercase();
+    let der = crate::cmf::revoke::der_serial_hex(&hex);
+    if der == hex {
+        return Ok(None);
+    }
+    let der = match ca {
+        Some(ca) => format!("{ca}/{der}"),
+        None => der,
+    };
+    store_key_as_written(store, &der)
+}
+
+fn store_key_as_written(store: &Store, serial: &str) -> Result<Option<String>, OpsError> {
     let (ca, serial) = match serial.split_once('/') {
         Some((ca, serial)) => (Some(ca), serial),
         None => (None, serial),
@@ -186,9 +209,6 @@ fn store_key(store: &Store, serial: &str) -> Result<Option<String>, OpsError> {
             "'{serial}' is not a serial number (hex, as `warden certs list` prints it)"
         )));
     }
-    // As the store keys it (DER content octets), however it was written (openssl prints the
-    // magnitude, without the leading zero octet of a serial whose top bit is set).
-    let serial = crate::cmf::revoke::der_serial_hex(&serial);
     store
         .read(|tx| {
             if let Some(ca) = ca {
