@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cmf::{openssl_csr, CmfAgent};
-use common::softhsm::{config_for, process_tokens, MODULE};
+use common::softhsm::{config_for, process_tokens, settled, MODULE};
 use common::suite;
 use nfv_warden::keys::pkcs11::Pkcs11KeyStore;
 use nfv_warden::keys::{KeyAlgorithm, KeyError, KeyRef, KeySpec, KeyStore, SignatureScheme};
@@ -215,8 +215,8 @@ fn token_reinitialized_and_key_recreated_elsewhere_is_found_again() {
     assert!(status.success(), "pkcs11-tool --keypairgen");
 
     let recoveries_before = store.recoveries();
-    let signature = store
-        .sign(&by_name, SignatureScheme::EcdsaSha256, b"after")
+    // The window an earlier re-initialization left may still hold: wait it out.
+    let signature = settled(|| store.sign(&by_name, SignatureScheme::EcdsaSha256, b"after"))
         .expect("the new key is found by its name");
     let public = store
         .public_key(&by_name)
@@ -236,8 +236,7 @@ fn token_reinitialized_and_key_recreated_elsewhere_is_found_again() {
     // Wiped again, no key this time: NotFound after one re-initialization, not Unavailable,
     // and asking again does not re-initialize again.
     tokens.dir.reinit_token(label, "1234");
-    let error = store
-        .sign(&by_name, SignatureScheme::EcdsaSha256, b"gone")
+    let error = settled(|| store.sign(&by_name, SignatureScheme::EcdsaSha256, b"gone"))
         .expect_err("the key is gone");
     assert!(matches!(error, KeyError::NotFound(_)), "{error:?}");
     let settled = store.recoveries();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::softhsm::{config_for, process_tokens};
+use common::softhsm::{config_for, process_tokens, settled};
 use common::suite;
 use nfv_warden::keys::pkcs11::Pkcs11KeyStore;
 use nfv_warden::keys::{KeyAlgorithm, KeyError, KeyRef, KeySpec, KeyStore, SignatureScheme};
@@ -18,21 +18,11 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Sign until the key layer has recovered: while it backs off between re-initializations
-/// (the library is shared by every test of this process, so an earlier test's
-/// re-initialization may still hold the window) the error must be transient; any other error
-/// fails the test. The bound guards against a layer that never recovers.
+/// Sign once the key layer has settled (see `common::softhsm::settled`); anything but a
+/// signature fails the test.
 fn sign_once_recovered(store: &Pkcs11KeyStore, key: &KeyRef, message: &[u8]) -> Vec<u8> {
-    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        match store.sign(key, SignatureScheme::EcdsaSha256, message) {
-            Ok(signature) => return signature,
-            Err(e) if e.is_transient() && std::time::Instant::now() < give_up => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("the key layer did not recover: {e:?}"),
-        }
-    }
+    settled(|| store.sign(key, SignatureScheme::EcdsaSha256, message))
+        .unwrap_or_else(|e| panic!("the key layer did not recover: {e:?}"))
 }
 
 #[test]
@@ -60,16 +50,8 @@ fn token_reinitialized_under_a_running_agent() {
     // An earlier test of this process may have re-initialized the library moments ago: while
     // that backoff window holds, the answer is transient (503 + Retry-After for a client);
     // once it has passed, the one re-initialization gives the permanent answer.
-    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let err = loop {
-        match store.sign(&key.reference, SignatureScheme::EcdsaSha256, b"during") {
-            Ok(_) => panic!("the key is gone with the old token, yet it signed"),
-            Err(e) if e.is_transient() && std::time::Instant::now() < give_up => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => break e,
-        }
-    };
+    let err = settled(|| store.sign(&key.reference, SignatureScheme::EcdsaSha256, b"during"))
+        .expect_err("the key is gone with the old token, yet it signed");
     eprintln!("error while the key is gone: {err}");
     assert!(
         matches!(err, KeyError::NotFound(_)),

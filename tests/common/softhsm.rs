@@ -125,3 +125,27 @@ pub fn config_for(label: &str, pin_file: PathBuf, pool_size: usize) -> Pkcs11Con
         recovery_attempts: 4,
     }
 }
+
+/// Run `op` until the key layer gives a settled answer (a value, or a permanent error).
+///
+/// The PKCS#11 library is shared by every test of a process, and re-initializations are
+/// rate-limited library-wide: right after an earlier step (or an earlier test) re-initialized
+/// it, the layer answers a transient `Unavailable` ("next re-initialization in N ms"; 503 +
+/// Retry-After for a client) until the window has passed. A test that checks what comes after
+/// a re-initialization must wait that window out rather than depend on how long its previous
+/// step happened to take. Any transient answer is retried; the bound only guards against a
+/// layer that never settles.
+#[allow(dead_code)]
+pub fn settled<T>(
+    mut op: impl FnMut() -> Result<T, nfv_warden::keys::KeyError>,
+) -> Result<T, nfv_warden::keys::KeyError> {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        match op() {
+            Err(e) if e.is_transient() && std::time::Instant::now() < give_up => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
