@@ -281,6 +281,37 @@ async fn list(
     vim.get_all(service, path, key).await
 }
 
+/// The resources a query names: the one `id` (read directly, so a resource outside the list
+/// scope is still found or answers 404) or, without an id, every page of the list.
+struct Resources<'a> {
+    service: Service,
+    /// `/servers` for `/servers/{id}`.
+    item: &'a str,
+    /// The member of a single-resource answer (`server`).
+    element: &'a str,
+    /// The list path, with its query string (`/servers/detail?all_tenants=1`).
+    list: String,
+    /// The member of a list answer (`servers`).
+    key: &'a str,
+}
+
+async fn one_or_all(
+    vim: &VimClient,
+    calls: &mut Vec<String>,
+    id: Option<&str>,
+    of: Resources<'_>,
+) -> Result<Vec<Value>, VimError> {
+    match id {
+        Some(id) => {
+            let path = format!("{}/{}", of.item, segment(id)?);
+            Ok(vec![
+                get(vim, calls, of.service, &path).await?[of.element].clone()
+            ])
+        }
+        None => list(vim, calls, of.service, &of.list, of.key).await,
+    }
+}
+
 /// `Ok(Err(reason))`: not provided.
 type Outcome = Result<Result<Value, String>, VimError>;
 
@@ -1019,25 +1050,23 @@ pub async fn compute_resources(
     calls: &mut Vec<String>,
     filter: &QueryFilter,
 ) -> Result<Vec<VirtualCompute>, VimError> {
-    let servers = match &filter.id {
-        Some(id) => {
-            let s = get(
-                vim,
-                calls,
-                Service::Compute,
-                &format!("/servers/{}", segment(id)?),
-            )
-            .await?;
-            vec![s["server"].clone()]
-        }
-        None => {
-            let mut path = "/servers/detail?all_tenants=1".to_string();
-            if let Some(host) = &filter.host {
-                path.push_str(&format!("&host={}", segment(host)?));
-            }
-            list(vim, calls, Service::Compute, &path, "servers").await?
-        }
-    };
+    let mut list_path = "/servers/detail?all_tenants=1".to_string();
+    if let Some(host) = &filter.host {
+        list_path.push_str(&format!("&host={}", segment(host)?));
+    }
+    let servers = one_or_all(
+        vim,
+        calls,
+        filter.id.as_deref(),
+        Resources {
+            service: Service::Compute,
+            item: "/servers",
+            element: "server",
+            list: list_path,
+            key: "servers",
+        },
+    )
+    .await?;
     let ports = if servers.len() <= 8 {
         let mut all = Vec::new();
         for s in &servers {
@@ -1164,17 +1193,19 @@ async fn network_resources(
     calls: &mut Vec<String>,
     filter: &QueryFilter,
 ) -> Result<Value, VimError> {
-    let networks = match &filter.id {
-        Some(id) => vec![get(
-            vim,
-            calls,
-            Service::Network,
-            &format!("/v2.0/networks/{}", segment(id)?),
-        )
-        .await?["network"]
-            .clone()],
-        None => list(vim, calls, Service::Network, "/v2.0/networks", "networks").await?,
-    };
+    let networks = one_or_all(
+        vim,
+        calls,
+        filter.id.as_deref(),
+        Resources {
+            service: Service::Network,
+            item: "/v2.0/networks",
+            element: "network",
+            list: "/v2.0/networks".into(),
+            key: "networks",
+        },
+    )
+    .await?;
     let ports = match &filter.id {
         Some(id) => {
             list(
@@ -1265,26 +1296,19 @@ async fn storage_resources(
     calls: &mut Vec<String>,
     filter: &QueryFilter,
 ) -> Result<Value, VimError> {
-    let volumes = match &filter.id {
-        Some(id) => vec![get(
-            vim,
-            calls,
-            Service::Volume,
-            &format!("/volumes/{}", segment(id)?),
-        )
-        .await?["volume"]
-            .clone()],
-        None => {
-            list(
-                vim,
-                calls,
-                Service::Volume,
-                "/volumes/detail?all_tenants=1",
-                "volumes",
-            )
-            .await?
-        }
-    };
+    let volumes = one_or_all(
+        vim,
+        calls,
+        filter.id.as_deref(),
+        Resources {
+            service: Service::Volume,
+            item: "/volumes",
+            element: "volume",
+            list: "/volumes/detail?all_tenants=1".into(),
+            key: "volumes",
+        },
+    )
+    .await?;
     let out: Vec<Value> = volumes
         .iter()
         .map(|v| {
