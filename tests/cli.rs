@@ -55,10 +55,7 @@ fn ca_tls_check_serve_healthz_then_sigterm() {
 #[test]
 fn keys_commands_on_both_backends_and_across_restarts() {
     let tpm = Swtpm::start();
-    let agent = Agent::new(&format!(
-        "\n[[backend]]\ntype = \"tpm\"\ntcti = \"{}\"\n",
-        tpm.tcti()
-    ));
+    let agent = Agent::new(&common::swtpm::backend_toml(&tpm.tcti()));
     for backend in ["pkcs11", "tpm"] {
         let out = agent.ok(&[
             "keys",

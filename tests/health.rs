@@ -27,15 +27,18 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// The probe every second, a short deadline, and the metrics listener on `port`.
+/// The probe every second, and the metrics listener on `port`.
 fn health_config(metrics_port: u16) -> String {
     health_config_with(metrics_port, "")
 }
 
 /// [`health_config`] with more `[health]` keys.
+///
+/// The probe deadline (20 s) is what turns a hung device into "not ready"; it is long enough
+/// that a slow probe round on a loaded machine does not flip a healthy agent to 503.
 fn health_config_with(metrics_port: u16, health: &str) -> String {
     format!(
-        "\n[health]\nprobe_seconds = 1\nprobe_timeout_seconds = 3\n{health}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
+        "\n[health]\nprobe_seconds = 1\nprobe_timeout_seconds = 20\n{health}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
     )
 }
 
@@ -351,7 +354,7 @@ async fn a_stopped_tpm_shows_as_not_ready_without_hanging_the_probe() {
             .as_str()
             // The probe's own deadline, or the key layer's TPM command deadline if that
             // is the shorter: either way an answer, not a hang.
-            .is_some_and(|r| r.contains("did not answer within 3 s") || r.contains("time")),
+            .is_some_and(|r| r.contains("did not answer within 20 s") || r.contains("time")),
         "{not_ready}"
     );
     // The keys in the token and the store are still ready; liveness answers.
@@ -463,11 +466,14 @@ async fn failed_requests_under_a_fault_log_a_few_lines_and_count_all() {
         logged <= nfv_warden::log_limit::BURST * windows,
         "{logged} lines for {REQUESTS} failures in {windows} windows:\n{summary}"
     );
-    // Whatever else logs on the way (recovery attempts), the log stays far from a line per
-    // failed request.
+    // Whatever else logs per request on the way, the log stays far from a line per failed
+    // request. Lines paced by time, not by requests (the key layer's re-initialization
+    // attempts, under their backoff; readiness changes), are left out: how many there are
+    // depends on how long the machine took for the requests.
     let all = summary
         .lines()
         .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+        .filter(|l| !l.contains("re-initializing the PKCS#11 library") && !l.contains("readiness"))
         .count();
     assert!(
         all < REQUESTS / 2,
@@ -697,7 +703,7 @@ fn sd_notify_ready_status_and_watchdog() {
 fn metrics_listener_closes_silent_connections_and_caps_connections() {
     let metrics = free_port();
     let mut agent = CmfAgent::new(&format!(
-        "{}max_connections = 2\nheader_read_timeout_seconds = 5\n",
+        "{}max_connections = 2\nheader_read_timeout_seconds = 30\n",
         health_config(metrics)
     ));
     agent.start();
@@ -706,16 +712,16 @@ fn metrics_listener_closes_silent_connections_and_caps_connections() {
     });
 
     // Two silent connections hold both slots; a third gets no answer to its request: it is
-    // closed at once (until the silent ones are closed by the header-read timeout, which the
-    // third connection follows within milliseconds).
-    let silent: Vec<std::net::TcpStream> = (0..2)
-        .map(|_| std::net::TcpStream::connect(("127.0.0.1", metrics)).expect("connect"))
-        .collect();
-    let refused = http_get(metrics, "/livez");
-    assert!(
-        refused.is_err(),
-        "a third connection was served: {refused:?}"
-    );
+    // closed at once. The slot of the last /livez poll is freed when the server has seen that connection
+    // close, a moment after the client did: until then a silent one may be the refused one,
+    // and a third request may still find a slot. Try again until two silent connections hold
+    // both slots and the third is refused (well inside the 30 s the silent ones are held).
+    let silent: Vec<std::net::TcpStream> = poll("a third connection to be refused", || {
+        let silent: Vec<std::net::TcpStream> = (0..2)
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", metrics)).expect("connect"))
+            .collect();
+        http_get(metrics, "/livez").is_err().then_some(silent)
+    });
 
     // The silent ones are closed by the server (end of stream, or a reset), not left open.
     for mut stream in silent {

@@ -390,10 +390,7 @@ impl Drop for Stop {
 #[test]
 fn tpm_keys_and_check_while_the_agent_holds_the_tpm() {
     let tpm = Swtpm::start();
-    let agent = Agent::new(&format!(
-        "\n[[backend]]\ntype = \"tpm\"\ntcti = \"{}\"\n",
-        tpm.tcti()
-    ));
+    let agent = Agent::new(&common::swtpm::backend_toml(&tpm.tcti()));
     agent.ok(&["ca", "init", "--subject", "CN=ops tpm test CA"]);
     agent.ok(&["tls", "init", "--san", "localhost"]);
     let (child, _) = agent.serve();

@@ -187,20 +187,14 @@ fn wrong_pin_fails_once_and_is_not_retried() {
 }
 
 #[test]
-fn missing_pin_file_and_missing_token_are_clear_errors() {
+fn missing_pin_file_is_a_clear_error() {
     let mut config = fresh_token("missing");
     config.pin = nfv_warden::config::SecretSource::File("/nonexistent/warden.pin".into());
     let err = Pkcs11KeyStore::open(&config)
         .err()
         .expect("missing PIN file");
     assert!(err.to_string().contains("/nonexistent/warden.pin"), "{err}");
-
-    let config = config_for(
-        "no-such-token",
-        process_tokens().dir.path().join("x.pin"),
-        2,
-    );
-    std::fs::write(process_tokens().dir.path().join("x.pin"), "1234").expect("pin");
-    let err = Pkcs11KeyStore::open(&config).err().expect("missing token");
-    assert!(matches!(err, KeyError::TokenNotFound(_)), "{err}");
+    // A missing token re-initializes the process-wide library before it is reported
+    // missing: that is tested in pkcs11_reinit.rs, whose tests take turns, not here beside
+    // tests that call the library from outside the agent's gate.
 }

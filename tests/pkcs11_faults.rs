@@ -287,6 +287,10 @@ fn file_descriptors_exhausted_then_released() {
         .sign(&key.reference, SignatureScheme::EcdsaSha256, b"before")
         .expect("sign before");
     let recoveries_before = store.recoveries();
+    // An earlier test may have left the library-wide re-initialization window open (at most
+    // `reinit_backoff_max_ms`, counted from a re-initialization already in the past): wait it
+    // out, so that the starvation below meets a layer free to re-initialize.
+    std::thread::sleep(Duration::from_millis(config.reinit_backoff_max_ms + 100));
 
     // Take every free file descriptor (what ~1,000 idle connections under a 1,024 limit
     // did): SoftHSM can no longer open its object files.

@@ -191,3 +191,14 @@ fn open_reinitializes_a_library_finalized_by_someone_else() {
         .expect("a missing token");
     assert!(matches!(err, KeyError::TokenNotFound(_)), "{err:?}");
 }
+
+#[test]
+fn missing_token_is_a_clear_error() {
+    let _turn = one_at_a_time();
+    let tokens = process_tokens();
+    let pin = tokens.dir.path().join("x.pin");
+    std::fs::write(&pin, "1234").expect("pin");
+    let config = config_for("no-such-token", pin, 2);
+    let err = Pkcs11KeyStore::open(&config).err().expect("missing token");
+    assert!(matches!(err, KeyError::TokenNotFound(_)), "{err}");
+}

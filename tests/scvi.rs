@@ -1300,7 +1300,7 @@ async fn keystone_unreachable_then_back() {
         cloud.get("OS_USERNAME"),
         cloud.get("OS_PROJECT_NAME"),
         &secret,
-        "timeout_seconds = 10",
+        "timeout_seconds = 60",
     );
     config.auth_url = format!("http://127.0.0.1:{}/v3", relay.port);
     let link = nfv_warden::vim::VimLink::new(config, None);

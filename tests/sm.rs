@@ -317,12 +317,8 @@ fn kill_9_mid_sequence_resumes_and_sends_nothing_twice() {
         sm.nfvo.notify_lcm("ns-b", "vnf-2", "MODIFY_INFORMATION");
     }
     // The NFVO takes the REMOVE_VNF on ns-b but answers slowly: the agent dies waiting.
-    sm.nfvo.delay_response(
-        "POST",
-        "/ns_instances/ns-b/update",
-        Duration::from_secs(4),
-        1,
-    );
+    sm.nfvo
+        .hold_response("POST", "/ns_instances/ns-b/update", 1);
     instantiate_tampered(&sm);
     wait_for(
         "REMOVE_VNF on ns-b to arrive",
@@ -334,6 +330,7 @@ fn kill_9_mid_sequence_resumes_and_sends_nothing_twice() {
         },
     );
     sm.kill9();
+    sm.nfvo.release_responses();
     sm.start();
     sm.wait_action("terminate:vnf-1", "COMPLETED");
     let mut seen = std::collections::BTreeMap::new();
@@ -1228,12 +1225,8 @@ fn set_mode(sm: &SmAgent, from: &str, to: &str) {
 fn after_a_downgrade_unsent_steps_are_cancelled_not_sent() {
     let mut sm = started("FULLY_ACTIVE");
     // The snapshot (the first step) is answered slowly: the agent dies waiting.
-    sm.nfvo.delay_response(
-        "POST",
-        "/ns_instances/ns-a/update",
-        Duration::from_secs(4),
-        1,
-    );
+    sm.nfvo
+        .hold_response("POST", "/ns_instances/ns-a/update", 1);
     instantiate_tampered(&sm);
     wait_for("the snapshot to arrive", Duration::from_secs(30), || {
         sm.updates()
@@ -1241,6 +1234,7 @@ fn after_a_downgrade_unsent_steps_are_cancelled_not_sent() {
             .any(|(_, b, _, _)| b["updateType"] == "CREATE_VNF_SNAPSHOT")
     });
     sm.kill9();
+    sm.nfvo.release_responses();
     set_mode(&sm, "FULLY_ACTIVE", "SEMI_ACTIVE");
     sm.start();
     let action = sm.wait_action("terminate:vnf-1", "CANCELLED");

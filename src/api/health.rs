@@ -157,13 +157,30 @@ pub fn notify_systemd(probe: &Probe, serving: SocketAddr) {
     let mut changes = probe.subscribe();
     tokio::spawn(async move {
         let mut last = String::new();
+        // The log gets a line when the state changes (which checks fail), not each time a
+        // failing check's reason reads differently: a device away for an hour is one WARN,
+        // not one per probe round. STATUS= always carries the latest reason.
+        let mut last_state: Option<Vec<(String, bool)>> = None;
         loop {
-            let summary = changes.borrow_and_update().summary();
+            let (summary, ready, state) = {
+                let readiness = changes.borrow_and_update();
+                // Which checks fail, and whether each has been probed yet.
+                let failing: Vec<(String, bool)> = readiness
+                    .checks
+                    .iter()
+                    .filter(|c| !c.ready)
+                    .map(|c| (c.name.clone(), c.checked_at.is_some()))
+                    .collect();
+                (readiness.summary(), readiness.is_ready(), failing)
+            };
             if summary != last {
-                if last.is_empty() || summary == "ready" {
-                    tracing::info!(%summary, "readiness");
-                } else {
-                    tracing::warn!(%summary, "readiness");
+                if last_state.as_ref() != Some(&state) {
+                    if last_state.is_none() || ready {
+                        tracing::info!(%summary, "readiness");
+                    } else {
+                        tracing::warn!(%summary, "readiness");
+                    }
+                    last_state = Some(state);
                 }
                 let status = format!("serving on {serving}; {summary}");
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);

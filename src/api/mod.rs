@@ -629,8 +629,11 @@ async fn serve_with(
         _ = connections.acquire_many(all) => tracing::info!("all connections closed"),
         () = tokio::time::sleep(limits.drain) => tracing::warn!(seconds = limits.drain.as_secs(), "drain timed out; closing"),
     }
-    // The last summary of unauthenticated security events, before the process ends.
-    let _ = tokio::task::spawn_blocking(|| security::flush(Duration::from_secs(5))).await;
+    // The last summary of unauthenticated security events, durable before the process ends.
+    // It may wait as long as the drain could (the unit's TimeoutStopSec covers both): a slow
+    // disk must not lose the last summary.
+    let wait = limits.drain.max(Duration::from_secs(5));
+    let _ = tokio::task::spawn_blocking(move || security::flush(wait)).await;
 }
 
 /// What every connection task shares.

@@ -163,6 +163,8 @@ impl NfvoDouble {
             notify_tx,
             tasks: Mutex::new(Vec::new()),
             token_cache: tokio::sync::Mutex::new(HashMap::new()),
+            ops_held: tokio::sync::watch::Sender::new(false),
+            responses_released: tokio::sync::watch::Sender::new(0),
         });
         {
             let mut state = inner.state.lock().unwrap();
@@ -404,6 +406,8 @@ impl NfvoDouble {
     }
 
     /// The deliveries once there are at least `n`, or when `timeout` has passed.
+    /// The deliveries once `n` have been made, or whatever arrived by `timeout` (a failure
+    /// guard: callers compare what they got).
     pub fn wait_deliveries(&self, n: usize, timeout: Duration) -> Vec<(String, u16)> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -512,14 +516,40 @@ impl NfvoDouble {
         self.state().delays.push(Delay {
             method: method.into(),
             path: path_contains.into(),
-            delay,
+            delay: Some(delay),
             times,
         });
+    }
+
+    /// Record and apply the next `times` matching requests at once, and answer them only
+    /// when the test calls release_responses(): "the agent dies waiting for the answer"
+    /// without depending on how fast the test kills it.
+    #[allow(dead_code)]
+    pub fn hold_response(&self, method: &str, path_contains: &str, times: usize) {
+        self.state().delays.push(Delay {
+            method: method.into(),
+            path: path_contains.into(),
+            delay: None,
+            times,
+        });
+    }
+
+    /// Answer every response held by hold_response().
+    #[allow(dead_code)]
+    pub fn release_responses(&self) {
+        self.inner.responses_released.send_modify(|n| *n += 1);
     }
 
     /// How long an UpdateNS op occ stays PROCESSING (default 50 ms).
     pub fn op_duration(&self, duration: Duration) {
         self.state().op_duration = duration;
+    }
+
+    /// Hold every UpdateNS op occ in PROCESSING (its effects not applied) until released:
+    /// what a test checks "while processing" must not depend on how fast the machine is.
+    #[allow(dead_code)]
+    pub fn hold_ops(&self, held: bool) {
+        self.inner.ops_held.send_replace(held);
     }
 
     /// Down: drop the listener and every open connection (new connections are refused).
@@ -663,6 +693,10 @@ struct Inner {
     tasks: Mutex<Vec<AbortHandle>>,
     /// (tokenEndpoint, clientId) -> access token, for OAUTH2_CLIENT_CREDENTIALS.
     token_cache: tokio::sync::Mutex<HashMap<(String, String), String>>,
+    /// While true, UpdateNS op occs stay PROCESSING however long they have run (hold_ops).
+    ops_held: tokio::sync::watch::Sender<bool>,
+    /// Bumped by release_responses(); a held response waits for a bump after it was taken.
+    responses_released: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -787,7 +821,8 @@ pub enum RetryAfter {
 struct Delay {
     method: String,
     path: String,
-    delay: Duration,
+    /// `None`: until release_responses().
+    delay: Option<Duration>,
     times: usize,
 }
 
@@ -1171,6 +1206,8 @@ async fn process(
         .and_then(|a| a.strip_prefix("Bearer "))
         .map(str::to_string);
     let delay = take_delay(&inner, &call);
+    let mut released = inner.responses_released.subscribe();
+    released.mark_unchanged();
     let reply = route(&inner, &call, bearer.as_deref()).await;
 
     if let Some((_, body)) = &reply.body {
@@ -1193,8 +1230,11 @@ async fn process(
         status: reply.status,
         arrived,
     });
-    if let Some(delay) = delay {
-        tokio::time::sleep(delay).await;
+    match delay {
+        Some(Some(delay)) => tokio::time::sleep(delay).await,
+        // The sender lives in `inner`, which this task holds: changed() cannot fail.
+        Some(None) => drop(released.changed().await),
+        None => {}
     }
 
     let mut response = Response::builder().status(reply.status);
@@ -1217,7 +1257,8 @@ async fn process(
     response.body(Full::new(bytes)).expect("valid response")
 }
 
-fn take_delay(inner: &Inner, call: &Call) -> Option<Duration> {
+/// `Some(None)`: held until released.
+fn take_delay(inner: &Inner, call: &Call) -> Option<Option<Duration>> {
     let mut state = inner.state.lock().unwrap();
     let delay = state.delays.iter_mut().find(|d| {
         d.times > 0
@@ -1935,6 +1976,9 @@ async fn complete(
     after: Duration,
 ) {
     tokio::time::sleep(after).await;
+    let mut held = inner.ops_held.subscribe();
+    // The sender lives in `inner`, which this task holds: wait_for cannot fail.
+    let _ = held.wait_for(|held| !*held).await;
     let mut state = inner.state.lock().unwrap();
     let mut affected = Vec::new();
     match effect {

@@ -145,7 +145,9 @@ reconcile_seconds = {reconcile}
 api_root = "{base}"
 ca = "{nfvo_ca}"
 auth = "{nfvo_auth}"
-timeout_seconds = 5
+# A failure guard, not a behaviour under test: a late answer from the double on a loaded
+# machine must not make the agent time out and send the request again.
+timeout_seconds = 120
 attempts = 4
 
 {oauth}

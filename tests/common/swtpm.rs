@@ -233,6 +233,17 @@ pub const GUARD_DEADLINE_MS: u64 = 120_000;
 /// search took 2-17 s at a load average of 11 here, and over 120 s at 17-20.
 pub const GUARD_KEYGEN_DEADLINE_MS: u64 = 600_000;
 
+/// The agent config's `[[backend]]` block for a TPM at `tcti`, with the failure-guard
+/// deadlines: tests that are not about deadlines must not trip the production 5 s one on a
+/// loaded machine.
+#[allow(dead_code)]
+pub fn backend_toml(tcti: &str) -> String {
+    format!(
+        "\n[[backend]]\ntype = \"tpm\"\ntcti = \"{tcti}\"\n\
+         command_timeout_ms = {GUARD_DEADLINE_MS}\nkeygen_timeout_ms = {GUARD_KEYGEN_DEADLINE_MS}\n"
+    )
+}
+
 /// The agent's TPM backend configuration for a swtpm at `tcti`, with the default handles
 /// and the guard deadlines.
 pub fn tpm_config(tcti: &str) -> nfv_warden::config::TpmConfig {
