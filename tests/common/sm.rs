@@ -262,7 +262,9 @@ pkg-tampered = "{GOOD_HASH}"
     /// Wait until the action reaches `state`.
     pub fn wait_action(&self, id: &str, state: &str) -> Value {
         let mut last = None;
-        let deadline = Instant::now() + Duration::from_secs(40);
+        // A failure guard: host actions wait on real OpenStack migrations, several minutes
+        // on a loaded 2-core machine.
+        let deadline = Instant::now() + Duration::from_secs(300);
         while Instant::now() < deadline {
             last = self.action(id);
             if last.as_ref().is_some_and(|a| a["state"] == state) {
