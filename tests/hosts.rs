@@ -1040,10 +1040,11 @@ fn the_same_host_option_terminates_exactly_the_other_vnfs_on_that_host() {
     drop(cleanup);
 }
 
-/// The same-host action survives kill -9 at both ends of its first step: (1) journaled with
-/// the rule's Terminate, before anything of it was sent; (2) right after the other VNF's
-/// termination was journaled (its REMOVE_VNF in flight or not). After each restart the
-/// journal is followed: every REMOVE_VNF reaches the NFVO exactly once, nothing is lost.
+/// The same-host action survives kill -9 around its step: (1) journaled with the rule's
+/// Terminate, before anything of it was sent; (2) the other VNF's termination journaled
+/// (its REMOVE_VNF in flight or not), the step still SENDING; (3) the step ACCEPTED. After
+/// each restart the journal is followed: every REMOVE_VNF reaches the NFVO exactly once,
+/// nothing is lost.
 #[test]
 fn the_same_host_action_is_exactly_once_across_kill_9() {
     let _serial = host_tests();
@@ -1073,8 +1074,19 @@ fn the_same_host_action_is_exactly_once_across_kill_9() {
     let journaled = sm.action(&id).expect("journaled");
     assert_eq!(journaled["steps"][0]["state"], "PENDING", "{journaled:#}");
     sm.kill9();
-    // (2) Resumed; killed right after its step was ACCEPTED (the child termination
-    // journaled and started).
+    // (2) Resumed; killed once the other VNF's termination is journaled (and started: its
+    // REMOVE_VNF may be on its way) but the step still says SENDING: after the restart the
+    // journaled termination is adopted, not created again.
+    let child = format!("terminate:{}", scene.peer);
+    std::fs::write(&hook, "journaled:TerminateVnf").expect("hook file");
+    sm.start();
+    wait_for("the child termination", Duration::from_secs(120), || {
+        sm.action(&child).is_some()
+    });
+    let sending = sm.action(&id).expect("journaled");
+    assert_eq!(sending["steps"][0]["state"], "SENDING", "{sending:#}");
+    sm.kill9();
+    // (3) Resumed; killed right after its step was ACCEPTED.
     std::fs::write(&hook, "TerminateVnf").expect("hook file");
     sm.start();
     wait_for("the step ACCEPTED", Duration::from_secs(120), || {
@@ -1086,8 +1098,9 @@ fn the_same_host_action_is_exactly_once_across_kill_9() {
     sm.start();
     let done = wait_state(&sm, &id, "COMPLETED");
     assert_eq!(done["steps"][0]["attempts"], 1, "{done:#}");
+    assert_eq!(done["steps"][0]["opOccId"], child.as_str(), "{done:#}");
     wait_state(&sm, &format!("terminate:{}", scene.bad), "COMPLETED");
-    wait_state(&sm, &format!("terminate:{}", scene.peer), "COMPLETED");
+    wait_state(&sm, &child, "COMPLETED");
     let (removed, other) = removals(&sm);
     assert_eq!(
         sorted(removed),

@@ -90,7 +90,9 @@ pub enum HostStep {
 /// Test hook for crash tests: when the agent runs with `WARDEN_TEST_HOOKS=1` and the file
 /// `host-pause-after` next to its store names a step (`MigrateServer`, ...), it stops making
 /// progress right after such a step was sent and journaled ACCEPTED, so a test can kill it
-/// there; `before:TerminateVnf` (etc.) stops it before such a step is journaled SENDING.
+/// there; `before:TerminateVnf` (etc.) stops it before such a step is journaled SENDING, and
+/// `journaled:TerminateVnf` once its child termination is journaled but the step is still
+/// SENDING.
 /// Without that environment variable nothing is read.
 const HOOKS_ENV: &str = "WARDEN_TEST_HOOKS";
 
@@ -410,6 +412,7 @@ impl Sm {
                 let child = self
                     .terminate_for_host(action, &vnf_instance_id, fresh)
                     .await?;
+                self.pause_hook("journaled:TerminateVnf");
                 self.set_step(action, index, StepState::Accepted, Some(child), None)
                     .await
             }
