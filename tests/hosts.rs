@@ -617,11 +617,9 @@ fn a_host_taken_out_of_use_is_emptied_quarantined_and_resumes_after_kill_9() {
     a_host_of_our_own(cloud, &os, &["fakehost2"], &[]);
     let a = boot_on(cloud, &os, &format!("{name}-a"), "fakehost1");
     cleanup.servers.push(a.clone());
-    let foreign = others_on(cloud, &os, "fakehost1", &cleanup.servers);
-    assert!(
-        foreign.is_empty(),
-        "another user's server arrived on fakehost1: {foreign:?}"
-    );
+    // Again right before the action: another user's server may have come meanwhile
+    // (then wait until it is gone).
+    a_host_of_our_own(cloud, &os, &["fakehost1"], &cleanup.servers);
     let out = sm.sm(&[
         "host",
         "fakehost1",
@@ -660,11 +658,9 @@ fn a_host_taken_out_of_use_is_emptied_quarantined_and_resumes_after_kill_9() {
     std::fs::write(sm.dir().join("host-pause-after"), "MigrateServer").expect("hook file");
     let b = boot_on(cloud, &os, &format!("{name}-b"), "fakehost2");
     cleanup.servers.push(b.clone());
-    let foreign = others_on(cloud, &os, "fakehost2", &cleanup.servers);
-    assert!(
-        foreign.is_empty(),
-        "another user's server arrived on fakehost2: {foreign:?}"
-    );
+    // Again right before the action: another user's server may have come meanwhile
+    // (then wait until it is gone).
+    a_host_of_our_own(cloud, &os, &["fakehost2"], &cleanup.servers);
     let out = sm.sm(&[
         "host",
         "fakehost2",
@@ -1256,11 +1252,9 @@ fn a_host_out_of_use_with_terminate_terminates_exactly_its_vnfs() {
     let mut sm = vim_sm(cloud, "SEMI_ACTIVE", &aggregate, false);
     inventory(&sm);
     sm.start();
-    let foreign = others_on(cloud, &os, &host, &cleanup.servers);
-    assert!(
-        foreign.is_empty(),
-        "another user's server arrived on {host}: {foreign:?}"
-    );
+    // Again right before the action: another user's server may have come meanwhile
+    // (then wait until it is gone).
+    a_host_of_our_own(cloud, &os, &[host.as_str()], &cleanup.servers);
     let started: Value = serde_json::from_str(&sm.sm(&request)).expect("JSON");
     assert_eq!(started["id"], format!("host:{host}"));
     let action = wait_state(&sm, &format!("host:{host}"), "COMPLETED");

@@ -695,6 +695,24 @@ impl Sm {
             })
             .map(|a| (a.vnf_instance_id.clone(), a.id.clone(), a.state))
             .collect();
+        // A Terminate already journaled is not journaled again (nor its same-host action):
+        // no need to read the VIM for it (reconciliation decides again while it runs).
+        let mut fresh = Vec::new();
+        for (vnf, cause, state) in offenders {
+            let key = cause.clone();
+            let existing = self
+                .read(move |tx| tx.get(&ACTIONS, &key))
+                .await
+                .ok()
+                .flatten();
+            let replaces = existing
+                .as_ref()
+                .is_none_or(|e| e.state == ActionState::Recorded && state == ActionState::Running);
+            if replaces {
+                fresh.push((vnf, cause, state));
+            }
+        }
+        let offenders = fresh;
         if offenders.is_empty() {
             return;
         }
