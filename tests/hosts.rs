@@ -592,6 +592,7 @@ fn aggregate_hosts(cloud: &Cloud, os: &Os, name: &str) -> Vec<String> {
 /// One test, in sequence: both hosts of the shared cloud are involved, never at once.
 #[test]
 fn a_host_taken_out_of_use_is_emptied_quarantined_and_resumes_after_kill_9() {
+    let _serial = host_tests();
     let cloud = Cloud::shared();
     let os = Os::admin(cloud);
     let name = format!("hosts-ooo-{}", unique());
@@ -610,9 +611,15 @@ fn a_host_taken_out_of_use_is_emptied_quarantined_and_resumes_after_kill_9() {
     };
     let reason = format!("warden test {aggregate}");
 
-    // 1. Live migration off fakehost1.
+    // 1. Live migration off fakehost1 (once nobody else's server is on either host: both
+    // are emptied in turn).
+    a_host_of_our_own(cloud, &os, &["fakehost1"], &[]);
+    a_host_of_our_own(cloud, &os, &["fakehost2"], &[]);
     let a = boot_on(cloud, &os, &format!("{name}-a"), "fakehost1");
     cleanup.servers.push(a.clone());
+    // Again right before the action: another user's server may have come meanwhile
+    // (then wait until it is gone).
+    a_host_of_our_own(cloud, &os, &["fakehost1"], &cleanup.servers);
     let out = sm.sm(&[
         "host",
         "fakehost1",
@@ -651,6 +658,9 @@ fn a_host_taken_out_of_use_is_emptied_quarantined_and_resumes_after_kill_9() {
     std::fs::write(sm.dir().join("host-pause-after"), "MigrateServer").expect("hook file");
     let b = boot_on(cloud, &os, &format!("{name}-b"), "fakehost2");
     cleanup.servers.push(b.clone());
+    // Again right before the action: another user's server may have come meanwhile
+    // (then wait until it is gone).
+    a_host_of_our_own(cloud, &os, &["fakehost2"], &cleanup.servers);
     let out = sm.sm(&[
         "host",
         "fakehost2",
@@ -743,4 +753,576 @@ fn aodh_alarms_need_the_webhook_credentials() {
         .filter(|e| e["resourceId"] == name.as_str())
         .count();
     assert_eq!(again, 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Host actions that terminate VNFs through the NFVO (HOST_OUT_OF_USE --terminate, the
+// SecEnforce.003 same-host option), against the real cloud and the strict SOL 005 double.
+
+/// Tests of this binary that boot servers on chosen hosts or take a host out of use run one
+/// at a time: a host action migrates every server on its host.
+static HOST_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn host_tests() -> std::sync::MutexGuard<'static, ()> {
+    HOST_TESTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the double says the VNFs' servers are at (SOL 005 `vimId`).
+const VIM_ID: &str = "openstack-RegionOne";
+
+/// Only the termination rule: a VNF from a package whose checksum is not the pinned one is
+/// terminated without options (REMOVE_VNF from each NS, nothing else), so the double's
+/// requests are exactly the terminations.
+const TERMINATE_TAMPERED: &str = r#"
+[[sm.rule]]
+on = "package_checksum_mismatch"
+action = "terminate"
+"#;
+
+/// An SM in `mode` on the cloud (`[sm.vim]`, `[sm.hosts]` with this test's aggregate and
+/// `terminate_same_host`), not yet started.
+fn vim_sm(cloud: &Cloud, mode: &str, aggregate: &str, same_host: bool) -> SmAgent {
+    std::env::set_var("WARDEN_TEST_HOOKS", "1");
+    let sm = SmAgent::new(SmSetup {
+        mode,
+        rules: TERMINATE_TAMPERED,
+        ..SmSetup::default()
+    });
+    let extra =
+        vim_config(cloud, sm.dir(), aggregate) + &format!("terminate_same_host = {same_host}\n");
+    let mut config = std::fs::read_to_string(&sm.agent.config).expect("config");
+    config += &extra;
+    std::fs::write(&sm.agent.config, config).expect("config");
+    sm
+}
+
+/// (NS, VNF) of every REMOVE_VNF the double accepted (202), in order, and every other
+/// update or PATCH it received (there must be none).
+fn removals(sm: &SmAgent) -> (Vec<(String, String)>, Vec<String>) {
+    let mut removed = Vec::new();
+    let mut other = Vec::new();
+    for (ns, body, _, status) in sm.updates() {
+        if body["updateType"] == "REMOVE_VNF" && status == 202 {
+            for vnf in body["removeVnfInstanceId"].as_array().into_iter().flatten() {
+                removed.push((ns.clone(), vnf.as_str().unwrap_or_default().to_string()));
+            }
+        } else {
+            other.push(format!("{ns} {status} {body}"));
+        }
+    }
+    for p in sm.patches() {
+        other.push(format!("PATCH {} {}", p.path, p.body));
+    }
+    (removed, other)
+}
+
+fn sorted(mut v: Vec<(String, String)>) -> Vec<(String, String)> {
+    v.sort();
+    v
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    sorted(
+        list.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect(),
+    )
+}
+
+/// Wait (generously: the machine is shared) until the action is in `state`.
+fn wait_state(sm: &SmAgent, id: &str, state: &str) -> Value {
+    let mut last = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while std::time::Instant::now() < deadline {
+        last = sm.action(id);
+        if let Some(a) = &last {
+            if a["state"] == state {
+                return a.clone();
+            }
+            // Another final state will not change: fail now, with the action.
+            if matches!(
+                a["state"].as_str(),
+                Some("FAILED" | "CANCELLED" | "COMPLETED")
+            ) {
+                panic!("action {id} ended {} instead of {state}: {a:#}", a["state"]);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("action {id} did not reach {state}: {last:#?}");
+}
+
+fn no_violations(sm: &SmAgent) {
+    let v = sm.nfvo.violations();
+    assert!(v.is_empty(), "SOL 005 schema violations: {v:#?}");
+}
+
+/// The servers of the same-host tests: `bad` (the offending VNF) and `peer` on fakehost1,
+/// `peer` also on fakehost2 with `far` there, and `ghost`, whose VNFC names a server this
+/// VIM does not have.
+struct SameHostScene {
+    bad: String,
+    peer: String,
+    far: String,
+    ghost: String,
+    servers: [String; 4],
+}
+
+impl SameHostScene {
+    fn boot(cloud: &Cloud, os: &Os, name: &str) -> (SameHostScene, Vec<String>) {
+        let s_bad = boot_on(cloud, os, &format!("{name}-bad"), "fakehost1");
+        let s_peer1 = boot_on(cloud, os, &format!("{name}-peer1"), "fakehost1");
+        let s_peer2 = boot_on(cloud, os, &format!("{name}-peer2"), "fakehost2");
+        let s_far = boot_on(cloud, os, &format!("{name}-far"), "fakehost2");
+        let created = vec![
+            s_bad.clone(),
+            s_peer1.clone(),
+            s_peer2.clone(),
+            s_far.clone(),
+        ];
+        (
+            SameHostScene {
+                bad: format!("{name}-vnf-bad"),
+                peer: format!("{name}-vnf-peer"),
+                far: format!("{name}-vnf-far"),
+                ghost: format!("{name}-vnf-ghost"),
+                servers: [s_bad, s_peer1, s_peer2, s_far],
+            },
+            created,
+        )
+    }
+
+    /// The NSs and the good VNFs (before the SM starts): `peer` in two NSs, neither of them
+    /// `bad`'s: the two terminations run at once, and an NFVO refuses (409) a second
+    /// operation on an NS while one is in progress, which would make the requests the
+    /// double sees depend on timing.
+    fn inventory(&self, sm: &SmAgent) {
+        let [_, s_peer1, s_peer2, s_far] = &self.servers;
+        sm.nfvo.add_ns("ns-core", "core");
+        sm.nfvo.add_ns("ns-edge", "edge");
+        sm.nfvo.add_ns("ns-peer", "peer");
+        sm.nfvo.add_vnf(
+            &["ns-edge", "ns-peer"],
+            &self.peer,
+            "vnfd-1",
+            "pkg-good",
+            "profile-peer",
+        );
+        sm.nfvo.set_vnfc_servers(
+            &self.peer,
+            VIM_ID,
+            &[("peer-vnfc-1", s_peer1), ("peer-vnfc-2", s_peer2)],
+        );
+        sm.nfvo
+            .add_vnf(&["ns-core"], &self.far, "vnfd-1", "pkg-good", "profile-far");
+        sm.nfvo
+            .set_vnfc_servers(&self.far, VIM_ID, &[("far-vnfc-1", s_far)]);
+        sm.nfvo.add_vnf(
+            &["ns-core"],
+            &self.ghost,
+            "vnfd-1",
+            "pkg-good",
+            "profile-ghost",
+        );
+        // A server id this VIM does not have: absent from the VIM's list is no evidence of
+        // being on any host.
+        sm.nfvo.set_vnfc_servers(
+            &self.ghost,
+            VIM_ID,
+            &[("ghost-vnfc-1", "00000000-0000-4000-8000-00000000dead")],
+        );
+    }
+
+    /// The offending VNF appears from the tampered package on fakehost1 and the NFVO tells
+    /// the SM: its rule terminates it.
+    fn offend(&self, sm: &SmAgent) {
+        sm.nfvo.add_vnf(
+            &["ns-core"],
+            &self.bad,
+            "vnfd-1",
+            "pkg-tampered",
+            "profile-bad",
+        );
+        sm.nfvo
+            .set_vnfc_servers(&self.bad, VIM_ID, &[("bad-vnfc-1", &self.servers[0])]);
+        sm.nfvo.notify_lcm("ns-core", &self.bad, "INSTANTIATE");
+    }
+}
+
+/// SecEnforce.003 same-host option in the three modes: FULLY_ACTIVE terminates (through
+/// the NFVO) exactly the other VNFs with a server on the offending VNF's host, once each
+/// and from every NS holding them; SEMI_ACTIVE terminates the offending VNF and only
+/// records the same-host action; PASSIVE records both and sends nothing.
+#[test]
+fn the_same_host_option_terminates_exactly_the_other_vnfs_on_that_host() {
+    let _serial = host_tests();
+    let cloud = Cloud::shared();
+    let os = Os::admin(cloud);
+    let name = format!("hostact-{}", unique());
+    let mut cleanup = HostCleanup {
+        cloud,
+        os: &os,
+        aggregate: format!("{name}-quarantine"),
+        servers: Vec::new(),
+    };
+    let (scene, created) = SameHostScene::boot(cloud, &os, &name);
+    cleanup.servers.extend(created);
+
+    // FULLY_ACTIVE: enforced.
+    let mut sm = vim_sm(cloud, "FULLY_ACTIVE", &cleanup.aggregate, true);
+    scene.inventory(&sm);
+    sm.start();
+    scene.offend(&sm);
+    let same = wait_state(&sm, &format!("same-host:{}", scene.bad), "COMPLETED");
+    assert_eq!(same["kind"], "SAME_HOST_TERMINATE", "{same:#}");
+    assert_eq!(same["host"], "fakehost1", "{same:#}");
+    let steps = same["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 1, "{same:#}");
+    assert_eq!(steps[0]["kind"]["op"], "terminateVnf");
+    assert_eq!(steps[0]["kind"]["vnfInstanceId"], scene.peer.as_str());
+    assert_eq!(steps[0]["attempts"], 1, "{same:#}");
+    wait_state(&sm, &format!("terminate:{}", scene.bad), "COMPLETED");
+    let peer = wait_state(&sm, &format!("terminate:{}", scene.peer), "COMPLETED");
+    assert_eq!(peer["trigger"], format!("same-host:{}", scene.bad));
+    let (removed, other) = removals(&sm);
+    assert_eq!(
+        sorted(removed),
+        pairs(&[
+            ("ns-core", &scene.bad),
+            ("ns-edge", &scene.peer),
+            ("ns-peer", &scene.peer),
+        ]),
+        "exactly the offending VNF and the other VNF on its host, from every NS"
+    );
+    assert!(other.is_empty(), "{other:#?}");
+    assert!(sm.nfvo.vnf_in_ns("ns-core", &scene.far));
+    assert!(sm.nfvo.vnf_in_ns("ns-core", &scene.ghost));
+    // Nothing in the VIM was touched: the NFVO owns VNFs.
+    for id in &scene.servers {
+        assert_eq!(server(cloud, &os, id)["status"], "ACTIVE");
+    }
+    no_violations(&sm);
+    sm.kill9();
+
+    // SEMI_ACTIVE: SecEnforce.003 is Fully-Active only.
+    let mut sm = vim_sm(cloud, "SEMI_ACTIVE", &cleanup.aggregate, true);
+    scene.inventory(&sm);
+    sm.start();
+    scene.offend(&sm);
+    wait_state(&sm, &format!("terminate:{}", scene.bad), "COMPLETED");
+    let same = wait_state(&sm, &format!("same-host:{}", scene.bad), "RECORDED");
+    assert_eq!(
+        same["steps"][0]["kind"]["vnfInstanceId"],
+        scene.peer.as_str()
+    );
+    assert_eq!(same["steps"][0]["state"], "PENDING", "{same:#}");
+    let (removed, other) = removals(&sm);
+    assert_eq!(sorted(removed), pairs(&[("ns-core", &scene.bad)]));
+    assert!(other.is_empty(), "{other:#?}");
+    assert!(sm.action(&format!("terminate:{}", scene.peer)).is_none());
+    no_violations(&sm);
+    sm.kill9();
+
+    // PASSIVE: recorded, nothing sent.
+    let mut sm = vim_sm(cloud, "PASSIVE", &cleanup.aggregate, true);
+    scene.inventory(&sm);
+    sm.start();
+    scene.offend(&sm);
+    wait_state(&sm, &format!("terminate:{}", scene.bad), "RECORDED");
+    wait_state(&sm, &format!("same-host:{}", scene.bad), "RECORDED");
+    let (removed, other) = removals(&sm);
+    assert!(
+        removed.is_empty() && other.is_empty(),
+        "PASSIVE sent {removed:?} {other:?}"
+    );
+    no_violations(&sm);
+    drop(sm);
+    drop(cleanup);
+}
+
+/// The same-host action survives kill -9 around its step: (1) journaled with the rule's
+/// Terminate, before anything of it was sent; (2) the other VNF's termination journaled
+/// (its REMOVE_VNF in flight or not), the step still SENDING; (3) the step ACCEPTED. After
+/// each restart the journal is followed: every REMOVE_VNF reaches the NFVO exactly once,
+/// nothing is lost.
+#[test]
+fn the_same_host_action_is_exactly_once_across_kill_9() {
+    let _serial = host_tests();
+    let cloud = Cloud::shared();
+    let os = Os::admin(cloud);
+    let name = format!("hostact-{}", unique());
+    let mut cleanup = HostCleanup {
+        cloud,
+        os: &os,
+        aggregate: format!("{name}-quarantine"),
+        servers: Vec::new(),
+    };
+    let (scene, created) = SameHostScene::boot(cloud, &os, &name);
+    cleanup.servers.extend(created);
+    let mut sm = vim_sm(cloud, "FULLY_ACTIVE", &cleanup.aggregate, true);
+    scene.inventory(&sm);
+    let hook = sm.dir().join("host-pause-after");
+    std::fs::write(&hook, "before:TerminateVnf").expect("hook file");
+    sm.start();
+    scene.offend(&sm);
+    let id = format!("same-host:{}", scene.bad);
+    // (1) The same-host action is in the journal (with the Terminate, one commit) and its
+    // step has not been journaled SENDING: the hook holds it there.
+    wait_for("the same-host action", Duration::from_secs(120), || {
+        sm.action(&id).is_some()
+    });
+    let journaled = sm.action(&id).expect("journaled");
+    assert_eq!(journaled["steps"][0]["state"], "PENDING", "{journaled:#}");
+    sm.kill9();
+    // (2) Resumed; killed once the other VNF's termination is journaled (and started: its
+    // REMOVE_VNF may be on its way) but the step still says SENDING: after the restart the
+    // journaled termination is adopted, not created again.
+    let child = format!("terminate:{}", scene.peer);
+    std::fs::write(&hook, "journaled:TerminateVnf").expect("hook file");
+    sm.start();
+    wait_for("the child termination", Duration::from_secs(120), || {
+        sm.action(&child).is_some()
+    });
+    let sending = sm.action(&id).expect("journaled");
+    assert_eq!(sending["steps"][0]["state"], "SENDING", "{sending:#}");
+    sm.kill9();
+    // (3) Resumed; killed right after its step was ACCEPTED.
+    std::fs::write(&hook, "TerminateVnf").expect("hook file");
+    sm.start();
+    wait_for("the step ACCEPTED", Duration::from_secs(120), || {
+        sm.action(&id)
+            .is_some_and(|a| a["steps"][0]["state"] == "ACCEPTED")
+    });
+    sm.kill9();
+    std::fs::remove_file(&hook).expect("hook file");
+    sm.start();
+    let done = wait_state(&sm, &id, "COMPLETED");
+    assert_eq!(done["steps"][0]["attempts"], 1, "{done:#}");
+    assert_eq!(done["steps"][0]["opOccId"], child.as_str(), "{done:#}");
+    wait_state(&sm, &format!("terminate:{}", scene.bad), "COMPLETED");
+    wait_state(&sm, &child, "COMPLETED");
+    let (removed, other) = removals(&sm);
+    assert_eq!(
+        sorted(removed),
+        pairs(&[
+            ("ns-core", &scene.bad),
+            ("ns-edge", &scene.peer),
+            ("ns-peer", &scene.peer),
+        ]),
+        "each REMOVE_VNF exactly once across two crashes"
+    );
+    assert!(other.is_empty(), "{other:#?}");
+    assert!(sm.nfvo.vnf_in_ns("ns-core", &scene.far));
+    assert!(sm.nfvo.vnf_in_ns("ns-core", &scene.ghost));
+    no_violations(&sm);
+    drop(sm);
+    drop(cleanup);
+}
+
+/// Whether a server other than `ours` runs on `host` (all projects).
+fn others_on(cloud: &Cloud, os: &Os, host: &str, ours: &[String]) -> Vec<String> {
+    let all = os.ok(
+        "GET",
+        &format!("{}/servers/detail?all_tenants=1", cloud.get("NOVA_URL")),
+        None,
+    );
+    all["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["OS-EXT-SRV-ATTR:host"] == host)
+        .filter(|s| !ours.iter().any(|o| s["id"] == o.as_str()))
+        .map(|s| format!("{} {}", s["id"], s["name"]))
+        .collect()
+}
+
+/// The first of `hosts` where no server but this test's own runs: the cloud may be shared,
+/// and a host action migrates every server on its host, which must never be another user's.
+/// Waits for one (bounded; on a cloud of its own, as in CI, there is one at once).
+fn a_host_of_our_own(cloud: &Cloud, os: &Os, hosts: &[&str], ours: &[String]) -> String {
+    let mut last = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    while std::time::Instant::now() < deadline {
+        for host in hosts {
+            last = others_on(cloud, os, host, ours);
+            if last.is_empty() {
+                return host.to_string();
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    panic!("no host of {hosts:?} is free of other users' servers, which a host action would migrate: {last:?}");
+}
+
+/// SecEnforce.004 with the VNFs terminated: PASSIVE records it and sends nothing; then
+/// SEMI_ACTIVE (SecEnforce.004 is S and F) disables the host, terminates through the NFVO
+/// exactly the VNFs with a server on it (once each, from each NS), migrates the server of
+/// no VNF, quarantines the host, and sends nothing for the VNF on the other host or for a
+/// VNF whose server the VIM does not list.
+#[test]
+fn a_host_out_of_use_with_terminate_terminates_exactly_its_vnfs() {
+    let _serial = host_tests();
+    let cloud = Cloud::shared();
+    let os = Os::admin(cloud);
+    let name = format!("hostact-{}", unique());
+    let aggregate = format!("{name}-quarantine");
+    let mut cleanup = HostCleanup {
+        cloud,
+        os: &os,
+        aggregate: aggregate.clone(),
+        servers: Vec::new(),
+    };
+    let reason = format!("warden test {aggregate}");
+    // Servers are placed once the host is known: boot on the other host first.
+    let probe = a_host_of_our_own(cloud, &os, &["fakehost1", "fakehost2"], &[]);
+    let other_host = if probe == "fakehost1" {
+        "fakehost2"
+    } else {
+        "fakehost1"
+    };
+    let s_b2 = boot_on(cloud, &os, &format!("{name}-b2"), other_host);
+    cleanup.servers.push(s_b2.clone());
+    let s_c = boot_on(cloud, &os, &format!("{name}-c"), other_host);
+    cleanup.servers.push(s_c.clone());
+    let s_a = boot_on(cloud, &os, &format!("{name}-a"), &probe);
+    cleanup.servers.push(s_a.clone());
+    let s_b1 = boot_on(cloud, &os, &format!("{name}-b1"), &probe);
+    cleanup.servers.push(s_b1.clone());
+    let s_n = boot_on(cloud, &os, &format!("{name}-n"), &probe);
+    cleanup.servers.push(s_n.clone());
+    let host = probe;
+    let (vnf_a, vnf_b, vnf_c, ghost) = (
+        format!("{name}-vnf-a"),
+        format!("{name}-vnf-b"),
+        format!("{name}-vnf-c"),
+        format!("{name}-vnf-ghost"),
+    );
+    let inventory = |sm: &SmAgent| {
+        sm.nfvo.add_ns("ns-core", "core");
+        sm.nfvo.add_ns("ns-edge", "edge");
+        sm.nfvo
+            .add_vnf(&["ns-core"], &vnf_a, "vnfd-1", "pkg-good", "profile-a");
+        sm.nfvo
+            .set_vnfc_servers(&vnf_a, VIM_ID, &[("a-vnfc-1", &s_a)]);
+        sm.nfvo.add_vnf(
+            &["ns-core", "ns-edge"],
+            &vnf_b,
+            "vnfd-1",
+            "pkg-good",
+            "profile-b",
+        );
+        sm.nfvo
+            .set_vnfc_servers(&vnf_b, VIM_ID, &[("b-vnfc-1", &s_b1), ("b-vnfc-2", &s_b2)]);
+        sm.nfvo
+            .add_vnf(&["ns-edge"], &vnf_c, "vnfd-1", "pkg-good", "profile-c");
+        sm.nfvo
+            .set_vnfc_servers(&vnf_c, VIM_ID, &[("c-vnfc-1", &s_c)]);
+        sm.nfvo
+            .add_vnf(&["ns-core"], &ghost, "vnfd-1", "pkg-good", "profile-g");
+        sm.nfvo.set_vnfc_servers(
+            &ghost,
+            VIM_ID,
+            &[("g-vnfc-1", "00000000-0000-4000-8000-00000000beef")],
+        );
+    };
+    let request = [
+        "host",
+        host.as_str(),
+        "--out-of-use",
+        "--terminate",
+        "--reason",
+        reason.as_str(),
+    ];
+
+    // PASSIVE: recorded only.
+    let mut sm = vim_sm(cloud, "PASSIVE", &aggregate, false);
+    inventory(&sm);
+    sm.start();
+    let recorded: Value = serde_json::from_str(&sm.sm(&request)).expect("JSON");
+    assert_eq!(recorded["state"], "RECORDED", "{recorded:#}");
+    let (removed, other) = removals(&sm);
+    assert!(
+        removed.is_empty() && other.is_empty(),
+        "PASSIVE sent {removed:?} {other:?}"
+    );
+    assert_eq!(service_on(cloud, &os, &host)["status"], "enabled");
+    assert_eq!(
+        server(cloud, &os, &s_n)["OS-EXT-SRV-ATTR:host"],
+        host.as_str()
+    );
+    drop(sm);
+
+    // SEMI_ACTIVE: enforced.
+    let mut sm = vim_sm(cloud, "SEMI_ACTIVE", &aggregate, false);
+    inventory(&sm);
+    sm.start();
+    // Again right before the action: another user's server may have come meanwhile
+    // (then wait until it is gone).
+    a_host_of_our_own(cloud, &os, &[host.as_str()], &cleanup.servers);
+    let started: Value = serde_json::from_str(&sm.sm(&request)).expect("JSON");
+    assert_eq!(started["id"], format!("host:{host}"));
+    let action = wait_state(&sm, &format!("host:{host}"), "COMPLETED");
+    let ops: Vec<(String, String)> = action["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| {
+            assert_eq!(s["state"], "COMPLETED", "{action:#}");
+            assert_eq!(s["attempts"], 1, "{action:#}");
+            let k = &s["kind"];
+            let what = k["vnfInstanceId"]
+                .as_str()
+                .or(k["server"].as_str())
+                .unwrap_or_default();
+            (
+                k["op"].as_str().unwrap_or_default().to_string(),
+                what.to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sorted(ops),
+        pairs(&[
+            ("disableService", ""),
+            ("migrateServer", &s_n),
+            ("quarantine", ""),
+            ("terminateVnf", &vnf_a),
+            ("terminateVnf", &vnf_b),
+        ]),
+        "{action:#}"
+    );
+    for vnf in [&vnf_a, &vnf_b] {
+        let child = wait_state(&sm, &format!("terminate:{vnf}"), "COMPLETED");
+        assert_eq!(child["trigger"], format!("host:{host}"));
+    }
+    let (removed, other) = removals(&sm);
+    assert_eq!(
+        sorted(removed),
+        pairs(&[
+            ("ns-core", &vnf_a),
+            ("ns-core", &vnf_b),
+            ("ns-edge", &vnf_b),
+        ]),
+        "exactly the VNFs with a server on {host}"
+    );
+    assert!(other.is_empty(), "{other:#?}");
+    assert!(sm.nfvo.vnf_in_ns("ns-edge", &vnf_c));
+    assert!(sm.nfvo.vnf_in_ns("ns-core", &ghost));
+    let service = service_on(cloud, &os, &host);
+    assert_eq!(service["status"], "disabled", "{service}");
+    assert_eq!(service["disabled_reason"], reason.as_str());
+    let moved = server(cloud, &os, &s_n);
+    assert_eq!(moved["status"], "ACTIVE", "{moved}");
+    assert_eq!(moved["OS-EXT-SRV-ATTR:host"], other_host, "{moved}");
+    // The VNFs' servers are the NFVO's to delete: the SM left them alone.
+    for id in [&s_a, &s_b1] {
+        assert_eq!(
+            server(cloud, &os, id)["OS-EXT-SRV-ATTR:host"],
+            host.as_str()
+        );
+    }
+    assert!(aggregate_hosts(cloud, &os, &aggregate).contains(&host));
+    no_violations(&sm);
+    drop(sm);
+    drop(cleanup);
 }

@@ -11,7 +11,9 @@
 //!    or, for the servers of a VNF when the disposition is "terminate", `TerminateVnf`: a
 //!    Terminate action through the NFVO (SOL 005 REMOVE_VNF) — the NFVO owns VNFs, the SM
 //!    never deletes their servers behind its back; evidence: the server re-read is ACTIVE
-//!    on another host, or the Terminate action COMPLETED.
+//!    on another host, or the Terminate action COMPLETED. A VNF is terminated only on
+//!    positive evidence: the VIM lists one of its servers on the host (never because a
+//!    server is missing from some list).
 //! 3. `Quarantine`: the host in the quarantine aggregate (created if missing); evidence: the
 //!    aggregate re-read lists the host.
 //!
@@ -88,7 +90,10 @@ pub enum HostStep {
 /// Test hook for crash tests: when the agent runs with `WARDEN_TEST_HOOKS=1` and the file
 /// `host-pause-after` next to its store names a step (`MigrateServer`, ...), it stops making
 /// progress right after such a step was sent and journaled ACCEPTED, so a test can kill it
-/// there. Without that environment variable nothing is read.
+/// there; `before:TerminateVnf` (etc.) stops it before such a step is journaled SENDING, and
+/// `journaled:TerminateVnf` once its child termination is journaled but the step is still
+/// SENDING.
+/// Without that environment variable nothing is read.
 const HOOKS_ENV: &str = "WARDEN_TEST_HOOKS";
 
 /// Nova server action names that are migrations (os-instance-actions).
@@ -248,6 +253,7 @@ impl Sm {
             match step.state {
                 StepState::Completed | StepState::Failed => return Ok(()),
                 StepState::Pending => {
+                    self.pause_hook(&format!("before:{}", op_name(op)));
                     let mut op = op.clone();
                     if let HostStep::MigrateServer {
                         server, baseline, ..
@@ -272,7 +278,7 @@ impl Sm {
                     let outcome = self.send_host_step(action, index, fresh).await;
                     self.settle(action, index, outcome).await?;
                     if action.steps[index].state == StepState::Accepted {
-                        self.pause_hook(op);
+                        self.pause_hook(op_name(op));
                     }
                 }
                 StepState::Accepted => {
@@ -295,7 +301,15 @@ impl Sm {
             action.steps[index].kind,
             StepKind::Host(HostStep::MigrateServer { .. })
         );
+        let terminating = matches!(
+            action.steps[index].kind,
+            StepKind::Host(HostStep::TerminateVnf { .. })
+        );
         match outcome {
+            Err(SmError::NotFound(why)) if terminating => {
+                self.set_step(action, index, StepState::Failed, None, Some(why))
+                    .await
+            }
             Err(SmError::Vim(e)) if migrating && e.status() == Some(404) => {
                 // Deleted meanwhile (by its owner): it is off the host all the same.
                 let detail = format!("the server no longer exists: {e}");
@@ -395,7 +409,10 @@ impl Sm {
             HostStep::TerminateVnf {
                 vnf_instance_id, ..
             } => {
-                let child = self.terminate_for_host(action, &vnf_instance_id).await?;
+                let child = self
+                    .terminate_for_host(action, &vnf_instance_id, fresh)
+                    .await?;
+                self.pause_hook("journaled:TerminateVnf");
                 self.set_step(action, index, StepState::Accepted, Some(child), None)
                     .await
             }
@@ -583,16 +600,50 @@ impl Sm {
     }
 
     /// A Terminate action (through the NFVO, as the Sc-Or ones) for a VNF on the host; its id.
+    ///
+    /// `fresh`: the step was journaled SENDING by this process just now. Otherwise (resumed
+    /// after a crash) the child may have been journaled before the crash: whatever
+    /// `terminate:VNF` exists is adopted as it is, never replaced, so its requests are not
+    /// sent again (the child's own steps are exactly-once by their markers).
     async fn terminate_for_host(
         self: &Arc<Self>,
         action: &Action,
         vnf: &str,
+        fresh: bool,
     ) -> Result<String, SmError> {
-        let record = {
-            let id = vnf.to_string();
-            self.read(move |tx| tx.get(&super::INVENTORY, &id)).await?
+        let id = super::policy::terminate_id(vnf);
+        if !fresh {
+            let key = id.clone();
+            if let Some(existing) = self.read(move |tx| tx.get(&ACTIONS, &key)).await? {
+                tracing::info!(action = %action.id, child = %existing.id, "adopting a termination journaled before");
+                if existing.state == ActionState::Running {
+                    self.spawn_action(existing.clone(), false);
+                }
+                return Ok(existing.id);
+            }
         }
-        .ok_or_else(|| SmError::NotFound(format!("VNF {vnf} is not in the SM's inventory")))?;
+        // Up-to-date NS membership (IFA 033 6.4 NOTE 2: one REMOVE_VNF per NS holding it),
+        // as for an operator's termination.
+        let ns: Vec<crate::sol::NsInstance> = self
+            .nfvo
+            .get_list(
+                super::nfvo::Interface::StatusInfo,
+                super::nfvo::Api::NsLcm,
+                &format!("/ns_instances?{}", crate::sol::NS_FIELDS),
+            )
+            .await?;
+        let mut record = super::policy::inventory_from(&ns)
+            .remove(vnf)
+            .ok_or_else(|| {
+                // Not evidence that it is gone from the host: the step fails, nothing is claimed.
+                SmError::NotFound(format!(
+                    "VNF {vnf} is in no NS at the NFVO: no termination was requested"
+                ))
+            })?;
+        let key = vnf.to_string();
+        if let Some(known) = self.read(move |tx| tx.get(&super::INVENTORY, &key)).await? {
+            record.vnf_profile_id = known.vnf_profile_id;
+        }
         let options = TerminateOptions::default();
         let child = Action::terminate(
             &record,
@@ -606,71 +657,146 @@ impl Sm {
         Ok(started.id)
     }
 
-    /// SecEnforce.003 same-host option: after a rule's Terminate action was journaled, the
-    /// other VNFs on the terminated VNF's host(s) get a SameHostTerminate action (per
-    /// `[sm.hosts] terminate_same_host`). Never for operator terminations or for the
-    /// terminations host actions start themselves.
-    pub(crate) fn same_host_after(self: &Arc<Self>, action: &Action) {
-        if !self.config.hosts.terminate_same_host
-            || action.kind != ActionKind::Terminate
-            || action.state != ActionState::Running
-            || action.trigger == "operator"
-            || action.trigger.starts_with("host:")
-            || action.trigger.starts_with("same-host:")
-        {
+    /// SecEnforce.003 same-host option ("whether all other VNFs running on the same host
+    /// should be terminated"; IFA 033 Table 5.3.3-1 NOTE: "met by determining all the other
+    /// VNFs on the same host and terminating each of them"), per `[sm.hosts]
+    /// terminate_same_host`, for the Terminate actions rules decided (never for operator
+    /// terminations or the terminations host actions start themselves).
+    ///
+    /// Called with the decisions of a batch before they are journaled: the host map is read
+    /// now, while the offending VNF still runs (once its REMOVE_VNF has completed, its
+    /// servers and so its hosts are gone), and a `SAME_HOST_TERMINATE` decision is added
+    /// after each such Terminate, journaled in the same commit ([`super::policy`]'s
+    /// `journal_actions` keeps it only with a Terminate that commit journals). So a crash
+    /// can never leave a Terminate without its same-host action; the action's own steps are
+    /// exactly-once ([`HostStep::TerminateVnf`]).
+    ///
+    /// Positive evidence only: a VNF is terminated because the VIM lists one of its
+    /// servers (the NFVO's `computeResource.resourceId`) on a host where the VIM also lists
+    /// a server of the offending VNF. If the host map cannot be read, nothing is guessed:
+    /// the same-host action is journaled FAILED with the reason (the operator can take the
+    /// host out of use), and the offending VNF's own termination is not held up.
+    pub(crate) async fn same_host_decisions(
+        self: &Arc<Self>,
+        decisions: &mut Vec<super::policy::Decision>,
+    ) {
+        if !self.config.hosts.terminate_same_host {
             return;
         }
-        let sm = self.clone();
-        let vnf = action.vnf_instance_id.clone();
-        let cause = action.id.clone();
-        tokio::spawn(async move {
-            let mut wait = Duration::from_secs(2);
-            loop {
-                match sm.same_host(&vnf, &cause).await {
-                    Ok(_) => break,
-                    Err(e) if e.status() == 503 || e.status() == 502 => {
-                        tracing::warn!(error = %e, %vnf, "same-host termination: retrying");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(60));
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, %vnf, "same-host termination");
-                        break;
+        let offenders: Vec<(String, String, ActionState)> = decisions
+            .iter()
+            .filter_map(|d| d.action.as_ref())
+            .filter(|a| {
+                a.kind == ActionKind::Terminate
+                    && matches!(a.state, ActionState::Running | ActionState::Recorded)
+                    && a.trigger != "operator"
+                    && !a.trigger.starts_with("host:")
+                    && !a.trigger.starts_with("same-host:")
+            })
+            .map(|a| (a.vnf_instance_id.clone(), a.id.clone(), a.state))
+            .collect();
+        // A Terminate already journaled is not journaled again (nor its same-host action):
+        // no need to read the VIM for it (reconciliation decides again while it runs).
+        let mut fresh = Vec::new();
+        for (vnf, cause, state) in offenders {
+            let key = cause.clone();
+            let existing = self
+                .read(move |tx| tx.get(&ACTIONS, &key))
+                .await
+                .ok()
+                .flatten();
+            let replaces = existing
+                .as_ref()
+                .is_none_or(|e| e.state == ActionState::Recorded && state == ActionState::Running);
+            if replaces {
+                fresh.push((vnf, cause, state));
+            }
+        }
+        let offenders = fresh;
+        if offenders.is_empty() {
+            return;
+        }
+        let map = self.current_host_map().await;
+        for (vnf, cause, offender_state) in offenders {
+            let decision = match &map {
+                Ok(map) => self.same_host_decision(map, &vnf, &cause, offender_state),
+                Err(e) => {
+                    tracing::error!(error = %e, %vnf, "same-host option: the host map cannot be read; no other VNF is terminated");
+                    let reason = format!(
+                        "the hosts of {vnf} could not be determined before its termination: {e}; \
+                         no other VNF was terminated (take the host out of use if it must be emptied)"
+                    );
+                    let mut action =
+                        self.same_host_action(&vnf, &cause, &[], &[], ActionState::Failed);
+                    action.reason = Some(reason.clone());
+                    super::policy::Decision {
+                        vnf_instance_id: vnf.clone(),
+                        audit: json!({ "event": "same_host", "vnfInstanceId": vnf,
+                                       "terminateAction": cause, "error": reason }),
+                        action: Some(action),
                     }
                 }
-            }
-        });
+            };
+            decisions.push(decision);
+        }
     }
 
-    /// Journal and run the same-host action of `vnf` (idempotent: one per VNF).
-    async fn same_host(
-        self: &Arc<Self>,
+    /// The same-host decision for `vnf` from the host map.
+    fn same_host_decision(
+        &self,
+        map: &crate::vim::HostMap,
         vnf: &str,
         cause: &str,
-    ) -> Result<Option<Action>, SmError> {
-        let map = self.current_host_map().await?;
+        offender_state: ActionState,
+    ) -> super::policy::Decision {
         let hosts = map.host_of_vnf(vnf);
-        let others: std::collections::BTreeSet<String> = hosts
+        let others: Vec<String> = hosts
             .iter()
             .flat_map(|h| map.vnfs_on_host(h))
             .filter(|v| v != vnf)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect();
-        let host = hosts.join(",");
+        let audit = json!({ "event": "same_host", "vnfInstanceId": vnf, "terminateAction": cause,
+                            "hosts": hosts, "vnfs": others, "mode": self.mode() });
         if others.is_empty() {
-            self.audit(
-                "sm.action.same_host.none",
-                vnf,
-                json!({ "hosts": hosts, "cause": cause }),
-            )
-            .await?;
-            return Ok(None);
+            // Nothing else runs there (or the VNF has no placed VNFC): audited, no action.
+            return super::policy::Decision {
+                vnf_instance_id: vnf.to_string(),
+                audit,
+                action: None,
+            };
         }
+        // SecEnforce.003 is a Fully-Active requirement: otherwise recorded, never sent (and
+        // recorded too when the offending VNF's own termination is only recorded).
+        let state = if self.mode() == SmMode::FullyActive && offender_state == ActionState::Running
+        {
+            ActionState::Running
+        } else {
+            ActionState::Recorded
+        };
+        super::policy::Decision {
+            vnf_instance_id: vnf.to_string(),
+            audit,
+            action: Some(self.same_host_action(vnf, cause, &hosts, &others, state)),
+        }
+    }
+
+    fn same_host_action(
+        &self,
+        vnf: &str,
+        cause: &str,
+        hosts: &[String],
+        others: &[String],
+        state: ActionState,
+    ) -> Action {
+        let host = hosts.join(",");
         let created = now();
-        let action = Action {
+        Action {
             id: format!("same-host:{vnf}"),
             kind: ActionKind::SameHostTerminate,
             vnf_instance_id: vnf.to_string(),
-            host: Some(host.clone()),
+            host: (!host.is_empty()).then(|| host.clone()),
             trigger: format!("same-host:{vnf}"),
             cause: json!({ "terminateAction": cause, "hosts": hosts, "vnfs": others }),
             mode: self.mode(),
@@ -685,20 +811,17 @@ impl Sm {
                     })
                 })
                 .collect(),
-            state: if self.mode() == SmMode::FullyActive {
-                ActionState::Running
-            } else {
-                // SecEnforce.003 is a Fully-Active requirement: recorded, not sent.
-                ActionState::Recorded
-            },
+            state,
             reason: None,
             created: created.clone(),
             updated: created,
-        };
-        self.start_new(action, "warden-sm", false).await.map(Some)
+        }
     }
 
-    fn pause_hook(&self, op: &HostStep) {
+    /// The crash-test hook ([`HOOKS_ENV`]): `name` is a step's name (right after it was
+    /// journaled ACCEPTED) or `before:` and the name (a PENDING step about to be journaled
+    /// SENDING).
+    fn pause_hook(&self, name: &str) {
         if std::env::var_os(HOOKS_ENV).is_none_or(|v| v != "1") {
             return;
         }
@@ -706,12 +829,6 @@ impl Sm {
             return;
         };
         let wanted = std::fs::read_to_string(dir.join("host-pause-after")).unwrap_or_default();
-        let name = match op {
-            HostStep::DisableService { .. } => "DisableService",
-            HostStep::MigrateServer { .. } => "MigrateServer",
-            HostStep::TerminateVnf { .. } => "TerminateVnf",
-            HostStep::Quarantine { .. } => "Quarantine",
-        };
         if wanted.trim() == name {
             tracing::warn!(
                 step = name,
@@ -760,6 +877,15 @@ impl Sm {
                 )
             })
         }))
+    }
+}
+
+fn op_name(op: &HostStep) -> &'static str {
+    match op {
+        HostStep::DisableService { .. } => "DisableService",
+        HostStep::MigrateServer { .. } => "MigrateServer",
+        HostStep::TerminateVnf { .. } => "TerminateVnf",
+        HostStep::Quarantine { .. } => "Quarantine",
     }
 }
 

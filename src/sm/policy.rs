@@ -527,15 +527,17 @@ impl Sm {
             [(_, id, _)] => id.clone(),
             _ => format!("{} notifications", done.len()),
         };
-        let actions = self
+        let mut actions = self
             .decide(events, &cause, refreshed.as_ref().map(|r| &r.inventory))
             .await;
+        // SecEnforce.003 same-host option: resolved now, while the VNF still runs, and
+        // journaled in the same commit as its Terminate (src/sm/hosts.rs).
+        self.same_host_decisions(&mut actions).await;
         let change = refreshed.map(|r| r.change).unwrap_or_default();
         let terminated = change.terminated.clone();
         match self.finish_pending(done, actions, change).await {
             Ok(started) => {
                 for action in started {
-                    self.same_host_after(&action);
                     self.spawn_action(action, true);
                 }
                 self.erase_terminated(terminated);
@@ -940,9 +942,10 @@ impl Sm {
             let found = self.removal_in_op_occs(&waiting).await?;
             refreshed.change.terminated.extend(found);
         }
-        let actions = self
+        let mut actions = self
             .decide(events, "reconciliation", Some(&refreshed.inventory))
             .await;
+        self.same_host_decisions(&mut actions).await;
         let change = refreshed.change;
         let terminated = change.terminated.clone();
         let started = self
@@ -957,7 +960,6 @@ impl Sm {
             .await?;
         self.erase_terminated(terminated);
         for action in started {
-            self.same_host_after(&action);
             self.spawn_action(action, true);
         }
         match self.prune_journal().await {
@@ -990,6 +992,9 @@ fn journal_actions(
     decisions: Vec<Decision>,
 ) -> Result<Vec<Action>, crate::store::StoreError> {
     let mut started = Vec::new();
+    // VNFs whose Terminate is journaled by this commit: a same-host action goes in only
+    // with its Terminate (never on its own after an earlier one).
+    let mut fresh_terminations = BTreeSet::new();
     for decision in decisions {
         let event = decision.audit["event"]
             .as_str()
@@ -1006,6 +1011,11 @@ fn journal_actions(
         let Some(mut action) = decision.action else {
             continue;
         };
+        if action.kind == ActionKind::SameHostTerminate
+            && !fresh_terminations.contains(&action.vnf_instance_id)
+        {
+            continue;
+        }
         if let Some(existing) = tx.get(&ACTIONS, &action.id)? {
             // A termination only recorded (in PASSIVE) does not block the VNF once the
             // mode allows enforcing: the new decision replaces it.
@@ -1037,6 +1047,9 @@ fn journal_actions(
             }
         }
         tx.put(&ACTIONS, &action.id, &action)?;
+        if action.kind == ActionKind::Terminate {
+            fresh_terminations.insert(action.vnf_instance_id.clone());
+        }
         if action.state == ActionState::Running {
             started.push(action);
         }

@@ -253,6 +253,32 @@ impl NfvoDouble {
         vnf.instance["instantiatedVnfInfo"]["vnfcResourceInfo"] = vnfcs;
     }
 
+    /// The VNF's VNFCs as SOL 005 v3.7.1 structures them for a VIM's servers: the VNF
+    /// instance's `vimId`, and per VNFC a VnfcResourceInfo (`id`, `vduId`, `computeResource`
+    /// ResourceHandle with `vimId`, `resourceId` = the Nova server id and
+    /// `vimLevelResourceType` "OS::Nova::Server"). `vnfcs`: (VNFC id, server id).
+    #[allow(dead_code)]
+    pub fn set_vnfc_servers(&self, vnf_id: &str, vim_id: &str, vnfcs: &[(&str, &str)]) {
+        let list: Vec<Value> = vnfcs
+            .iter()
+            .map(|(vnfc, server)| {
+                json!({
+                    "id": vnfc,
+                    "vduId": "VDU1",
+                    "computeResource": {
+                        "vimId": vim_id,
+                        "resourceId": server,
+                        "vimLevelResourceType": "OS::Nova::Server",
+                    },
+                })
+            })
+            .collect();
+        self.set_vnfc_resources(vnf_id, Value::Array(list));
+        let mut state = self.state();
+        let vnf = state.vnfs.get_mut(vnf_id).expect("add_vnf first");
+        vnf.instance["vimId"] = json!(vim_id);
+    }
+
     /// Take `vnf_id` out of `ns_id` behind the SM's back (another consumer's REMOVE_VNF); a
     /// VNF in no NS any more is terminated. Tell the SM with [`NfvoDouble::notify_lcm`].
     pub fn remove_vnf(&self, ns_id: &str, vnf_id: &str) {
