@@ -84,8 +84,15 @@ pub struct ExtVirtualLinkInfo {
 pub struct ResourceHandle {
     #[serde(default)]
     pub resource_id: Option<String>,
-    /// The VIM holding the resource (SOL 005 6.5.3.59), when the NFVO names it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The VIM holding the resource, when the NFVO names it: `vimId` in SOL 005 v3.7.1
+    /// (ResourceHandle, 6.5.3.59); `vimConnectionId` is the SOL 003 name, accepted too (and
+    /// how records written before this read it).
+    #[serde(
+        default,
+        rename = "vimId",
+        alias = "vimConnectionId",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub vim_connection_id: Option<String>,
     /// e.g. `OS::Nova::Server`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
