@@ -254,3 +254,21 @@ impl Notification {
             .or(self.lcm_op_occ_id_impacting_ns_component.as_deref())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ResourceHandle;
+
+    #[test]
+    fn the_vim_of_a_resource_is_read_under_both_names() {
+        let sol005: ResourceHandle =
+            serde_json::from_str(r#"{"vimId":"vim-1","resourceId":"s-1"}"#).expect("SOL 005");
+        assert_eq!(sol005.vim_connection_id.as_deref(), Some("vim-1"));
+        let sol003: ResourceHandle =
+            serde_json::from_str(r#"{"vimConnectionId":"vim-2","resourceId":"s-2"}"#)
+                .expect("SOL 003");
+        assert_eq!(sol003.vim_connection_id.as_deref(), Some("vim-2"));
+        let written = serde_json::to_value(&sol005).expect("JSON");
+        assert_eq!(written["vimId"], "vim-1");
+    }
+}
