@@ -4,8 +4,9 @@
 //! One VNF lifecycle, in order: subscription (Tacker's test GET answered 204), create,
 //! instantiate -> the VNFC's enrollment credential arrives in its vnfcConfigurableProperties
 //! (ModifyVnfInfo) -> EST enrollment with the names from the lifecycle data -> refusals
-//! (replay, another VNF, no such VNFC, never instantiated, no credential) -> scale out -> the
-//! new VNFC enrolls -> agent stopped, scale in, agent started: the lost notifications are
+//! (replay, another VNF, no such VNFC, never instantiated, no credential) -> another trust
+//! domain: a VNFC of a second VNFM (operator-b) refused at the first VNFM's path and at its
+//! own (its identifier is outside operator-b's names) -> scale out -> the new VNFC enrolls -> agent stopped, scale in, agent started: the lost notifications are
 //! recovered by reconciliation and the removed VNFC's certificate is revoked -> terminate
 //! with the agent killed (SIGKILL) right after the removal intent is journaled -> after the
 //! restart the revocation happens exactly once.
@@ -48,8 +49,18 @@ fn uuid() -> String {
         .to_string()
 }
 
+/// A `warden serve` child, killed (by its PID) if the test panics with it running.
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `warden serve` with optional extra environment; the child and nothing else.
-fn serve(agent: &CmfAgent, env: &[(&str, &str)]) -> Child {
+fn serve(agent: &CmfAgent, env: &[(&str, &str)]) -> Served {
     let mut command = agent.command(&["serve"]);
     command.stdout(Stdio::piped()).stderr(Stdio::inherit());
     for (k, v) in env {
@@ -62,10 +73,11 @@ fn serve(agent: &CmfAgent, env: &[(&str, &str)]) -> Child {
         .read_line(&mut line)
         .expect("listening line");
     assert!(line.starts_with("listening on"), "serve: '{line}'");
-    child
+    Served(child)
 }
 
-fn stop(child: &mut Child) {
+fn stop(served: &mut Served) {
+    let child = &mut served.0;
     // SAFETY: kill(2) on our own child's PID.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let end = Instant::now() + Duration::from_secs(30);
@@ -96,6 +108,12 @@ fn vnfc_view(agent: &CmfAgent, id: &str) -> Option<Value> {
 /// The enrollment data the CMF delivered to this VNFC through the VNFM (what the VNFC reads
 /// from its configurable properties).
 fn delivered(tacker: &Tacker, vnf: &str, vnfc: &str) -> Option<(String, String)> {
+    let (user, credential, _) = delivered_with_url(tacker, vnf, vnfc)?;
+    Some((user, credential))
+}
+
+/// The same with the `estUrl` the VNFC is told to enroll at.
+fn delivered_with_url(tacker: &Tacker, vnf: &str, vnfc: &str) -> Option<(String, String, String)> {
     let inst = tacker.op(&["show", vnf]);
     let info = inst["instantiatedVnfInfo"]["vnfcInfo"].as_array()?.clone();
     let entry = info.iter().find(|v| v["vnfcResourceInfoId"] == vnfc)?;
@@ -103,7 +121,19 @@ fn delivered(tacker: &Tacker, vnf: &str, vnfc: &str) -> Option<(String, String)>
     Some((
         e["user"].as_str()?.to_string(),
         e["credential"].as_str()?.to_string(),
+        e["estUrl"].as_str()?.to_string(),
     ))
+}
+
+/// Tacker's Query VNF lists the VNFC's vnfcInfo without the enrollment credential.
+fn credential_gone(tacker: &Tacker, vnf: &str, vnfc: &str) -> bool {
+    let inst = tacker.op(&["show", vnf]);
+    inst["instantiatedVnfInfo"]["vnfcInfo"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["vnfcResourceInfoId"] == vnfc)
+        .is_some_and(|v| v["vnfcConfigurableProperties"]["wardenEstEnrollment"].is_null())
 }
 
 fn vnfc_ids(tacker: &Tacker, vnf: &str) -> Vec<String> {
@@ -116,7 +146,13 @@ fn vnfc_ids(tacker: &Tacker, vnf: &str) -> Vec<String> {
 }
 
 /// POST a CSR to the direct EST endpoint: (status, body).
-fn enroll(agent: &CmfAgent, port: u16, auth: Option<(&str, &str)>, csr_pem: &str) -> (u16, String) {
+fn enroll(
+    agent: &CmfAgent,
+    port: u16,
+    vnfm: &str,
+    auth: Option<(&str, &str)>,
+    csr_pem: &str,
+) -> (u16, String) {
     let client = nfv_warden::client::HttpsClient::new(
         &format!("https://127.0.0.1:{port}"),
         &agent.dir().join("ca.pem"),
@@ -147,7 +183,7 @@ fn enroll(agent: &CmfAgent, port: u16, auth: Option<(&str, &str)>, csr_pem: &str
         let response = connection
             .request_with(
                 "POST",
-                "/.well-known/est/direct/simpleenroll",
+                &format!("/.well-known/est/direct/{vnfm}/simpleenroll"),
                 &headers,
                 body.into_bytes(),
             )
@@ -244,7 +280,7 @@ fn audit(agent: &CmfAgent) -> Vec<Value> {
 struct Cleanup<'a> {
     tacker: &'a Tacker,
     vnfs: Vec<String>,
-    package: Option<String>,
+    packages: Vec<String>,
     callback_marker: String,
 }
 
@@ -260,7 +296,7 @@ impl Drop for Cleanup<'_> {
             }
             let _ = std::panic::catch_unwind(|| self.tacker.op(&["delete", vnf]));
         }
-        if let Some(pkg) = &self.package {
+        for pkg in &self.packages {
             let _ = std::panic::catch_unwind(|| self.tacker.op(&["pkg-delete", pkg]));
         }
         let subs = self.tacker.op(&["subs"]);
@@ -279,8 +315,12 @@ impl Drop for Cleanup<'_> {
 #[test]
 fn direct_mode_follows_a_real_tacker() {
     let tacker = Tacker::shared();
-    let vnfm = format!("direct-{}", random_hex(4));
+    let vnfm = format!("direct2-{}", random_hex(4));
+    // A second VNFM (the same Tacker, another VNF product) in another trust domain, whose
+    // domain permits only VNFC identifiers "vnfc-*" (Tacker's are server UUIDs).
+    let vnfm_b = format!("{vnfm}-b");
     let vnfd = uuid();
+    let vnfd2 = uuid();
     let ports = free_ports(2);
     let (port, rport) = (ports[0], ports[1]);
     let extra = format!(
@@ -306,6 +346,35 @@ url = "{keystone}"
 user = "{user}"
 project = "{project}"
 password = {{ file = "{{dir}}/os-password" }}
+
+[[cmf.direct.vnfm]]
+id = "{vnfm_b}"
+trust_domain = "operator-b"
+api_root = "{tacker_url}"
+vnfd_ids = ["{vnfd2}"]
+notification_auth = "BASIC"
+notification_secret = {{ file = "{{dir}}/notify-secret" }}
+
+[cmf.direct.vnfm.auth]
+type = "keystone_password"
+url = "{keystone}"
+user = "{user}"
+project = "{project}"
+password = {{ file = "{{dir}}/os-password" }}
+
+[[cmf.trust_domain]]
+id = "operator-a"
+dns_suffixes = ["example", "example.net"]
+vnfc_id_patterns = ["*"]
+ip_ranges = ["0.0.0.0/0", "::/0"]
+cas = ["default"]
+
+[[cmf.trust_domain]]
+id = "operator-b"
+dns_suffixes = ["example", "example.net"]
+vnfc_id_patterns = ["vnfc-*"]
+ip_ranges = ["0.0.0.0/0", "::/0"]
+cas = ["default"]
 "#,
         tacker_url = tacker.get("TACKER_URL"),
         keystone = tacker.get("KEYSTONE_URL"),
@@ -329,7 +398,7 @@ password = {{ file = "{{dir}}/os-password" }}
     let mut cleanup = Cleanup {
         tacker,
         vnfs: Vec::new(),
-        package: None,
+        packages: Vec::new(),
         callback_marker: format!("/cmf/v1/direct/notifications/{vnfm}"),
     };
     let pkg = tacker.op(&[
@@ -337,7 +406,17 @@ password = {{ file = "{{dir}}/os-password" }}
         &vnfd,
         &peers_dir().join("tacker-pkg").display().to_string(),
     ]);
-    cleanup.package = pkg["pkgId"].as_str().map(String::from);
+    cleanup
+        .packages
+        .extend(pkg["pkgId"].as_str().map(String::from));
+    let pkg = tacker.op(&[
+        "onboard",
+        &vnfd2,
+        &peers_dir().join("tacker-pkg").display().to_string(),
+    ]);
+    cleanup
+        .packages
+        .extend(pkg["pkgId"].as_str().map(String::from));
 
     // Subscription: Tacker sends its test GET before answering 201 and refuses to subscribe
     // when the GET fails, so a subscription with our callback URI shows the 204.
@@ -398,25 +477,39 @@ password = {{ file = "{{dir}}/os-password" }}
         "/CN=whatever-the-vnfc-asks",
         &["chosen.example"],
     );
-    let (status, body) = enroll(&agent, port, None, &csr);
+    let (status, body) = enroll(&agent, port, &vnfm, None, &csr);
     assert_eq!(status, 401, "{body}");
-    let (status, body) = enroll(&agent, port, Some((&user1, "not-the-credential")), &csr);
+    let (status, body) = enroll(
+        &agent,
+        port,
+        &vnfm,
+        Some((&user1, "not-the-credential")),
+        &csr,
+    );
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("wrong enrollment credential"), "{body}");
     let (status, body) = enroll(
         &agent,
         port,
+        &vnfm,
         Some((&format!("{a}/{}", uuid()), &cred1)),
         &csr,
     );
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("has no VNFC"), "{body}");
-    let (status, body) = enroll(&agent, port, Some((&format!("{b}/{vnfc1}"), &cred1)), &csr);
+    let (status, body) = enroll(
+        &agent,
+        port,
+        &vnfm,
+        Some((&format!("{b}/{vnfc1}"), &cred1)),
+        &csr,
+    );
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("belongs to another VNF"), "{body}");
     let (status, body) = enroll(
         &agent,
         port,
+        &vnfm,
         Some((&format!("{b}/{}", uuid()), &cred1)),
         &csr,
     );
@@ -424,7 +517,7 @@ password = {{ file = "{{dir}}/os-password" }}
     assert!(body.contains("NOT_INSTANTIATED"), "{body}");
 
     // The VNFC enrolls: names from the lifecycle data, not from its CSR.
-    let (status, body) = enroll(&agent, port, Some((&user1, &cred1)), &csr);
+    let (status, body) = enroll(&agent, port, &vnfm, Some((&user1, &cred1)), &csr);
     assert_eq!(status, 200, "{body}");
     let text = certificate_text(&dir, "vnfc1-cert", &body);
     let urn = format!("urn:etsi:nfv:vnf:{a}:vnfc:{vnfc1}");
@@ -439,9 +532,82 @@ password = {{ file = "{{dir}}/os-password" }}
         "{text}"
     );
     // Replay of the single-use credential.
-    let (status, body) = enroll(&agent, port, Some((&user1, &cred1)), &csr);
+    let (status, body) = enroll(&agent, port, &vnfm, Some((&user1, &cred1)), &csr);
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("used already"), "{body}");
+    // The used credential's plaintext leaves Tacker: a Query VNF shows VNFC 1's vnfcInfo
+    // without it (ModifyVnfInfo with a null member), and the CMF closed its intent.
+    poll(
+        "the used credential of VNFC 1 gone from Tacker",
+        180,
+        || credential_gone(tacker, &a, &vnfc1).then_some(()),
+    );
+    let view = poll("the scrub of VNFC 1's credential closed", 60, || {
+        let v = vnfc_view(&agent, &vnfc1)?;
+        v["credential"]["scrubbedAt"].is_string().then_some(v)
+    });
+    assert_eq!(view["credential"]["scrubPending"], false, "{view}");
+    assert!(view["credential"]["usedAt"].is_string(), "{view}");
+
+    // Trust domains. C is a VNF of VNFM B (trust domain operator-b): its VNFC gets its own
+    // enrollment credential and path, but a certificate neither through A's path (another
+    // trust domain) nor through its own (its identifier is outside operator-b's names).
+    let c = tacker.op(&["create", &vnfd2, &format!("{vnfm}-c")])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    cleanup.vnfs.push(c.clone());
+    let occ = tacker.op(&["instantiate", &c]);
+    assert_eq!(occ["operationState"], "COMPLETED", "{occ}");
+    let vnfc_c = vnfc_ids(tacker, &c).remove(0);
+    let (user_c, cred_c, url_c) = poll("the enrollment credential of C's VNFC", 180, || {
+        delivered_with_url(tacker, &c, &vnfc_c)
+    });
+    assert_eq!(
+        url_c,
+        format!("https://127.0.0.1:{port}/.well-known/est/direct/{vnfm_b}")
+    );
+    let view_c = vnfc_view(&agent, &vnfc_c).expect("C's VNFC in the inventory");
+    assert_eq!(view_c["trustDomain"], "operator-b", "{view_c}");
+    assert_eq!(view_c["vnfm"], vnfm_b.as_str(), "{view_c}");
+    let csr_c = openssl_csr(&dir, "vnfc-c", "/CN=vnfc-c", &["vnfc-c.example"]);
+    let (status, body) = enroll(&agent, port, &vnfm, Some((&user_c, &cred_c)), &csr_c);
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains(&format!(
+            "belongs to VNFM '{vnfm_b}' of trust domain 'operator-b'"
+        )) && body.contains("trust domain 'operator-a'"),
+        "{body}"
+    );
+    let (status, body) = enroll(&agent, port, &vnfm_b, Some((&user_c, &cred_c)), &csr_c);
+    assert_eq!(status, 403, "{body}");
+    let detail = serde_json::from_str::<Value>(&body).expect("ProblemDetails")["detail"]
+        .as_str()
+        .expect("detail")
+        .to_string();
+    assert!(
+        detail.contains(&format!(
+            "VNFC identifier '{}' matches none of the VNFC identifier patterns of \
+             cmf.trust_domain 'operator-b' (vnfc_id_patterns = [\"vnfc-*\"])",
+            vnfc_c.to_ascii_lowercase()
+        )),
+        "{detail}"
+    );
+    // Refused, not consumed: nothing was registered or issued for it.
+    let view_c = vnfc_view(&agent, &vnfc_c).expect("C's VNFC");
+    assert!(view_c["credential"]["usedAt"].is_null(), "{view_c}");
+    assert!(view_c["registrationId"].is_null(), "{view_c}");
+    assert_eq!(view_c["certificates"], serde_json::json!([]), "{view_c}");
+    // The enrollment path of no VNFM followed.
+    let (status, body) = enroll(
+        &agent,
+        port,
+        "no-such-vnfm",
+        Some((&user_c, &cred_c)),
+        &csr_c,
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no VNFM 'no-such-vnfm'"), "{body}");
 
     // Scale out: the new VNFC gets its own credential and certificate.
     let occ = tacker.op(&[
@@ -458,10 +624,65 @@ password = {{ file = "{{dir}}/os-password" }}
     let (user2, cred2) = poll("the enrollment credential of VNFC 2", 180, || {
         delivered(tacker, &a, &vnfc2)
     });
+    // The used credential's removal from Tacker survives a crash: the agent is killed
+    // (SIGKILL) after VNFC 2's enrollment journaled the intent and before the ModifyVnfInfo;
+    // the restarted agent adopts it.
+    stop(&mut child);
+    let scrub_pause = dir.join("paused-before-scrub");
+    child = serve(
+        &agent,
+        &[(
+            "WARDEN_TEST_DIRECT_PAUSE_BEFORE_SCRUB",
+            scrub_pause.to_str().expect("utf-8"),
+        )],
+    );
     let csr2 = openssl_csr(&dir, "vnfc2", "/CN=vnfc2", &[]);
-    let (status, body) = enroll(&agent, port, Some((&user2, &cred2)), &csr2);
+    // A VNFC of operator-a at the path of operator-b's VNFM: refused, credential kept.
+    let (status, body) = enroll(&agent, port, &vnfm_b, Some((&user2, &cred2)), &csr2);
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains(&format!(
+            "belongs to VNFM '{vnfm}' of trust domain 'operator-a'"
+        )),
+        "{body}"
+    );
+    let (status, body) = enroll(&agent, port, &vnfm, Some((&user2, &cred2)), &csr2);
     assert_eq!(status, 200, "{body}");
     certificate_text(&dir, "vnfc2-cert", &body);
+    poll(
+        "the agent to stop before removing VNFC 2's credential",
+        180,
+        || scrub_pause.exists().then_some(()),
+    );
+    assert_eq!(
+        std::fs::read_to_string(&scrub_pause).expect("pause file"),
+        format!("{a}/{vnfc2}")
+    );
+    assert_eq!(
+        delivered(tacker, &a, &vnfc2),
+        Some((user2.clone(), cred2.clone())),
+        "still at Tacker when the agent dies"
+    );
+    let _ = child.0.kill(); // SIGKILL
+    let _ = child.0.wait();
+    child = serve(&agent, &[]);
+    poll(
+        "the used credential of VNFC 2 gone from Tacker",
+        180,
+        || credential_gone(tacker, &a, &vnfc2).then_some(()),
+    );
+    poll("the scrub of VNFC 2's credential closed", 60, || {
+        let v = vnfc_view(&agent, &vnfc2)?;
+        v["credential"]["scrubbedAt"].is_string().then_some(())
+    });
+    let scrubbed = audit(&agent)
+        .iter()
+        .filter(|e| {
+            e["action"] == "cmf.direct.credential_scrubbed"
+                && e["subject"] == format!("{a}/{vnfc2}").as_str()
+        })
+        .count();
+    assert_eq!(scrubbed, 1, "one scrub audit entry for VNFC 2");
     // Both valid by CRL before anything goes.
     poll("a CRL that the new certificate passes", 60, || {
         crl_verdict(&dir, rport, "vnfc2-cert.pem").ok()
@@ -526,7 +747,7 @@ password = {{ file = "{{dir}}/os-password" }}
     assert_eq!(ocsp_status(&dir, rport, removed_pem), "revoked");
     assert_eq!(ocsp_status(&dir, rport, kept_pem), "good");
     let removed_user = format!("{a}/{removed}");
-    let (status, body) = enroll(&agent, port, Some((&removed_user, "x")), &csr);
+    let (status, body) = enroll(&agent, port, &vnfm, Some((&removed_user, "x")), &csr);
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("removed"), "{body}");
 
@@ -545,8 +766,8 @@ password = {{ file = "{{dir}}/os-password" }}
     poll("the agent to journal the removal intent", 180, || {
         pause.exists().then_some(())
     });
-    let _ = child.kill(); // SIGKILL
-    let _ = child.wait();
+    let _ = child.0.kill(); // SIGKILL
+    let _ = child.0.wait();
     child = serve(&agent, &[]);
     let report = poll("the removal of the last VNFC after the crash", 180, || {
         let v = vnfc_view(&agent, &kept)?;
