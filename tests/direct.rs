@@ -683,6 +683,95 @@ cas = ["default"]
         })
         .count();
     assert_eq!(scrubbed, 1, "one scrub audit entry for VNFC 2");
+
+    // Heal of VNFC 2 (Tacker v2 re-creates the server: HEAL COMPLETED lists the old VNFC
+    // REMOVED and a new one ADDED, with a new server and so a new vnfcResourceInfo id). The
+    // old certificate is revoked on that positive evidence; the new server is a new identity
+    // with a new credential and a new certificate (IFA 033 11.3; README "Enrollment binding").
+    let info_id = tacker.op(&["show", &a])["instantiatedVnfInfo"]["vnfcInfo"]
+        .as_array()
+        .expect("vnfcInfo")
+        .iter()
+        .find(|v| v["vnfcResourceInfoId"] == vnfc2.as_str())
+        .and_then(|v| v["id"].as_str().map(String::from))
+        .expect("VNFC 2's vnfcInfo");
+    let occ = tacker.op(&[
+        "lcm",
+        &a,
+        "heal",
+        &serde_json::json!({"vnfcInstanceId": [info_id], "cause": "direct2 heal test"}).to_string(),
+    ]);
+    assert_eq!(occ["operationState"], "COMPLETED", "{occ}");
+    let changes = occ["resourceChanges"]["affectedVnfcs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c["id"] == vnfc2.as_str() && c["changeType"] == "REMOVED"),
+        "{occ}"
+    );
+    let healed = vnfc_ids(tacker, &a)
+        .into_iter()
+        .find(|v| *v != vnfc1 && *v != vnfc2)
+        .expect("the healed VNFC: a new vnfcResourceInfo id");
+    let report = poll("the removal of the healed VNFC's old identity", 180, || {
+        let v = vnfc_view(&agent, &vnfc2)?;
+        (v["state"] == "removed").then_some(v)
+    });
+    let evidence = report["report"]["evidence"].as_str().unwrap_or_default();
+    assert!(
+        evidence.starts_with("HEAL ")
+            && evidence.contains("COMPLETED")
+            && evidence.contains("REMOVED"),
+        "{report}"
+    );
+    let certs = report["certificates"].as_array().expect("certificates");
+    assert_eq!(certs.len(), 1, "{report}");
+    assert_eq!(
+        certs[0]["revocation"]["reason"], "cessationOfOperation",
+        "{report}"
+    );
+    std::fs::copy(dir.join("vnfc2-cert.pem"), dir.join("vnfc2-old-cert.pem")).expect("copy");
+    poll(
+        "the CRL to list the healed VNFC's old certificate",
+        60,
+        || {
+            crl_verdict(&dir, rport, "vnfc2-old-cert.pem")
+                .err()
+                .filter(|e| e.contains("certificate revoked"))
+        },
+    );
+    assert_eq!(ocsp_status(&dir, rport, "vnfc2-old-cert.pem"), "revoked");
+    // The old identity cannot enroll again, not even with the credential it once had.
+    let (status, body) = enroll(&agent, port, &vnfm, Some((&user2, &cred2)), &csr2);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("has been removed"), "{body}");
+    // The new server: its own credential, bound to it, and a certificate with its URN.
+    let (user3, cred3) = poll("the enrollment credential of the healed VNFC", 180, || {
+        delivered(tacker, &a, &healed)
+    });
+    assert_eq!(user3, format!("{a}/{healed}"));
+    assert_ne!(cred3, cred2);
+    let view = vnfc_view(&agent, &healed).expect("the healed VNFC in the inventory");
+    assert_eq!(view["serverId"], healed.as_str(), "{view}");
+    assert_eq!(view["state"], "alive", "{view}");
+    let (status, body) = enroll(&agent, port, &vnfm, Some((&user3, &cred3)), &csr2);
+    assert_eq!(status, 200, "{body}");
+    let text = certificate_text(&dir, "vnfc2-cert", &body);
+    assert!(
+        text.contains(&format!("URI:urn:etsi:nfv:vnf:{a}:vnfc:{healed}")),
+        "{text}"
+    );
+    assert_eq!(ocsp_status(&dir, rport, "vnfc2-cert.pem"), "good");
+    poll(
+        "the used credential of the healed VNFC gone from Tacker",
+        180,
+        || credential_gone(tacker, &a, &healed).then_some(()),
+    );
+    // From here on, "VNFC 2" is the healed one.
+    let vnfc2 = healed;
     // Both valid by CRL before anything goes.
     poll("a CRL that the new certificate passes", 60, || {
         crl_verdict(&dir, rport, "vnfc2-cert.pem").ok()
