@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use common::cmf::{openssl_csr, sh, CmfAgent};
 use common::openstack::{free_ports, peers_dir};
-use common::tacker::Tacker;
+use common::tacker::{OAuth2Api, Tacker};
 
 fn poll<T>(what: &str, seconds: u64, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + Duration::from_secs(seconds);
@@ -898,4 +898,154 @@ cas = ["default"]
     });
     cleanup.vnfs.retain(|v| *v != a);
     stop(&mut child);
+}
+
+/// Deletes the Keystone application credential (the CMF's OAuth 2.0 client) it was made for.
+struct AppCredential<'a> {
+    tacker: &'a Tacker,
+    user: String,
+    id: String,
+}
+
+impl Drop for AppCredential<'_> {
+    fn drop(&mut self) {
+        let _ =
+            std::panic::catch_unwind(|| self.tacker.op(&["appcred-delete", &self.user, &self.id]));
+    }
+}
+
+/// The CMF authenticates to Tacker's API with OAuth 2.0 client credentials (SOL 013 8.2,
+/// RFC 6749 4.4): Keystone (Zed) issues the access token at /v3/OS-OAUTH2/token for an
+/// application credential, and a Tacker API process that accepts only Bearer tokens
+/// (keystonemiddleware oauth2_token) serves the CMF's subscription and Query VNF.
+#[test]
+fn direct_mode_authenticates_to_tacker_with_oauth2() {
+    let tacker = Tacker::shared();
+    let api = OAuth2Api::start(tacker);
+    let vnfm = format!("direct2-oauth-{}", random_hex(4));
+    let created = tacker.op(&["appcred-create", &vnfm]);
+    let client = AppCredential {
+        tacker,
+        user: created["userId"].as_str().expect("userId").to_string(),
+        id: created["id"].as_str().expect("id").to_string(),
+    };
+    // That API refuses Keystone's own X-Auth-Token: what the CMF gets, it got with OAuth 2.0.
+    let keystone_only = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Version: 2.0.0",
+            "-H",
+            "X-Auth-Token: not-a-bearer-token",
+            &format!("{}/vnflcm/v2/vnf_instances", api.url),
+        ])
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&keystone_only.stdout), "401");
+
+    let vnfd = uuid();
+    let port = free_ports(1)[0];
+    let extra = format!(
+        r#"
+[cmf.direct]
+reconcile_seconds = 20
+
+[[cmf.direct.vnfm]]
+id = "{vnfm}"
+trust_domain = "operator-a"
+api_root = "{api_url}"
+vnfd_ids = ["{vnfd}"]
+notification_auth = "BASIC"
+notification_secret = {{ file = "{{dir}}/notify-secret" }}
+
+[cmf.direct.vnfm.auth]
+type = "oauth2"
+token_url = "{keystone}/OS-OAUTH2/token"
+client_id = "{client_id}"
+client_secret = {{ file = "{{dir}}/client-secret" }}
+"#,
+        api_url = api.url,
+        keystone = tacker.get("KEYSTONE_URL"),
+        client_id = client.id,
+    );
+    let agent = CmfAgent::new(&extra);
+    let dir = agent.dir().to_path_buf();
+    std::fs::write(dir.join("notify-secret"), random_hex(16)).expect("secret");
+    std::fs::write(
+        dir.join("client-secret"),
+        created["secret"].as_str().expect("secret"),
+    )
+    .expect("client secret");
+    let config = std::fs::read_to_string(&agent.agent.config).expect("config");
+    std::fs::write(
+        &agent.agent.config,
+        config.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        ),
+    )
+    .expect("config");
+    let mut cleanup = Cleanup {
+        tacker,
+        vnfs: Vec::new(),
+        packages: Vec::new(),
+        callback_marker: format!("/cmf/v1/direct/notifications/{vnfm}"),
+    };
+    let pkg = tacker.op(&[
+        "onboard",
+        &vnfd,
+        &peers_dir().join("tacker-pkg").display().to_string(),
+    ]);
+    cleanup
+        .packages
+        .extend(pkg["pkgId"].as_str().map(String::from));
+
+    let mut child = serve(&agent, &[]);
+    // Subscribed through the OAuth 2.0 API (Tacker's test GET answered).
+    let callback = format!("https://127.0.0.1:{port}/cmf/v1/direct/notifications/{vnfm}");
+    poll(
+        "the CMF's subscription, made with a Bearer token",
+        180,
+        || {
+            let subs = tacker.op(&["subs"]);
+            subs.as_array()?
+                .iter()
+                .any(|s| s["callbackUri"] == callback.as_str())
+                .then_some(())
+        },
+    );
+    // A VNF instance appears: the CMF reads it (VnfIdentifierCreation, then Query VNF) with
+    // its Bearer token.
+    let v = tacker.op(&["create", &vnfd, &format!("{vnfm}-v")])["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    cleanup.vnfs.push(v.clone());
+    poll("the VNF in the CMF's inventory", 180, || {
+        let vnfs = json_of(&agent, &["cmf", "vnfs", "--json"]);
+        vnfs.as_array()?
+            .iter()
+            .any(|x| {
+                x["vnfInstanceId"] == v.as_str() && x["instantiationState"] == "NOT_INSTANTIATED"
+            })
+            .then_some(())
+    });
+    let log = api.log();
+    assert!(
+        log.contains("\"POST /vnflcm/v2/subscriptions HTTP/1.1\" 201"),
+        "the subscription went through the OAuth 2.0 API:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "\"GET /vnflcm/v2/vnf_instances/{v} HTTP/1.1\" 200"
+        )),
+        "Query VNF went through the OAuth 2.0 API:\n{log}"
+    );
+    stop(&mut child);
+    drop(cleanup);
+    drop(client);
 }
