@@ -12,6 +12,7 @@ Prints one JSON document on stdout; exits non-zero with the reason on stderr.
   pkg-delete PKG_ID                 -> {"status": ...}
   subs                              -> every subscription (all pages)
   sub-delete SUB_ID                 -> {"status": ...}
+  fail OCC_ID                       -> {"status": ...} (give up a FAILED_TEMP occurrence)
   appcred-create NAME               -> {"id", "secret", "userId"} (Keystone application credential)
   appcred-delete USER_ID ID         -> {"status": ...}
 """
@@ -147,6 +148,10 @@ elif cmd == "subs":
     print(json.dumps(j if code == 200 else []))
 elif cmd == "sub-delete":
     code, _, _ = http("DELETE", TACKER + "/vnflcm/v2/subscriptions/" + args[0])
+    print(json.dumps({"status": code}))
+elif cmd == "fail":
+    # A FAILED_TEMP occurrence given up (SOL 003 5.4.16): the VNF can be terminated again.
+    code, _, j = http("POST", TACKER + "/vnflcm/v2/vnf_lcm_op_occs/%s/fail" % args[0])
     print(json.dumps({"status": code}))
 elif cmd == "appcred-create":
     # A Keystone application credential of the test user (its OAuth 2.0 client: Keystone's
