@@ -608,6 +608,14 @@ cas = ["default"]
     );
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("no VNFM 'no-such-vnfm'"), "{body}");
+    // C is done with: its server goes now (the project's instance quota is shared, and the
+    // heal below needs room for a replacement server), and its VNFC is removed for the CMF.
+    let occ = tacker.op(&["lcm", &c, "terminate", r#"{"terminationType":"FORCEFUL"}"#]);
+    assert_eq!(occ["operationState"], "COMPLETED", "{occ}");
+    poll("the removal of C's VNFC", 180, || {
+        let v = vnfc_view(&agent, &vnfc_c)?;
+        (v["state"] == "removed").then_some(())
+    });
 
     // Scale out: the new VNFC gets its own credential and certificate.
     let occ = tacker.op(&[
@@ -707,11 +715,12 @@ cas = ["default"]
         assert_eq!(view["state"], "alive", "{view}");
         let _ = tacker.op(&["fail", occ["id"].as_str().unwrap_or_default()]);
         panic!(
-            "Tacker's heal of VNFC 2 ended FAILED_TEMP: {}. \"Failed to detach interface\" \
-             means Heat could not detach the port from the old server before replacing it: \
-             nova's fake driver knows only the interfaces of the servers it spawned or \
-             attached, so a server that was live-migrated (by another user of a shared cloud) \
-             cannot be healed; see the nova-compute logs",
+            "Tacker's heal of VNFC 2 ended FAILED_TEMP: {}. Seen on a shared cloud: \
+             \"Failed to detach interface\" (Heat detaches the old server's port before the \
+             replacement; nova's fake driver knows only the interfaces of the servers it \
+             spawned, so a server someone else live-migrated cannot be healed) and \"Quota \
+             exceeded for instances\" (the replacement is created before the old server goes; \
+             other users' servers filled the project)",
             occ["error"]
         );
     }

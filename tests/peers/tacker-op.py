@@ -160,8 +160,11 @@ elif cmd == "appcred-create":
                                headers={"X-Auth-Token": TOKEN, "X-Subject-Token": TOKEN})
     with urllib.request.urlopen(r, timeout=60) as resp:
         user = json.loads(resp.read())["token"]["user"]["id"]
+    # The roles named (the standard ones the test user holds), not "all of the token's": on a
+    # shared cloud another user's test may assign and remove roles meanwhile.
+    roles = [{"name": r} for r in ("admin", "member", "reader")]
     code, _, j = http("POST", KS + "/users/%s/application_credentials" % user,
-                      {"application_credential": {"name": args[0]}}, v2=False)
+                      {"application_credential": {"name": args[0], "roles": roles}}, v2=False)
     if code != 201:
         fail("application credential -> %s %s" % (code, j))
     a = j["application_credential"]
