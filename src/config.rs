@@ -575,7 +575,7 @@ pub struct DirectVnfmConfig {
     /// BASIC: the password given to the VNFM (user name = `id`); OAUTH2: the client secret.
     pub notification_secret: SecretSource,
     /// The EST URL written into the enrollment credential handed to each VNFC; default
-    /// `https://<server.listen>/.well-known/est/direct`.
+    /// `https://<server.listen>/.well-known/est/direct/<id>` (the VNFM's own enrollment path).
     #[serde(default)]
     pub est_url: Option<String>,
     /// Per-request timeout.

@@ -6,7 +6,7 @@
 //! ```text
 //! GET|POST /cmf/v1/direct/notifications/{vnfm}
 //! POST     /cmf/v1/direct/token/{vnfm}                      (OAUTH2_CLIENT_CREDENTIALS)
-//! POST     /.well-known/est/direct/simpleenroll             (RFC 7030 4.2.1)
+//! POST     /.well-known/est/direct/{vnfm}/simpleenroll      (RFC 7030 4.2.1)
 //! ```
 
 use std::sync::Arc;
@@ -32,7 +32,13 @@ pub fn routes(direct: Arc<Direct>) -> Router {
             get(test_notification).post(notification),
         )
         .route("/cmf/v1/direct/token/{vnfm}", post(token))
-        .route("/.well-known/est/direct/simpleenroll", post(simpleenroll))
+        // One enrollment path per VNFM (so per trust domain): RFC 7030 3.2.2 labels are one
+        // segment, but `/.well-known/est/{label}` belongs to the EST front; the VNFC gets
+        // the whole URL in its enrollment credential (`estUrl`), so it builds nothing.
+        .route(
+            "/.well-known/est/direct/{vnfm}/simpleenroll",
+            post(simpleenroll),
+        )
         .with_state(direct)
 }
 
@@ -149,10 +155,18 @@ async fn token(
 /// 3.2.3 HTTP Basic client authentication with the enrollment credential).
 async fn simpleenroll(
     State(direct): State<Arc<Direct>>,
+    Path(vnfm): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let body = read_body(&headers, body, 64 * 1024).await;
+    if !direct.follows(&vnfm) {
+        return problem_details(
+            404,
+            Some("Not Found"),
+            &format!("no VNFM '{vnfm}' is followed in direct mode (no such enrollment path)"),
+        );
+    }
     let outcome = async {
         let essence = headers
             .get(header::CONTENT_TYPE)
@@ -181,6 +195,7 @@ async fn simpleenroll(
         let verified = crate::cmf::issue::verify_blocking(der).await?;
         let issued = direct
             .enroll(
+                &vnfm,
                 headers
                     .get(header::AUTHORIZATION)
                     .and_then(|v| v.to_str().ok()),

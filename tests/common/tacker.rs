@@ -72,3 +72,101 @@ impl Tacker {
         })
     }
 }
+
+/// A second API process of the same Tacker (same database, same conductor over AMQP) whose
+/// API pipeline authenticates with OAuth 2.0 Bearer tokens (keystonemiddleware's
+/// `oauth2_token` filter in place of `authtoken`, as Tacker documents for OAuth 2.0 client
+/// credentials) while the shared one keeps X-Auth-Token: the cloud's own Tacker is never
+/// reconfigured. Stopped by its PID when dropped.
+pub struct OAuth2Api {
+    child: std::process::Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl OAuth2Api {
+    /// Its access log (tacker.wsgi lines: method, path, status).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("tacker-server.log")).unwrap_or_default()
+    }
+
+    pub fn start(tacker: &Tacker) -> OAuth2Api {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = tacker.get("TACKER_CONF");
+        let paste_path = std::path::Path::new(conf)
+            .parent()
+            .expect("tacker dir")
+            .join("api-paste.ini");
+        let paste = std::fs::read_to_string(&paste_path).expect("api-paste.ini");
+        assert!(paste.contains(" authtoken keystonecontext"), "{paste}");
+        let paste = paste.replace(" authtoken keystonecontext", " oauth2token keystonecontext")
+            + "\n[filter:oauth2token]\n\
+               paste.filter_factory = keystonemiddleware.oauth2_token:filter_factory\n";
+        std::fs::write(dir.path().join("api-paste.ini"), paste).expect("paste");
+        let port = super::openstack::free_ports(1)[0];
+        std::fs::write(
+            dir.path().join("oauth2.conf"),
+            format!(
+                "[DEFAULT]\nbind_port = {port}\napi_paste_config = {}\n",
+                dir.path().join("api-paste.ini").display()
+            ),
+        )
+        .expect("conf");
+        let log = std::fs::File::create(dir.path().join("tacker-server.out")).expect("log");
+        let venv = tacker.get("TACKER_VENV");
+        let child = Command::new(format!("{venv}/bin/python3"))
+            .arg(format!("{venv}/bin/tacker-server"))
+            .arg("--config-file")
+            .arg(conf)
+            .arg("--config-file")
+            .arg(dir.path().join("oauth2.conf"))
+            .arg("--log-file")
+            .arg(dir.path().join("tacker-server.log"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("tacker-server");
+        let url = format!("http://127.0.0.1:{port}");
+        let mut api = OAuth2Api {
+            child,
+            url,
+            _dir: dir,
+        };
+        // Up when its version document answers (a bound bound: failure guard only).
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        loop {
+            let up = Command::new("curl")
+                .args(["-sf", "-o", "/dev/null", &format!("{}/", api.url)])
+                .status()
+                .is_ok_and(|s| s.success());
+            if up {
+                return api;
+            }
+            if let Ok(Some(status)) = api.child.try_wait() {
+                panic!("the OAuth 2.0 Tacker API process exited: {status}");
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "the OAuth 2.0 Tacker API process did not answer"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for OAuth2Api {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's PID; Tacker's graceful_shutdown_timeout bounds it.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

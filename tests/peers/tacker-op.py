@@ -12,6 +12,9 @@ Prints one JSON document on stdout; exits non-zero with the reason on stderr.
   pkg-delete PKG_ID                 -> {"status": ...}
   subs                              -> every subscription (all pages)
   sub-delete SUB_ID                 -> {"status": ...}
+  fail OCC_ID                       -> {"status": ...} (give up a FAILED_TEMP occurrence)
+  appcred-create NAME               -> {"id", "secret", "userId"} (Keystone application credential)
+  appcred-delete USER_ID ID         -> {"status": ...}
 """
 import io, json, os, sys, time, uuid, zipfile
 import urllib.error, urllib.request
@@ -145,6 +148,29 @@ elif cmd == "subs":
     print(json.dumps(j if code == 200 else []))
 elif cmd == "sub-delete":
     code, _, _ = http("DELETE", TACKER + "/vnflcm/v2/subscriptions/" + args[0])
+    print(json.dumps({"status": code}))
+elif cmd == "fail":
+    # A FAILED_TEMP occurrence given up (SOL 003 5.4.16): the VNF can be terminated again.
+    code, _, j = http("POST", TACKER + "/vnflcm/v2/vnf_lcm_op_occs/%s/fail" % args[0])
+    print(json.dumps({"status": code}))
+elif cmd == "appcred-create":
+    # A Keystone application credential of the test user (its OAuth 2.0 client: Keystone's
+    # /v3/OS-OAUTH2/token takes its id and secret as client_id / client_secret).
+    r = urllib.request.Request(KS + "/auth/tokens", method="GET",
+                               headers={"X-Auth-Token": TOKEN, "X-Subject-Token": TOKEN})
+    with urllib.request.urlopen(r, timeout=60) as resp:
+        user = json.loads(resp.read())["token"]["user"]["id"]
+    # The roles named (the standard ones the test user holds), not "all of the token's": on a
+    # shared cloud another user's test may assign and remove roles meanwhile.
+    roles = [{"name": r} for r in ("admin", "member", "reader")]
+    code, _, j = http("POST", KS + "/users/%s/application_credentials" % user,
+                      {"application_credential": {"name": args[0], "roles": roles}}, v2=False)
+    if code != 201:
+        fail("application credential -> %s %s" % (code, j))
+    a = j["application_credential"]
+    print(json.dumps({"id": a["id"], "secret": a["secret"], "userId": user}))
+elif cmd == "appcred-delete":
+    code, _, _ = http("DELETE", KS + "/users/%s/application_credentials/%s" % (args[0], args[1]), v2=False)
     print(json.dumps({"status": code}))
 else:
     fail("unknown command " + cmd)

@@ -129,6 +129,14 @@ pub struct Credential {
     /// The plaintext until delivered (never after): lets a restart deliver what it minted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub undelivered_secret: Option<String>,
+    /// Journaled with its use (same transaction): the plaintext must be removed from the
+    /// VNFC's configurable properties at the VNFM. Cleared only once a Query VNF shows it
+    /// gone, so a crash or a failed ModifyVnfInfo is adopted by the next tick.
+    #[serde(default)]
+    pub scrub_pending: bool,
+    /// When a Query VNF first showed the used credential gone from the VNFM.
+    #[serde(default)]
+    pub scrubbed_at: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -178,6 +186,8 @@ struct Followed {
     callback_uri: String,
     est_url: String,
     ca_id: String,
+    /// The VNFC identifiers its trust domain permits (shell-style, lower case).
+    vnfc_id_patterns: Vec<String>,
 }
 
 /// Direct mode: the VNFMs, the worker, the EST binding.
@@ -245,23 +255,73 @@ impl Direct {
                     v.id
                 ));
             }
+            // The VNFM's trust domain (issue 10's `[[cmf.trust_domain]]`) rules its VNFCs as
+            // it rules a delegation-mode consumer: the certType, the CAs and the VNFC
+            // identifiers it permits (no domain permits every name).
+            let domain = config
+                .cmf
+                .as_ref()
+                .and_then(|c| c.trust_domains.iter().find(|d| d.id == v.trust_domain))
+                .ok_or_else(|| {
+                    format!(
+                        "cmf.direct.vnfm '{}': trust_domain '{}' is not defined \
+                         ([[cmf.trust_domain]])",
+                        v.id, v.trust_domain
+                    )
+                })?;
+            if !domain.cert_types.iter().any(|t| t == "VNFCI_CERT") {
+                return Err(format!(
+                    "cmf.direct.vnfm '{}': trust domain '{}' does not permit VNFCI_CERT \
+                     (cert_types = {:?})",
+                    v.id, domain.id, domain.cert_types
+                ));
+            }
+            let issues = |id: &str| {
+                cmf.cas()
+                    .iter()
+                    .any(|c| c.id == id && c.cert_types.contains(&CertType::VnfciCert))
+            };
             let ca_id = match &v.issuing_ca {
                 Some(id) => {
-                    let ca = cmf.cas().iter().find(|c| &c.id == id).ok_or_else(|| {
-                        format!("cmf.direct.vnfm '{}': ca '{id}' is not a CMF CA", v.id)
-                    })?;
-                    if !ca.cert_types.contains(&CertType::VnfciCert) {
+                    if !cmf.cas().iter().any(|c| &c.id == id) {
+                        return Err(format!(
+                            "cmf.direct.vnfm '{}': ca '{id}' is not a CMF CA",
+                            v.id
+                        ));
+                    }
+                    if !issues(id) {
                         return Err(format!(
                             "cmf.direct.vnfm '{}': ca '{id}' does not issue VNFCI_CERT",
                             v.id
                         ));
                     }
+                    if !domain.cas.contains(id) {
+                        return Err(format!(
+                            "cmf.direct.vnfm '{}': ca '{id}' is not a CA of trust domain '{}' \
+                             (cas = {:?})",
+                            v.id, domain.id, domain.cas
+                        ));
+                    }
                     id.clone()
                 }
-                None => super::issue::chain_for(&cmf, CertType::VnfciCert)
-                    .map(|c| c.id.clone())
-                    .ok_or_else(|| "cmf.direct: no CMF CA issues VNFCI_CERT".to_string())?,
+                None => domain
+                    .cas
+                    .iter()
+                    .find(|id| issues(id))
+                    .cloned()
+                    .ok_or_else(|| {
+                        format!(
+                            "cmf.direct.vnfm '{}': no CA of trust domain '{}' ({:?}) issues \
+                             VNFCI_CERT",
+                            v.id, domain.id, domain.cas
+                        )
+                    })?,
             };
+            let vnfc_id_patterns: Vec<String> = domain
+                .vnfc_id_patterns
+                .iter()
+                .map(|p| p.to_ascii_lowercase())
+                .collect();
             let client = Vnfm::new(v, backends).map_err(|e| e.to_string())?;
             let secret = v.notification_secret.read()?;
             let intake = Intake::from_parts(
@@ -284,7 +344,11 @@ impl Direct {
                 )
             });
             let est_url = v.est_url.clone().unwrap_or_else(|| {
-                format!("https://{host}:{}/.well-known/est/direct", listen.port())
+                format!(
+                    "https://{host}:{}/.well-known/est/direct/{}",
+                    listen.port(),
+                    v.id
+                )
             });
             vnfms.push(Followed {
                 config: v.clone(),
@@ -293,6 +357,7 @@ impl Direct {
                 callback_uri,
                 est_url,
                 ca_id,
+                vnfc_id_patterns,
             });
         }
         let store = cmf.store.clone();
@@ -411,6 +476,7 @@ impl Direct {
             return Err(e);
         }
         self.deliver_credentials().await?;
+        self.scrub_credentials().await?;
         Ok(())
     }
 
@@ -815,6 +881,8 @@ impl Direct {
                     used_at: None,
                     server_id: vnfc.server_id.clone(),
                     undelivered_secret: Some(secret.clone()),
+                    scrub_pending: false,
+                    scrubbed_at: None,
                 };
                 let k = key.clone();
                 self.store.write(move |tx| {
@@ -874,6 +942,106 @@ impl Direct {
                     tracing::debug!(vnfc = %key, error = %e, "direct mode: credential delivery retried");
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Remove used enrollment credentials from the VNFM (the store's hash stays the source of
+    /// truth; the credential is single-use anyway, but its plaintext should not linger where
+    /// every reader of the VNFM's API sees it). For each VNFC whose use journaled the intent:
+    /// Query VNF; if its `vnfcConfigurableProperties` still hold this credential, ModifyVnfInfo
+    /// with `wardenEstEnrollment: null` (RFC 7396 merge patch: the member is removed; SOL 003
+    /// 5.5.2.12, Tacker's json_merge_patch) and look again next tick; once a Query VNF shows it
+    /// gone, close the intent. A crash anywhere repeats a harmless step.
+    async fn scrub_credentials(&self) -> Result<(), DirectError> {
+        let vnfcs = self.store.read(|tx| tx.list(&VNFCS, ""))?;
+        for (key, vnfc) in vnfcs {
+            let Some(credential) = vnfc.credential.as_ref().filter(|c| c.scrub_pending) else {
+                continue;
+            };
+            let Some(vnfm) = self.vnfm(&vnfc.vnfm) else {
+                continue;
+            };
+            let instance = match vnfm.client.vnf_instance(&vnfc.vnf_instance_id).await {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::debug!(vnfc = %key, error = %e, "direct mode: credential scrub retried");
+                    continue;
+                }
+            };
+            let held = instance.as_ref().and_then(|i| {
+                i["instantiatedVnfInfo"]["vnfcInfo"]
+                    .as_array()?
+                    .iter()
+                    .find(|v| v["vnfcResourceInfoId"] == vnfc.vnfc_id.as_str())
+                    .and_then(|v| {
+                        v["vnfcConfigurableProperties"][CREDENTIAL_PROPERTY]["credential"].as_str()
+                    })
+                    .map(|secret| hex::encode(sha2::Sha256::digest(secret.as_bytes())))
+                    .map(|digest| digest == credential.sha256)
+            });
+            if held == Some(true) {
+                if let Ok(path) = std::env::var("WARDEN_TEST_DIRECT_PAUSE_BEFORE_SCRUB") {
+                    // Test hook: the intent is durable, the plaintext still at the VNFM;
+                    // stop here so a test can kill -9.
+                    let _ = std::fs::write(&path, &key);
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+                let Some(vnfc_info_id) = &vnfc.vnfc_info_id else {
+                    continue;
+                };
+                let patch = json!({"vnfcInfoModifications": [{
+                    "id": vnfc_info_id,
+                    "vnfcConfigurableProperties": { CREDENTIAL_PROPERTY: null },
+                }]});
+                match vnfm
+                    .client
+                    .request(
+                        "PATCH",
+                        &format!("/vnf_instances/{}", vnfc.vnf_instance_id),
+                        Some(("application/merge-patch+json", patch)),
+                    )
+                    .await
+                {
+                    // 202: the VNFM modifies asynchronously; the next tick's Query VNF is
+                    // the proof.
+                    Ok(_) => {
+                        tracing::info!(vnfc = %key, "direct mode: used credential removal requested")
+                    }
+                    // 409: another operation holds the VNF; next tick.
+                    Err(e) => {
+                        tracing::debug!(vnfc = %key, error = %e, "direct mode: credential scrub retried")
+                    }
+                }
+                continue;
+            }
+            // Gone (or the VNFC / VNF itself is gone, which removes it too): close.
+            let evidence = match held {
+                Some(_) => "Query VNF: the credential is no longer in vnfcConfigurableProperties",
+                None if instance.is_none() => "Query VNF: 404 (the VNF instance is deleted)",
+                None => "Query VNF: the VNFC (or its vnfcInfo) is no longer listed",
+            };
+            let (k, sha) = (key.clone(), credential.sha256.clone());
+            let actor = format!("direct:{}", vnfc.vnfm);
+            self.store.write(move |tx| {
+                if let Some(mut v) = tx.get(&VNFCS, &k)? {
+                    let Some(c) = v.credential.as_mut().filter(|c| c.sha256 == sha) else {
+                        return Ok(());
+                    };
+                    if !c.scrub_pending {
+                        return Ok(());
+                    }
+                    c.scrub_pending = false;
+                    c.scrubbed_at = Some(now());
+                    tx.put(&VNFCS, &k, &v)?;
+                    tx.audit(
+                        AuditEvent::new(actor, "cmf.direct.credential_scrubbed", &k)
+                            .with_detail(json!({ "evidence": evidence })),
+                    );
+                }
+                Ok(())
+            })?;
+            tracing::info!(vnfc = %key, "direct mode: used enrollment credential gone from the VNFM");
         }
         Ok(())
     }
@@ -967,8 +1135,13 @@ impl Direct {
     /// Basic, RFC 7030 3.2.3): user `vnfInstanceId/vnfcId`, password the single-use
     /// credential the CMF delivered to that VNFC. Issued only while the VNFM shows the VNFC
     /// alive in an INSTANTIATED, direct-mode VNF (a live Query VNF, not only the inventory).
+    ///
+    /// `path_vnfm` is the VNFM whose enrollment path (`/.well-known/est/direct/<id>`) was
+    /// used: a VNFC enrolls only at the path of the VNFM (and so the trust domain) that
+    /// reported it.
     pub async fn enroll(
         &self,
+        path_vnfm: &str,
         authorization: Option<&str>,
         verified: super::csr::VerifiedCsr,
     ) -> Result<super::issue::CsrResponse, CmfError> {
@@ -1080,6 +1253,22 @@ impl Direct {
                  server"
             )));
         }
+        // The trust domain: checked once the requester has shown the VNFC's credential, so
+        // that nobody else learns which domain a VNFC belongs to.
+        if vnfc.vnfm != path_vnfm {
+            let here = self
+                .vnfm(path_vnfm)
+                .map_or("?", |f| f.config.trust_domain.as_str());
+            return Err(CmfError::Forbidden(format!(
+                "direct enrollment: VNFC {vnfc_id} of {vnf_id} belongs to VNFM '{}' of trust \
+                 domain '{}'; this enrollment path is VNFM '{path_vnfm}''s (trust domain \
+                 '{here}'): enroll at the estUrl of the VNFC's own enrollment credential",
+                vnfc.vnfm, vnfc.trust_domain
+            )));
+        }
+        // Names outside the trust domain's permitted set are refused (the names come from
+        // the lifecycle data, so a VNFM cannot widen its domain by naming VNFCs freely).
+        self.check_names(vnfm, vnfc_id)?;
         // Alive now, as the VNFM shows it: a live Query VNF.
         let instance = vnfm
             .client
@@ -1144,6 +1333,8 @@ impl Direct {
                 }
                 if let Some(c) = v.credential.as_mut() {
                     c.used_at = Some(now());
+                    // The intent to remove the plaintext from the VNFM, durable with the use.
+                    c.scrub_pending = true;
                 }
                 let id = match &v.registration_id {
                     Some(id) => id.clone(),
@@ -1215,6 +1406,9 @@ impl Direct {
                     if let Some(mut v) = tx.get(&VNFCS, &k)? {
                         if let Some(c) = v.credential.as_mut() {
                             c.used_at = None;
+                            // Usable again: it stays where the VNFC reads it (if the
+                            // worker removed it meanwhile, the VNFC still holds it).
+                            c.scrub_pending = false;
                         }
                         tx.put(&VNFCS, &k, &v)?;
                     }
@@ -1227,6 +1421,64 @@ impl Direct {
         }
         issued
     }
+}
+
+impl Direct {
+    /// Whether a VNFM of this id is followed (its enrollment path exists).
+    pub fn follows(&self, vnfm: &str) -> bool {
+        self.vnfm(vnfm).is_some()
+    }
+
+    /// The names of a VNFC's certificate against its VNFM's trust domain: the VNFC identifier
+    /// must match one of the domain's `vnfc_id_patterns` and be no reserved name (the
+    /// agent's own names, a consumer's identity: cmf::names).
+    fn check_names(&self, vnfm: &Followed, vnfc_id: &str) -> Result<(), CmfError> {
+        let id = vnfc_id.to_ascii_lowercase();
+        let domain = &vnfm.config.trust_domain;
+        if !vnfm
+            .vnfc_id_patterns
+            .iter()
+            .any(|p| glob(p.as_bytes(), id.as_bytes()))
+        {
+            return Err(CmfError::Forbidden(format!(
+                "direct enrollment: VNFC identifier '{id}' matches none of the VNFC identifier \
+                 patterns of cmf.trust_domain '{domain}' (vnfc_id_patterns = {:?}), the trust \
+                 domain of VNFM '{}'",
+                vnfm.vnfc_id_patterns, vnfm.config.id
+            )));
+        }
+        if let Ok(name) = super::names::SubjectName::parse(&id) {
+            if let Some(why) = self.cmf.policies().reserved(&name) {
+                return Err(CmfError::Forbidden(format!(
+                    "direct enrollment: VNFC identifier '{id}' {why}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shell-style match, `*` any run (also none), `?` one character: the semantics of
+/// `vnfc_id_patterns` (cmf::names::policy, whose matcher is private to that module).
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == text[t]) {
+            p += 1;
+            t += 1;
+        } else if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 /// Journal the removal intent of one VNFC (inside the caller's transaction).
@@ -1403,6 +1655,7 @@ fn vnfc_json(v: &VnfcRecord) -> Value {
         "addedAt": v.added_at, "trustDomain": v.trust_domain, "vnfm": v.vnfm,
         "credential": v.credential.as_ref().map(|c| json!({
             "delivered": c.delivered, "usedAt": c.used_at, "expiresUnix": c.expires_unix,
+            "scrubPending": c.scrub_pending, "scrubbedAt": c.scrubbed_at,
         })),
         "registrationId": v.registration_id, "report": v.report,
         "uri": vnfc_urn(&v.vnf_instance_id, &v.vnfc_id),
@@ -1572,6 +1825,16 @@ mod tests {
             direct.vnfms[0].auth,
             crate::config::VnfmAuthConfig::KeystoneApplicationCredential { .. }
         ));
+    }
+
+    #[test]
+    fn vnfc_id_patterns_match_like_the_name_policy() {
+        assert!(glob(b"*", b"ecd7a88e-6a76"));
+        assert!(glob(b"vnfc-*", b"vnfc-1"));
+        assert!(!glob(b"vnfc-*", b"ecd7a88e-6a76"));
+        assert!(glob(b"ecd7a88e-????", b"ecd7a88e-6a76"));
+        assert!(!glob(b"ecd7a88e-???", b"ecd7a88e-6a76"));
+        assert!(!glob(b"", b"x"));
     }
 
     #[test]
