@@ -27,9 +27,14 @@
 //!   only after the stuck one anyway. In both cases the supervisor waits until the abandoned
 //!   thread comes back (the TPM answers again) or a long pause passes (six command
 //!   deadlines) before it tries again, and never keeps more than [`MAX_ABANDONED`]
-//!   abandoned threads alive. Piling up connections would not help and hurts: swtpm listens with a
-//!   backlog of 1, so connection attempts refused during the stall come back only on TCP's
-//!   SYN retransmission timer (1 s, 3 s, ...), competing with the recovered connection.
+//!   abandoned threads alive, each blocked on one socket to the TPM. Piling up connections
+//!   would not help and hurts: swtpm listens with a backlog of 1, so connection attempts
+//!   refused during the stall come back only on TCP's SYN retransmission timer (1 s, 3 s,
+//!   ...), competing with the recovered connection. When an abandoned thread's read returns
+//!   it sends nothing more and finalizes its context (closing its socket, freeing its
+//!   memory; see `Worker::close`);
+//! - the supervisor sleeps until the deadline of the command in flight; a command whose
+//!   deadline comes earlier (a signature after a key generation) wakes it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
