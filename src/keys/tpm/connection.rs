@@ -48,17 +48,16 @@ pub(super) struct Target {
 }
 
 impl Target {
-    /// The swtpm and mssim TCTIs talk to a TPM without a resource manager: a command sent on
-    /// an abandoned connection could touch the transient objects of its successor, so an
-    /// abandoned context is leaked rather than finalized (finalizing flushes the handles it
-    /// tracks). Device and tabrmd connections go through a resource manager that virtualizes
-    /// transients per connection, so they are closed normally.
     /// How errors and metrics name this TPM: "TPM" and the TCTI it is reached through (the
     /// operator's configuration names it the same way), e.g. "TPM device:/dev/tpmrm0".
     pub fn device(&self) -> String {
         format!("TPM {}", self.tcti_text)
     }
 
+    /// The swtpm and mssim TCTIs talk to a TPM without a resource manager, which serves one
+    /// connection at a time and shows every connection the same transient objects. Device
+    /// and tabrmd connections go through a resource manager that virtualizes transients per
+    /// connection.
     pub fn shares_transients(&self) -> bool {
         self.tcti_text.starts_with("swtpm") || self.tcti_text.starts_with("mssim")
     }
@@ -169,15 +168,15 @@ impl Worker {
         Ok(())
     }
 
-    /// Release the connection when the thread ends. An abandoned connection to a TPM
-    /// without a resource manager is leaked instead of finalized: see
-    /// [`Target::shares_transients`].
+    /// Release the connection when the thread ends, abandoned or not: finalizing the context
+    /// closes its socket (the mssim TCTI keeps one open for the context's life; a TPM
+    /// without a resource manager serves one connection at a time, so a socket left open
+    /// would hold its only slot) and frees its memory, and it sends the TPM nothing,
+    /// because no transient object is left for tss-esapi to flush: [`Connection::with_transient`]
+    /// flushes every one, or on an abandoned connection closes its ESYS object instead. An
+    /// abandoned context used to be leaked (`mem::forget`) for fear of that flush.
     pub fn close(mut self) {
-        if let Some(connection) = self.connection.take() {
-            if self.abandoned.load(Ordering::Acquire) && self.target.shares_transients() {
-                std::mem::forget(connection);
-            }
-        }
+        drop(self.connection.take());
     }
 }
 
@@ -320,11 +319,20 @@ impl Connection {
         f: impl FnOnce(&mut Context) -> Result<T, KeyError>,
     ) -> Result<T, KeyError> {
         let result = self.tpm().and_then(f);
-        // An abandoned connection leaves the flush to its successor (see `tpm`).
-        let flushed = self.tpm().and_then(|c| {
-            c.flush_context(object)
-                .map_err(tpm_error("TPM2_FlushContext"))
-        });
+        // An abandoned connection leaves the flush to its successor, which flushes every
+        // transient it finds when it connects (see `tpm`); it only drops its ESYS object, so
+        // that finalizing this context later sends no TPM2_FlushContext (on a TPM without a
+        // resource manager that handle number may by then name the successor's object).
+        // tss-esapi complains about closing a handle it meant to flush: expected.
+        let flushed = match self.tpm() {
+            Ok(c) => c
+                .flush_context(object)
+                .map_err(tpm_error("TPM2_FlushContext")),
+            Err(e) => {
+                self.close(object);
+                Err(e)
+            }
+        };
         match (result, flushed) {
             (Ok(value), Ok(())) => Ok(value),
             (Ok(_), Err(e)) => Err(e),

@@ -44,6 +44,9 @@ pub(super) fn ensure_primary(c: &mut Connection, layout: &Layout) -> Result<(), 
         }
         Err(KeyError::NotFound(_)) => {
             tracing::info!(handle = %handle, "creating the ECC P-256 storage primary key");
+            // Everything that can fail comes before the transient exists: from its creation
+            // on, only `with_transient` may end its life (see `Worker::close`).
+            let persistent = persistent(handle.0)?;
             let created = c
                 .tpm()?
                 .execute_with_session(Some(AuthSession::Password), |ctx| {
@@ -57,7 +60,6 @@ pub(super) fn ensure_primary(c: &mut Connection, layout: &Layout) -> Result<(), 
                     )
                 })
                 .map_err(tpm_error("TPM2_CreatePrimary"))?;
-            let persistent = persistent(handle.0)?;
             let transient = created.key_handle;
             let object = c.with_transient(transient.into(), |ctx| {
                 ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
@@ -119,13 +121,14 @@ pub(super) fn generate(
             })
             .map_err(tpm_error("TPM2_Create"))?;
         let public_key = public_key_of(&created.out_public)?;
+        // Before the load: from then on only `with_transient` may end the loaded key's life.
+        let target = persistent(free)?;
         let loaded = c
             .tpm()?
             .execute_with_session(Some(AuthSession::Password), |ctx| {
                 ctx.load(parent, created.out_private, created.out_public)
             })
             .map_err(tpm_error("TPM2_Load"))?;
-        let target = persistent(free)?;
         let object = c.with_transient(loaded.into(), |ctx| {
             ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
                 ctx.evict_control(Provision::Owner, loaded.into(), target)

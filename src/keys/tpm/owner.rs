@@ -27,9 +27,14 @@
 //!   only after the stuck one anyway. In both cases the supervisor waits until the abandoned
 //!   thread comes back (the TPM answers again) or a long pause passes (six command
 //!   deadlines) before it tries again, and never keeps more than [`MAX_ABANDONED`]
-//!   abandoned threads alive. Piling up connections would not help and hurts: swtpm listens with a
-//!   backlog of 1, so connection attempts refused during the stall come back only on TCP's
-//!   SYN retransmission timer (1 s, 3 s, ...), competing with the recovered connection.
+//!   abandoned threads alive, each blocked on one socket to the TPM. Piling up connections
+//!   would not help and hurts: swtpm listens with a backlog of 1, so connection attempts
+//!   refused during the stall come back only on TCP's SYN retransmission timer (1 s, 3 s,
+//!   ...), competing with the recovered connection. When an abandoned thread's read returns
+//!   it sends nothing more and finalizes its context (closing its socket, freeing its
+//!   memory; see `Worker::close`);
+//! - the supervisor sleeps until the deadline of the command in flight; a command whose
+//!   deadline comes earlier (a signature after a key generation) wakes it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -115,8 +120,10 @@ struct State {
     busy: Option<Busy>,
     health: Health,
     abandoned_alive: usize,
-    /// The supervisor waits without a timeout: a new `busy` must wake it.
-    supervisor_idle: bool,
+    /// Until when the supervisor sleeps (it holds the lock whenever it is not asleep, so
+    /// others only ever see it asleep). A new `busy` whose deadline comes earlier must wake
+    /// it: see [`Shared::watch_deadline`].
+    supervisor: Sleep,
     /// Callers holding a slot (queued or in flight), at most `max_waiting`.
     waiting: usize,
     /// Callers waiting for a slot.
@@ -132,6 +139,15 @@ struct Queued {
     operation: &'static str,
     deadline: Deadline,
     job: Job,
+}
+
+/// How the supervisor sleeps.
+#[derive(Clone, Copy, Debug)]
+enum Sleep {
+    /// Until something wakes it (nothing to watch).
+    Untimed,
+    /// Until this instant, unless woken earlier.
+    Until(Instant),
 }
 
 struct Busy {
@@ -161,7 +177,7 @@ impl Owner {
                 busy: None,
                 health: Health::Starting,
                 abandoned_alive: 0,
-                supervisor_idle: false,
+                supervisor: Sleep::Untimed,
                 waiting: 0,
                 waiting_for_slot: 0,
                 respawn_after: None,
@@ -409,10 +425,24 @@ impl Shared {
             deadline: started + limit,
             limit,
         });
-        if state.supervisor_idle {
+        self.watch_deadline(&state, started + limit);
+        true
+    }
+
+    /// Wake the supervisor when it would otherwise sleep past `deadline`, the deadline of the
+    /// command just taken: it sleeps until the deadline of the command it last saw, and a
+    /// command with a shorter deadline may follow (a signature, 5 s, after a key generation,
+    /// 60 s). Without this a signature stuck in a hung TPM right after a key generation was
+    /// noticed only at the key generation's deadline (tests/tpm_faults.rs
+    /// `a_hang_right_after_a_key_generation_is_noticed_at_the_command_deadline`).
+    fn watch_deadline(&self, state: &State, deadline: Instant) {
+        let sleeps_past = match state.supervisor {
+            Sleep::Untimed => true,
+            Sleep::Until(wake) => wake > deadline,
+        };
+        if sleeps_past {
             self.watch.notify_all();
         }
-        true
     }
 
     /// The TPM answered; false when the answer came too late (the generation was abandoned).
@@ -443,9 +473,7 @@ impl Shared {
                     deadline,
                     limit,
                 });
-                if state.supervisor_idle {
-                    self.watch.notify_all();
-                }
+                self.watch_deadline(&state, deadline);
                 return Some((queued.job, deadline));
             }
             state = self
@@ -539,19 +567,14 @@ fn spawn_owner(shared: &Arc<Shared>, state: &mut State) -> Result<(), KeyError> 
 fn supervise(shared: &Arc<Shared>) {
     let mut state = shared.lock();
     loop {
-        state.supervisor_idle = false;
         if state.stopping {
             return;
         }
         let now = Instant::now();
         if let Some(busy) = &state.busy {
             if now < busy.deadline {
-                let wait = busy.deadline - now;
-                state = shared
-                    .watch
-                    .wait_timeout(state, wait)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
+                let until = busy.deadline;
+                state = sleep(shared, state, Sleep::Until(until));
                 continue;
             }
             let reason = format!(
@@ -580,30 +603,42 @@ fn supervise(shared: &Arc<Shared>) {
         if state.owner.is_none() && state.abandoned_alive < MAX_ABANDONED {
             if let Some(after) = state.respawn_after {
                 if now < after {
-                    state = shared
-                        .watch
-                        .wait_timeout(state, after - now)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
+                    state = sleep(shared, state, Sleep::Until(after));
                     continue;
                 }
                 state.respawn_after = None;
             }
             if let Err(e) = spawn_owner(shared, &mut state) {
                 state.health = Health::Down(e.to_string());
-                state = shared
-                    .watch
-                    .wait_timeout(state, RECONNECT_MAX)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
+                state = sleep(shared, state, Sleep::Until(now + RECONNECT_MAX));
             }
             continue;
         }
-        state.supervisor_idle = true;
-        state = shared
+        state = sleep(shared, state, Sleep::Untimed);
+    }
+}
+
+/// The supervisor sleeps as `how` (recorded in the state, so that a command with an earlier
+/// deadline wakes it: [`Shared::watch_deadline`]), or until woken.
+fn sleep<'a>(
+    shared: &'a Shared,
+    mut state: MutexGuard<'a, State>,
+    how: Sleep,
+) -> MutexGuard<'a, State> {
+    state.supervisor = how;
+    match how {
+        Sleep::Untimed => shared
             .watch
             .wait(state)
-            .unwrap_or_else(PoisonError::into_inner);
+            .unwrap_or_else(PoisonError::into_inner),
+        Sleep::Until(wake) => {
+            let wait = wake.saturating_duration_since(Instant::now());
+            shared
+                .watch
+                .wait_timeout(state, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0
+        }
     }
 }
 
