@@ -176,7 +176,8 @@ erase = true
                     r.arrived >= from
                         && r.arrived <= at
                         && r.method == "GET"
-                        && r.path.ends_with(path)
+                        // The recorded path includes the query (`?fields=vnfInstance`).
+                        && r.path.split('?').next().is_some_and(|p| p.ends_with(path))
                 })
                 .map(|r| r.arrived)
         };

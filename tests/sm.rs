@@ -1388,3 +1388,59 @@ fn an_oversize_nfvo_answer_is_refused_naming_the_peer_and_the_limit() {
     assert!(status.to_string().contains("vnf-2"), "{status:#}");
     no_violations(&sm);
 }
+
+/// An oversize NFVO answer is the NFVO's doing and the same on every attempt: the SM sends the
+/// request once however many `sm.nfvo.attempts` it has (4 here), fails with the limit named,
+/// and reads normally again once the NFVO answers normally, without a restart.
+#[test]
+fn an_oversize_nfvo_answer_is_not_retried() {
+    let limit = 65_536;
+    let mut sm = SmAgent::new(SmSetup {
+        mode: "PASSIVE",
+        ..Default::default()
+    });
+    let config = std::fs::read_to_string(&sm.agent.config).expect("config");
+    assert!(config.contains("attempts = 4\n"), "{config}");
+    std::fs::write(
+        &sm.agent.config,
+        config.replacen(
+            "attempts = 4\n",
+            &format!("attempts = 4\nmax_response_bytes = {limit}\n"),
+            1,
+        ),
+    )
+    .expect("config");
+    inventory(&sm);
+    sm.start();
+    // Reconciliations run one at a time on the processor: once this one has answered, the
+    // start-up one is over too, and nothing else reads the NFVO on its own (PASSIVE, no
+    // notification, the periodic reconciliation an hour away).
+    sm.sm(&["reconcile"]);
+    let ns_reads = |sm: &SmAgent| {
+        sm.nfvo
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains("/ns_instances"))
+            .count()
+    };
+    let before = ns_reads(&sm);
+    sm.nfvo
+        .oversize("GET", "/ns_instances", limit + 1, usize::MAX);
+    let err = sm.agent.fails(&["sm", "reconcile"]);
+    assert!(
+        err.contains(&format!("larger than the limit of {limit} bytes"))
+            && err.contains("max_response_bytes"),
+        "{err}"
+    );
+    // The double records a request before it answers, so the count is final here.
+    assert_eq!(
+        ns_reads(&sm) - before,
+        1,
+        "the oversize answer was asked for again: {:#?}",
+        sm.nfvo.requests()
+    );
+    // Normal answers again: the same agent reconciles.
+    sm.nfvo.clear_faults();
+    sm.sm(&["reconcile"]);
+    no_violations(&sm);
+}
