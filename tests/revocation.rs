@@ -861,7 +861,16 @@ async fn the_revocation_listener_refuses_bad_input_clearly() {
     .unwrap();
     let line = agent.agent.fails(&["serve"]);
     assert!(line.contains("ocsp_max_request_bytes"), "{line}");
-    std::fs::write(&agent.agent.config, good).unwrap();
+    // With the metrics listener, to see the listener's counters.
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    std::fs::write(
+        &agent.agent.config,
+        format!("{good}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    )
+    .unwrap();
     agent.start();
     let dir = agent.dir().to_path_buf();
     register(&agent, "vnfm-a", "vnfc-b1", None).await;
@@ -945,6 +954,48 @@ async fn the_revocation_listener_refuses_bad_input_clearly() {
         &format!("openssl ocsp -issuer ca.pem -cert b1.pem -url {ocsp_url} -CAfile ca.pem -nonce"),
     );
     assert!(ok && out.contains("b1.pem: good"), "{out}");
+
+    // Each answer counted in /metrics by kind and HTTP status (counted once answered, so
+    // every request above is in by now).
+    let (ok, metrics) = run(
+        &dir,
+        &format!("curl -sS http://127.0.0.1:{metrics_port}/metrics"),
+    );
+    assert!(ok, "{metrics}");
+    let count = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    for (series, at_least) in [
+        (
+            "warden_revocation_requests_total{kind=\"crl\",status=\"404\"}",
+            1.0,
+        ),
+        (
+            "warden_revocation_requests_total{kind=\"other\",status=\"404\"}",
+            1.0,
+        ),
+        (
+            "warden_revocation_requests_total{kind=\"ocsp\",status=\"415\"}",
+            1.0,
+        ),
+        (
+            "warden_revocation_requests_total{kind=\"ocsp\",status=\"413\"}",
+            1.0,
+        ),
+        (
+            "warden_revocation_requests_total{kind=\"ocsp\",status=\"200\"}",
+            4.0,
+        ),
+    ] {
+        assert!(count(series) >= at_least, "{series}: {metrics}");
+    }
+    assert!(
+        metrics.contains("warden_revocation_connections_refused_total 0"),
+        "{metrics}"
+    );
 }
 
 /// Without any revocation, a CRL is made again before its nextUpdate (the background task),
