@@ -721,6 +721,25 @@ fn in_process(setup: &Setup, rounds: u32, seconds: u64) {
         .enable_all()
         .build()
         .expect("runtime");
+    // Registered by the HTTPS part when it ran; otherwise here (a name has one registration:
+    // 409 when it exists already).
+    runtime.block_on(async {
+        for i in 0..KEYS {
+            let name = format!("vnfc-{i}");
+            let request = nfv_warden::cmf::register::RegisterRequest {
+                cert_type: "VNFCI_CERT".into(),
+                subject_ids: vec![name.clone(), format!("{name}.vnf.example")],
+                type_of_vnfc_cert_handling: Some("DELEGATION_MODE".into()),
+                key_attestation: None,
+                ca_id: None,
+                vnf_instance_id: None,
+            };
+            match cmf.register(&consumer, request).await {
+                Ok(_) | Err(nfv_warden::cmf::CmfError::Conflict(_)) => {}
+                Err(e) => panic!("register {name}: {e}"),
+            }
+        }
+    });
     let pkcs11 = backends.pkcs11.clone().expect("pkcs11 backend");
     let run = Duration::from_secs(seconds) / 2;
     let (mut pipe_total, mut floor_total, mut raw_total) = (0.0, 0.0, 0.0);
