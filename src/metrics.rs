@@ -24,6 +24,8 @@
 //! | `warden_certificates_expiring` | gauge | | of those, with notAfter within `[health] expiry_warning_days` (not yet expired) |
 //! | `warden_errors_total` | counter | `kind` | request errors by kind, also those whose log line was suppressed |
 //! | `warden_log_lines_suppressed_total` | counter | `kind` | error lines not logged by the rate limit ([`crate::log_limit`]) |
+//! | `warden_revocation_requests_total` | counter | `kind`, `status` | requests to the revocation listener: `kind` `crl`, `ocsp` or `other`; `status` the HTTP status (an OCSP error such as `tryLater` is a 200 with its OCSP status) |
+//! | `warden_revocation_connections_refused_total` | counter | | revocation-listener connections closed at once: `max_connections` open already |
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -122,6 +124,16 @@ pub struct Metrics {
     pub errors: Family<KindLabels, Counter>,
     pub log_lines_suppressed: Family<KindLabels, Counter>,
     pub security_events: Family<SecurityEventLabels, Counter>,
+    pub revocation_requests: Family<RevocationRequestLabels, Counter>,
+    pub revocation_connections_refused: Counter,
+}
+
+/// A request to the revocation listener (CRLs, OCSP).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RevocationRequestLabels {
+    /// "crl", "ocsp" or "other" (any other path).
+    pub kind: &'static str,
+    pub status: u16,
 }
 
 /// Latency buckets from 1 ms to about 16 s: a software token signs in about a millisecond,
@@ -153,6 +165,8 @@ impl Metrics {
             errors: Family::default(),
             log_lines_suppressed: Family::default(),
             security_events: Family::default(),
+            revocation_requests: Family::default(),
+            revocation_connections_refused: Counter::default(),
         };
         // The metrics are shared handles (Arc inside): the registry keeps clones for encoding.
         registry.register(
@@ -244,6 +258,16 @@ impl Metrics {
             "security_events",
             "Refused requests (401, 403, 422, 500) and failed TLS handshakes",
             metrics.security_events.clone(),
+        );
+        registry.register(
+            "revocation_requests",
+            "Requests to the revocation listener, by kind (crl, ocsp, other) and HTTP status",
+            metrics.revocation_requests.clone(),
+        );
+        registry.register(
+            "revocation_connections_refused",
+            "Revocation-listener connections closed at once because max_connections were open",
+            metrics.revocation_connections_refused.clone(),
         );
         Metrics {
             registry,

@@ -373,7 +373,10 @@ impl Runner {
         let (from, until) = (crate::keys::rfc3339(now), crate::keys::rfc3339(until));
         let counted = tokio::task::spawn_blocking(move || {
             store.read(|tx| {
-                let all = tx.list(&crate::cmf::CERTIFICATES, "")?;
+                // Certificates issued to consumers: those the agent made for itself (`ca
+                // init`, `tls init`, `sm init`, recorded in the same table) are not counted.
+                let mut all = tx.list(&crate::cmf::CERTIFICATES, "")?;
+                all.retain(|(_, r)| r.consumer != crate::cmf::records::AGENT_CONSUMER);
                 let expiring = all
                     .iter()
                     .filter(|(_, r)| r.not_after.as_str() >= from.as_str() && r.not_after < until)

@@ -1349,4 +1349,57 @@ mod anchored {
         );
         agent.stop();
     }
+
+    /// `[cmf.attestation] require_nonce = true` (issue 10 §2): a TPM attestation whose
+    /// qualifying data is not a fresh nonce from `.../attestation_nonces` is refused (422,
+    /// the reason named); with one it is issued. The same attestation is issued by an agent
+    /// without the setting, so the setting is what refuses it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn require_nonce_refuses_an_attestation_without_a_fresh_nonce() {
+        let tpm = Swtpm::start();
+        let store =
+            Arc::new(TpmKeyStore::open(&common::swtpm::tpm_config(&tpm.tcti())).expect("open"));
+        let ak = store
+            .create_attestation_key(&KeySpec {
+                label: "ak".into(),
+                algorithm: KeyAlgorithm::EcP256,
+            })
+            .unwrap();
+        let key = generate(&store, KeyAlgorithm::EcP256);
+        let ak_pem = pem_public(&ak.public_key.spki_der);
+        // TPM2_Certify over empty qualifying data: no nonce at all.
+        let without = certified_csr(&store, &key, &ak, &[], vec![], "vnfc-rn");
+
+        let mut lenient = agent_with(&[], "");
+        let mut vnfm = lenient.client(Some("vnfm-a")).connect().await.unwrap();
+        register(&mut vnfm, &register_body("vnfc-rn", &ak_pem, &[])).await;
+        let issued = post_csr(&mut vnfm, "vnfc-rn", &without).await;
+        assert_eq!(issued.status, 201, "{}", issued.problem_detail());
+        assert_eq!(issued.json().unwrap()["attestation"], "verified-unanchored");
+        lenient.stop();
+
+        let mut strict = agent_with(&[], "require_nonce = true");
+        let mut vnfm = strict.client(Some("vnfm-a")).connect().await.unwrap();
+        let registration = register(&mut vnfm, &register_body("vnfc-rn", &ak_pem, &[])).await;
+        let id = registration["id"].as_str().unwrap().to_string();
+        let refused = post_csr(&mut vnfm, "vnfc-rn", &without).await;
+        assert_eq!(refused.status, 422, "{}", refused.problem_detail());
+        let detail = refused.problem_detail();
+        assert!(
+            detail.contains("requires a nonce") && detail.contains("attestation_nonces"),
+            "{detail}"
+        );
+        let fresh = certified_csr(
+            &store,
+            &key,
+            &ak,
+            &nonce(&mut vnfm, &id).await,
+            vec![],
+            "vnfc-rn",
+        );
+        let issued = post_csr(&mut vnfm, "vnfc-rn", &fresh).await;
+        assert_eq!(issued.status, 201, "{}", issued.problem_detail());
+        assert_eq!(issued.json().unwrap()["attestation"], "verified-unanchored");
+        strict.stop();
+    }
 }

@@ -23,9 +23,13 @@ fn register_body(subjects: &[&str]) -> serde_json::Value {
     })
 }
 
+/// Certificates issued to consumers (not those `ca init` and `tls init` recorded).
 fn issued_count(agent: &CmfAgent) -> u64 {
     let store = nfv_warden::store::Store::open(&agent.store_path()).expect("store");
-    store.read(|tx| tx.count(&CERTIFICATES)).expect("count")
+    let all = store.read(|tx| tx.list(&CERTIFICATES, "")).expect("list");
+    all.iter()
+        .filter(|(_, r)| r.consumer != nfv_warden::cmf::records::AGENT_CONSUMER)
+        .count() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,7 +296,8 @@ mod tpm_attested {
         assert!(verdict.starts_with("unattested: "), "{verdict}");
         agent.stop();
         let store = nfv_warden::store::Store::open(&agent.store_path()).unwrap();
-        let records = store.read(|tx| tx.list(&CERTIFICATES, "")).unwrap();
+        let mut records = store.read(|tx| tx.list(&CERTIFICATES, "")).unwrap();
+        records.retain(|(_, r)| r.consumer != nfv_warden::cmf::records::AGENT_CONSUMER);
         assert_eq!(records.len(), 1);
         assert!(records[0].1.attestation.starts_with("unattested: "));
     }

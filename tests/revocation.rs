@@ -226,6 +226,27 @@ async fn revoke_where_revokes_matching_certificates_once_and_is_idempotent() {
         .await
         .expect("nothing");
     assert_eq!(none, Default::default());
+    // By owner, through the indexes: the other VNF's certificate, once.
+    use nfv_warden::cmf::records::CertificateOwner;
+    let by_vnf = cmf
+        .revoke_of(
+            CertificateOwner::Vnf("vnf-z"),
+            RevocationReason::CessationOfOperation,
+            "test",
+        )
+        .await
+        .expect("revoke_of");
+    assert_eq!(by_vnf.revoked, vec![serials[2].clone()]);
+    let again = cmf
+        .revoke_of(
+            CertificateOwner::Vnf("vnf-z"),
+            RevocationReason::CessationOfOperation,
+            "test",
+        )
+        .await
+        .expect("revoke_of again");
+    assert!(again.revoked.is_empty());
+    assert_eq!(again.already_revoked, vec![serials[2].clone()]);
 }
 
 /// Run a command in `dir`: (success, stdout + stderr).
@@ -840,7 +861,16 @@ async fn the_revocation_listener_refuses_bad_input_clearly() {
     .unwrap();
     let line = agent.agent.fails(&["serve"]);
     assert!(line.contains("ocsp_max_request_bytes"), "{line}");
-    std::fs::write(&agent.agent.config, good).unwrap();
+    // With the metrics listener, to see the listener's counters.
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    std::fs::write(
+        &agent.agent.config,
+        format!("{good}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    )
+    .unwrap();
     agent.start();
     let dir = agent.dir().to_path_buf();
     register(&agent, "vnfm-a", "vnfc-b1", None).await;
@@ -924,6 +954,48 @@ async fn the_revocation_listener_refuses_bad_input_clearly() {
         &format!("openssl ocsp -issuer ca.pem -cert b1.pem -url {ocsp_url} -CAfile ca.pem -nonce"),
     );
     assert!(ok && out.contains("b1.pem: good"), "{out}");
+
+    // Each answer counted in /metrics by kind and HTTP status (counted once answered, so
+    // every request above is in by now).
+    let (ok, metrics) = run(
+        &dir,
+        &format!("curl -sS http://127.0.0.1:{metrics_port}/metrics"),
+    );
+    assert!(ok, "{metrics}");
+    let count = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    for (series, at_least) in [
+        (
+            "warden_revocation_requests_total{kind=\"crl\",status=\"404\"}",
+            1.0,
+        ),
+        (
+            "warden_revocation_requests_total{kind=\"other\",status=\"404\"}",
+            1.0,
+        ),
+        (
+            "warden_revocation_requests_total{kind=\"ocsp\",status=\"415\"}",
+            1.0,
+        ),
+        (
+            "warden_revocation_requests_total{kind=\"ocsp\",status=\"413\"}",
+            1.0,
+        ),
+        (
+            "warden_revocation_requests_total{kind=\"ocsp\",status=\"200\"}",
+            4.0,
+        ),
+    ] {
+        assert!(count(series) >= at_least, "{series}: {metrics}");
+    }
+    assert!(
+        metrics.contains("warden_revocation_connections_refused_total 0"),
+        "{metrics}"
+    );
 }
 
 /// Without any revocation, a CRL is made again before its nextUpdate (the background task),
@@ -957,4 +1029,211 @@ async fn a_crl_is_renewed_before_its_next_update() {
         ok,
         "a fresh CRL verifies the good certificate: {out}\n{text}"
     );
+}
+
+/// Issue 10 §4: the certificates `warden ca init` and `tls init` make are in the issuance
+/// table (keyed like the others, by CA and DER serial), so the operator lists, revokes and
+/// audits them like any other; the CRL then carries the revoked TLS certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_the_agent_makes_for_itself_are_listed_revoked_and_audited() {
+    let mut agent = CmfAgent::new("");
+    agent.start();
+    let page: serde_json::Value =
+        serde_json::from_str(&agent.warden(&["certs", "list", "--json"])).expect("json");
+    let of_type = |t: &str| -> Vec<serde_json::Value> {
+        page["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["certType"] == t)
+            .cloned()
+            .collect()
+    };
+    let (roots, tls) = (of_type("AGENT_CA"), of_type("AGENT_TLS"));
+    assert_eq!((roots.len(), tls.len()), (1, 1), "{page}");
+    assert_eq!(tls[0]["caId"], "default");
+    assert_eq!(tls[0]["consumer"], "agent:self");
+    assert_eq!(
+        tls[0]["subjectAltNames"],
+        json!(["DNS:localhost", "IP:127.0.0.1"])
+    );
+
+    // The record holds the very certificate the agent serves, keyed by its DER serial.
+    let config = nfv_warden::config::Config::load(&agent.agent.config).expect("config");
+    let served = std::fs::read_to_string(&config.server.as_ref().unwrap().tls_certificate)
+        .expect("TLS certificate");
+    let tls_serial = tls[0]["serialNumber"].as_str().unwrap().to_string();
+    let shown = show(&agent, &format!("default/{tls_serial}"));
+    let pem = shown["certificatePem"].as_str().unwrap();
+    assert!(served.starts_with(pem.trim_end()), "{served}\n---\n{pem}");
+    let root_serial = roots[0]["serialNumber"].as_str().unwrap();
+    let ca_pem = std::fs::read_to_string(&config.ca.as_ref().unwrap().certificate).unwrap();
+    assert_eq!(
+        show(&agent, root_serial)["certificatePem"]
+            .as_str()
+            .unwrap()
+            .trim(),
+        ca_pem.trim()
+    );
+
+    // The operator revokes the TLS certificate; the CRL lists it.
+    let revoked: serde_json::Value = serde_json::from_str(&agent.warden(&[
+        "certs",
+        "revoke",
+        &tls_serial,
+        "--reason",
+        "superseded",
+        "--json",
+    ]))
+    .expect("json");
+    assert_eq!(revoked["revokedNow"], true, "{revoked}");
+    assert_eq!(show(&agent, &tls_serial)["revoked"], true);
+    // Where the CA publishes its CRL: as any certificate it issues names it.
+    register(&agent, "vnfm-a", "vnfc-t1", None).await;
+    let (_, consumer_pem) = enroll(&agent, "vnfm-a", "vnfc-t1", "t1").await;
+    let (crl_url, _) = revocation_urls(&consumer_pem);
+    crl_until(agent.dir(), &crl_url, "the TLS certificate", |_, text| {
+        text.contains(&crl_serial(&tls_serial))
+    });
+
+    // Audited: each issuance names its record, and the chain verifies.
+    let audit = agent.warden(&["audit", "list", "--json"]);
+    for action in ["ca.init", "tls.issue", "cmf.revoke"] {
+        assert!(audit.contains(action), "{action}: {audit}");
+    }
+    assert!(audit.contains(&format!("default/{tls_serial}")), "{audit}");
+    agent.warden(&["audit", "verify"]);
+    agent.stop();
+}
+
+/// A registration and a certificate record made directly in a scratch store (no HSM: the
+/// transactions under test are the store's).
+fn race_fixture() -> (tempfile::TempDir, nfv_warden::store::Store, String) {
+    use nfv_warden::cmf::{CertType, Registration, VnfcCertHandling, REGISTRATIONS};
+    let dir = tempfile::tempdir().unwrap();
+    let store = nfv_warden::store::Store::open(&dir.path().join("s.redb")).unwrap();
+    let id = "0123456789abcdef0123456789abcdef".to_string();
+    let registration = Registration {
+        id: id.clone(),
+        consumer: "vnfm-a".into(),
+        trust_domain: "operator-a".into(),
+        cert_type: CertType::VnfciCert,
+        subject_ids: vec!["vnfc-x1".into()],
+        type_of_vnfc_cert_handling: Some(VnfcCertHandling::DelegationMode),
+        key_attestation: None,
+        ca_id: "default".into(),
+        created: "2026-12-02T00:00:00Z".into(),
+        vnf_instance_id: Some("vnf-x".into()),
+    };
+    store
+        .write(|tx| tx.put(&REGISTRATIONS, &id, &registration))
+        .unwrap();
+    (dir, store, id)
+}
+
+fn issued(serial: &str, registration: &str) -> nfv_warden::cmf::IssuedRecord {
+    nfv_warden::cmf::IssuedRecord {
+        serial_number: serial.into(),
+        ca_id: "default".into(),
+        consumer: "vnfm-a".into(),
+        registration_id: registration.into(),
+        cert_type: nfv_warden::cmf::CertType::VnfciCert,
+        subjects: vec!["vnfc-x1".into()],
+        spki_sha256: "00".repeat(32),
+        attestation: "not-requested".into(),
+        attestation_format: None,
+        not_before: "2026-12-02T00:00:00Z".into(),
+        not_after: "2027-12-02T00:00:00Z".into(),
+        issued_at: "2026-12-02T00:00:00Z".into(),
+        certificate: None,
+        revocation: None,
+        vnf_instance_id: Some("vnf-x".into()),
+    }
+}
+
+/// The operator's `warden cmf registrations delete` against a CSR in flight, both orders
+/// of the two commits forced by running them in that order (no timing). The deletion is
+/// one transaction, so these are the only orders there are: the CSR's issuance commit
+/// (`records::record_issued`, the one the CSR pipeline runs) lands before it and its
+/// certificate is revoked by it, or lands after it and is refused. Before, the deletion
+/// revoked in one transaction and deregistered in another, and a CSR committed between the
+/// two stayed live under a deleted registration.
+#[test]
+fn the_operators_deletion_and_a_csr_in_flight_never_leave_a_live_certificate() {
+    use nfv_warden::cmf::records::record_issued;
+    use nfv_warden::cmf::{CmfError, CERTIFICATES, REGISTRATIONS};
+    use nfv_warden::ops::registrations::delete;
+
+    // The CSR's checks passed (its registration existed), then the operator deleted the
+    // registration, then the CSR's issuance commit runs: refused, nothing recorded.
+    let (_dir, store, id) = race_fixture();
+    let (_, outcome) = delete(&store, &id, "cli:op").expect("delete");
+    assert!(outcome.revoked.is_empty());
+    let late = store
+        .write(|tx| record_issued(tx, "default/0a01", &issued("0a01", &id)))
+        .expect_err("refused");
+    let why = late.into_rejected::<CmfError>().expect("a CMF refusal");
+    assert!(matches!(why, CmfError::Conflict(_)), "{why}");
+    assert!(store
+        .read(|tx| tx.get(&CERTIFICATES, "default/0a01"))
+        .unwrap()
+        .is_none());
+
+    // The CSR commits first, then the deletion: revoked by it, in the same transaction as
+    // the registration goes.
+    let (_dir, store, id) = race_fixture();
+    store
+        .write(|tx| record_issued(tx, "default/0a02", &issued("0a02", &id)))
+        .expect("issued");
+    let (registration, outcome) = delete(&store, &id, "cli:op").expect("delete");
+    assert_eq!(registration.id, id);
+    assert_eq!(outcome.revoked, vec!["default/0a02".to_string()]);
+    let record = store
+        .read(|tx| tx.get(&CERTIFICATES, "default/0a02"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        record.revocation.expect("revoked").reason,
+        "cessationOfOperation"
+    );
+    assert!(!store.read(|tx| tx.contains(&REGISTRATIONS, &id)).unwrap());
+    // A second deletion finds nothing (404), and revokes nothing again.
+    assert!(matches!(
+        delete(&store, &id, "cli:op"),
+        Err(nfv_warden::ops::OpsError::NotFound(_))
+    ));
+}
+
+/// Issue 10 leftovers: a registration's and a VNF's certificates are found through indexes
+/// written with the record; a store written before them gets them built once, and its old
+/// records are then revoked on deregistration like new ones.
+#[test]
+fn certificate_indexes_are_written_with_the_record_and_built_for_older_stores() {
+    use nfv_warden::cmf::records::{
+        certificates_of_read, ensure_index, record_issued, CertificateOwner,
+    };
+    use nfv_warden::cmf::CERTIFICATES;
+
+    let (_dir, store, id) = race_fixture();
+    // A record as an older build wrote it: in the table, in no index.
+    store
+        .write(|tx| tx.put(&CERTIFICATES, "default/0b01", &issued("0b01", &id)))
+        .unwrap();
+    let of =
+        |owner: CertificateOwner<'_>| store.read(|tx| certificates_of_read(tx, owner)).unwrap();
+    assert!(of(CertificateOwner::Registration(&id)).is_empty());
+    assert_eq!(ensure_index(&store, "test").unwrap(), 1);
+    assert_eq!(ensure_index(&store, "test").unwrap(), 0, "built once");
+    // A new record is indexed in its own transaction.
+    store
+        .write(|tx| record_issued(tx, "default/0b02", &issued("0b02", &id)))
+        .unwrap();
+    let both = vec!["default/0b01".to_string(), "default/0b02".to_string()];
+    assert_eq!(of(CertificateOwner::Registration(&id)), both);
+    assert_eq!(of(CertificateOwner::Vnf("vnf-x")), both);
+    assert!(of(CertificateOwner::Vnf("vnf-y")).is_empty());
+    assert!(of(CertificateOwner::Registration("ffff")).is_empty());
+    let (_, outcome) = nfv_warden::ops::registrations::delete(&store, &id, "cli:op").unwrap();
+    assert_eq!(outcome.revoked, both);
+    store.verify_audit_chain().expect("audit chain");
 }

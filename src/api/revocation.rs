@@ -52,6 +52,28 @@ pub fn routes(cmf: Arc<Cmf>) -> Router {
         .route("/ocsp/{*request}", get(ocsp))
         .fallback(not_found)
         .with_state(state)
+        .layer(axum::middleware::from_fn(count_request))
+}
+
+/// Count each answered request in `/metrics` (`warden_revocation_requests_total`).
+async fn count_request(request: Request, next: axum::middleware::Next) -> Response {
+    let path = request.uri().path();
+    let kind = if path.starts_with("/crl/") {
+        "crl"
+    } else if path == "/ocsp" || path.starts_with("/ocsp/") {
+        "ocsp"
+    } else {
+        "other"
+    };
+    let response = next.run(request).await;
+    crate::metrics::global()
+        .revocation_requests
+        .get_or_create(&crate::metrics::RevocationRequestLabels {
+            kind,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
 }
 
 /// `http://{address}` of the bound listener; when it listens on every address, the first DNS
@@ -173,6 +195,7 @@ pub async fn serve(
                 };
                 let Ok(permit) = connections.clone().try_acquire_owned() else {
                     stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::global().revocation_connections_refused.inc();
                     if crate::log_limit::allow("revocation.refused") {
                         tracing::warn!(max_connections, "revocation listener: connection cap reached, closing new connections");
                     }

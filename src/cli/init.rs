@@ -1,6 +1,8 @@
 //! `warden ca init` and `warden tls init`: the CA and the agent's own TLS identity.
 
 use super::*;
+use nfv_warden::cmf::CertType;
+
 #[derive(Subcommand)]
 pub(super) enum CaCommand {
     /// Create the CA key named by `ca.key` (if absent) and a self-signed root, or a CSR for
@@ -109,8 +111,14 @@ pub(super) fn ca_init(args: CaInit, config: &Config) -> Result<ExitCode, Failure
     }
     let root = ca::self_signed_root(&key, &args.subject, args.days)?;
     write_atomically(&ca.certificate, pki::certificate_pem(&root)?.as_bytes())?;
-    audit(
+    // In the issuance table like every certificate the CA key signs (issue 10 §4), with the
+    // audit entry in the same transaction.
+    record_agent_certificate(
         &store,
+        config,
+        &root,
+        CertType::AgentCa,
+        vec![args.subject.clone()],
         "ca.init",
         &ca.key.to_string(),
         serde_json::json!({
@@ -182,8 +190,12 @@ pub(super) fn tls_init(
         }
     }
     write_atomically(&server.tls_certificate, chain.as_bytes())?;
-    audit(
+    record_agent_certificate(
         &store,
+        config,
+        &leaf,
+        CertType::AgentTls,
+        sans.to_vec(),
         "tls.issue",
         &server.tls_key.to_string(),
         serde_json::json!({
@@ -198,4 +210,33 @@ pub(super) fn tls_init(
         server.tls_certificate.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Record a certificate the agent made for itself in the CMF's issuance table, audited as
+/// `action` in the same transaction (`cmf::records::record_agent_certificate`); `warden sm
+/// init` records its interface certificates through it too.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record_agent_certificate(
+    store: &Store,
+    config: &Config,
+    certificate: &x509_cert::Certificate,
+    cert_type: CertType,
+    subjects: Vec<String>,
+    action: &str,
+    audit_subject: &str,
+    detail: serde_json::Value,
+) -> Result<(), Failure> {
+    nfv_warden::cmf::records::record_agent_certificate(
+        store,
+        config,
+        certificate,
+        cert_type,
+        subjects,
+        &actor(),
+        action,
+        audit_subject,
+        detail,
+    )
+    .map_err(|e| Failure::chain(&e))?;
+    Ok(())
 }

@@ -16,9 +16,7 @@ use nfv_warden::store::KeyPurpose;
 use nfv_warden::{ca, pki};
 use serde_json::{json, Value};
 
-use super::{
-    admin_socket, audit, open_backends, open_store, record_key, write_atomically, Failure,
-};
+use super::{admin_socket, open_backends, open_store, record_key, write_atomically, Failure};
 
 #[derive(Subcommand)]
 pub(super) enum SmCommand {
@@ -681,8 +679,12 @@ fn init(args: InitArgs, config: &Config) -> Result<ExitCode, Failure> {
                 let mut chain = pki::certificate_pem(&leaf)?;
                 chain.push_str(ca_pem);
                 write_atomically(&entry.certificate, chain.as_bytes())?;
-                audit(
+                super::init::record_agent_certificate(
                     &store,
+                    config,
+                    &leaf,
+                    nfv_warden::cmf::CertType::SmInterface,
+                    vec![name.clone()],
                     "sm.interface.certify",
                     &entry.key.to_string(),
                     json!({ "interface": interface.name(), "subject": name,

@@ -22,8 +22,7 @@ use super::csr::{self, VerifiedCsr};
 use super::names::SubjectName;
 use super::register::{owned_by, rejected_or};
 use super::{
-    CertType, Cmf, CmfError, Consumer, IssuedRecord, Registration, CERTIFICATES, REGISTRATIONS,
-    SUBJECTS,
+    CertType, Cmf, CmfError, Consumer, IssuedRecord, Registration, REGISTRATIONS, SUBJECTS,
 };
 use crate::ca::{Issuer, LeafProfile, Profile};
 use crate::config::{ProfileConfig, UnanchoredPolicy, UnattestedPolicy};
@@ -374,20 +373,14 @@ impl Cmf {
             let outcome = self
                 .group
                 .write_async(move |tx| {
-                    // A registration deleted while this CSR was in flight: nothing may be
-                    // issued under it any more (its certificates were revoked with it).
-                    if !tx.contains(&REGISTRATIONS, &record.registration_id)? {
-                        return Err(StoreError::rejected(CmfError::Conflict(format!(
-                            "registration {} was deleted while the CSR was processed",
-                            record.registration_id
-                        ))));
-                    }
                     // The nonce is spent in the same commit as the record: of two CSRs
                     // carrying it, exactly one is issued.
                     if let Some(nonce) = &nonce_key {
                         attest::service::consume_nonce(tx, nonce)?;
                     }
-                    tx.insert_new(&CERTIFICATES, &key, &record)?;
+                    // Refused when the registration was deleted while this CSR was in
+                    // flight (its certificates were revoked in the deletion's transaction).
+                    super::records::record_issued(tx, &key, &record)?;
                     tx.audit(AuditEvent::new(&consumer_id, "cmf.issue", &key).with_detail(detail));
                     Ok(())
                 })

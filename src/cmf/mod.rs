@@ -18,6 +18,7 @@ pub mod direct;
 pub mod issue;
 pub mod names;
 pub mod ocsp;
+pub mod records;
 pub mod register;
 pub mod revoke;
 
@@ -41,6 +42,13 @@ pub enum CertType {
     ManoCert,
     VnfciCert,
     VnfOamCert,
+    /// Not IFA 033 certTypes: certificates the agent makes for itself and records beside
+    /// the others (issue 10 §4): its CA's self-signed root (`warden ca init`), its TLS
+    /// identity (`warden tls init`) and the SM's interface certificates (`warden sm init`).
+    /// [`CertType::parse`] never returns them, so no registration or CSR can name them.
+    AgentCa,
+    AgentTls,
+    SmInterface,
 }
 
 impl CertType {
@@ -49,9 +57,13 @@ impl CertType {
             CertType::ManoCert => "MANO_CERT",
             CertType::VnfciCert => "VNFCI_CERT",
             CertType::VnfOamCert => "VNF_OAM_CERT",
+            CertType::AgentCa => "AGENT_CA",
+            CertType::AgentTls => "AGENT_TLS",
+            CertType::SmInterface => "SM_INTERFACE",
         }
     }
 
+    /// One of the IFA 033 certTypes (11.2.2.2) by name; never an agent type.
     pub fn parse(text: &str) -> Option<CertType> {
         [
             CertType::ManoCert,
@@ -314,6 +326,13 @@ impl Cmf {
             .ok_or_else(|| "config: no [cmf] section".to_string())?;
         let mut consumers = HashMap::new();
         for consumer in &cmf.consumers {
+            if consumer.id.starts_with("agent:") {
+                return Err(format!(
+                    "cmf.consumer '{}': ids starting with 'agent:' are reserved for the \
+                     certificates the agent makes for itself",
+                    consumer.id
+                ));
+            }
             if consumers
                 .insert(consumer.id.clone(), consumer.trust_domain.clone())
                 .is_some()
@@ -398,6 +417,16 @@ impl Cmf {
                 conflicts = upgrade.conflicts.len(),
                 "subject index rewritten to one namespace of names"
             );
+        }
+        // A store written before the certificate indexes gets them before the CMF answers.
+        let indexed = records::ensure_index(&store, "warden").map_err(|e| {
+            format!(
+                "cmf: building the certificate indexes: {}",
+                crate::error::chain(&e)
+            )
+        })?;
+        if indexed > 0 {
+            tracing::info!(indexed, "certificate indexes built");
         }
         let group = store
             .group_commit(cmf.group_commit_max)

@@ -6,6 +6,8 @@ use serde::Deserialize;
 
 use super::attest::FormatOid;
 use super::names::{self, SubjectName};
+use super::records::CertificateOwner;
+use super::revoke::{revoke_in_tx, RevocationReason, RevokeOutcome};
 use super::{
     new_id, CertType, Cmf, CmfError, Consumer, RegisteredAttester, Registration, VnfcCertHandling,
     REGISTRATIONS, SUBJECTS,
@@ -232,17 +234,52 @@ impl Cmf {
         Ok(registration)
     }
 
-    /// Delete the consumer's registration (REST DELETE): its certificates are revoked first
-    /// (cessationOfOperation) and stay recorded; then [`deregister`].
+    /// Delete the consumer's registration (REST DELETE): its certificates are revoked
+    /// (cessationOfOperation) and the registration deleted in one durable transaction
+    /// ([`delete_in_tx`]).
     pub async fn delete_registration(&self, consumer: &Consumer, id: &str) -> Result<(), CmfError> {
-        self.revoke_registration(consumer, id).await?;
         let id = id.to_string();
         let consumer = consumer.clone();
-        self.group
-            .write_async(move |tx| deregister(tx, &id, &consumer.id, Some(&consumer)).map(|_| ()))
+        let (_, outcome) = self
+            .group
+            .write_async(move |tx| delete_in_tx(tx, &id, &consumer.id, Some(&consumer)))
             .await
-            .map_err(rejected_or)
+            .map_err(rejected_or)?;
+        self.revoked(&outcome, RevocationReason::CessationOfOperation);
+        Ok(())
     }
+}
+
+/// Delete registration `id` and revoke its certificates (cessationOfOperation, RFC 5280
+/// 5.3.1), in the caller's one write transaction: the consumer's REST DELETE and the
+/// operator's `warden cmf registrations delete` both come here. Because it is one
+/// transaction, a CSR's issuance commit (which requires the registration to exist,
+/// [`super::records::record_issued`]) lands either before it, and its certificate is
+/// revoked here, or after it, and is refused: never a live certificate under a deleted
+/// registration. With `owner`, only that consumer's registration (403 otherwise, and nothing
+/// is revoked) and only the certificates that consumer obtained (those of an earlier manager
+/// of a transferred registration stay as they are); without, the operator's: all of them.
+pub(crate) fn delete_in_tx(
+    tx: &mut WriteTx<'_>,
+    id: &str,
+    actor: &str,
+    owner: Option<&Consumer>,
+) -> Result<(Registration, RevokeOutcome), StoreError> {
+    let keys = super::records::certificates_of(tx, CertificateOwner::Registration(id))?;
+    let of_owner = owner.map(|c| c.id.clone());
+    let outcome = revoke_in_tx(
+        tx,
+        keys,
+        &|r: &super::IssuedRecord| {
+            r.registration_id == id && of_owner.as_ref().is_none_or(|c| *c == r.consumer)
+        },
+        RevocationReason::CessationOfOperation,
+        actor,
+    )?;
+    // Refuses (and so drops the revocation above with it) when the registration does not
+    // exist or is another consumer's.
+    let registration = deregister(tx, id, actor, owner)?;
+    Ok((registration, outcome))
 }
 
 /// Deleting a registration, the one place for it: the consumer's REST DELETE and the

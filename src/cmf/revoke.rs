@@ -21,6 +21,7 @@ use std::sync::{Mutex, PoisonError};
 use serde::{Deserialize, Serialize};
 
 use super::crl::CRL_CHANGES;
+use super::records::{self, CertificateOwner, SerialRef};
 use super::register::rejected_or;
 use super::{Cmf, CmfError, Consumer, IssuedRecord, Revocation, CERTIFICATES};
 use crate::store::{AuditEvent, StoreError, Table};
@@ -193,6 +194,30 @@ impl CrlSignal {
     }
 }
 
+/// [`CertificateOwner`] with its id owned, to move into a write closure.
+enum OwnedOwner {
+    Registration(String),
+    Vnf(String),
+}
+
+impl From<CertificateOwner<'_>> for OwnedOwner {
+    fn from(owner: CertificateOwner<'_>) -> Self {
+        match owner {
+            CertificateOwner::Registration(id) => OwnedOwner::Registration(id.to_string()),
+            CertificateOwner::Vnf(vnf) => OwnedOwner::Vnf(vnf.to_string()),
+        }
+    }
+}
+
+impl OwnedOwner {
+    fn borrow(&self) -> CertificateOwner<'_> {
+        match self {
+            OwnedOwner::Registration(id) => CertificateOwner::Registration(id),
+            OwnedOwner::Vnf(vnf) => CertificateOwner::Vnf(vnf),
+        }
+    }
+}
+
 /// Request body of a consumer's revocation (`POST .../certificates/{serial}/revoke`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -222,7 +247,9 @@ impl Cmf {
     /// The candidates are found on a snapshot (a full pass over the certificates, off the
     /// async threads), then each is read again and `filter` applied again inside the write
     /// transaction, so a certificate revoked in between is reported as already revoked,
-    /// never revoked twice.
+    /// never revoked twice. A certificate recorded after the snapshot is not seen: when the
+    /// registration or the VNF is what selects, [`Cmf::revoke_of`] finds them through the
+    /// indexes inside the revoking transaction instead, without the full pass.
     pub async fn revoke_where(
         &self,
         filter: impl Fn(&IssuedRecord) -> bool + Send + 'static,
@@ -310,25 +337,48 @@ impl Cmf {
         self.revocation_status(&key, !outcome.revoked.is_empty())
     }
 
-    /// Deregistration (IFA 033 11.2.2): the certificates `consumer` obtained under
-    /// registration `id` are revoked with cessationOfOperation, before the registration is
-    /// deleted, so a failure leaves the registration in place for a retry and a crash in
-    /// between leaves nothing unrevoked. Only the caller's own certificates match: a call
-    /// for another consumer's registration revokes nothing (its deletion is refused after).
-    /// A CSR cannot be recorded for a registration once it is deleted (the issuance commit
-    /// checks that it still exists).
-    pub async fn revoke_registration(
+    /// Revoke every not-yet-revoked certificate of a registration or a VNF instance, in one
+    /// durable transaction that finds them through the certificate indexes
+    /// ([`super::records`]) and revokes them: no pass over every certificate, and a
+    /// certificate recorded for that owner before this commit is revoked by it (after it,
+    /// one is recorded only while its registration exists). Prefer this to
+    /// [`Cmf::revoke_where`] whenever the owner is what selects.
+    pub async fn revoke_of(
         &self,
-        consumer: &Consumer,
-        id: &str,
+        owner: CertificateOwner<'_>,
+        reason: RevocationReason,
+        actor: &str,
     ) -> Result<RevokeOutcome, CmfError> {
-        let (owner, registration) = (consumer.id.clone(), id.to_string());
-        self.revoke_where(
-            move |r| r.registration_id == registration && r.consumer == owner,
-            RevocationReason::CessationOfOperation,
-            &consumer.id,
-        )
-        .await
+        let actor = actor.to_string();
+        let owned: OwnedOwner = owner.into();
+        let outcome = self
+            .group
+            .write_async(move |tx| {
+                let owner = owned.borrow();
+                let keys = records::certificates_of(tx, owner)?;
+                revoke_in_tx(tx, keys, &|r| owner.owns(r), reason, &actor)
+            })
+            .await
+            .map_err(rejected_or)?;
+        self.revoked(&outcome, reason);
+        Ok(outcome)
+    }
+
+    /// After a committed revocation: the affected CAs' CRLs are made again, and it is logged.
+    pub(crate) fn revoked(&self, outcome: &RevokeOutcome, reason: RevocationReason) {
+        self.crl_signal.mark(
+            outcome
+                .revoked
+                .iter()
+                .filter_map(|key| key.split_once('/').map(|(ca, _)| ca.to_string())),
+        );
+        if !outcome.revoked.is_empty() {
+            tracing::info!(
+                revoked = outcome.revoked.len(),
+                reason = reason.as_str(),
+                "certificates revoked"
+            );
+        }
     }
 
     /// Revoke the certificates at `keys` that pass `filter`, in one durable transaction.
@@ -345,19 +395,7 @@ impl Cmf {
             .write_async(move |tx| revoke_in_tx(tx, keys, &filter, reason, &actor))
             .await
             .map_err(rejected_or)?;
-        self.crl_signal.mark(
-            outcome
-                .revoked
-                .iter()
-                .filter_map(|key| key.split_once('/').map(|(ca, _)| ca.to_string())),
-        );
-        if !outcome.revoked.is_empty() {
-            tracing::info!(
-                revoked = outcome.revoked.len(),
-                reason = reason.as_str(),
-                "certificates revoked"
-            );
-        }
+        self.revoked(&outcome, reason);
         Ok(outcome)
     }
 
@@ -365,25 +403,9 @@ impl Cmf {
     /// A bare serial is looked up under every CA (serials are unique per CA; two CAs could
     /// share one, which is then ambiguous).
     fn certificate_key(&self, serial: &str) -> Result<String, CmfError> {
-        let (ca, hex_serial) = match serial.split_once('/') {
-            Some((ca, s)) => (Some(ca), s),
-            None => (None, serial),
-        };
-        let normalized: String = hex_serial
-            .chars()
-            .filter(|c| *c != ':')
-            .collect::<String>()
-            .to_ascii_lowercase();
-        if normalized.is_empty()
-            || normalized.len() > 42
-            || !normalized.bytes().all(|b| b.is_ascii_hexdigit())
-        {
-            return Err(CmfError::BadRequest(format!(
-                "serial '{serial}': expected the serial number in hex (at most 20 octets)"
-            )));
-        }
-        let normalized = der_serial_hex(&normalized);
-        if let Some(ca) = ca {
+        let parsed = SerialRef::parse(serial).map_err(CmfError::BadRequest)?;
+        let normalized = parsed.der_hex;
+        if let Some(ca) = parsed.ca.as_deref() {
             if self.ca(ca).is_none() {
                 return Err(CmfError::NotFound(format!(
                     "certificate {serial} does not exist"
@@ -524,39 +546,6 @@ pub(crate) fn revoke_in_tx(
         );
     }
     Ok(outcome)
-}
-
-/// Revoke a registration's certificates (cessationOfOperation) on the store directly: the
-/// operator's `warden cmf registrations delete`, with or without a running agent (a running
-/// agent is then told to remake the CRLs; otherwise it does at its next start).
-pub(crate) fn revoke_registration_sync(
-    store: &crate::store::Store,
-    id: &str,
-    actor: &str,
-) -> Result<RevokeOutcome, StoreError> {
-    let keys = store.read(|tx| {
-        let mut keys = Vec::new();
-        tx.scan(&CERTIFICATES, None, |key, record: IssuedRecord| {
-            if record.registration_id == id {
-                keys.push(key.to_string());
-            }
-            true
-        })?;
-        Ok(keys)
-    })?;
-    if keys.is_empty() {
-        return Ok(RevokeOutcome::default());
-    }
-    let id = id.to_string();
-    store.write(|tx| {
-        revoke_in_tx(
-            tx,
-            keys,
-            &|r: &IssuedRecord| r.registration_id == id,
-            RevocationReason::CessationOfOperation,
-            actor,
-        )
-    })
 }
 
 /// A VNF instance id as a registration may carry it: what SOL 003 identifiers look like

@@ -16,6 +16,7 @@ use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::Certificate;
 
 use super::OpsError;
+use crate::cmf::records::SerialRef;
 use crate::cmf::{CertType, IssuedRecord, Revocation, CERTIFICATES};
 use crate::config::Config;
 use crate::pki;
@@ -168,47 +169,29 @@ pub fn export(
     Ok(pem)
 }
 
-/// The record key of `serial`: `caId/serial` as given, or the serial looked up under every
-/// CA id the store has.
+/// The record key of `serial` (`cmf::records::SerialRef`: hex, colons, `0x`, optionally
+/// `caId/`): as the store keys it (DER content octets; openssl prints the magnitude, without
+/// the leading zero octet of a serial whose top bit is set), else as written (keys that are
+/// not DER stay reachable); under the CA named, or under every CA id the store has.
 fn store_key(store: &Store, serial: &str) -> Result<Option<String>, OpsError> {
-    if let Some(key) = store_key_as_written(store, serial)? {
-        return Ok(Some(key));
+    let parsed = SerialRef::parse(serial).map_err(OpsError::BadRequest)?;
+    let mut forms = vec![parsed.der_hex.clone()];
+    if parsed.written != parsed.der_hex {
+        forms.push(parsed.written.clone());
     }
-    // As the store keys it (DER content octets), however it was written: openssl prints the
-    // magnitude, without the leading zero octet of a serial whose top bit is set.
-    let (ca, hex) = match serial.split_once('/') {
-        Some((ca, hex)) => (Some(ca), hex),
-        None => (None, serial),
-    };
-    let hex: String = hex.chars().filter(|c| *c != ':').collect();
-    let hex = hex.strip_prefix("0x").unwrap_or(&hex).to_ascii_lowercase();
-    let der = crate::cmf::revoke::der_serial_hex(&hex);
-    if der == hex {
-        return Ok(None);
+    for form in forms {
+        if let Some(key) = store_key_as_written(store, parsed.ca.as_deref(), &form)? {
+            return Ok(Some(key));
+        }
     }
-    let der = match ca {
-        Some(ca) => format!("{ca}/{der}"),
-        None => der,
-    };
-    store_key_as_written(store, &der)
+    Ok(None)
 }
 
-fn store_key_as_written(store: &Store, serial: &str) -> Result<Option<String>, OpsError> {
-    let (ca, serial) = match serial.split_once('/') {
-        Some((ca, serial)) => (Some(ca), serial),
-        None => (None, serial),
-    };
-    let serial: String = serial
-        .chars()
-        .filter(|c| *c != ':')
-        .collect::<String>()
-        .to_ascii_lowercase();
-    let serial = serial.strip_prefix("0x").unwrap_or(&serial).to_string();
-    if serial.is_empty() || !serial.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(OpsError::BadRequest(format!(
-            "'{serial}' is not a serial number (hex, as `warden certs list` prints it)"
-        )));
-    }
+fn store_key_as_written(
+    store: &Store,
+    ca: Option<&str>,
+    serial: &str,
+) -> Result<Option<String>, OpsError> {
     store
         .read(|tx| {
             if let Some(ca) = ca {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::OpsError;
 use crate::cmf::names::{self, Blocked, Policies};
-use crate::cmf::register::{deregister, transfer as transfer_in};
+use crate::cmf::register::{delete_in_tx, transfer as transfer_in};
 use crate::cmf::{CmfError, Consumer, Registration, REGISTRATIONS};
 use crate::config::Config;
 use crate::store::{Store, StoreError};
@@ -121,27 +121,21 @@ pub fn transfer(
         .map_err(refused)
 }
 
-/// Delete registration `id` (any consumer's), as the consumer's DELETE would; audited as
-/// `cmf.deregister` by the operator.
-/// Delete a registration as the operator: its certificates are revoked first
-/// (cessationOfOperation, as for the consumer's DELETE), then the registration goes. A failed
-/// revocation leaves the registration in place, so a retry completes both.
+/// Delete registration `id` (any consumer's) as the operator: its certificates are revoked
+/// (cessationOfOperation, as for the consumer's DELETE) and the registration deleted in one
+/// durable transaction (`cmf::register::delete_in_tx`), audited as `cmf.revoke` and
+/// `cmf.deregister` by the operator. A CSR in flight is either recorded before it (and
+/// revoked by it) or refused after it.
 pub fn delete(
     store: &Store,
     id: &str,
     actor: &str,
 ) -> Result<(Registration, crate::cmf::revoke::RevokeOutcome), OpsError> {
     names::upgrade_index(store, "warden")?;
-    if !store.read(|tx| tx.contains(&crate::cmf::REGISTRATIONS, id))? {
-        return Err(OpsError::NotFound(format!(
-            "registration {id} does not exist"
-        )));
-    }
-    let revoked = crate::cmf::revoke::revoke_registration_sync(store, id, actor)?;
-    let registration = store
-        .write(|tx| deregister(tx, id, actor, None))
-        .map_err(refused)?;
-    Ok((registration, revoked))
+    crate::cmf::records::ensure_index(store, "warden")?;
+    store
+        .write(|tx| delete_in_tx(tx, id, actor, None))
+        .map_err(refused)
 }
 
 fn configured_domain(config: &Config, consumer: &str) -> Option<String> {

@@ -68,6 +68,50 @@ impl<'a> WriteTx<'a> {
         Ok(existed)
     }
 
+    /// The keys starting with `prefix`, in key order, as this closure sees them: the
+    /// transaction's keys with the closure's own staged puts added and its deletes removed.
+    /// For index tables (a prefix per owner), so a write finds what it must change in the
+    /// same transaction that changes it.
+    pub fn keys_with_prefix<V>(
+        &self,
+        table: &Table<V>,
+        prefix: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut keys = std::collections::BTreeSet::new();
+        match self.txn.open_table(table.definition()) {
+            Ok(handle) => {
+                for item in handle.range(prefix..).map_err(storage(table.name))? {
+                    let (key, _) = item.map_err(storage(table.name))?;
+                    let key = key.value();
+                    if !key.starts_with(prefix) {
+                        break;
+                    }
+                    keys.insert(key.to_string());
+                }
+            }
+            // Opening a table in a write transaction creates it; a missing one is empty.
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(source) => {
+                return Err(StoreError::Table {
+                    table: table.name,
+                    source,
+                })
+            }
+        }
+        if let Some(staged) = self.staged.writes.get(table.name) {
+            for (key, value) in staged.range(prefix.to_string()..) {
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                match value {
+                    Some(_) => keys.insert(key.clone()),
+                    None => keys.remove(key),
+                };
+            }
+        }
+        Ok(keys.into_iter().collect())
+    }
+
     /// Appends `event` to the audit chain, in this transaction: it lands if and only if the
     /// changes it records land.
     pub fn audit(&mut self, event: AuditEvent) {
