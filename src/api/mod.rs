@@ -1106,20 +1106,25 @@ impl EveryTenSeconds {
 }
 
 /// Resolve on SIGTERM or SIGINT.
-pub async fn termination_signal() {
+pub fn termination_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
+    // The handlers are installed now, when this is called, not when the future is first
+    // polled: called before READY=1, a SIGTERM that follows READY at once is a clean stop
+    // (the default action would kill the process with status 15).
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                    _ = int.recv() => tracing::info!("SIGINT: stopping"),
+                }
             }
-        }
-        _ => {
-            // Without signal handlers, only Ctrl-C via the default path can stop us.
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                // Without signal handlers, only Ctrl-C via the default path can stop us.
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

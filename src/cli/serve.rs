@@ -135,6 +135,8 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
                 None
             }
         };
+        // SIGTERM/SIGINT handlers in place before anyone is told we are ready.
+        let stop_signal = nfv_warden::api::termination_signal();
         // Type=notify: systemd starts dependants only once we listen.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         nfv_warden::api::health::notify_systemd(&probe, addr);
@@ -158,7 +160,7 @@ pub(super) fn serve(config: &Config) -> Result<ExitCode, Failure> {
             direct.start();
         }
         nfv_warden::api::serve(listener, tls, trust, app, limits, server_stats, async {
-            nfv_warden::api::termination_signal().await;
+            stop_signal.await;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
             let _ = stop_admin.send(true);
         })

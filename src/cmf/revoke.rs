@@ -5,8 +5,8 @@
 //!   ([`Cmf::revoke_by_consumer`]);
 //! - the operator, `warden certs revoke` over the admin socket ([`Cmf::revoke_by_operator`]);
 //! - the CMF itself when a registration is deleted (cessationOfOperation), and the SM when a
-//!   VNF is terminated and its keys erased (cessationOfOperation, [`Cmf::revoke_where`] on the
-//!   VNF instance id).
+//!   VNF is terminated and its keys erased (cessationOfOperation, [`Cmf::revoke_of`] through the
+//!   index by VNF instance id; direct mode by registration).
 //!
 //! A revocation is one durable transaction: the certificate's record gets its
 //! [`Revocation`], the per-CA revoked index ([`REVOKED`], what the CRL is made from, so a CRL

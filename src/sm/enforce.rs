@@ -629,10 +629,9 @@ impl Sm {
         // cessationOfOperation (RFC 5280 5.3.1), idempotent on a repeated erasure.
         let mut revoked = Vec::new();
         if let Some(cmf) = self.cmf.get() {
-            let of_vnf = vnf.to_string();
             match cmf
-                .revoke_where(
-                    move |r| r.vnf_instance_id.as_deref() == Some(of_vnf.as_str()),
+                .revoke_of(
+                    crate::cmf::records::CertificateOwner::Vnf(vnf),
                     crate::cmf::revoke::RevocationReason::CessationOfOperation,
                     "warden-sm",
                 )

@@ -1118,8 +1118,8 @@ impl Direct {
         let actor = format!("direct:{}", vnfc.vnfm);
         let outcome = self
             .cmf
-            .revoke_where(
-                move |record| record.registration_id == registration,
+            .revoke_of(
+                super::records::CertificateOwner::Registration(&registration),
                 super::revoke::RevocationReason::CessationOfOperation,
                 &actor,
             )
