@@ -34,6 +34,8 @@ mod sm;
 #[allow(dead_code)]
 #[path = "../tests/common/softhsm.rs"]
 mod softhsm;
+#[path = "../tests/common/swtpm.rs"]
+mod swtpm;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -85,6 +85,7 @@ certificate = "{dir}/ca.pem"
             .arg("--config")
             .arg(&self.config)
             .args(args);
+        super::swtpm::no_inherited_descriptors(&mut cmd);
         cmd
     }
 

@@ -166,7 +166,7 @@ fn spawn(dir: &Path, port: u16) -> Result<Child, String> {
         .append(true)
         .open(dir.join("swtpm.log"))
         .map_err(|e| format!("log file: {e}"))?;
-    let mut child = Command::new("swtpm")
+    let mut child = no_inherited_descriptors(&mut Command::new("swtpm"))
         .arg("socket")
         .arg("--tpm2")
         .arg("--tpmstate")
@@ -270,5 +270,35 @@ pub fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
         }
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Let a child started by a test inherit only its stdio.
+///
+/// Rust opens its own descriptors close-on-exec, but libtss2's swtpm TCTI does not: a process
+/// started while a test of the same binary had a TPM command in flight inherited that TPM
+/// connection, and swtpm (one connection at a time) then waited on it until the child
+/// exited. Every descriptor above stderr is marked close-on-exec in the child, just before
+/// exec (close_range(2), Linux 5.11).
+pub fn no_inherited_descriptors(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls are allowed; close_range is
+    // a plain system call.
+    unsafe {
+        cmd.pre_exec(|| {
+            let rc = libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            let error = std::io::Error::last_os_error();
+            match rc {
+                0 => Ok(()),
+                // An older kernel: the child inherits as before (the hazard, not a failure).
+                _ if error.raw_os_error() == Some(libc::ENOSYS) => Ok(()),
+                _ => Err(error),
+            }
+        })
     }
 }
