@@ -1438,7 +1438,7 @@ impl Direct {
         if !vnfm
             .vnfc_id_patterns
             .iter()
-            .any(|p| glob(p.as_bytes(), id.as_bytes()))
+            .any(|p| crate::cmf::names::glob(p.as_bytes(), id.as_bytes()))
         {
             return Err(CmfError::Forbidden(format!(
                 "direct enrollment: VNFC identifier '{id}' matches none of the VNFC identifier \
@@ -1456,29 +1456,6 @@ impl Direct {
         }
         Ok(())
     }
-}
-
-/// Shell-style match, `*` any run (also none), `?` one character: the semantics of
-/// `vnfc_id_patterns` (cmf::names::policy, whose matcher is private to that module).
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == text[t]) {
-            p += 1;
-            t += 1;
-        } else if p < pattern.len() && pattern[p] == b'*' {
-            star = Some((p, t));
-            p += 1;
-        } else if let Some((sp, st)) = star {
-            p = sp + 1;
-            t = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 /// Journal the removal intent of one VNFC (inside the caller's transaction).
@@ -1829,12 +1806,12 @@ mod tests {
 
     #[test]
     fn vnfc_id_patterns_match_like_the_name_policy() {
-        assert!(glob(b"*", b"ecd7a88e-6a76"));
-        assert!(glob(b"vnfc-*", b"vnfc-1"));
-        assert!(!glob(b"vnfc-*", b"ecd7a88e-6a76"));
-        assert!(glob(b"ecd7a88e-????", b"ecd7a88e-6a76"));
-        assert!(!glob(b"ecd7a88e-???", b"ecd7a88e-6a76"));
-        assert!(!glob(b"", b"x"));
+        assert!(crate::cmf::names::glob(b"*", b"ecd7a88e-6a76"));
+        assert!(crate::cmf::names::glob(b"vnfc-*", b"vnfc-1"));
+        assert!(!crate::cmf::names::glob(b"vnfc-*", b"ecd7a88e-6a76"));
+        assert!(crate::cmf::names::glob(b"ecd7a88e-????", b"ecd7a88e-6a76"));
+        assert!(!crate::cmf::names::glob(b"ecd7a88e-???", b"ecd7a88e-6a76"));
+        assert!(!crate::cmf::names::glob(b"", b"x"));
     }
 
     #[test]

@@ -42,7 +42,7 @@ mod index;
 mod policy;
 
 pub use index::{blocked, upgrade_index, Blocked, Upgrade};
-pub use policy::{ca_ids, check_config, NamePolicy, Policies};
+pub use policy::{ca_ids, check_config, glob, NamePolicy, Policies};
 
 use std::fmt;
 use std::net::IpAddr;

@@ -98,8 +98,9 @@ fn dns_in(name: &str, suffix: &str) -> bool {
             && name.as_bytes()[name.len() - suffix.len() - 1] == b'.')
 }
 
-/// Shell-style match: `*` any run of characters (also none), `?` one character.
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
+/// Shell-style match: `*` any run of characters (also none), `?` one character: the
+/// semantics of `vnfc_id_patterns`, also where direct mode checks a VNFC's identifier.
+pub fn glob(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
