@@ -164,10 +164,15 @@ fn main() {
                 .expect("CSR");
             assert_eq!(r.status, 201, "{}", r.problem_detail());
             let issued = r.json().expect("json");
-            assert!(matches!(
-                issued["attestation"].as_str(),
-                Some("verified" | "not-requested")
-            ));
+            // The bench's attester key is registered by the consumer, not anchored in a TPM
+            // PKI (issue 10 §2): its attestation is verified but says so.
+            assert!(
+                matches!(
+                    issued["attestation"].as_str(),
+                    Some("verified-unanchored" | "not-requested")
+                ),
+                "{issued}"
+            );
         }
         (Arc::new(plain), Arc::new(bodies))
     });
