@@ -170,6 +170,20 @@ async fn version_header_missing_or_unsupported_is_refused_as_sol_013_says() {
     let json = ("content-type", "application/json".to_string());
     for path in ["/certmgmt/api_versions", REGISTRATIONS] {
         let missing = bare.get(path).await.unwrap();
+        check_missing(path, missing);
+    }
+    // The CMF API's other resources (attestation nonces, the consumer's revocation) too.
+    for path in [
+        format!("{REGISTRATIONS}/0123/attestation_nonces"),
+        "/certmgmt/v1/certificates/01/revoke".to_string(),
+    ] {
+        let missing = bare
+            .request_with("POST", &path, std::slice::from_ref(&json), b"{}".to_vec())
+            .await
+            .unwrap();
+        check_missing(&path, missing);
+    }
+    fn check_missing(path: &str, missing: nfv_warden::client::ClientResponse) {
         assert_eq!(missing.status, 400, "{path}: {}", missing.problem_detail());
         assert_eq!(missing.headers["content-type"], "application/problem+json");
         assert!(

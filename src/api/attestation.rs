@@ -35,6 +35,8 @@ pub fn routes(cmf: Arc<Cmf>) -> Router {
             "/certmgmt/v1/registrations/{id}/ak_challenges/{challenge}/answer",
             post(answer_challenge),
         )
+        // Resources of the CMF API: the SOL 013 `Version` header as on every other one.
+        .route_layer(axum::middleware::from_fn(super::cmf::require_version))
         .with_state(cmf)
 }
 

@@ -125,6 +125,8 @@ pub fn consumer_routes(cmf: Arc<Cmf>) -> Router {
             "/certmgmt/v1/certificates/{serial}/revoke",
             axum::routing::post(consumer_revoke),
         )
+        // A resource of the CMF API: the SOL 013 `Version` header as on every other one.
+        .route_layer(axum::middleware::from_fn(super::cmf::require_version))
         .with_state(cmf)
 }
 
