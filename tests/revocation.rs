@@ -1237,3 +1237,57 @@ fn certificate_indexes_are_written_with_the_record_and_built_for_older_stores() 
     assert_eq!(outcome.revoked, both);
     store.verify_audit_chain().expect("audit chain");
 }
+
+/// Index entries carry an ordinal that keeps an owner's certificates in issuance order (one
+/// group commit's entries side by side in the B-tree). A store whose indexes were written in
+/// the first layout (`{owner}/{caId}/{serial}`, no ordinal) gets them rewritten once at
+/// start, and no entry of the old layout is ever read as a certificate key.
+#[test]
+fn certificate_indexes_of_the_first_layout_are_rewritten_in_issuance_order() {
+    use nfv_warden::cmf::records::{
+        certificates_of_read, ensure_index, record_issued, CertificateOwner, BY_REGISTRATION,
+        BY_VNF, INDEX_KEY, INDEX_STATE, ORDINAL_DIGITS,
+    };
+    use nfv_warden::cmf::CERTIFICATES;
+
+    let (_dir, store, id) = race_fixture();
+    // A store as the first indexed build left it: a record, its entries without an
+    // ordinal, index version 1.
+    store
+        .write(|tx| {
+            tx.put(&CERTIFICATES, "default/0b01", &issued("0b01", &id))?;
+            tx.put(&BY_REGISTRATION, &format!("{id}/default/0b01"), &())?;
+            tx.put(&BY_VNF, "vnf-x/default/0b01", &())?;
+            tx.put(&INDEX_STATE, INDEX_KEY, &1u64)
+        })
+        .unwrap();
+    let of =
+        |owner: CertificateOwner<'_>| store.read(|tx| certificates_of_read(tx, owner)).unwrap();
+    assert!(
+        of(CertificateOwner::Registration(&id)).is_empty(),
+        "an entry of the first layout is not a certificate key"
+    );
+    assert_eq!(ensure_index(&store, "test").unwrap(), 1);
+    // Newer certificates come after, in the order they were recorded, whatever the serial.
+    for serial in ["0a03", "0c02", "0104"] {
+        let record = issued(serial, &id);
+        store
+            .write(move |tx| record_issued(tx, &format!("default/{serial}"), &record))
+            .unwrap_or_else(|e| panic!("{serial}: {e}"));
+    }
+    let expected: Vec<String> = ["0b01", "0a03", "0c02", "0104"]
+        .iter()
+        .map(|s| format!("default/{s}"))
+        .collect();
+    assert_eq!(of(CertificateOwner::Registration(&id)), expected);
+    assert_eq!(of(CertificateOwner::Vnf("vnf-x")), expected);
+    let entries = store
+        .read(|tx| tx.list(&BY_REGISTRATION, &format!("{id}/")))
+        .unwrap();
+    assert_eq!(entries.len(), 4, "the old entry is gone: {entries:?}");
+    for (entry, ()) in &entries {
+        let ordinal = &entry[id.len() + 1..][..ORDINAL_DIGITS];
+        assert!(ordinal.bytes().all(|b| b.is_ascii_hexdigit()), "{entry}");
+    }
+    store.verify_audit_chain().expect("audit chain");
+}

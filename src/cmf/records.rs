@@ -9,13 +9,19 @@
 //! listed, revoked (CRL, OCSP) and audited alike (issue 10 §4).
 //!
 //! Two index tables are written in the same transaction as the record they point at:
-//! [`BY_REGISTRATION`] (`{registrationId}/{caId}/{serial}`) and [`BY_VNF`]
-//! (`{vnfInstanceId}/{caId}/{serial}`), values empty. Registration ids are hex and VNF
-//! instance ids have no `/` ([`super::revoke::check_vnf_instance_id`]), so `{id}/` is an
-//! exact prefix. Revocation and deregistration leave them as they are (a revoked
-//! certificate still belongs to its registration; records are kept). A store written before
-//! the indexes gets them built once ([`ensure_index`], at the CMF's start and before the
-//! operator's registration commands).
+//! [`BY_REGISTRATION`] (`{registrationId}/{ordinal}/{caId}/{serial}`) and [`BY_VNF`]
+//! (`{vnfInstanceId}/{ordinal}/{caId}/{serial}`), values empty. Registration ids are hex and
+//! VNF instance ids have no `/` ([`super::revoke::check_vnf_instance_id`]), so `{id}/` is an
+//! exact prefix. The ordinal ([`ORDINAL_DIGITS`] hex digits, the commit's wall-clock time in
+//! nanoseconds) puts an owner's entries in issuance order, so that the entries of one group
+//! commit land side by side in a few B-tree leaves: keyed by the random serial alone, each
+//! certificate dirtied a leaf of its own in each index, and the commit wrote (and
+//! checksummed) about twice the pages it did without indexes, 10-13 % of the HTTPS issuance
+//! rate (issue 8, measured). The ordinal only orders; the key stays unique by its serial.
+//! Revocation and deregistration leave the entries as they are (a revoked certificate still
+//! belongs to its registration; records are kept). A store written before the indexes, or
+//! with an older key layout, gets them (re)built once ([`ensure_index`], at the CMF's start
+//! and before the operator's registration commands).
 
 use base64::Engine;
 use der::Encode;
@@ -27,14 +33,17 @@ use super::{CertType, CmfError, IssuedRecord, CERTIFICATES, REGISTRATIONS};
 use crate::config::Config;
 use crate::store::{AuditEvent, ReadTx, Store, StoreError, Table, WriteTx};
 
-/// Certificates by registration: `{registrationId}/{caId}/{serial}`.
+/// Certificates by registration: `{registrationId}/{ordinal}/{caId}/{serial}`.
 pub const BY_REGISTRATION: Table<()> = Table::new("cmf_certificates_by_registration");
-/// Certificates by VNF instance: `{vnfInstanceId}/{caId}/{serial}`.
+/// Certificates by VNF instance: `{vnfInstanceId}/{ordinal}/{caId}/{serial}`.
 pub const BY_VNF: Table<()> = Table::new("cmf_certificates_by_vnf");
 /// Which version of the indexes the store holds (key [`INDEX_KEY`]).
-const INDEX_STATE: Table<u64> = Table::new("cmf_certificate_indexes");
-const INDEX_KEY: &str = "owners";
-const INDEX_VERSION: u64 = 1;
+pub const INDEX_STATE: Table<u64> = Table::new("cmf_certificate_indexes");
+pub const INDEX_KEY: &str = "owners";
+/// 1: `{owner}/{caId}/{serial}`; 2: with the ordinal.
+const INDEX_VERSION: u64 = 2;
+/// The width of an index key's ordinal (a u64 in hex).
+pub const ORDINAL_DIGITS: usize = 16;
 
 /// The consumer recorded for certificates the agent made for itself (`ca init`, `tls init`,
 /// `sm init`). Configured consumer ids may not start with `agent:` (checked at start), so
@@ -96,8 +105,8 @@ pub fn certificates_of(
     let (table, prefix) = owner.index();
     Ok(tx
         .keys_with_prefix(table, &prefix)?
-        .into_iter()
-        .map(|k| k[prefix.len()..].to_string())
+        .iter()
+        .filter_map(|k| certificate_key(k, &prefix))
         .collect())
 }
 
@@ -109,9 +118,38 @@ pub fn certificates_of_read(
     let (table, prefix) = owner.index();
     Ok(tx
         .list(table, &prefix)?
-        .into_iter()
-        .map(|(k, ())| k[prefix.len()..].to_string())
+        .iter()
+        .filter_map(|(k, ())| certificate_key(k, &prefix))
         .collect())
+}
+
+/// An index ordinal: the wall clock in nanoseconds, and always above the last one this process
+/// gave, so that entries are in recording order even when the clock steps back. Taken when
+/// the closure runs on the committer thread: one batch's entries are consecutive (module
+/// notes).
+fn next_ordinal() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| u64::try_from(t.as_nanos()).unwrap_or(u64::MAX - 1));
+    let previous = LAST
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+            Some(now.max(last.saturating_add(1)))
+        })
+        .unwrap_or_else(|last| last);
+    now.max(previous.saturating_add(1))
+}
+
+/// The `{caId}/{serial}` an index entry `{owner}/{ordinal}/{caId}/{serial}` points at
+/// (`None` for an entry of another layout, which [`ensure_index`] replaces at start).
+fn certificate_key(entry: &str, prefix: &str) -> Option<String> {
+    let rest = entry.strip_prefix(prefix)?;
+    let (ordinal, key) = rest.split_at_checked(ORDINAL_DIGITS)?;
+    if !ordinal.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(key.strip_prefix('/')?.to_string())
 }
 
 /// Build the indexes of a store written before them, once (one transaction, audited as
@@ -133,6 +171,12 @@ pub fn ensure_index(store: &Store, actor: &str) -> Result<u64, StoreError> {
         if tx.get(&INDEX_STATE, INDEX_KEY)? == Some(INDEX_VERSION) {
             return Ok(0);
         }
+        // Entries of an older layout go; every record is indexed afresh.
+        for table in [&BY_REGISTRATION, &BY_VNF] {
+            for key in tx.keys_with_prefix(table, "")? {
+                tx.delete(table, &key)?;
+            }
+        }
         for (key, record) in &records {
             index(tx, key, record)?;
         }
@@ -148,15 +192,16 @@ pub fn ensure_index(store: &Store, actor: &str) -> Result<u64, StoreError> {
 
 /// The index entries of one record.
 fn index(tx: &mut WriteTx<'_>, key: &str, record: &IssuedRecord) -> Result<(), StoreError> {
+    let ordinal = next_ordinal();
     if !record.registration_id.is_empty() {
         tx.put(
             &BY_REGISTRATION,
-            &format!("{}/{key}", record.registration_id),
+            &format!("{}/{ordinal:016x}/{key}", record.registration_id),
             &(),
         )?;
     }
     if let Some(vnf) = &record.vnf_instance_id {
-        tx.put(&BY_VNF, &format!("{vnf}/{key}"), &())?;
+        tx.put(&BY_VNF, &format!("{vnf}/{ordinal:016x}/{key}"), &())?;
     }
     Ok(())
 }
