@@ -498,6 +498,77 @@ fn one_batch_commits_the_good_closures_and_drops_the_bad_ones() {
     assert_eq!(store.verify_audit_chain().unwrap(), 3);
 }
 
+/// The closures of one batch run against one transaction whose writes are applied at its
+/// end: each closure still reads what the accepted closures before it wrote and deleted
+/// (gets, uniqueness, prefix listings), and nothing of a refused one.
+#[test]
+fn later_closures_of_a_batch_read_the_earlier_ones_writes_and_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&store_path(&dir)).unwrap());
+    let group = store.group_commit(16).unwrap();
+    write_note(&store, "p/old");
+    let commits_before = store.commit_count();
+
+    let (release, gate) = hold_committer(&group);
+    type Check = Box<
+        dyn FnOnce(&mut nfv_warden::store::WriteTx<'_>) -> Result<Vec<String>, StoreError> + Send,
+    >;
+    let steps: Vec<Check> = vec![
+        // 1. writes p/new, deletes p/old.
+        Box::new(|tx| {
+            tx.insert_new(&NOTES, "p/new", &note("new"))?;
+            assert!(tx.delete(&NOTES, "p/old")?);
+            tx.audit(AuditEvent::new("test", "note.put", "p/new"));
+            Ok(Vec::new())
+        }),
+        // 2. refused after writing p/refused: none of it is seen later.
+        Box::new(|tx| {
+            tx.put(&NOTES, "p/refused", &note("refused"))?;
+            Err(StoreError::Rejected(Box::new(Refused)))
+        }),
+        // 3. sees 1's write and delete, not 2's.
+        Box::new(|tx| {
+            assert!(matches!(
+                tx.insert_new(&NOTES, "p/new", &note("again")),
+                Err(StoreError::Conflict { .. })
+            ));
+            assert_eq!(tx.get(&NOTES, "p/new")?.map(|n| n.body), Some("new".into()));
+            assert!(!tx.contains(&NOTES, "p/old")?);
+            assert!(!tx.contains(&NOTES, "p/refused")?);
+            tx.put(&NOTES, "p/third", &note("third"))?;
+            tx.keys_with_prefix(&NOTES, "p/")
+        }),
+    ];
+    let mut callers = Vec::new();
+    for (n, step) in steps.into_iter().enumerate() {
+        let group2 = group.clone();
+        callers.push(thread::spawn(move || group2.write(step)));
+        wait_until_queued(&group, n + 1);
+    }
+    release.send(()).unwrap();
+    gate.join().unwrap();
+    let results: Vec<_> = callers.into_iter().map(|c| c.join().unwrap()).collect();
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(matches!(results[1], Err(StoreError::Rejected(_))));
+    assert_eq!(
+        results[2].as_ref().expect("third closure"),
+        &["p/new".to_string(), "p/third".to_string()]
+    );
+    assert_eq!(
+        store.commit_count() - commits_before,
+        2,
+        "one batch after the gate's"
+    );
+    let keys: Vec<String> = store
+        .read(|tx| tx.list(&NOTES, "p/"))
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, ["p/new", "p/third"]);
+    assert_eq!(store.verify_audit_chain().unwrap(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_commit_serves_async_callers() {
     let dir = tempfile::tempdir().unwrap();

@@ -32,7 +32,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use redb::ReadableDatabase;
 
 use super::tables::{META, SCHEMA_VERSION_KEY};
-use super::tx::{ReadTx, WriteTx};
+use super::tx::{OpenTables, ReadTx, Staged, WriteTx};
 use super::{abort, audit, storage, AuditEntry, GroupCommit, StoreError, META_TABLE};
 
 /// The schema this build writes. Bump it together with a new step in `MIGRATIONS`.
@@ -141,22 +141,26 @@ impl Store {
         f: impl FnOnce(&mut WriteTx<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let (db, txn) = self.begin_write()?;
-        let mut tx = WriteTx::new(&txn);
-        let value = match f(&mut tx) {
-            Ok(value) => value,
-            Err(err) => {
-                drop(tx);
-                abort(txn);
-                return Err(self.failed(&db, err));
-            }
-        };
+        let tables = OpenTables::new(&txn);
+        let nothing_earlier = Staged::default();
+        let mut tx = WriteTx::new(&tables, &nothing_earlier);
+        let result = f(&mut tx);
         let staged = tx.staged;
-        if let Err(err) = staged.apply(&txn) {
-            abort(txn);
-            return Err(self.failed(&db, err));
+        let applied = match result {
+            Ok(value) => staged.apply(&tables, &txn).map(|()| value),
+            Err(err) => Err(err),
+        };
+        drop(tables);
+        match applied {
+            Ok(value) => {
+                self.commit(&db, txn)?;
+                Ok(value)
+            }
+            Err(err) => {
+                abort(txn);
+                Err(self.failed(&db, err))
+            }
         }
-        self.commit(&db, txn)?;
-        Ok(value)
     }
 
     /// Runs `f` over a consistent snapshot.

@@ -5,7 +5,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle, ThreadId};
 
-use super::tx::WriteTx;
+use super::tx::{OpenTables, Staged, WriteTx};
 use super::{abort, Store, StoreError};
 
 /// Group commit: many threads' writes, one durable transaction per batch.
@@ -171,29 +171,27 @@ impl GroupShared {
             }
         };
         let mut ran: Vec<Box<dyn GroupCompletion>> = Vec::with_capacity(size);
-        let mut failure: Option<StoreError> = None;
-        let mut jobs = batch.into_iter();
-        for job in jobs.by_ref() {
-            let mut tx = WriteTx::new(&txn);
-            let (completion, accepted) = job.run(&mut tx);
+        // Each table opened once for the batch; the accepted closures' writes gathered in
+        // `accepted` (later closures read them) and applied together, one audit append.
+        let tables = OpenTables::new(&txn);
+        let mut accepted = Staged::default();
+        for job in batch {
+            let mut tx = WriteTx::new(&tables, &accepted);
+            let (completion, ok) = job.run(&mut tx);
+            let staged = tx.staged;
             ran.push(completion);
-            if accepted {
-                if let Err(err) = tx.staged.apply(&txn) {
-                    failure = Some(err);
-                    break;
-                }
+            if ok {
+                accepted.absorb(staged);
             }
         }
-        let outcome = match failure {
-            Some(err) => {
+        let applied = accepted.apply(&tables, &txn);
+        drop(tables);
+        let outcome = match applied {
+            Err(err) => {
                 abort(txn);
-                let err = Arc::new(self.store.failed(&db, err));
-                for job in jobs {
-                    job.finish_unrun(Arc::clone(&err));
-                }
-                Err(err)
+                Err(Arc::new(self.store.failed(&db, err)))
             }
-            None => self.store.commit(&db, txn).map_err(Arc::new),
+            Ok(()) => self.store.commit(&db, txn).map_err(Arc::new),
         };
         // Our clone of a handle that failed must go before the next batch reopens the file.
         drop(db);

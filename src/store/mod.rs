@@ -23,14 +23,17 @@
 //!
 //! A write closure never touches the redb transaction directly: [`WriteTx`] records its puts,
 //! deletes and audit events in a staging buffer, and reads see that buffer over the
-//! transaction. Only when the closure returns `Ok` is the buffer applied to the redb
-//! transaction. This is what lets [`GroupCommit`] run many callers' closures in one redb
-//! transaction and still drop exactly the writes of a closure that fails (or panics).
+//! transaction. Only when the closure returns `Ok` is the buffer kept: the kept buffers of a
+//! transaction are applied together at its end, each table opened once and the audit chain
+//! extended once, and a later closure reads the earlier ones' buffers over the transaction.
+//! This is what lets [`GroupCommit`] run many callers' closures in one redb transaction and
+//! still drop exactly the writes of a closure that fails (or panics).
 //!
 //! redb savepoints cannot do that job: in redb 4 `WriteTransaction::ephemeral_savepoint`
 //! returns `SavepointError::InvalidSavepoint` once the transaction is "dirty", i.e. once any
 //! data table has been opened in it (and restoring a savepoint makes it dirty too), so a
-//! savepoint can only be taken before the first closure of a batch, not between closures. The//!
+//! savepoint can only be taken before the first closure of a batch, not between closures.
+//!
 //! # Modules
 //!
 //! - `engine`: [`Store`]: creating and opening the file, the schema version, durable commits,

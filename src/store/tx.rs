@@ -1,7 +1,15 @@
 //! Transactions as callers see them: [`WriteTx`] stages a closure's writes, [`ReadTx`] is a
 //! snapshot.
+//!
+//! A write transaction opens each table once ([`OpenTables`]), however many closures of a
+//! group commit read and write it, and the closures' accepted writes are applied together
+//! at the end ([`Staged::absorb`], [`Staged::apply`]), the audit chain extended once per
+//! transaction. Opening and closing the tables and decoding the chain's last entry once per
+//! closure cost the committer about as much as the writes themselves (issue 8, measured).
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::de::DeserializeOwned;
@@ -14,7 +22,9 @@ use super::{decode, encode, storage, StoreError, Table};
 /// the redb transaction only if the closure returns `Ok`; reads see the closure's own staged
 /// writes over the transaction.
 pub struct WriteTx<'a> {
-    txn: &'a redb::WriteTransaction,
+    tables: &'a dyn TableAccess,
+    /// The writes of the closures before this one in the same transaction.
+    earlier: &'a Staged,
     pub(super) staged: Staged,
 }
 
@@ -77,38 +87,11 @@ impl<'a> WriteTx<'a> {
         table: &Table<V>,
         prefix: &str,
     ) -> Result<Vec<String>, StoreError> {
-        let mut keys = std::collections::BTreeSet::new();
-        match self.txn.open_table(table.definition()) {
-            Ok(handle) => {
-                for item in handle.range(prefix..).map_err(storage(table.name))? {
-                    let (key, _) = item.map_err(storage(table.name))?;
-                    let key = key.value();
-                    if !key.starts_with(prefix) {
-                        break;
-                    }
-                    keys.insert(key.to_string());
-                }
-            }
-            // Opening a table in a write transaction creates it; a missing one is empty.
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(source) => {
-                return Err(StoreError::Table {
-                    table: table.name,
-                    source,
-                })
-            }
-        }
-        if let Some(staged) = self.staged.writes.get(table.name) {
-            for (key, value) in staged.range(prefix.to_string()..) {
-                if !key.starts_with(prefix) {
-                    break;
-                }
-                match value {
-                    Some(_) => keys.insert(key.clone()),
-                    None => keys.remove(key),
-                };
-            }
-        }
+        let mut keys = BTreeSet::new();
+        self.tables
+            .keys_with_prefix(table.name, prefix, &mut keys)?;
+        self.earlier.overlay_keys(table.name, prefix, &mut keys);
+        self.staged.overlay_keys(table.name, prefix, &mut keys);
         Ok(keys.into_iter().collect())
     }
 
@@ -118,26 +101,100 @@ impl<'a> WriteTx<'a> {
         self.staged.audit.push(event);
     }
 
-    pub(super) fn new(txn: &'a redb::WriteTransaction) -> Self {
+    /// A closure's view: `tables` as the transaction holds them, with the writes of the
+    /// closures before it in the batch (`earlier`) over them.
+    pub(super) fn new(tables: &'a dyn TableAccess, earlier: &'a Staged) -> Self {
         WriteTx {
-            txn,
+            tables,
+            earlier,
             staged: Staged::default(),
         }
     }
 
     fn bytes(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(staged) = self.staged.writes.get(table).and_then(|keys| keys.get(key)) {
-            return Ok(staged.clone());
+        for staged in [&self.staged, self.earlier] {
+            if let Some(value) = staged.writes.get(table).and_then(|keys| keys.get(key)) {
+                return Ok(value.clone());
+            }
         }
-        let handle = self
-            .txn
-            .open_table(TableDefinition::<&str, &[u8]>::new(table))
-            .map_err(|source| StoreError::Table { table, source })?;
-        let bytes = handle
-            .get(key)
-            .map_err(storage(table))?
-            .map(|guard| guard.value().to_vec());
-        Ok(bytes)
+        self.tables.get(table, key)
+    }
+}
+
+/// The tables of one write transaction, each opened at its first use and kept open until
+/// the transaction is committed or aborted (redb allows one open handle per table).
+pub(super) struct OpenTables<'t> {
+    txn: &'t redb::WriteTransaction,
+    open: RefCell<HashMap<&'static str, redb::Table<'t, &'static str, &'static [u8]>>>,
+}
+
+impl<'t> OpenTables<'t> {
+    pub(super) fn new(txn: &'t redb::WriteTransaction) -> Self {
+        OpenTables {
+            txn,
+            open: RefCell::new(HashMap::new()),
+        }
+    }
+
+    fn with<R>(
+        &self,
+        table: &'static str,
+        f: impl FnOnce(&mut redb::Table<'t, &'static str, &'static [u8]>) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let mut open = self.open.borrow_mut();
+        let handle = match open.entry(table) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            // Opening a table in a write transaction creates it.
+            Entry::Vacant(entry) => entry.insert(
+                self.txn
+                    .open_table(TableDefinition::<&str, &[u8]>::new(table))
+                    .map_err(|source| StoreError::Table { table, source })?,
+            ),
+        };
+        f(handle)
+    }
+}
+
+/// How a [`WriteTx`] reads the transaction's tables. A trait object, so that a closure's
+/// view borrows the [`OpenTables`] for less than the transaction lives.
+pub(super) trait TableAccess {
+    fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Adds the keys of `table` starting with `prefix` to `keys`.
+    fn keys_with_prefix(
+        &self,
+        table: &'static str,
+        prefix: &str,
+        keys: &mut BTreeSet<String>,
+    ) -> Result<(), StoreError>;
+}
+
+impl TableAccess for OpenTables<'_> {
+    fn get(&self, table: &'static str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(table, |handle| {
+            Ok(handle
+                .get(key)
+                .map_err(storage(table))?
+                .map(|guard| guard.value().to_vec()))
+        })
+    }
+
+    fn keys_with_prefix(
+        &self,
+        table: &'static str,
+        prefix: &str,
+        keys: &mut BTreeSet<String>,
+    ) -> Result<(), StoreError> {
+        self.with(table, |handle| {
+            for item in handle.range(prefix..).map_err(storage(table))? {
+                let (key, _) = item.map_err(storage(table))?;
+                let key = key.value();
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                keys.insert(key.to_string());
+            }
+            Ok(())
+        })
     }
 }
 
@@ -276,25 +333,56 @@ impl Staged {
             .insert(key.to_string(), value);
     }
 
-    /// Applies the buffer to the transaction. On error the transaction holds part of it and
-    /// must be aborted, never committed.
-    pub(super) fn apply(self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    /// Takes `later`'s writes over these (a later closure of the batch saw these and wins),
+    /// its audit events after these.
+    pub(super) fn absorb(&mut self, later: Staged) {
+        for (table, keys) in later.writes {
+            self.writes.entry(table).or_default().extend(keys);
+        }
+        self.audit.extend(later.audit);
+    }
+
+    /// `keys` (the keys of `table` under `prefix` below this buffer) with this buffer's puts
+    /// added and its deletes removed.
+    fn overlay_keys(&self, table: &'static str, prefix: &str, keys: &mut BTreeSet<String>) {
+        let Some(staged) = self.writes.get(table) else {
+            return;
+        };
+        for (key, value) in staged.range(prefix.to_string()..) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            match value {
+                Some(_) => keys.insert(key.clone()),
+                None => keys.remove(key),
+            };
+        }
+    }
+
+    /// Applies the buffer to the transaction through its open tables, then extends the
+    /// audit chain. On error the transaction holds part of it and must be aborted, never
+    /// committed.
+    pub(super) fn apply(
+        self,
+        tables: &OpenTables<'_>,
+        txn: &redb::WriteTransaction,
+    ) -> Result<(), StoreError> {
         for (table, keys) in self.writes {
-            let mut handle = txn
-                .open_table(TableDefinition::<&str, &[u8]>::new(table))
-                .map_err(|source| StoreError::Table { table, source })?;
-            for (key, value) in keys {
-                match value {
-                    Some(bytes) => {
-                        handle
-                            .insert(key.as_str(), bytes.as_slice())
-                            .map_err(storage(table))?;
-                    }
-                    None => {
-                        handle.remove(key.as_str()).map_err(storage(table))?;
+            tables.with(table, |handle| {
+                for (key, value) in keys {
+                    match value {
+                        Some(bytes) => {
+                            handle
+                                .insert(key.as_str(), bytes.as_slice())
+                                .map_err(storage(table))?;
+                        }
+                        None => {
+                            handle.remove(key.as_str()).map_err(storage(table))?;
+                        }
                     }
                 }
-            }
+                Ok(())
+            })?;
         }
         audit::append(txn, self.audit)
     }
