@@ -79,7 +79,8 @@ impl<'a> WriteTx<'a> {
     }
 
     /// The keys starting with `prefix`, in key order, as this closure sees them: the
-    /// transaction's keys with the closure's own staged puts added and its deletes removed.
+    /// transaction's keys with the earlier closures' and then this closure's own staged puts
+    /// added and deletes removed.
     /// For index tables (a prefix per owner), so a write finds what it must change in the
     /// same transaction that changes it.
     pub fn keys_with_prefix<V>(

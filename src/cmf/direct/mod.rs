@@ -906,20 +906,18 @@ impl Direct {
             let Some(vnfc_info_id) = &vnfc.vnfc_info_id else {
                 continue;
             };
-            let patch = json!({"vnfcInfoModifications": [{
-                "id": vnfc_info_id,
-                "vnfcConfigurableProperties": { CREDENTIAL_PROPERTY: {
-                    "estUrl": vnfm.est_url,
-                    "user": format!("{}/{}", vnfc.vnf_instance_id, vnfc.vnfc_id),
-                    "credential": secret,
-                }},
-            }]});
+            let credential = json!({
+                "estUrl": vnfm.est_url,
+                "user": format!("{}/{}", vnfc.vnf_instance_id, vnfc.vnfc_id),
+                "credential": secret,
+            });
             match vnfm
                 .client
-                .request(
-                    "PATCH",
-                    &format!("/vnf_instances/{}", vnfc.vnf_instance_id),
-                    Some(("application/merge-patch+json", patch)),
+                .modify_vnfc_property(
+                    &vnfc.vnf_instance_id,
+                    vnfc_info_id,
+                    CREDENTIAL_PROPERTY,
+                    credential,
                 )
                 .await
             {
@@ -990,16 +988,13 @@ impl Direct {
                 let Some(vnfc_info_id) = &vnfc.vnfc_info_id else {
                     continue;
                 };
-                let patch = json!({"vnfcInfoModifications": [{
-                    "id": vnfc_info_id,
-                    "vnfcConfigurableProperties": { CREDENTIAL_PROPERTY: null },
-                }]});
                 match vnfm
                     .client
-                    .request(
-                        "PATCH",
-                        &format!("/vnf_instances/{}", vnfc.vnf_instance_id),
-                        Some(("application/merge-patch+json", patch)),
+                    .modify_vnfc_property(
+                        &vnfc.vnf_instance_id,
+                        vnfc_info_id,
+                        CREDENTIAL_PROPERTY,
+                        serde_json::Value::Null,
                     )
                     .await
                 {

@@ -483,6 +483,28 @@ impl Vnfm {
             Err(e) => Err(e),
         }
     }
+
+    /// Modify VNF Information (SOL 003 5.5.2.12, RFC 7396 merge patch) of one VNFC's
+    /// configurable property `name`: `value` sets it, `null` removes it. The VNFM answers 202
+    /// and modifies asynchronously; a later Query VNF shows the result.
+    pub async fn modify_vnfc_property(
+        &self,
+        vnf_instance_id: &str,
+        vnfc_info_id: &str,
+        name: &str,
+        value: Value,
+    ) -> Result<ClientResponse, VnfmError> {
+        let patch = serde_json::json!({"vnfcInfoModifications": [{
+            "id": vnfc_info_id,
+            "vnfcConfigurableProperties": { name: value },
+        }]});
+        self.request(
+            "PATCH",
+            &format!("/vnf_instances/{vnf_instance_id}"),
+            Some(("application/merge-patch+json", patch)),
+        )
+        .await
+    }
 }
 
 /// The target of `Link: <uri>; rel="next"`, as a path (with query).
